@@ -1,0 +1,125 @@
+"""The faust-streaming application: the scheduler's stream agents wired to their topics.
+
+Agents (one consumer group, ``settings.app_id``):
+- ``intake``     jobs.independent + jobs.dependent → PostgreSQL → jobs.ready
+- ``admission``  jobs.ready → PostgreSQL (ready → dispatched) → jobs.dispatch
+- ``outcomes``   jobs.events → PostgreSQL (guarded transitions) → jobs.ready (retries, unlocks)
+- ``heartbeats`` workers.heartbeat → PostgreSQL (workers table)
+- a reconciliation timer, the safety net: re-forwards jobs left ready or unconfirmed.
+
+Invariants:
+- Values are raw bytes (no faust codec, never pickle); our decoder turns bad bytes into
+  dead letters. Acks are manual (``noack_take``): an offset is committed only after its batch
+  is durable in PostgreSQL and its follow-up events are confirmed by the broker.
+- An unexpected error in a batch never stops the stream: the batch is retried message by
+  message, and a message that still fails is dead-lettered with the error as the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import faust
+
+from agents.admission import dispatch_ids, handle_ready
+from agents.context import Context, RawMessage, retrying
+from agents.deadletter import dead_letter
+from agents.intake import handle_submissions, ready_records
+from agents.outcomes import handle_events, handle_heartbeats
+
+log = logging.getLogger("jobstream.app")
+Handler = Callable[[Context, Sequence[RawMessage]], Awaitable[int]]
+
+
+def _raw(event: Any) -> RawMessage:
+    m = event.message
+    return RawMessage(m.topic, m.partition, m.offset, m.key, m.value)
+
+
+async def handle_safely(ctx: Context, name: str, handler: Handler,
+                        messages: Sequence[RawMessage]) -> None:
+    try:
+        await handler(ctx, messages)
+        return
+    except Exception:
+        log.exception("%s: batch of %d failed; retrying one by one", name, len(messages))
+    for msg in messages:
+        try:
+            await handler(ctx, [msg])
+        except Exception as exc:
+            log.exception("%s: message %s[%d]@%d dead-lettered", name, msg.topic,
+                          msg.partition, msg.offset)
+            await dead_letter(ctx, [(msg, f"internal error in {name}: {exc!r}"[:2000])])
+
+
+def build_app(ctx: Context) -> faust.App:
+    s = ctx.settings
+    brokers = [f"kafka://{h.strip()}" for h in s.require_kafka().split(",") if h.strip()]
+    app = faust.App(
+        s.app_id,
+        broker=brokers,
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=s.batch_size,
+        broker_commit_interval=0.5,
+        producer_linger=0.001,
+        store="memory://",
+    )
+
+    def topic(*logical: str) -> Any:
+        return app.topic(*(ctx.topic(t) for t in logical), value_type=bytes, key_type=bytes,
+                         value_serializer="raw", key_serializer="raw")
+
+    def batch_agent(channel: Any, name: str, handler: Handler) -> None:
+        async def agent(stream: Any) -> None:
+            noack = stream.noack()
+            async for events in noack.noack_take(s.batch_size, within=s.batch_wait_s):
+                await handle_safely(ctx, name, handler, [_raw(e) for e in events])
+                for e in events:
+                    await noack.ack(e)
+        agent.__name__ = agent.__qualname__ = name
+        app.agent(channel, name=name)(agent)
+
+    batch_agent(topic("jobs.independent", "jobs.dependent"), "intake", handle_submissions)
+    batch_agent(topic("jobs.ready"), "admission", handle_ready)
+    batch_agent(topic("jobs.events"), "outcomes", handle_events)
+    batch_agent(topic("workers.heartbeat"), "heartbeats", handle_heartbeats)
+
+    @app.timer(s.reconcile_interval_s, name="reconcile")
+    async def reconcile() -> None:
+        await reconcile_once(ctx)
+
+    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
+    async def _close(app: faust.App, **_: Any) -> None:  # noqa: ARG001
+        await ctx.close()
+
+    return app
+
+
+async def reconcile_once(ctx: Context) -> tuple[int, int]:
+    """Re-forward jobs left ``ready`` and re-send unconfirmed dispatches (crash windows)."""
+    store = await ctx.store()
+    after = ctx.settings.reconcile_after_s
+    stale = await retrying("reconcile ready", lambda: store.stale_ready(after))
+    records = ready_records(ctx, stale)
+    await retrying("reconcile forward", lambda: ctx.producer.aproduce(records))
+    unconfirmed = await retrying("reconcile dispatch",
+                                 lambda: store.unconfirmed_dispatches(after))
+    sent = await dispatch_ids(ctx, unconfirmed) if unconfirmed else 0
+    if records or sent:
+        log.warning("reconcile: re-forwarded %d ready jobs, re-sent %d dispatches",
+                    len(records), sent)
+    return len(records), sent
+
+
+def run_scheduler(ctx: Context) -> None:
+    """Run the agents until SIGTERM/SIGINT (faust's worker handles the signals)."""
+    app = build_app(ctx)
+    worker = faust.Worker(app, loglevel=ctx.settings.log_level, quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,278 @@
+"""The ``jobstream`` command line.
+
+Exit codes: 0 success; 1 the operation failed (a job failed, topics disagree …);
+2 bad usage or configuration; 3 a service (Kafka, PostgreSQL) is unreachable.
+Every command that prints data takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agents.errors import ConfigError, JobstreamError, StoreUnavailable
+from agents.settings import Settings, load_settings
+from streams.errors import InvalidEvent, KafkaUnavailable, StreamsError
+from streams.events import JobSpec
+
+app = typer.Typer(help="jobstream: a Kafka-driven job scheduler with state in PostgreSQL.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+topics_app = typer.Typer(help="Create and check the topics of topics.yaml.")
+db_app = typer.Typer(help="Database schema.")
+config_app = typer.Typer(help="Configuration.")
+dl_app = typer.Typer(help="Dead letters: rejected input with its reason.")
+app.add_typer(topics_app, name="topics")
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+app.add_typer(dl_app, name="deadletter")
+
+out = Console()
+err = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Settings file (YAML).")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    return load_settings(file=config, **overrides)
+
+
+def _emit(data: Any, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+    else:
+        out.print(data)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        sys.exit(2)
+    except (KafkaUnavailable, StoreUnavailable) as exc:
+        err.print(f"[red]service unavailable:[/] {exc}")
+        sys.exit(3)
+    except (JobstreamError, StreamsError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Validate the settings and print them with secrets redacted."""
+    s = _settings(config)
+    _emit(s.redacted(), as_json)
+
+
+@topics_app.command("apply")
+def topics_apply(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Create missing topics; report topics whose partition count differs (exit 1)."""
+    _topics(config, as_json, create=True)
+
+
+@topics_app.command("check")
+def topics_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Report missing topics and partition-count differences without changing anything."""
+    _topics(config, as_json, create=False)
+
+
+def _topics(config: Path | None, as_json: bool, *, create: bool) -> None:
+    from streams.kafka import apply_topics, wait_for_broker
+    from streams.topics import load_topics
+
+    s = _settings(config)
+    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
+    wait_for_broker(s.require_kafka(), s.kafka_config, timeout_s=30)
+    report = apply_topics(registry, s.require_kafka(), s.kafka_config, create=create)
+    data = {"created": report.created, "existing": report.existing,
+            "mismatched": report.mismatched}
+    if as_json:
+        _emit(data, True)
+    else:
+        for name in report.created:
+            out.print(f"[green]created[/]  {name}")
+        for name in report.existing:
+            out.print(f"[dim]exists[/]   {name}")
+        for line in report.mismatched:
+            out.print(f"[red]differs[/]  {line}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@db_app.command("migrate")
+def db_migrate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Apply pending schema migrations (safe to run from several processes at once)."""
+    from agents.store import PostgresJobStore
+
+    s = _settings(config)
+
+    async def run() -> list[str]:
+        async with PostgresJobStore(s.require_database()) as store:
+            return await store.migrate()
+
+    applied = asyncio.run(run())
+    _emit({"applied": applied}, as_json) if as_json else out.print(
+        f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+
+
+@app.command()
+def submit(
+    kind: Annotated[str, typer.Argument(help="Job kind, as configured in kinds.")],
+    job_id: Annotated[str | None, typer.Option("--id", help="Idempotency key (default: new)")] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant (user or project).")] = "default",
+    arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="NAME=VALUE")] = None,
+    priority: Annotated[int, typer.Option(min=-20, max=20)] = 0,
+    size: Annotated[int, typer.Option(min=0, help="Estimated work, e.g. bytes")] = 0,
+    depends_on: Annotated[list[str] | None, typer.Option("--depends-on")] = None,
+    group: Annotated[str | None, typer.Option(help="Dependency group key")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds")] = None,
+    max_attempts: Annotated[int | None, typer.Option(min=1, max=100)] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish one job; returns once the broker confirmed it."""
+    import uuid
+
+    from streams.publisher import JobPublisher
+    from streams.topics import load_topics
+
+    s = _settings(config)
+    args: dict[str, str] = {}
+    for item in arg or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--arg {item!r}: expected NAME=VALUE")
+        args[name] = value
+    try:
+        job = msgspec.convert({
+            "id": job_id or f"job-{uuid.uuid4().hex}", "tenant": tenant, "kind": kind,
+            "args": args, "priority": priority, "size": size, "group": group,
+            "depends_on": depends_on or [], "timeout_s": timeout, "max_attempts": max_attempts,
+        }, JobSpec)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid job: {exc}") from None
+    if job.kind not in s.kinds:
+        raise ConfigError(f"unknown kind {job.kind!r}; known: {', '.join(sorted(s.kinds))}")
+    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
+    with JobPublisher(s.require_kafka(), registry=registry, extra=s.kafka_config) as pub:
+        pub.submit(job)
+    _emit({"id": job.id, "submitted": True}, as_json) if as_json else out.print(
+        f"submitted [bold]{job.id}[/]")
+
+
+@app.command()
+def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Show one job: state, attempts, times, log path and history."""
+    from agents.store import PostgresJobStore
+
+    s = _settings(config)
+
+    async def run() -> dict[str, Any] | None:
+        async with PostgresJobStore(s.require_database()) as store:
+            return await store.job(job_id)
+
+    row = asyncio.run(run())
+    if row is None:
+        err.print(f"no job {job_id!r}")
+        raise typer.Exit(1)
+    if as_json:
+        _emit(row, True)
+        return
+    table = Table(show_header=False, box=None)
+    for k in ("id", "tenant", "kind", "state", "gate", "attempt", "max_attempts", "worker",
+              "exit_code", "error", "log_path", "submitted_at", "started_at", "finished_at"):
+        table.add_row(f"[bold]{k}[/]", "" if row.get(k) is None else str(row[k]))
+    out.print(table)
+    for h in row["history"]:
+        out.print(f"  {h['at']:%H:%M:%S.%f}  attempt {h['attempt']}  {h['event']}  "
+                  f"{json.dumps(h['detail']) if h['detail'] else ''}")
+
+
+@dl_app.command("list")
+def deadletter_list(limit: int = 50, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """The most recent dead letters with their reasons."""
+    from agents.store import PostgresJobStore
+
+    s = _settings(config)
+
+    async def run() -> list[dict[str, Any]]:
+        async with PostgresJobStore(s.require_database()) as store:
+            return await store.dead_letters(limit)
+
+    rows = asyncio.run(run())
+    if as_json:
+        _emit(rows, True)
+        return
+    table = Table("id", "origin", "bytes", "reason", "at")
+    for r in rows:
+        table.add_row(str(r["id"]), f"{r['topic']}[{r['partition']}]@{r['offset']}",
+                      str(r["bytes"]), r["reason"], f"{r['at']:%Y-%m-%d %H:%M:%S}")
+    out.print(table)
+
+
+@app.command()
+def scheduler(config: ConfigOpt = None) -> None:
+    """Run the scheduler's stream agents (intake, admission, outcomes) until stopped."""
+    from agents.app import run_scheduler
+    from agents.context import Context
+
+    s = _settings(config)
+    s.require_kafka()
+    s.require_database()
+    run_scheduler(Context.from_settings(s))
+
+
+@app.command()
+def worker(
+    slots: Annotated[int | None, typer.Option(min=1, help="Jobs run at once")] = None,
+    abort: Annotated[bool, typer.Option("--abort", help="On SIGTERM stop at once and hand "
+                                        "running jobs back instead of draining")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a worker in the worker consumer group until SIGTERM (drain) or a second signal."""
+    from agents.context import Context
+    from agents.worker import run_worker
+
+    s = _settings(config)
+    s.require_kafka()
+    raise typer.Exit(asyncio.run(run_worker(Context.from_settings(s), slots=slots, abort=abort)))
+
+
+@app.command()
+def demo(
+    jobs: Annotated[int, typer.Option(min=1, max=1_000_000, help="Jobs to run")] = 200,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker slots")] = 8,
+    kind: Annotated[str, typer.Option(help="Kind of the sample jobs")] = "noop",
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run everything in one process (embedded broker and PostgreSQL unless configured),
+    submit a sample workload, run it to completion and print a summary."""
+    from agents.demo import run_demo
+
+    s = _settings(config)
+    started = time.monotonic()
+    summary = run_demo(s, jobs=jobs, slots=workers, kind=kind, show_progress=not as_json)
+    summary.setdefault("wall_s", round(time.monotonic() - started, 3))
+    if as_json:
+        _emit(summary, True)
+    else:
+        table = Table("metric", "value", title="jobstream demo")
+        for k, v in summary.items():
+            table.add_row(k, str(v))
+        out.print(table)
+    if summary.get("lost", 0) or summary.get("failed", 0):
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

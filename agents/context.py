@@ -1,0 +1,101 @@
+"""What every agent shares in one process: settings, topics, the store and a producer.
+
+Invariant: resources are opened once per process, lazily, on the event loop that uses them,
+and closed on shutdown; handlers receive the context and never build clients themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from agents.errors import StoreUnavailable
+from agents.settings import Settings
+from agents.store import PostgresJobStore
+from streams.errors import DeliveryFailed, KafkaUnavailable
+from streams.kafka import ConfirmedProducer, producer_config
+from streams.topics import TopicRegistry, load_topics
+
+log = logging.getLogger("jobstream")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A consumed message as the handlers see it: bytes and where they came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class Context:
+    settings: Settings
+    registry: TopicRegistry
+    _store: PostgresJobStore | None = None
+    _producer: ConfirmedProducer | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Context:
+        registry = load_topics(settings.topics_file, prefix=settings.topic_prefix)
+        return cls(settings, registry)
+
+    async def store(self) -> PostgresJobStore:
+        if self._store is None:
+            async with self._lock:
+                if self._store is None:
+                    store = PostgresJobStore(self.settings.require_database(),
+                                             max_size=self.settings.db_pool_size)
+                    await store.open()
+                    self._store = store
+        return self._store
+
+    @property
+    def producer(self) -> ConfirmedProducer:
+        if self._producer is None:
+            self._producer = ConfirmedProducer(producer_config(
+                self.settings.require_kafka(), self.settings.kafka_config, linger_ms=1))
+        return self._producer
+
+    def topic(self, logical: str) -> str:
+        return self.registry.name(logical)
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+
+TRANSIENT = (StoreUnavailable, DeliveryFailed, KafkaUnavailable)
+
+
+async def retrying(what: str, fn: Callable[[], Awaitable[T]], *,
+                   first_delay_s: float = 0.2, max_delay_s: float = 15.0) -> T:
+    """Run ``fn`` until it succeeds, backing off on transient failures (a database or broker
+    that is down). The batch being handled is held, not dropped and not acked, meanwhile."""
+    delay = first_delay_s
+    failing_since: float | None = None
+    while True:
+        try:
+            result = await fn()
+        except TRANSIENT as exc:
+            if failing_since is None:
+                failing_since = time.monotonic()
+                log.warning("%s: %s; retrying with backoff", what, exc)
+            await asyncio.sleep(delay)
+            delay = min(max_delay_s, delay * 2)
+            continue
+        if failing_since is not None:
+            log.warning("%s: recovered after %.1f s", what, time.monotonic() - failing_since)
+        return result

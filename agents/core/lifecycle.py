@@ -1,0 +1,107 @@
+"""The job state machine, and what each lifecycle event does to a job.
+
+States::
+
+    waiting ─► ready ─► dispatched ─► running ─► succeeded
+       │         ▲          │            │
+       │         └──retry───┴────────────┤
+       └────────────────────────────────►┴─► failed / cancelled
+
+Invariants (property-tested):
+- Terminal states (succeeded, failed, cancelled) absorb every later event.
+- An event for another attempt than the job's current one changes nothing (fencing), so a
+  late report from a superseded attempt cannot complete a retried job.
+- Applying the same event twice is the same as applying it once (idempotence), which is what
+  makes at-least-once delivery safe. The PostgreSQL guards in ``agents.store`` are the same
+  table expressed as ``UPDATE … WHERE state = ANY(…) AND attempt = …``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class State(StrEnum):
+    WAITING = "waiting"
+    READY = "ready"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+ACTIVE = frozenset({State.DISPATCHED, State.RUNNING})
+
+# event name -> states it applies in
+STARTED_FROM = (State.DISPATCHED,)
+FINISHED_FROM = (State.DISPATCHED, State.RUNNING)
+CANCEL_FROM = (State.WAITING, State.READY, State.DISPATCHED, State.RUNNING)
+DISPATCH_FROM = (State.READY,)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    state: State
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    attempt: int
+    retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    pass
+
+
+Event = Dispatched | Started | Succeeded | Failed | Cancelled
+
+
+def retry_allowed(job: Job, retryable: bool) -> bool:
+    return retryable and job.attempt < job.max_attempts
+
+
+def apply(job: Job, event: Event) -> Job:
+    """The job after ``event``; the same job when the event does not apply."""
+    s = job.state
+    if s in TERMINAL:
+        return job
+    match event:
+        case Dispatched():
+            if s in DISPATCH_FROM:
+                return Job(State.DISPATCHED, job.attempt + 1, job.max_attempts)
+        case Started(attempt=a):
+            if s in STARTED_FROM and a == job.attempt:
+                return Job(State.RUNNING, job.attempt, job.max_attempts)
+        case Succeeded(attempt=a):
+            if s in FINISHED_FROM and a == job.attempt:
+                return Job(State.SUCCEEDED, job.attempt, job.max_attempts)
+        case Failed(attempt=a, retryable=r):
+            if s in FINISHED_FROM and a == job.attempt:
+                nxt = State.READY if retry_allowed(job, r) else State.FAILED
+                return Job(nxt, job.attempt, job.max_attempts)
+        case Cancelled():
+            if s in CANCEL_FROM:
+                return Job(State.CANCELLED, job.attempt, job.max_attempts)
+    return job

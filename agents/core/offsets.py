@@ -1,0 +1,59 @@
+"""Which offset may be committed when messages finish out of order.
+
+A worker runs several jobs at once; they finish in any order. Kafka commits a position per
+partition, meaning "everything before this is done". :class:`OffsetTracker` keeps, per
+partition, the offsets handed out and the ones finished, and says how far the committed
+position may move.
+
+Invariants (property-tested): the committable position never passes an offset that was
+handed out and not finished, and never moves backwards.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Partition:
+    pending: list[int] = field(default_factory=list)  # heap of started, unfinished offsets
+    finished: set[int] = field(default_factory=set)
+    highest: int = -1  # highest offset handed out
+    committable: int | None = None
+
+
+class OffsetTracker:
+    def __init__(self) -> None:
+        self._parts: dict[Hashable, _Partition] = {}
+
+    def started(self, tp: Hashable, offset: int) -> None:
+        p = self._parts.setdefault(tp, _Partition())
+        heapq.heappush(p.pending, offset)
+        p.highest = max(p.highest, offset)
+
+    def finished(self, tp: Hashable, offset: int) -> None:
+        p = self._parts.get(tp)
+        if p is not None:
+            p.finished.add(offset)
+
+    def forget(self, tp: Hashable) -> None:
+        """Drop a partition (revoked in a rebalance)."""
+        self._parts.pop(tp, None)
+
+    def commit_positions(self) -> dict[Hashable, int]:
+        """Positions (next offset to read) that may be committed now, for partitions whose
+        position moved since the last call."""
+        out: dict[Hashable, int] = {}
+        for tp, p in self._parts.items():
+            while p.pending and p.pending[0] in p.finished:
+                p.finished.discard(heapq.heappop(p.pending))
+            position = p.pending[0] if p.pending else p.highest + 1
+            if position > 0 and (p.committable is None or position > p.committable):
+                p.committable = position
+                out[tp] = position
+        return out
+
+    def in_flight(self) -> int:
+        return sum(len(p.pending) - len(p.finished & set(p.pending)) for p in self._parts.values())

@@ -1,0 +1,150 @@
+"""One settings object for every process: defaults ← optional YAML file ← environment.
+
+    JOBSTREAM_CONFIG=/etc/jobstream.yaml      the file (optional)
+    JOBSTREAM_KAFKA_BOOTSTRAP=127.0.0.1:9092  any field, upper-cased, with the prefix
+    JOBSTREAM_KINDS='{"noop": {"command": ["true"]}}'   structured fields take JSON
+
+Invariants:
+- Validation happens once, at start-up, and a failure names the field and what is wrong
+  (:class:`ConfigError`); nothing reads ``os.environ`` for configuration anywhere else.
+- Secrets (the database password, ``sasl.password``, ``ssl.key.password`` …) never appear in
+  ``redacted()`` output, logs or events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+from agents.errors import ConfigError
+
+PREFIX = "JOBSTREAM_"
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|key$|credential", re.I)
+
+
+class KindConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How a job kind runs. ``command`` is an argv template: each item may contain
+    ``{name}`` placeholders filled from the job's args (and ``{job_id}``, ``{attempt}``,
+    ``{tenant}``); no shell is involved."""
+
+    command: Annotated[list[str], Meta(min_length=1)]
+    timeout_s: Annotated[float, Meta(gt=0)] = 3600.0
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    cwd: str | None = None
+
+
+DEFAULT_KINDS: dict[str, KindConfig] = {
+    "noop": KindConfig(command=["true"], timeout_s=60, max_attempts=1),
+    "echo": KindConfig(command=["echo", "{message}"], timeout_s=60),
+    "sleep": KindConfig(command=["sleep", "{seconds}"], timeout_s=600),
+    "fail": KindConfig(command=["false"], timeout_s=60, max_attempts=1),
+}
+
+
+class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    kafka_bootstrap: str | None = None
+    kafka_config: dict[str, str] = msgspec.field(default_factory=dict)
+    database_url: str | None = None
+    db_pool_size: Annotated[int, Meta(ge=1, le=100)] = 4
+    topics_file: str | None = None
+    topic_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]*$")] = ""
+    app_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]+$")] = "jobstream"
+    kinds: dict[str, KindConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_KINDS))
+    max_payload_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
+    batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    batch_wait_s: Annotated[float, Meta(ge=0, le=5)] = 0.005
+    reconcile_interval_s: Annotated[float, Meta(gt=0)] = 15.0
+    reconcile_after_s: Annotated[float, Meta(gt=0)] = 10.0
+    worker_slots: Annotated[int, Meta(ge=1, le=1024)] = 4
+    worker_id: str | None = None
+    heartbeat_interval_s: Annotated[float, Meta(gt=0)] = 3.0
+    kill_grace_s: Annotated[float, Meta(ge=0)] = 5.0
+    drain_grace_s: Annotated[float, Meta(ge=0)] = 30.0
+    log_dir: str = "var/logs"
+    log_level: str = "WARNING"
+
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap:
+            raise ConfigError("JOBSTREAM_KAFKA_BOOTSTRAP is not set (host:port of a Kafka broker)")
+        return self.kafka_bootstrap
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise ConfigError("JOBSTREAM_DATABASE_URL is not set (a PostgreSQL connection URL)")
+        return self.database_url
+
+    def replace(self, **changes: Any) -> Settings:
+        return msgspec.structs.replace(self, **changes)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with every secret replaced by ``***``."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        if out.get("database_url"):
+            out["database_url"] = redact_url(out["database_url"])
+        out["kafka_config"] = {k: ("***" if _SECRET_KEY.search(k) else v)
+                               for k, v in out["kafka_config"].items()}
+        for kind in out["kinds"].values():
+            kind["env"] = {k: ("***" if _SECRET_KEY.search(k) else v)
+                           for k, v in kind["env"].items()}
+        return out
+
+
+def redact_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+_FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
+_STRUCTURED = {"kafka_config", "kinds"}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, file: str | Path | None = None,
+                  **overrides: Any) -> Settings:
+    """Build and validate the settings; raise :class:`ConfigError` saying what is wrong."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    path = file or env.get(PREFIX + "CONFIG")
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"the config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"the config file {path} must hold a mapping of settings")
+        data.update(loaded or {})
+    for name in _FIELDS:
+        raw = env.get(PREFIX + name.upper())
+        if raw is None or raw == "":
+            continue
+        if name in _STRUCTURED:
+            try:
+                data[name] = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be JSON: {exc}") from None
+        else:
+            data[name] = raw
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if "kinds" in data and isinstance(data["kinds"], dict):
+        merged: dict[str, Any] = {k: msgspec.to_builtins(v) for k, v in DEFAULT_KINDS.items()}
+        merged.update(data["kinds"])
+        data["kinds"] = merged
+    try:
+        settings = msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from None
+    for kind in settings.kinds:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", kind):
+            raise ConfigError(f"invalid kind name {kind!r}: use lower-case letters, digits, _.-")
+    if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ConfigError(f"invalid log_level {settings.log_level!r}")
+    return settings

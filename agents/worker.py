@@ -1,0 +1,237 @@
+"""The worker: a member of the ``<app_id>.workers`` consumer group that runs dispatched jobs.
+
+Workers keep no stream state, so they consume with confluent-kafka directly (batched).
+
+Invariants:
+- At most ``slots`` jobs run at once; when full the worker pauses its partitions
+  (backpressure) and resumes when a slot frees. Free/total slots go out in heartbeats.
+- An offset is committed only after the outcome of its job was confirmed by the broker
+  (``OffsetTracker``), so a worker that dies mid-job leaves the dispatch to be redelivered.
+- A dispatch for an attempt this process already ran is not run twice.
+- SIGTERM drains: no new work, running jobs get ``drain_grace_s`` to finish, offsets are
+  committed, exit 0. A second signal aborts: running jobs are stopped and handed back
+  (their offsets stay uncommitted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from agents.context import Context, RawMessage, retrying
+from agents.core.offsets import OffsetTracker
+from agents.deadletter import dead_letter
+from agents.runner import Outcome, run_attempt
+from streams.errors import InvalidEvent
+from streams.events import (
+    Dispatch,
+    JobFailed,
+    JobStarted,
+    JobSucceeded,
+    WorkerHeartbeat,
+    decode,
+    encode,
+)
+from streams.kafka import Record, client_config
+
+log = logging.getLogger("jobstream.worker")
+
+
+class Worker:
+    def __init__(self, ctx: Context, *, slots: int | None = None,
+                 worker_id: str | None = None) -> None:
+        self.ctx = ctx
+        s = ctx.settings
+        self.slots = slots or s.worker_slots
+        self.id = worker_id or s.worker_id or f"{socket.gethostname()}-{os.getpid()}-" \
+                                              f"{uuid.uuid4().hex[:6]}"
+        self.host = socket.gethostname()
+        self.tracker = OffsetTracker()
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.stopping = asyncio.Event()
+        self.aborting = asyncio.Event()
+        self.completed = 0
+        self._paused = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
+        cfg = client_config(s.require_kafka(), s.kafka_config)
+        cfg.update({"group.id": f"{s.app_id}.workers", "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest", "client.id": self.id,
+                    "partition.assignment.strategy": "cooperative-sticky",
+                    "max.poll.interval.ms": 600_000, "fetch.wait.max.ms": 10})
+        self.consumer = Consumer(cfg)
+
+    # -- consumer calls run on one dedicated thread ----------------------------------
+
+    async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool,
+                                                                lambda: fn(*args, **kw))
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running)
+
+    async def run(self) -> None:
+        topic = self.ctx.topic("jobs.dispatch")
+        await self._call(self.consumer.subscribe, [topic], on_revoke=self._on_revoke)
+        beat = asyncio.create_task(self._heartbeats())
+        try:
+            while not self.stopping.is_set():
+                await self._sync_pause()
+                n = max(1, self.free)
+                msgs = await self._call(self.consumer.consume, num_messages=n, timeout=0.05)
+                for m in msgs:
+                    if m.error():
+                        log.warning("consumer error: %s", m.error())
+                        continue
+                    self._take(RawMessage(m.topic(), m.partition(), m.offset(), m.key(),
+                                          m.value()))
+                await self._commit()
+            await self._drain()
+        finally:
+            beat.cancel()
+            await self._heartbeat("stopped")
+            await self._commit()
+            await self._call(self.consumer.close)
+            self._pool.shutdown(wait=False)
+
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.tracker.forget((tp.topic, tp.partition))
+
+    async def _sync_pause(self) -> None:
+        full = self.free <= 0
+        if full == self._paused:
+            return
+        assignment = await self._call(self.consumer.assignment)
+        if full:
+            await self._call(self.consumer.pause, assignment)
+        else:
+            await self._call(self.consumer.resume, assignment)
+        self._paused = full
+
+    async def _commit(self) -> None:
+        positions = self.tracker.commit_positions()
+        if not positions:
+            return
+        offsets = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
+        try:
+            await self._call(self.consumer.commit, offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("commit failed (will be retried with the next one): %s", exc)
+
+    def _take(self, msg: RawMessage) -> None:
+        tp = (msg.topic, msg.partition)
+        self.tracker.started(tp, msg.offset)
+        try:
+            d = decode(msg.value, Dispatch, max_bytes=self.ctx.settings.max_payload_bytes)
+        except InvalidEvent as exc:
+            task = asyncio.create_task(self._reject(msg, str(exc)))
+            self.running[f"\x00bad:{msg.topic}:{msg.partition}:{msg.offset}"] = task
+            return
+        key = (d.job_id, d.attempt)
+        if key in self.seen or d.job_id in self.running:
+            self.tracker.finished(tp, msg.offset)
+            return
+        self.seen[key] = None
+        while len(self.seen) > 100_000:
+            self.seen.popitem(last=False)
+        self.running[d.job_id] = asyncio.create_task(self._execute(msg, d))
+
+    async def _reject(self, msg: RawMessage, reason: str) -> None:
+        try:
+            await dead_letter(self.ctx, [(msg, reason)])
+        finally:
+            self.running.pop(f"\x00bad:{msg.topic}:{msg.partition}:{msg.offset}", None)
+            self.tracker.finished((msg.topic, msg.partition), msg.offset)
+
+    def _event_record(self, d: Dispatch, event: Any) -> Record:
+        return Record(self.ctx.topic("jobs.events"), encode(event),
+                      (d.group or d.job_id).encode())
+
+    async def _execute(self, msg: RawMessage, d: Dispatch) -> None:
+        s = self.ctx.settings
+        produce = self.ctx.producer.aproduce
+        try:
+            started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id,
+                                 at=time.time())
+            await retrying("publish started", lambda: produce([self._event_record(d, started)]))
+            outcome: Outcome = await run_attempt(d, s.kinds.get(d.kind), log_dir=s.log_dir,
+                                                 kill_grace_s=s.kill_grace_s,
+                                                 cancel=self.aborting)
+            if self.aborting.is_set() and not outcome.ok:
+                return  # handed back: the offset stays uncommitted, the dispatch returns
+            at = time.time()
+            event: JobSucceeded | JobFailed
+            if outcome.ok:
+                event = JobSucceeded(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=at,
+                                     exit_code=0, duration_s=outcome.duration_s,
+                                     log_path=outcome.log_path)
+            else:
+                event = JobFailed(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=at,
+                                  error=outcome.error[:4000], exit_code=outcome.exit_code,
+                                  duration_s=outcome.duration_s, log_path=outcome.log_path,
+                                  retryable=outcome.retryable)
+            await retrying("publish outcome", lambda: produce([self._event_record(d, event)]))
+            self.tracker.finished((msg.topic, msg.partition), msg.offset)
+            self.completed += 1
+        finally:
+            self.running.pop(d.job_id, None)
+
+    async def _heartbeat(self, state: str = "running") -> None:
+        beat = WorkerHeartbeat(worker=self.id, host=self.host, slots_total=self.slots,
+                               slots_free=max(0, self.free), running=sorted(
+                                   k for k in self.running if not k.startswith("\x00")),
+                               at=time.time(), state=state)  # type: ignore[arg-type]
+        rec = Record(self.ctx.topic("workers.heartbeat"), encode(beat), self.id.encode())
+        try:
+            await self.ctx.producer.aproduce([rec], timeout_s=5.0)
+        except Exception as exc:  # a missed heartbeat is not fatal; the next one follows
+            log.warning("heartbeat not sent: %s", exc)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            state = "draining" if self.stopping.is_set() else "running"
+            await self._heartbeat(state)
+            await asyncio.sleep(self.ctx.settings.heartbeat_interval_s)
+
+    async def _drain(self) -> None:
+        if not self.running:
+            return
+        log.warning("draining: waiting up to %.0f s for %d running jobs",
+                    self.ctx.settings.drain_grace_s, len(self.running))
+        deadline = time.monotonic() + self.ctx.settings.drain_grace_s
+        while self.running and time.monotonic() < deadline and not self.aborting.is_set():
+            await asyncio.wait(list(self.running.values()), timeout=0.2)
+            await self._commit()
+        if self.running:
+            self.aborting.set()
+            await asyncio.wait(list(self.running.values()), timeout=30)
+
+    def request_stop(self, abort: bool = False) -> None:
+        if abort or self.stopping.is_set():
+            self.aborting.set()
+        self.stopping.set()
+
+
+async def run_worker(ctx: Context, *, slots: int | None = None, abort: bool = False) -> int:
+    """Run a worker until SIGTERM/SIGINT; return the process exit code."""
+    worker = Worker(ctx, slots=slots)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop, abort)
+    try:
+        await worker.run()
+    finally:
+        await ctx.close()
+    return 0

@@ -1,0 +1,219 @@
+"""Event and command types that travel on the topics, and their JSON codec.
+
+Invariants:
+- Every message carries ``type`` (a tag) and ``v`` (the schema version); a decoder accepts only
+  versions it knows and rejects everything else with a reason (the caller dead-letters it).
+- Submissions reject unknown fields, wrong types, out-of-range values, NUL characters (which
+  PostgreSQL text and jsonb cannot store) and payloads over the configured size. Nothing in an
+  event is ever interpolated into SQL or a shell: fields travel as parameters and argv items.
+- Events are past tense (``JobSucceeded``), commands imperative (``Dispatch``).
+- Times are float seconds since the Unix epoch, set by the process that observed the moment.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from streams.errors import InvalidEvent
+
+SCHEMA_VERSION: Final = 1
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 256 * 1024
+MAX_ARGS_DEPTH: Final = 16
+
+# Identifiers are printable, bounded and free of whitespace and control characters.
+JobId = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")]
+Tenant = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
+Kind = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+Label = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=-]*$")]
+Priority = Annotated[int, Meta(ge=-20, le=20)]
+Size = Annotated[int, Meta(ge=0, le=2**62)]
+Timeout = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
+Attempts = Annotated[int, Meta(ge=1, le=100)]
+Epoch = Annotated[float, Meta(ge=0)]
+
+
+class JobSpec(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A job as its submitter describes it. ``id`` is chosen by the client: it is the
+    idempotency key, so a resubmission of the same id changes nothing."""
+
+    id: JobId
+    tenant: Tenant
+    kind: Kind
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    priority: Priority = 0
+    size: Size = 0
+    group: JobId | None = None
+    depends_on: Annotated[list[JobId], Meta(max_length=1000)] = msgspec.field(default_factory=list)
+    labels: Annotated[list[Label], Meta(max_length=64)] = msgspec.field(default_factory=list)
+    resources: Annotated[list[Label], Meta(max_length=64)] = msgspec.field(default_factory=list)
+    timeout_s: Timeout | None = None
+    max_attempts: Attempts | None = None
+
+
+class _Event(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    v: int = SCHEMA_VERSION
+
+
+class JobSubmitted(_Event, tag="job.submitted"):
+    """Published by upstream services on ``jobs.independent`` or ``jobs.dependent``."""
+
+    job: JobSpec
+    submitted_at: Epoch
+
+
+class JobReady(_Event, tag="job.ready"):
+    """Intake or the dependency stage says: this job may be admitted now (key: tenant)."""
+
+    job_id: JobId
+    tenant: Tenant
+    kind: Kind
+    submitted_at: Epoch
+
+
+class Dispatch(_Event, tag="job.dispatch"):
+    """Admission's command to the worker group: run this attempt of this job (key: job id)."""
+
+    job_id: JobId
+    attempt: Annotated[int, Meta(ge=1)]
+    tenant: Tenant
+    kind: Kind
+    args: dict[str, Any]
+    timeout_s: Timeout | None
+    submitted_at: Epoch
+    dispatched_at: Epoch
+    group: JobId | None = None
+
+
+class JobStarted(_Event, tag="job.started"):
+    job_id: JobId
+    attempt: int
+    worker: str
+    at: Epoch
+
+
+class JobSucceeded(_Event, tag="job.succeeded"):
+    job_id: JobId
+    attempt: int
+    worker: str
+    at: Epoch
+    exit_code: int = 0
+    duration_s: float = 0.0
+    log_path: str | None = None
+
+
+class JobFailed(_Event, tag="job.failed"):
+    job_id: JobId
+    attempt: int
+    worker: str
+    at: Epoch
+    error: Annotated[str, Meta(max_length=4000)]
+    exit_code: int | None = None
+    duration_s: float = 0.0
+    log_path: str | None = None
+    retryable: bool = True
+
+
+class JobCancelled(_Event, tag="job.cancelled"):
+    job_id: JobId
+    at: Epoch
+    reason: Annotated[str, Meta(max_length=4000)] = ""
+
+
+class WorkerHeartbeat(_Event, tag="worker.heartbeat"):
+    worker: str
+    host: str
+    slots_total: int
+    slots_free: int
+    running: list[str]
+    at: Epoch
+    state: Literal["running", "draining", "stopped"] = "running"
+
+
+JobEvent = JobStarted | JobSucceeded | JobFailed | JobCancelled
+AnyEvent = (
+    JobSubmitted
+    | JobReady
+    | Dispatch
+    | JobStarted
+    | JobSucceeded
+    | JobFailed
+    | JobCancelled
+    | WorkerHeartbeat
+)
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def encode(event: AnyEvent) -> bytes:
+    """Encode an event as compact JSON."""
+    return _encoder.encode(event)
+
+
+def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.json.Decoder(kind)
+    return dec
+
+
+def _check_args(value: Any, depth: int = 0) -> None:
+    if depth > MAX_ARGS_DEPTH:
+        raise InvalidEvent(f"args nested deeper than {MAX_ARGS_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidEvent("args contain a NUL character")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if "\x00" in k:
+                raise InvalidEvent("args contain a NUL character in a key")
+            _check_args(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_args(v, depth + 1)
+
+
+def decode(
+    raw: bytes | None,
+    kind: Any = AnyEvent,
+    *,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> Any:
+    """Decode ``raw`` as one of ``kind`` (a type or a union of event types).
+
+    Raises :class:`InvalidEvent` with a human-readable reason for anything that is not a valid
+    event of a supported version; never raises anything else for bad input.
+    """
+    if raw is None:
+        raise InvalidEvent("empty message (no value)")
+    if len(raw) > max_bytes:
+        raise InvalidEvent(f"payload of {len(raw)} bytes is over the limit of {max_bytes} bytes")
+    try:
+        event = _decoder(kind).decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid event: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"malformed JSON: {exc}") from None
+    except (RecursionError, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidEvent(f"undecodable payload: {exc}") from None
+    if event.v != SCHEMA_VERSION:
+        raise InvalidEvent(f"unsupported schema version {event.v} (this build reads {SCHEMA_VERSION})")
+    if isinstance(event, JobSubmitted):
+        _check_args(event.job.args)
+        if event.job.id in event.job.depends_on:
+            raise InvalidEvent(f"job {event.job.id} depends on itself")
+    elif isinstance(event, Dispatch):
+        _check_args(event.args)
+    return event
+
+
+def submission_schema() -> dict[str, Any]:
+    """The JSON Schema of a ``job.submitted`` event, for publishers in other languages."""
+    schema: dict[str, Any] = msgspec.json.schema(JobSubmitted)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://jobstream.dev/schema/job-submitted.v1.json"
+    schema["title"] = "jobstream job.submitted event, version 1"
+    return schema

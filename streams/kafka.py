@@ -1,0 +1,203 @@
+"""Thin adapters over confluent-kafka: client configuration, topic apply, confirmed produce.
+
+Invariants:
+- ``KafkaException`` and delivery errors are translated here into ``streams.errors``; nothing
+  above this module sees a driver exception.
+- ``produce_confirmed`` returns only after the broker acknowledged every message (acks=all,
+  idempotent producer), so a caller may commit its input offsets afterwards.
+- Security settings (``security.protocol``, ``sasl.*``, ``ssl.*``) pass through unchanged in
+  ``extra``; they are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.errors import DeliveryFailed, KafkaUnavailable
+from streams.topics import TopicRegistry
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: Headers | None = None
+
+
+def client_config(bootstrap: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    cfg.update(extra or {})
+    return cfg
+
+
+def producer_config(bootstrap: str, extra: Mapping[str, Any] | None = None,
+                    *, linger_ms: int = 1) -> dict[str, Any]:
+    cfg = client_config(bootstrap, extra)
+    cfg.setdefault("enable.idempotence", True)
+    cfg.setdefault("acks", "all")
+    cfg.setdefault("linger.ms", linger_ms)
+    cfg.setdefault("compression.type", "lz4")
+    return cfg
+
+
+def wait_for_broker(bootstrap: str, extra: Mapping[str, Any] | None = None,
+                    timeout_s: float = 30.0) -> None:
+    """Block until the cluster answers a metadata request, or raise ``KafkaUnavailable``."""
+    admin = AdminClient(client_config(bootstrap, extra))
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            md = admin.list_topics(timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+            if md.brokers:
+                return
+        except KafkaException as exc:
+            last = exc
+        time.sleep(0.2)
+    raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s ({last})")
+
+
+@dataclass(frozen=True)
+class TopicReport:
+    created: list[str]
+    existing: list[str]
+    mismatched: list[str]  # human-readable lines, one per topic whose partitions differ
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched
+
+
+def apply_topics(registry: TopicRegistry, bootstrap: str,
+                 extra: Mapping[str, Any] | None = None, *, create: bool = True,
+                 timeout_s: float = 30.0) -> TopicReport:
+    """Create missing topics (when ``create``) and report partition-count differences."""
+    admin = AdminClient(client_config(bootstrap, extra))
+    try:
+        md = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"cannot list topics at {bootstrap}: {exc}") from None
+    created: list[str] = []
+    existing: list[str] = []
+    mismatched: list[str] = []
+    missing: list[NewTopic] = []
+    for name, spec in registry.physical().items():
+        topic = md.topics.get(name)
+        if topic is None or topic.error is not None:
+            missing.append(NewTopic(name, num_partitions=spec.partitions,
+                                    replication_factor=spec.replication,
+                                    config=spec.config(registry.min_insync)))
+            continue
+        existing.append(name)
+        if len(topic.partitions) != spec.partitions:
+            mismatched.append(f"{name}: cluster has {len(topic.partitions)} partitions, "
+                              f"topics.yaml says {spec.partitions}")
+    if missing and create:
+        futures = admin.create_topics(missing, operation_timeout=timeout_s)
+        for name, fut in futures.items():
+            try:
+                fut.result()
+                created.append(name)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    existing.append(name)
+                else:
+                    raise KafkaUnavailable(f"cannot create topic {name}: {exc}") from None
+    elif missing:
+        mismatched.extend(f"{t.topic}: missing" for t in missing)
+    return TopicReport(sorted(created), sorted(existing), mismatched)
+
+
+class ConfirmedProducer:
+    """A confluent-kafka producer whose sends return once the broker confirmed them.
+
+    A background thread serves delivery callbacks; ``produce_confirmed`` may be called from
+    several threads, and ``aproduce`` from an asyncio loop without blocking it.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self._producer = Producer(dict(config))
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="kafka-producer-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.05)
+
+    def produce_confirmed(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
+        if not records:
+            return
+        done = threading.Event()
+        remaining = [len(records)]
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+            with lock:
+                if err is not None:
+                    errors.append(str(err))
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    done.set()
+
+        for rec in records:
+            self._produce_one(rec, on_delivery)
+        self._producer.flush(0)  # wake the sender: do not wait for linger.ms
+        if not done.wait(timeout_s):
+            raise DeliveryFailed(f"{remaining[0]} of {len(records)} messages unconfirmed "
+                                 f"after {timeout_s:.0f} s")
+        if errors:
+            raise DeliveryFailed(f"{len(errors)} of {len(records)} messages failed: {errors[0]}")
+
+    def _produce_one(self, rec: Record, on_delivery: Any) -> None:
+        while True:
+            try:
+                self._producer.produce(rec.topic, value=rec.value, key=rec.key,
+                                       headers=rec.headers, on_delivery=on_delivery)
+                return
+            except BufferError:
+                time.sleep(0.005)  # local queue full: the poll thread drains it
+            except KafkaException as exc:
+                raise DeliveryFailed(f"cannot produce to {rec.topic}: {exc}") from None
+
+    async def aproduce(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
+        if records:
+            await asyncio.to_thread(self.produce_confirmed, records, timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if not self._closed.is_set():
+            self._producer.flush(timeout_s)
+            self._closed.set()
+            self._poller.join(timeout=1.0)
+
+
+def dead_letter_record(topic: str, *, value: bytes | None, key: bytes | None, origin_topic: str,
+                       partition: int, offset: int, reason: str,
+                       at: float | None = None) -> Record:
+    """The dead-letter record for a rejected message: the original bytes as the value, and the
+    origin and reason in headers, so a fixed consumer can replay it byte for byte."""
+    headers: Headers = [
+        ("dlq.topic", origin_topic.encode()),
+        ("dlq.partition", str(partition).encode()),
+        ("dlq.offset", str(offset).encode()),
+        ("dlq.reason", reason.encode("utf-8", "replace")[:4000]),
+        ("dlq.at", repr(time.time() if at is None else at).encode()),
+    ]
+    return Record(topic=topic, value=value if value is not None else b"", key=key, headers=headers)
+
+
+def headers_dict(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, str]:
+    return {k: (v or b"").decode("utf-8", "replace") for k, v in (headers or [])}
