@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 import uuid
@@ -57,7 +58,18 @@ def sample_jobs(run: str, n: int, kind: str) -> list[JobSpec]:
                     args=args, size=(i * 7919) % 10_000) for i in range(n)]
 
 
-async def drive(ctx: Context, *, jobs: int, slots: int, kind: str, bad: int,
+async def wait_until_assigned(app: faust.App, worker: Worker, timeout_s: float) -> None:
+    """Wait until the agents and the worker own partitions: joining a consumer group for the
+    first time on a fresh broker takes seconds, which is not what the demo measures."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.assigned.is_set() and app.consumer.assignment():
+            return
+        await asyncio.sleep(0.1)
+    log.warning("consumers not assigned after %.0f s; going on", timeout_s)
+
+
+async def drive(app: faust.App, ctx: Context, *, jobs: int, slots: int, kind: str, bad: int,
                 show_progress: bool, timeout_s: float) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     specs = sample_jobs(run, jobs, kind)
@@ -65,6 +77,7 @@ async def drive(ctx: Context, *, jobs: int, slots: int, kind: str, bad: int,
     worker = Worker(ctx, slots=slots)
     worker_task = asyncio.create_task(worker.run())
     store = await ctx.store()
+    await wait_until_assigned(app, worker, 120.0)
     dead_before = await store.dead_letter_count()
     started = time.monotonic()
 
@@ -139,7 +152,7 @@ def run_demo(settings: Settings, *, jobs: int, slots: int, kind: str, bad: int =
         @app.task  # type: ignore[untyped-decorator]
         async def driver() -> None:
             try:
-                result.update(await drive(ctx, jobs=jobs, slots=slots, kind=kind, bad=bad,
+                result.update(await drive(app, ctx, jobs=jobs, slots=slots, kind=kind, bad=bad,
                                           show_progress=show_progress, timeout_s=timeout_s))
             except Exception as exc:
                 log.exception("demo failed")
@@ -148,7 +161,7 @@ def run_demo(settings: Settings, *, jobs: int, slots: int, kind: str, bad: int =
                 os.kill(os.getpid(), signal.SIGTERM)  # faust's graceful shutdown path
 
         worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
-                              redirect_stdouts=False)
+                              redirect_stdouts=False, stdout=sys.stderr)
         try:
             worker.execute_from_commandline()
         except SystemExit:

@@ -3,8 +3,9 @@
 Workers keep no stream state, so they consume with confluent-kafka directly (batched).
 
 Invariants:
-- At most ``slots`` jobs run at once; when full the worker pauses its partitions
-  (backpressure) and resumes when a slot frees. Free/total slots go out in heartbeats.
+- At most ``slots`` jobs run at once and at most ``slots`` more are buffered; beyond that the
+  worker stops taking messages (backpressure) and, when full for long, pauses its partitions
+  while it keeps serving rebalances. Free/total slots go out in heartbeats.
 - An offset is committed only after the outcome of its job was confirmed by the broker
   (``OffsetTracker``), so a worker that dies mid-job leaves the dispatch to be redelivered.
 - A dispatch for an attempt this process already ran is not run twice.
@@ -22,7 +23,7 @@ import signal
 import socket
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +46,7 @@ from streams.events import (
 from streams.kafka import Record, client_config
 
 log = logging.getLogger("jobstream.worker")
+PAUSE_AFTER_S = 2.0
 
 
 class Worker:
@@ -58,11 +60,15 @@ class Worker:
         self.host = socket.gethostname()
         self.tracker = OffsetTracker()
         self.running: dict[str, asyncio.Task[None]] = {}
+        self.backlog: deque[RawMessage] = deque()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self.assigned = asyncio.Event()
         self.stopping = asyncio.Event()
         self.aborting = asyncio.Event()
         self.completed = 0
         self._paused = False
+        self._full_since: float | None = None
+        self._slot_freed = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         cfg = client_config(s.require_kafka(), s.kafka_config)
         cfg.update({"group.id": f"{s.app_id}.workers", "enable.auto.commit": False,
@@ -83,19 +89,33 @@ class Worker:
 
     async def run(self) -> None:
         topic = self.ctx.topic("jobs.dispatch")
-        await self._call(self.consumer.subscribe, [topic], on_revoke=self._on_revoke)
+        loop = asyncio.get_running_loop()
+
+        def on_assign(_consumer: Any, partitions: list[TopicPartition]) -> None:
+            if partitions:
+                loop.call_soon_threadsafe(self.assigned.set)
+
+        await self._call(self.consumer.subscribe, [topic], on_assign=on_assign,
+                         on_revoke=self._on_revoke)
         beat = asyncio.create_task(self._heartbeats())
         try:
             while not self.stopping.is_set():
-                await self._sync_pause()
-                n = max(1, self.free)
-                msgs = await self._call(self.consumer.consume, num_messages=n, timeout=0.05)
+                room = self.slots - len(self.backlog)  # prefetch at most one round
+                if room <= 0:
+                    await self._when_full()
+                    continue
+                if self._paused:
+                    await self._set_paused(False)
+                self._full_since = None
+                msgs = await self._call(self.consumer.consume, num_messages=room, timeout=0.05)
                 for m in msgs:
                     if m.error():
                         log.warning("consumer error: %s", m.error())
                         continue
-                    self._take(RawMessage(m.topic(), m.partition(), m.offset(), m.key(),
-                                          m.value()))
+                    raw = RawMessage(m.topic(), m.partition(), m.offset(), m.key(), m.value())
+                    self.tracker.started((raw.topic, raw.partition), raw.offset)
+                    self.backlog.append(raw)
+                self._start_backlog()
                 await self._commit()
             await self._drain()
         finally:
@@ -106,19 +126,43 @@ class Worker:
             self._pool.shutdown(wait=False)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.tracker.forget((tp.topic, tp.partition))
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        for tp in lost:
+            self.tracker.forget(tp)
+        # buffered, unstarted dispatches of a revoked partition belong to its next owner
+        self.backlog = deque(m for m in self.backlog if (m.topic, m.partition) not in lost)
 
-    async def _sync_pause(self) -> None:
-        full = self.free <= 0
-        if full == self._paused:
-            return
+    def _start_backlog(self) -> None:
+        while self.backlog and self.free > 0:
+            self._take(self.backlog.popleft())
+
+    async def _when_full(self) -> None:
+        """Slots and prefetch are full. librdkafka keeps fetched messages queued with its own
+        backpressure, so the cheap path is to not consume. A resume costs ~0.8 s before
+        messages flow again (measured), so pause only after ``PAUSE_AFTER_S`` of being
+        full (long jobs); then keep polling so rebalances are still served."""
+        now = time.monotonic()
+        if self._full_since is None:
+            self._full_since = now
+        if not self._paused and now - self._full_since >= PAUSE_AFTER_S:
+            await self._set_paused(True)
+        if self._paused:
+            await self._call(self.consumer.consume, num_messages=1, timeout=0.05)
+        else:
+            self._slot_freed.clear()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), 0.05)
+            except TimeoutError:
+                pass
+        await self._commit()
+
+    async def _set_paused(self, paused: bool) -> None:
         assignment = await self._call(self.consumer.assignment)
-        if full:
+        if paused:
             await self._call(self.consumer.pause, assignment)
         else:
             await self._call(self.consumer.resume, assignment)
-        self._paused = full
+        self._paused = paused
 
     async def _commit(self) -> None:
         positions = self.tracker.commit_positions()
@@ -132,7 +176,6 @@ class Worker:
 
     def _take(self, msg: RawMessage) -> None:
         tp = (msg.topic, msg.partition)
-        self.tracker.started(tp, msg.offset)
         try:
             d = decode(msg.value, Dispatch, max_bytes=self.ctx.settings.max_payload_bytes)
         except InvalidEvent as exc:
@@ -187,6 +230,8 @@ class Worker:
             self.completed += 1
         finally:
             self.running.pop(d.job_id, None)
+            self._start_backlog()
+            self._slot_freed.set()
 
     async def _heartbeat(self, state: str = "running") -> None:
         beat = WorkerHeartbeat(worker=self.id, host=self.host, slots_total=self.slots,

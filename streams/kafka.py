@@ -174,8 +174,37 @@ class ConfirmedProducer:
                 raise DeliveryFailed(f"cannot produce to {rec.topic}: {exc}") from None
 
     async def aproduce(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
-        if records:
-            await asyncio.to_thread(self.produce_confirmed, records, timeout_s)
+        """Produce and wait for every confirmation without blocking the event loop."""
+        if not records:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[str]] = loop.create_future()
+        remaining = [len(records)]
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def resolve() -> None:
+            if not fut.done():
+                fut.set_result(errors)
+
+        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+            with lock:
+                if err is not None:
+                    errors.append(str(err))
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    loop.call_soon_threadsafe(resolve)
+
+        for rec in records:
+            self._produce_one(rec, on_delivery)
+        self._producer.flush(0)
+        try:
+            failed = await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            raise DeliveryFailed(f"{remaining[0]} of {len(records)} messages unconfirmed "
+                                 f"after {timeout_s:.0f} s") from None
+        if failed:
+            raise DeliveryFailed(f"{len(failed)} of {len(records)} messages failed: {failed[0]}")
 
     def close(self, timeout_s: float = 10.0) -> None:
         if not self._closed.is_set():
