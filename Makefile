@@ -1,0 +1,52 @@
+# jobstream — the two commands a fresh machine needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export JOBSTREAM_KAFKA_BOOTSTRAP_TEST ?= 127.0.0.1:19092
+export JOBSTREAM_TEST_PG ?= postgresql://postgres@127.0.0.1:15432/postgres
+
+.PHONY: venv demo services stop-services lint typecheck test unit schema clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@scripts/bootstrap-python.sh "$(PYTHON)" "$(VENV)"
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+## The main job: everything in one process (embedded broker and PostgreSQL), a sample workload.
+demo: venv
+	$(BIN)/jobstream demo
+
+## Real services on loopback: Apache Kafka (KRaft, jars from Maven Central) and PostgreSQL.
+services:
+	scripts/kafka.sh start
+	scripts/postgres.sh start
+
+stop-services:
+	-scripts/kafka.sh stop
+	-scripts/postgres.sh stop
+
+lint: venv
+	$(BIN)/ruff check streams agents tests
+	$(BIN)/ruff format --check streams agents tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+## The whole suite: lint, types, unit, integration and end-to-end tests against real services.
+test: venv services lint typecheck
+	$(BIN)/pytest -q -ra
+
+## Regenerate the published JSON Schema of the submission event.
+schema: venv
+	$(BIN)/python -c "import json; from streams.events import submission_schema; \
+	  open('streams/schema/job-submitted.v1.json','w').write(json.dumps(submission_schema(), indent=2) + '\n')"
+
+clean: stop-services
+	rm -rf .services var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,130 @@
+"""Test harness: real Kafka and PostgreSQL, isolated per test.
+
+- Kafka: ``JOBSTREAM_KAFKA_BOOTSTRAP_TEST`` (``make test`` starts a KRaft broker on
+  127.0.0.1:19092 with scripts/kafka.sh). Each test gets its own topic prefix and group ids.
+- PostgreSQL: ``JOBSTREAM_TEST_PG`` (``make test`` starts one on 127.0.0.1:15432). Each test
+  gets its own database, cloned from a migrated template.
+- A missing service fails the run in CI (``CI=true``) and skips the test elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from agents.settings import Settings, load_settings
+from agents.store import PostgresJobStore
+from streams.kafka import apply_topics, wait_for_broker
+from streams.topics import TopicRegistry, load_topics
+
+KAFKA = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP_TEST", "127.0.0.1:19092")
+PG = os.environ.get("JOBSTREAM_TEST_PG", "postgresql://postgres@127.0.0.1:15432/postgres")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _missing(what: str, exc: Exception) -> None:
+    msg = f"{what} is not reachable ({exc}); run `make services` (or `make test`)"
+    if IN_CI:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    try:
+        wait_for_broker(KAFKA, timeout_s=30)
+    except Exception as exc:
+        _missing(f"Kafka at {KAFKA}", exc)
+    return KAFKA
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    name = f"jobstream_tpl_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(PG, autocommit=True, connect_timeout=10)
+    except Exception as exc:
+        _missing(f"PostgreSQL at {PG}", exc)
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+        async def migrate() -> None:
+            async with PostgresJobStore(_dsn(name)) as store:
+                await store.migrate()
+
+        asyncio.run(migrate())
+        yield name
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                      .format(sql.Identifier(name)))
+
+
+def _dsn(database: str) -> str:
+    return psycopg.conninfo.make_conninfo(PG, dbname=database)
+
+
+@pytest.fixture
+def database_url(pg_template: str) -> Iterator[str]:
+    name = f"jobstream_t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(pg_template)))
+    yield _dsn(name)
+    with psycopg.connect(PG, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                      .format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}."
+
+
+@pytest.fixture
+def registry(kafka_bootstrap: str, prefix: str) -> TopicRegistry:
+    reg = load_topics(prefix=prefix)
+    apply_topics(reg, kafka_bootstrap)
+    return reg
+
+
+KINDS = {
+    "touch": {"command": ["touch", "{path}"], "timeout_s": 30, "max_attempts": 1},
+    "sleep": {"command": ["sleep", "{seconds}"], "timeout_s": 60, "max_attempts": 3},
+    "fail": {"command": ["sh", "-c", "echo failing on purpose >&2; exit 3"],
+             "timeout_s": 30, "max_attempts": 2},
+    "argv": {"command": ["python3", "-c",
+                         "import sys, json; open(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))",
+                         "{out}", "{value}"], "timeout_s": 30, "max_attempts": 1},
+}
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, database_url: str, registry: TopicRegistry, prefix: str,
+             tmp_path: Path) -> Settings:
+    return load_settings({}, kafka_bootstrap=kafka_bootstrap, database_url=database_url,
+                         topic_prefix=prefix, app_id=prefix.rstrip("."),
+                         log_dir=str(tmp_path / "logs"), kinds=KINDS,
+                         reconcile_interval_s=2.0, reconcile_after_s=5.0,
+                         heartbeat_interval_s=1.0, max_payload_bytes=16 * 1024)
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The environment that gives a subprocess the same settings."""
+    import json
+
+    import msgspec
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
+    for name, value in msgspec.to_builtins(s).items():
+        if value is None:
+            continue
+        key = "JOBSTREAM_" + name.upper()
+        env[key] = json.dumps(value) if isinstance(value, dict) else str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
