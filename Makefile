@@ -3,8 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export JOBSTREAM_KAFKA_BOOTSTRAP_TEST ?= 127.0.0.1:19092
-export JOBSTREAM_TEST_PG ?= postgresql://postgres@127.0.0.1:15432/postgres
+export KAFKA_PORT ?= 19092
+export PG_PORT ?= 15432
+export JOBSTREAM_KAFKA_BOOTSTRAP_TEST ?= 127.0.0.1:$(KAFKA_PORT)
+export JOBSTREAM_TEST_PG ?= postgresql://postgres@127.0.0.1:$(PG_PORT)/postgres
 
 .PHONY: venv demo services stop-services lint typecheck test unit schema clean
 

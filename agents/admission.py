@@ -22,10 +22,26 @@ from streams.kafka import Record
 
 def dispatch_records(ctx: Context, jobs: Sequence[DispatchJob]) -> list[Record]:
     topic = ctx.topic("jobs.dispatch")
-    return [Record(topic, encode(Dispatch(
-        job_id=j.id, attempt=j.attempt, tenant=j.tenant, kind=j.kind, args=j.args,
-        timeout_s=j.timeout_s, submitted_at=j.submitted_at, dispatched_at=j.dispatched_at, group=j.group)),
-        j.id.encode()) for j in jobs]
+    return [
+        Record(
+            topic,
+            encode(
+                Dispatch(
+                    job_id=j.id,
+                    attempt=j.attempt,
+                    tenant=j.tenant,
+                    kind=j.kind,
+                    args=j.args,
+                    timeout_s=j.timeout_s,
+                    submitted_at=j.submitted_at,
+                    dispatched_at=j.dispatched_at,
+                    group=j.group,
+                )
+            ),
+            j.id.encode(),
+        )
+        for j in jobs
+    ]
 
 
 async def dispatch_ids(ctx: Context, ids: Sequence[str]) -> int:

@@ -38,8 +38,9 @@ def _raw(event: Any) -> RawMessage:
     return RawMessage(m.topic, m.partition, m.offset, m.key, m.value)
 
 
-async def handle_safely(ctx: Context, name: str, handler: Handler,
-                        messages: Sequence[RawMessage]) -> None:
+async def handle_safely(
+    ctx: Context, name: str, handler: Handler, messages: Sequence[RawMessage]
+) -> None:
     try:
         await handler(ctx, messages)
         return
@@ -49,8 +50,9 @@ async def handle_safely(ctx: Context, name: str, handler: Handler,
         try:
             await handler(ctx, [msg])
         except Exception as exc:
-            log.exception("%s: message %s[%d]@%d dead-lettered", name, msg.topic,
-                          msg.partition, msg.offset)
+            log.exception(
+                "%s: message %s[%d]@%d dead-lettered", name, msg.topic, msg.partition, msg.offset
+            )
             await dead_letter(ctx, [(msg, f"internal error in {name}: {exc!r}"[:2000])])
 
 
@@ -73,8 +75,13 @@ def build_app(ctx: Context) -> faust.App:
     )
 
     def topic(*logical: str) -> Any:
-        return app.topic(*(ctx.topic(t) for t in logical), value_type=bytes, key_type=bytes,
-                         value_serializer="raw", key_serializer="raw")
+        return app.topic(
+            *(ctx.topic(t) for t in logical),
+            value_type=bytes,
+            key_type=bytes,
+            value_serializer="raw",
+            key_serializer="raw",
+        )
 
     def batch_agent(channel: Any, name: str, handler: Handler) -> None:
         async def agent(stream: Any) -> None:
@@ -83,6 +90,7 @@ def build_app(ctx: Context) -> faust.App:
                 await handle_safely(ctx, name, handler, [_raw(e) for e in events])
                 for e in events:
                     await noack.ack(e)
+
         agent.__name__ = agent.__qualname__ = name
         app.agent(channel, name=name)(agent)
 
@@ -91,12 +99,12 @@ def build_app(ctx: Context) -> faust.App:
     batch_agent(topic("jobs.events"), "outcomes", handle_events)
     batch_agent(topic("workers.heartbeat"), "heartbeats", handle_heartbeats)
 
-    @app.timer(s.reconcile_interval_s, name="reconcile")
+    @app.timer(s.reconcile_interval_s, name="reconcile")  # type: ignore[untyped-decorator]
     async def reconcile() -> None:
         await reconcile_once(ctx)
 
-    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
-    async def _close(app: faust.App, **_: Any) -> None:  # noqa: ARG001
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def _close(app: faust.App, **_: Any) -> None:
         await ctx.close()
 
     return app
@@ -109,12 +117,12 @@ async def reconcile_once(ctx: Context) -> tuple[int, int]:
     stale = await retrying("reconcile ready", lambda: store.stale_ready(after))
     records = ready_records(ctx, stale)
     await retrying("reconcile forward", lambda: ctx.producer.aproduce(records))
-    unconfirmed = await retrying("reconcile dispatch",
-                                 lambda: store.unconfirmed_dispatches(after))
+    unconfirmed = await retrying("reconcile dispatch", lambda: store.unconfirmed_dispatches(after))
     sent = await dispatch_ids(ctx, unconfirmed) if unconfirmed else 0
     if records or sent:
-        log.warning("reconcile: re-forwarded %d ready jobs, re-sent %d dispatches",
-                    len(records), sent)
+        log.warning(
+            "reconcile: re-forwarded %d ready jobs, re-sent %d dispatches", len(records), sent
+        )
     return len(records), sent
 
 

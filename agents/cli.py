@@ -24,8 +24,11 @@ from agents.settings import Settings, load_settings
 from streams.errors import InvalidEvent, KafkaUnavailable, StreamsError
 from streams.events import JobSpec
 
-app = typer.Typer(help="jobstream: a Kafka-driven job scheduler with state in PostgreSQL.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="jobstream: a Kafka-driven job scheduler with state in PostgreSQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 topics_app = typer.Typer(help="Create and check the topics of topics.yaml.")
 db_app = typer.Typer(help="Database schema.")
 config_app = typer.Typer(help="Configuration.")
@@ -93,8 +96,7 @@ def _topics(config: Path | None, as_json: bool, *, create: bool) -> None:
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
     wait_for_broker(s.require_kafka(), s.kafka_config, timeout_s=30)
     report = apply_topics(registry, s.require_kafka(), s.kafka_config, create=create)
-    data = {"created": report.created, "existing": report.existing,
-            "mismatched": report.mismatched}
+    data = {"created": report.created, "existing": report.existing, "mismatched": report.mismatched}
     if as_json:
         _emit(data, True)
     else:
@@ -121,13 +123,16 @@ def db_migrate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
     applied = asyncio.run(run())
     _emit({"applied": applied}, as_json) if as_json else out.print(
-        f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+        f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}"
+    )
 
 
 @app.command()
 def submit(
     kind: Annotated[str, typer.Argument(help="Job kind, as configured in kinds.")],
-    job_id: Annotated[str | None, typer.Option("--id", help="Idempotency key (default: new)")] = None,
+    job_id: Annotated[
+        str | None, typer.Option("--id", help="Idempotency key (default: new)")
+    ] = None,
     tenant: Annotated[str, typer.Option(help="Tenant (user or project).")] = "default",
     arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="NAME=VALUE")] = None,
     priority: Annotated[int, typer.Option(min=-20, max=20)] = 0,
@@ -153,11 +158,21 @@ def submit(
             raise ConfigError(f"--arg {item!r}: expected NAME=VALUE")
         args[name] = value
     try:
-        job = msgspec.convert({
-            "id": job_id or f"job-{uuid.uuid4().hex}", "tenant": tenant, "kind": kind,
-            "args": args, "priority": priority, "size": size, "group": group,
-            "depends_on": depends_on or [], "timeout_s": timeout, "max_attempts": max_attempts,
-        }, JobSpec)
+        job = msgspec.convert(
+            {
+                "id": job_id or f"job-{uuid.uuid4().hex}",
+                "tenant": tenant,
+                "kind": kind,
+                "args": args,
+                "priority": priority,
+                "size": size,
+                "group": group,
+                "depends_on": depends_on or [],
+                "timeout_s": timeout,
+                "max_attempts": max_attempts,
+            },
+            JobSpec,
+        )
     except msgspec.ValidationError as exc:
         raise InvalidEvent(f"invalid job: {exc}") from None
     if job.kind not in s.kinds:
@@ -166,7 +181,8 @@ def submit(
     with JobPublisher(s.require_kafka(), registry=registry, extra=s.kafka_config) as pub:
         pub.submit(job)
     _emit({"id": job.id, "submitted": True}, as_json) if as_json else out.print(
-        f"submitted [bold]{job.id}[/]")
+        f"submitted [bold]{job.id}[/]"
+    )
 
 
 @app.command()
@@ -188,13 +204,29 @@ def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
         _emit(row, True)
         return
     table = Table(show_header=False, box=None)
-    for k in ("id", "tenant", "kind", "state", "gate", "attempt", "max_attempts", "worker",
-              "exit_code", "error", "log_path", "submitted_at", "started_at", "finished_at"):
+    for k in (
+        "id",
+        "tenant",
+        "kind",
+        "state",
+        "gate",
+        "attempt",
+        "max_attempts",
+        "worker",
+        "exit_code",
+        "error",
+        "log_path",
+        "submitted_at",
+        "started_at",
+        "finished_at",
+    ):
         table.add_row(f"[bold]{k}[/]", "" if row.get(k) is None else str(row[k]))
     out.print(table)
     for h in row["history"]:
-        out.print(f"  {h['at']:%H:%M:%S.%f}  attempt {h['attempt']}  {h['event']}  "
-                  f"{json.dumps(h['detail']) if h['detail'] else ''}")
+        out.print(
+            f"  {h['at']:%H:%M:%S.%f}  attempt {h['attempt']}  {h['event']}  "
+            f"{json.dumps(h['detail']) if h['detail'] else ''}"
+        )
 
 
 @dl_app.command("list")
@@ -214,8 +246,13 @@ def deadletter_list(limit: int = 50, config: ConfigOpt = None, as_json: JsonOpt 
         return
     table = Table("id", "origin", "bytes", "reason", "at")
     for r in rows:
-        table.add_row(str(r["id"]), f"{r['topic']}[{r['partition']}]@{r['offset']}",
-                      str(r["bytes"]), r["reason"], f"{r['at']:%Y-%m-%d %H:%M:%S}")
+        table.add_row(
+            str(r["id"]),
+            f"{r['topic']}[{r['partition']}]@{r['offset']}",
+            str(r["bytes"]),
+            r["reason"],
+            f"{r['at']:%Y-%m-%d %H:%M:%S}",
+        )
     out.print(table)
 
 
@@ -234,8 +271,12 @@ def scheduler(config: ConfigOpt = None) -> None:
 @app.command()
 def worker(
     slots: Annotated[int | None, typer.Option(min=1, help="Jobs run at once")] = None,
-    abort: Annotated[bool, typer.Option("--abort", help="On SIGTERM stop at once and hand "
-                                        "running jobs back instead of draining")] = False,
+    abort: Annotated[
+        bool,
+        typer.Option(
+            "--abort", help="On SIGTERM stop at once and hand running jobs back instead of draining"
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run a worker in the worker consumer group until SIGTERM (drain) or a second signal."""

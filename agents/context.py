@@ -52,8 +52,9 @@ class Context:
         if self._store is None:
             async with self._lock:
                 if self._store is None:
-                    store = PostgresJobStore(self.settings.require_database(),
-                                             max_size=self.settings.db_pool_size)
+                    store = PostgresJobStore(
+                        self.settings.require_database(), max_size=self.settings.db_pool_size
+                    )
                     await store.open()
                     self._store = store
         return self._store
@@ -61,8 +62,11 @@ class Context:
     @property
     def producer(self) -> ConfirmedProducer:
         if self._producer is None:
-            self._producer = ConfirmedProducer(producer_config(
-                self.settings.require_kafka(), self.settings.kafka_config, linger_ms=1))
+            self._producer = ConfirmedProducer(
+                producer_config(
+                    self.settings.require_kafka(), self.settings.kafka_config, linger_ms=1
+                )
+            )
         return self._producer
 
     def topic(self, logical: str) -> str:
@@ -80,8 +84,13 @@ class Context:
 TRANSIENT = (StoreUnavailable, DeliveryFailed, KafkaUnavailable)
 
 
-async def retrying(what: str, fn: Callable[[], Awaitable[T]], *,
-                   first_delay_s: float = 0.2, max_delay_s: float = 15.0) -> T:
+async def retrying(
+    what: str,
+    fn: Callable[[], Awaitable[T]],
+    *,
+    first_delay_s: float = 0.2,
+    max_delay_s: float = 15.0,
+) -> T:
     """Run ``fn`` until it succeeds, backing off on transient failures (a database or broker
     that is down). The batch being handled is held, not dropped and not acked, meanwhile."""
     delay = first_delay_s

@@ -16,14 +16,26 @@ from streams.kafka import Record, dead_letter_record
 Rejected = tuple[RawMessage, str]
 
 
-def dead_letters(ctx: Context, rejected: Sequence[Rejected]
-                 ) -> tuple[list[Record], list[DeadLetterRow]]:
+def dead_letters(
+    ctx: Context, rejected: Sequence[Rejected]
+) -> tuple[list[Record], list[DeadLetterRow]]:
     topic = ctx.topic("jobs.deadletter")
-    records = [dead_letter_record(topic, value=m.value, key=m.key, origin_topic=m.topic,
-                                  partition=m.partition, offset=m.offset, reason=reason)
-               for m, reason in rejected]
-    rows = [DeadLetterRow(m.topic, m.partition, m.offset, m.key, m.value, reason)
-            for m, reason in rejected]
+    records = [
+        dead_letter_record(
+            topic,
+            value=m.value,
+            key=m.key,
+            origin_topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            reason=reason,
+        )
+        for m, reason in rejected
+    ]
+    rows = [
+        DeadLetterRow(m.topic, m.partition, m.offset, m.key, m.value, reason)
+        for m, reason in rejected
+    ]
     return records, rows
 
 

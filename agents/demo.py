@@ -54,8 +54,16 @@ def percentile(values: list[float], q: float) -> float | None:
 def sample_jobs(run: str, n: int, kind: str) -> list[JobSpec]:
     tenants = ["acme", "globex", "initech", "umbrella"]
     args: dict[str, Any] = {"message": "hello", "seconds": "0.01"}
-    return [JobSpec(id=f"demo-{run}-{i}", tenant=tenants[i % len(tenants)], kind=kind,
-                    args=args, size=(i * 7919) % 10_000) for i in range(n)]
+    return [
+        JobSpec(
+            id=f"demo-{run}-{i}",
+            tenant=tenants[i % len(tenants)],
+            kind=kind,
+            args=args,
+            size=(i * 7919) % 10_000,
+        )
+        for i in range(n)
+    ]
 
 
 async def wait_until_assigned(app: faust.App, worker: Worker, timeout_s: float) -> None:
@@ -69,8 +77,17 @@ async def wait_until_assigned(app: faust.App, worker: Worker, timeout_s: float) 
     log.warning("consumers not assigned after %.0f s; going on", timeout_s)
 
 
-async def drive(app: faust.App, ctx: Context, *, jobs: int, slots: int, kind: str, bad: int,
-                show_progress: bool, timeout_s: float) -> dict[str, Any]:
+async def drive(
+    app: faust.App,
+    ctx: Context,
+    *,
+    jobs: int,
+    slots: int,
+    kind: str,
+    bad: int,
+    show_progress: bool,
+    timeout_s: float,
+) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     specs = sample_jobs(run, jobs, kind)
     ids = [j.id for j in specs]
@@ -82,27 +99,35 @@ async def drive(app: faust.App, ctx: Context, *, jobs: int, slots: int, kind: st
     started = time.monotonic()
 
     def publish() -> None:
-        with JobPublisher(ctx.settings.require_kafka(), registry=ctx.registry,
-                          extra=ctx.settings.kafka_config) as pub:
+        with JobPublisher(
+            ctx.settings.require_kafka(), registry=ctx.registry, extra=ctx.settings.kafka_config
+        ) as pub:
             for i in range(0, len(specs), 1000):
-                pub.submit_many(specs[i:i + 1000])
+                pub.submit_many(specs[i : i + 1000])
             for raw in BAD_EVENTS[:bad]:
                 pub.send_raw("jobs.independent", raw, b"bad")
 
     publisher = threading.Thread(target=publish, name="demo-publisher")
     publisher.start()
     counts: dict[str, int] = {}
-    progress = Progress(TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[states]}"), TimeElapsedColumn(),
-                        disable=not show_progress, transient=False)
+    progress = Progress(
+        TextColumn("[bold]jobs"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[states]}"),
+        TimeElapsedColumn(),
+        disable=not show_progress,
+        transient=False,
+    )
     with progress:
         task = progress.add_task("run", total=jobs, states="")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             counts = await store.state_counts(ids)
             done = sum(counts.get(s, 0) for s in TERMINAL)
-            progress.update(task, completed=done,
-                            states=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+            progress.update(
+                task, completed=done, states=" ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            )
             dead = await store.dead_letter_count() - dead_before
             if done >= jobs and not publisher.is_alive() and dead >= bad:
                 break
@@ -126,14 +151,21 @@ async def drive(app: faust.App, ctx: Context, *, jobs: int, slots: int, kind: st
         "elapsed_s": round(elapsed, 3),
         "jobs_per_s": round(terminal / elapsed, 1) if elapsed > 0 else None,
         "submit_to_start_ms": {"p50": percentile(to_start, 50), "p99": percentile(to_start, 99)},
-        "submit_to_finish_ms": {"p50": percentile(to_finish, 50),
-                                "p99": percentile(to_finish, 99)},
+        "submit_to_finish_ms": {"p50": percentile(to_finish, 50), "p99": percentile(to_finish, 99)},
     }
 
 
-def run_demo(settings: Settings, *, jobs: int, slots: int, kind: str, bad: int = 3,
-             show_progress: bool = True, timeout_s: float = 600.0,
-             state_dir: Path | None = None) -> dict[str, Any]:
+def run_demo(
+    settings: Settings,
+    *,
+    jobs: int,
+    slots: int,
+    kind: str,
+    bad: int = 3,
+    show_progress: bool = True,
+    timeout_s: float = 600.0,
+    state_dir: Path | None = None,
+) -> dict[str, Any]:
     state_dir = state_dir or Path(os.environ.get("JOBSTREAM_STATE_DIR", "var/demo"))
     result: dict[str, Any] = {}
     with ExitStack() as stack:
@@ -152,16 +184,27 @@ def run_demo(settings: Settings, *, jobs: int, slots: int, kind: str, bad: int =
         @app.task  # type: ignore[untyped-decorator]
         async def driver() -> None:
             try:
-                result.update(await drive(app, ctx, jobs=jobs, slots=slots, kind=kind, bad=bad,
-                                          show_progress=show_progress, timeout_s=timeout_s))
+                result.update(
+                    await drive(
+                        app,
+                        ctx,
+                        jobs=jobs,
+                        slots=slots,
+                        kind=kind,
+                        bad=bad,
+                        show_progress=show_progress,
+                        timeout_s=timeout_s,
+                    )
+                )
             except Exception as exc:
                 log.exception("demo failed")
                 result["error"] = repr(exc)
             finally:
                 os.kill(os.getpid(), signal.SIGTERM)  # faust's graceful shutdown path
 
-        worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
-                              redirect_stdouts=False, stdout=sys.stderr)
+        worker = faust.Worker(
+            app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
+        )
         try:
             worker.execute_from_commandline()
         except SystemExit:

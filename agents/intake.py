@@ -22,9 +22,16 @@ from streams.kafka import Record
 
 def ready_records(ctx: Context, jobs: Sequence[ReadyJob]) -> list[Record]:
     topic = ctx.topic("jobs.ready")
-    return [Record(topic, encode(JobReady(job_id=j.id, tenant=j.tenant, kind=j.kind,
-                                          submitted_at=j.submitted_at)), j.tenant.encode())
-            for j in jobs]
+    return [
+        Record(
+            topic,
+            encode(
+                JobReady(job_id=j.id, tenant=j.tenant, kind=j.kind, submitted_at=j.submitted_at)
+            ),
+            j.tenant.encode(),
+        )
+        for j in jobs
+    ]
 
 
 def validate(ctx: Context, msg: RawMessage) -> JobSubmitted:
@@ -33,8 +40,9 @@ def validate(ctx: Context, msg: RawMessage) -> JobSubmitted:
         raise InvalidEvent("not a job.submitted event")
     job = event.job
     if job.kind not in ctx.settings.kinds:
-        raise InvalidEvent(f"unknown kind {job.kind!r}; known kinds: "
-                           f"{', '.join(sorted(ctx.settings.kinds))}")
+        raise InvalidEvent(
+            f"unknown kind {job.kind!r}; known kinds: {', '.join(sorted(ctx.settings.kinds))}"
+        )
     if msg.topic == ctx.topic("jobs.independent") and job.depends_on:
         raise InvalidEvent("a job with depends_on must be published on jobs.dependent")
     return event
@@ -51,9 +59,14 @@ async def handle_submissions(ctx: Context, messages: Sequence[RawMessage]) -> in
             rejected.append((msg, str(exc)))
             continue
         kind = ctx.settings.kinds[event.job.kind]
-        accepted.append(Accepted(event.job, event.submitted_at,
-                                 event.job.max_attempts or kind.max_attempts,
-                                 (msg.topic, msg.partition, msg.offset)))
+        accepted.append(
+            Accepted(
+                event.job,
+                event.submitted_at,
+                event.job.max_attempts or kind.max_attempts,
+                (msg.topic, msg.partition, msg.offset),
+            )
+        )
     await dead_letter(ctx, rejected)
     store = await ctx.store()
     ready = await retrying("intake persist", lambda: store.accept(accepted))

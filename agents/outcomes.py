@@ -42,8 +42,9 @@ async def handle_heartbeats(ctx: Context, messages: Sequence[RawMessage]) -> int
     rejected: list[tuple[RawMessage, str]] = []
     for msg in messages:
         try:
-            beats.append(decode(msg.value, WorkerHeartbeat,
-                                max_bytes=ctx.settings.max_payload_bytes))
+            beats.append(
+                decode(msg.value, WorkerHeartbeat, max_bytes=ctx.settings.max_payload_bytes)
+            )
         except InvalidEvent as exc:
             rejected.append((msg, str(exc)))
     await dead_letter(ctx, rejected)

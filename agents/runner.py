@@ -61,34 +61,61 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
         pass
 
 
-async def run_attempt(d: Dispatch, kind: KindConfig | None, *, log_dir: str,
-                      kill_grace_s: float, cancel: asyncio.Event | None = None) -> Outcome:
+async def run_attempt(
+    d: Dispatch,
+    kind: KindConfig | None,
+    *,
+    log_dir: str,
+    kill_grace_s: float,
+    cancel: asyncio.Event | None = None,
+) -> Outcome:
     start = time.monotonic()
     if kind is None:
-        return Outcome(False, None, f"kind {d.kind!r} is not configured on this worker", 0.0,
-                       None, False)
+        return Outcome(
+            False, None, f"kind {d.kind!r} is not configured on this worker", 0.0, None, False
+        )
     try:
-        argv = render_argv(kind.command, d.args,
-                           {"job_id": d.job_id, "attempt": d.attempt, "tenant": d.tenant})
+        argv = render_argv(
+            kind.command, d.args, {"job_id": d.job_id, "attempt": d.attempt, "tenant": d.tenant}
+        )
     except TemplateError as exc:
         return Outcome(False, None, str(exc), 0.0, None, False)
     path = log_path_for(log_dir, d)
     path.parent.mkdir(parents=True, exist_ok=True)
     timeout = d.timeout_s or kind.timeout_s
-    env = {**os.environ, **kind.env, "JOBSTREAM_JOB_ID": d.job_id,
-           "JOBSTREAM_ATTEMPT": str(d.attempt)}
+    env = {
+        **os.environ,
+        **kind.env,
+        "JOBSTREAM_JOB_ID": d.job_id,
+        "JOBSTREAM_ATTEMPT": str(d.attempt),
+    }
     with path.open("ab") as log:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                env=env, cwd=kind.cwd, start_new_session=True)
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                cwd=kind.cwd,
+                start_new_session=True,
+            )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
-            return Outcome(False, None, f"cannot start {argv[0]!r}: {exc.strerror}",
-                           time.monotonic() - start, str(path), False)
+            return Outcome(
+                False,
+                None,
+                f"cannot start {argv[0]!r}: {exc.strerror}",
+                time.monotonic() - start,
+                str(path),
+                False,
+            )
         waiter = asyncio.ensure_future(proc.wait())
         stopper = asyncio.ensure_future(cancel.wait()) if cancel else None
-        done, _ = await asyncio.wait([f for f in (waiter, stopper) if f], timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            [f for f in (waiter, stopper) if f],
+            timeout=timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         reason = None
         if waiter not in done:
             reason = "cancelled" if stopper in done else f"timed out after {timeout:g} s"

@@ -90,11 +90,13 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
         out: dict[str, Any] = msgspec.to_builtins(self)
         if out.get("database_url"):
             out["database_url"] = redact_url(out["database_url"])
-        out["kafka_config"] = {k: ("***" if _SECRET_KEY.search(k) else v)
-                               for k, v in out["kafka_config"].items()}
+        out["kafka_config"] = {
+            k: ("***" if _SECRET_KEY.search(k) else v) for k, v in out["kafka_config"].items()
+        }
         for kind in out["kinds"].values():
-            kind["env"] = {k: ("***" if _SECRET_KEY.search(k) else v)
-                           for k, v in kind["env"].items()}
+            kind["env"] = {
+                k: ("***" if _SECRET_KEY.search(k) else v) for k, v in kind["env"].items()
+            }
         return out
 
 
@@ -106,8 +108,9 @@ _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
 _STRUCTURED = {"kafka_config", "kinds"}
 
 
-def load_settings(environ: Mapping[str, str] | None = None, file: str | Path | None = None,
-                  **overrides: Any) -> Settings:
+def load_settings(
+    environ: Mapping[str, str] | None = None, file: str | Path | None = None, **overrides: Any
+) -> Settings:
     """Build and validate the settings; raise :class:`ConfigError` saying what is wrong."""
     env = os.environ if environ is None else environ
     data: dict[str, Any] = {}

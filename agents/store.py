@@ -16,16 +16,17 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from agents.core.lifecycle import CANCEL_FROM, DISPATCH_FROM, FINISHED_FROM, STARTED_FROM
 from agents.errors import StoreUnavailable
-from streams.events import JobCancelled, JobEvent, JobFailed, JobStarted, JobSucceeded, JobSpec
+from streams.events import JobCancelled, JobEvent, JobFailed, JobSpec, JobStarted, JobSucceeded
 
 MIGRATION_LOCK = 7_301_947_113
 
@@ -69,6 +70,11 @@ class DeadLetterRow:
     reason: str
 
 
+def _q(text: LiteralString, **fragments: sql.Composable) -> sql.Composed:
+    """A query from literal SQL text and fixed SQL fragments (never from input)."""
+    return sql.SQL(text).format(**fragments)
+
+
 def _states(states: Sequence[str]) -> list[str]:
     return [str(s) for s in states]
 
@@ -78,14 +84,22 @@ def migrations() -> list[tuple[int, str, str]]:
     return [(int(p.name.split("_", 1)[0]), p.name, p.read_text()) for p in files]
 
 
-_READY_COLS = "id, tenant, kind, extract(epoch from submitted_at)::float8 AS submitted_at"
+_READY_COLS = sql.SQL("id, tenant, kind, extract(epoch from submitted_at)::float8 AS submitted_at")
+_DISPATCH_COLS = sql.SQL(
+    "id, attempt, tenant, kind, args, timeout_s, extract(epoch from submitted_at)::float8, "
+    "extract(epoch from dispatched_at)::float8, group_key"
+)
+_RETURN_STATE = sql.SQL(
+    "RETURNING state, attempt, tenant, kind, extract(epoch from submitted_at)::float8"
+)
 
 
 class PostgresJobStore:
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 4) -> None:
         self.dsn = dsn
-        self._pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, open=False,
-                                         kwargs={"autocommit": False})
+        self._pool = AsyncConnectionPool(
+            dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": False}
+        )
 
     async def open(self, timeout_s: float = 30.0) -> None:
         try:
@@ -93,8 +107,9 @@ class PostgresJobStore:
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
         except Exception as exc:  # psycopg_pool.PoolTimeout
-            raise StoreUnavailable(f"cannot connect to PostgreSQL within {timeout_s:.0f} s: "
-                                   f"{exc}") from None
+            raise StoreUnavailable(
+                f"cannot connect to PostgreSQL within {timeout_s:.0f} s: {exc}"
+            ) from None
 
     async def close(self) -> None:
         await self._pool.close()
@@ -124,15 +139,17 @@ class PostgresJobStore:
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
-                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
             cur = await conn.execute("SELECT version FROM schema_migrations")
             done = {r[0] for r in await cur.fetchall()}
             for version, name, sql in migrations():
                 if version in done:
                     continue
                 await conn.execute(sql.encode())
-                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                                   (version, name))
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
+                )
                 applied.append(name)
         return applied
 
@@ -156,51 +173,87 @@ class PostgresJobStore:
                         to_timestamp(%s), CASE WHEN %s = 'ready' THEN now() END, %s, %s, %s)
                     ON CONFLICT (id) DO NOTHING
                     """,
-                    [(a.job.id, a.job.tenant, a.job.kind, a.job.group, Jsonb(a.job.args),
-                      a.job.priority, a.job.size, list(a.job.depends_on), list(a.job.labels),
-                      list(a.job.resources), a.job.timeout_s, a.max_attempts,
-                      "waiting" if a.job.depends_on else "ready",
-                      "dependency" if a.job.depends_on else None, a.submitted_at,
-                      "waiting" if a.job.depends_on else "ready", *a.origin) for a in batch],
+                    [
+                        (
+                            a.job.id,
+                            a.job.tenant,
+                            a.job.kind,
+                            a.job.group,
+                            Jsonb(a.job.args),
+                            a.job.priority,
+                            a.job.size,
+                            list(a.job.depends_on),
+                            list(a.job.labels),
+                            list(a.job.resources),
+                            a.job.timeout_s,
+                            a.max_attempts,
+                            "waiting" if a.job.depends_on else "ready",
+                            "dependency" if a.job.depends_on else None,
+                            a.submitted_at,
+                            "waiting" if a.job.depends_on else "ready",
+                            *a.origin,
+                        )
+                        for a in batch
+                    ],
                 )
                 edges = [(a.job.id, d) for a in batch for d in a.job.depends_on]
                 if edges:
                     await cur.executemany(
                         "INSERT INTO job_deps (job_id, dep_id) VALUES (%s, %s) "
-                        "ON CONFLICT DO NOTHING", edges)
+                        "ON CONFLICT DO NOTHING",
+                        edges,
+                    )
             await conn.execute(
                 "INSERT INTO job_history (job_id, event, detail) SELECT id, 'accepted', "
                 "jsonb_build_object('state', state) FROM jobs WHERE id = ANY(%s) AND "
-                "accepted_at = now()", (ids,))
+                "accepted_at = now()",
+                (ids,),
+            )
             await self._fail_doomed(conn, None, ids)
             await self._unlock(conn, ids)
             cur2 = await conn.execute(
-                f"SELECT {_READY_COLS} FROM jobs WHERE id = ANY(%s) AND state = 'ready'", (ids,))
+                _q(
+                    "SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'ready'",
+                    cols=_READY_COLS,
+                ),
+                (ids,),
+            )
             return [ReadyJob(*r) for r in await cur2.fetchall()]
 
-    async def _unlock(self, conn: psycopg.AsyncConnection[Any],
-                      candidates: Sequence[str]) -> list[ReadyJob]:
+    async def _unlock(
+        self, conn: psycopg.AsyncConnection[Any], candidates: Sequence[str]
+    ) -> list[ReadyJob]:
         """Waiting jobs among ``candidates`` whose every dependency succeeded become ready."""
         if not candidates:
             return []
         cur = await conn.execute(
-            f"""
+            _q(
+                """
             UPDATE jobs j SET state = 'ready', gate = NULL, ready_at = now(), updated_at = now()
             WHERE j.id = ANY(%s) AND j.state = 'waiting'
               AND NOT EXISTS (SELECT 1 FROM job_deps d LEFT JOIN jobs dj ON dj.id = d.dep_id
                               WHERE d.job_id = j.id AND dj.state IS DISTINCT FROM 'succeeded')
-            RETURNING {_READY_COLS}
-            """, (list(candidates),))
+            RETURNING {cols}
+            """,
+                cols=_READY_COLS,
+            ),
+            (list(candidates),),
+        )
         return [ReadyJob(*r) for r in await cur.fetchall()]
 
-    async def _fail_doomed(self, conn: psycopg.AsyncConnection[Any],
-                           roots: Sequence[str] | None, candidates: Sequence[str]) -> None:
+    async def _fail_doomed(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        roots: Sequence[str] | None,
+        candidates: Sequence[str],
+    ) -> None:
         """Fail, transitively, waiting jobs that depend on a failed or cancelled job."""
         if roots is None:  # newly accepted jobs whose dependencies already ended badly
             cur = await conn.execute(
                 "SELECT DISTINCT d.dep_id FROM job_deps d JOIN jobs dj ON dj.id = d.dep_id "
                 "WHERE d.job_id = ANY(%s) AND dj.state IN ('failed', 'cancelled')",
-                (list(candidates),))
+                (list(candidates),),
+            )
             roots = [r[0] for r in await cur.fetchall()]
         if not roots:
             return
@@ -219,7 +272,9 @@ class PostgresJobStore:
             )
             INSERT INTO job_history (job_id, event, detail)
             SELECT id, 'failed', jsonb_build_object('reason', error) FROM changed
-            """, {"roots": list(roots)})
+            """,
+            {"roots": list(roots)},
+        )
 
     async def record_dead_letters(self, rows: Sequence[DeadLetterRow]) -> None:
         if not rows:
@@ -228,7 +283,8 @@ class PostgresJobStore:
             await cur.executemany(
                 'INSERT INTO dead_letters (topic, partition, "offset", key, value, reason) '
                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                [(r.topic, r.partition, r.offset, r.key, r.value, r.reason) for r in rows])
+                [(r.topic, r.partition, r.offset, r.key, r.value, r.reason) for r in rows],
+            )
 
     # -- admission ----------------------------------------------------------------------
 
@@ -237,24 +293,31 @@ class PostgresJobStore:
         ``ids`` whose earlier dispatch was never confirmed (a replay after a crash)."""
         if not ids:
             return []
-        cols = """id, attempt, tenant, kind, args, timeout_s,
-                  extract(epoch from submitted_at)::float8,
-                  extract(epoch from dispatched_at)::float8, group_key"""
         async with self.tx() as conn:
             cur = await conn.execute(
-                f"""
+                _q(
+                    """
                 UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
                     dispatched_at = now(), dispatch_confirmed = false, updated_at = now()
                 WHERE id = ANY(%s) AND state = ANY(%s)
                 RETURNING {cols}
-                """, (list(ids), _states(DISPATCH_FROM)))
+                """,
+                    cols=_DISPATCH_COLS,
+                ),
+                (list(ids), _states(DISPATCH_FROM)),
+            )
             rows = await cur.fetchall()
             claimed = {r[0] for r in rows}
             rest = [i for i in ids if i not in claimed]
             if rest:
                 cur = await conn.execute(
-                    f"SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'dispatched' "
-                    "AND NOT dispatch_confirmed", (rest,))
+                    _q(
+                        "SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'dispatched' "
+                        "AND NOT dispatch_confirmed",
+                        cols=_DISPATCH_COLS,
+                    ),
+                    (rest,),
+                )
                 rows += await cur.fetchall()
         return [DispatchJob(*r) for r in rows]
 
@@ -267,11 +330,14 @@ class PostgresJobStore:
                 UPDATE jobs j SET dispatch_confirmed = true
                 FROM unnest(%s::text[], %s::int[]) AS c(id, attempt)
                 WHERE j.id = c.id AND j.attempt = c.attempt
-                """, ([j.id for j in jobs], [j.attempt for j in jobs]))
+                """,
+                ([j.id for j in jobs], [j.attempt for j in jobs]),
+            )
             await conn.execute(
                 "INSERT INTO job_history (job_id, attempt, event) "
                 "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[])",
-                ([j.id for j in jobs], [j.attempt for j in jobs], ["dispatched"] * len(jobs)))
+                ([j.id for j in jobs], [j.attempt for j in jobs], ["dispatched"] * len(jobs)),
+            )
 
     # -- outcomes -----------------------------------------------------------------------
 
@@ -289,8 +355,14 @@ class PostgresJobStore:
                     continue
                 state = row[0]
                 attempt = getattr(ev, "attempt", row[1])
-                history.append((ev.job_id, attempt, state if not isinstance(ev, JobStarted)
-                                else "started", Jsonb(_detail(ev))))
+                history.append(
+                    (
+                        ev.job_id,
+                        attempt,
+                        state if not isinstance(ev, JobStarted) else "started",
+                        Jsonb(_detail(ev)),
+                    )
+                )
                 if state == "succeeded":
                     succeeded.append(ev.job_id)
                 elif state in ("failed", "cancelled"):
@@ -301,49 +373,86 @@ class PostgresJobStore:
                 async with conn.cursor() as cur:
                     await cur.executemany(
                         "INSERT INTO job_history (job_id, attempt, event, detail) "
-                        "VALUES (%s, %s, %s, %s)", history)
+                        "VALUES (%s, %s, %s, %s)",
+                        history,
+                    )
             if succeeded:
                 cur = await conn.execute(
-                    "SELECT DISTINCT job_id FROM job_deps WHERE dep_id = ANY(%s)", (succeeded,))
+                    "SELECT DISTINCT job_id FROM job_deps WHERE dep_id = ANY(%s)", (succeeded,)
+                )
                 dependents = [r[0] for r in await cur.fetchall()]
                 ready += await self._unlock(conn, dependents)
             if failed_roots:
                 await self._fail_doomed(conn, failed_roots, [])
         return ready
 
-    async def _apply_one(self, conn: psycopg.AsyncConnection[Any],
-                         ev: JobEvent) -> tuple[Any, ...] | None:
-        ret = "RETURNING state, attempt, tenant, kind, extract(epoch from submitted_at)::float8"
+    async def _apply_one(
+        self, conn: psycopg.AsyncConnection[Any], ev: JobEvent
+    ) -> tuple[Any, ...] | None:
         if isinstance(ev, JobStarted):
             cur = await conn.execute(
-                f"""UPDATE jobs SET state = 'running', started_at = to_timestamp(%s),
+                _q(
+                    """UPDATE jobs SET state = 'running', started_at = to_timestamp(%s),
                     worker = %s, updated_at = now()
                 WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
-                (ev.at, ev.worker, ev.job_id, ev.attempt, _states(STARTED_FROM)))
+                    ret=_RETURN_STATE,
+                ),
+                (ev.at, ev.worker, ev.job_id, ev.attempt, _states(STARTED_FROM)),
+            )
         elif isinstance(ev, JobSucceeded):
             cur = await conn.execute(
-                f"""UPDATE jobs SET state = 'succeeded', finished_at = to_timestamp(%s),
+                _q(
+                    """UPDATE jobs SET state = 'succeeded', finished_at = to_timestamp(%s),
                     started_at = coalesce(started_at, to_timestamp(%s)), worker = %s,
                     exit_code = %s, log_path = %s, error = NULL, updated_at = now()
                 WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
-                (ev.at, ev.at - ev.duration_s, ev.worker, ev.exit_code, ev.log_path,
-                 ev.job_id, ev.attempt, _states(FINISHED_FROM)))
+                    ret=_RETURN_STATE,
+                ),
+                (
+                    ev.at,
+                    ev.at - ev.duration_s,
+                    ev.worker,
+                    ev.exit_code,
+                    ev.log_path,
+                    ev.job_id,
+                    ev.attempt,
+                    _states(FINISHED_FROM),
+                ),
+            )
         elif isinstance(ev, JobFailed):
             cur = await conn.execute(
-                f"""UPDATE jobs SET
+                _q(
+                    """UPDATE jobs SET
                     state = CASE WHEN %s AND attempt < max_attempts THEN 'ready' ELSE 'failed' END,
                     gate = CASE WHEN %s AND attempt < max_attempts THEN 'retry' END,
                     ready_at = now(), finished_at = to_timestamp(%s), worker = %s,
                     exit_code = %s, error = %s, log_path = %s, updated_at = now()
                 WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
-                (ev.retryable, ev.retryable, ev.at, ev.worker, ev.exit_code, ev.error[:4000],
-                 ev.log_path, ev.job_id, ev.attempt, _states(FINISHED_FROM)))
+                    ret=_RETURN_STATE,
+                ),
+                (
+                    ev.retryable,
+                    ev.retryable,
+                    ev.at,
+                    ev.worker,
+                    ev.exit_code,
+                    ev.error[:4000],
+                    ev.log_path,
+                    ev.job_id,
+                    ev.attempt,
+                    _states(FINISHED_FROM),
+                ),
+            )
         elif isinstance(ev, JobCancelled):
             cur = await conn.execute(
-                f"""UPDATE jobs SET state = 'cancelled', finished_at = to_timestamp(%s),
+                _q(
+                    """UPDATE jobs SET state = 'cancelled', finished_at = to_timestamp(%s),
                     error = %s, gate = NULL, updated_at = now()
                 WHERE id = %s AND state = ANY(%s) {ret}""",
-                (ev.at, ev.reason or "cancelled", ev.job_id, _states(CANCEL_FROM)))
+                    ret=_RETURN_STATE,
+                ),
+                (ev.at, ev.reason or "cancelled", ev.job_id, _states(CANCEL_FROM)),
+            )
         else:  # pragma: no cover - the union is exhaustive
             return None
         return await cur.fetchone()
@@ -362,8 +471,11 @@ class PostgresJobStore:
                     running = excluded.running, state = excluded.state,
                     last_seen = greatest(workers.last_seen, excluded.last_seen)
                 """,
-                [(b.worker, b.host, b.slots_total, b.slots_free, b.running, b.state, b.at)
-                 for b in latest.values()])
+                [
+                    (b.worker, b.host, b.slots_total, b.slots_free, b.running, b.state, b.at)
+                    for b in latest.values()
+                ],
+            )
 
     # -- reconciliation (the safety net) ----------------------------------------------
 
@@ -372,24 +484,31 @@ class PostgresJobStore:
             # waiting jobs whose dependencies all succeeded (a race between two agents)
             cur = await conn.execute(
                 "SELECT id FROM jobs WHERE state = 'waiting' AND updated_at < "
-                "now() - make_interval(secs => %s) LIMIT %s", (older_than_s, limit))
+                "now() - make_interval(secs => %s) LIMIT %s",
+                (older_than_s, limit),
+            )
             await self._unlock(conn, [r[0] for r in await cur.fetchall()])
             # ready_at moves forward so a job is re-forwarded at most once per period
             cur = await conn.execute(
-                f"""UPDATE jobs SET ready_at = now() WHERE id IN (
+                _q(
+                    """UPDATE jobs SET ready_at = now() WHERE id IN (
                     SELECT id FROM jobs WHERE state = 'ready'
                       AND ready_at < now() - make_interval(secs => %s)
                     ORDER BY ready_at LIMIT %s FOR UPDATE SKIP LOCKED)
-                RETURNING {_READY_COLS}""", (older_than_s, limit))
+                RETURNING {cols}""",
+                    cols=_READY_COLS,
+                ),
+                (older_than_s, limit),
+            )
             return [ReadyJob(*r) for r in await cur.fetchall()]
 
-    async def unconfirmed_dispatches(self, older_than_s: float,
-                                     limit: int = 10_000) -> list[str]:
+    async def unconfirmed_dispatches(self, older_than_s: float, limit: int = 10_000) -> list[str]:
         async with self.tx() as conn:
             cur = await conn.execute(
                 "SELECT id FROM jobs WHERE state = 'dispatched' AND NOT dispatch_confirmed AND "
                 "dispatched_at < now() - make_interval(secs => %s) LIMIT %s",
-                (older_than_s, limit))
+                (older_than_s, limit),
+            )
             return [r[0] for r in await cur.fetchall()]
 
     # -- queries ------------------------------------------------------------------------
@@ -401,8 +520,10 @@ class PostgresJobStore:
             row = await cur.fetchone()
             if row is None:
                 return None
-            await cur.execute("SELECT attempt, event, at, detail FROM job_history "
-                              "WHERE job_id = %s ORDER BY id", (job_id,))
+            await cur.execute(
+                "SELECT attempt, event, at, detail FROM job_history WHERE job_id = %s ORDER BY id",
+                (job_id,),
+            )
             row["history"] = await cur.fetchall()
             await conn.rollback()
             return row
@@ -412,8 +533,10 @@ class PostgresJobStore:
             if ids is None:
                 cur = await conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")
             else:
-                cur = await conn.execute("SELECT state, count(*) FROM jobs WHERE id = ANY(%s) "
-                                         "GROUP BY state", (list(ids),))
+                cur = await conn.execute(
+                    "SELECT state, count(*) FROM jobs WHERE id = ANY(%s) GROUP BY state",
+                    (list(ids),),
+                )
             out = {r[0]: int(r[1]) for r in await cur.fetchall()}
             await conn.rollback()
             return out
@@ -424,7 +547,9 @@ class PostgresJobStore:
             cur = await conn.execute(
                 """SELECT extract(epoch from started_at - submitted_at) * 1000,
                           extract(epoch from finished_at - submitted_at) * 1000
-                   FROM jobs WHERE id = ANY(%s) AND state = 'succeeded'""", (list(ids),))
+                   FROM jobs WHERE id = ANY(%s) AND state = 'succeeded'""",
+                (list(ids),),
+            )
             rows = await cur.fetchall()
             await conn.rollback()
         return [float(r[0]) for r in rows], [float(r[1]) for r in rows]
@@ -439,9 +564,12 @@ class PostgresJobStore:
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute('SELECT id, topic, partition, "offset", reason, at, '
-                              "length(value) AS bytes FROM dead_letters ORDER BY id DESC "
-                              "LIMIT %s", (limit,))
+            await cur.execute(
+                'SELECT id, topic, partition, "offset", reason, at, '
+                "length(value) AS bytes FROM dead_letters ORDER BY id DESC "
+                "LIMIT %s",
+                (limit,),
+            )
             rows = await cur.fetchall()
             await conn.rollback()
             return rows

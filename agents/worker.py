@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -47,18 +47,23 @@ from streams.kafka import Record, client_config
 
 log = logging.getLogger("jobstream.worker")
 PAUSE_AFTER_S = 2.0
+HeartbeatState = Literal["running", "draining", "stopped"]
 
 
 class Worker:
-    def __init__(self, ctx: Context, *, slots: int | None = None,
-                 worker_id: str | None = None) -> None:
+    def __init__(
+        self, ctx: Context, *, slots: int | None = None, worker_id: str | None = None
+    ) -> None:
         self.ctx = ctx
         s = ctx.settings
         self.slots = slots or s.worker_slots
-        self.id = worker_id or s.worker_id or f"{socket.gethostname()}-{os.getpid()}-" \
-                                              f"{uuid.uuid4().hex[:6]}"
+        self.id = (
+            worker_id
+            or s.worker_id
+            or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
         self.host = socket.gethostname()
-        self.tracker = OffsetTracker()
+        self.tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
         self.running: dict[str, asyncio.Task[None]] = {}
         self.backlog: deque[RawMessage] = deque()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -71,17 +76,23 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         cfg = client_config(s.require_kafka(), s.kafka_config)
-        cfg.update({"group.id": f"{s.app_id}.workers", "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest", "client.id": self.id,
-                    "partition.assignment.strategy": "cooperative-sticky",
-                    "max.poll.interval.ms": 600_000, "fetch.wait.max.ms": 10})
+        cfg.update(
+            {
+                "group.id": f"{s.app_id}.workers",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "client.id": self.id,
+                "partition.assignment.strategy": "cooperative-sticky",
+                "max.poll.interval.ms": 600_000,
+                "fetch.wait.max.ms": 10,
+            }
+        )
         self.consumer = Consumer(cfg)
 
     # -- consumer calls run on one dedicated thread ----------------------------------
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool,
-                                                                lambda: fn(*args, **kw))
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kw))
 
     @property
     def free(self) -> int:
@@ -95,8 +106,9 @@ class Worker:
             if partitions:
                 loop.call_soon_threadsafe(self.assigned.set)
 
-        await self._call(self.consumer.subscribe, [topic], on_assign=on_assign,
-                         on_revoke=self._on_revoke)
+        await self._call(
+            self.consumer.subscribe, [topic], on_assign=on_assign, on_revoke=self._on_revoke
+        )
         beat = asyncio.create_task(self._heartbeats())
         try:
             while not self.stopping.is_set():
@@ -199,32 +211,47 @@ class Worker:
             self.tracker.finished((msg.topic, msg.partition), msg.offset)
 
     def _event_record(self, d: Dispatch, event: Any) -> Record:
-        return Record(self.ctx.topic("jobs.events"), encode(event),
-                      (d.group or d.job_id).encode())
+        return Record(self.ctx.topic("jobs.events"), encode(event), (d.group or d.job_id).encode())
 
     async def _execute(self, msg: RawMessage, d: Dispatch) -> None:
         s = self.ctx.settings
         produce = self.ctx.producer.aproduce
         try:
-            started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id,
-                                 at=time.time())
+            started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
             await retrying("publish started", lambda: produce([self._event_record(d, started)]))
-            outcome: Outcome = await run_attempt(d, s.kinds.get(d.kind), log_dir=s.log_dir,
-                                                 kill_grace_s=s.kill_grace_s,
-                                                 cancel=self.aborting)
+            outcome: Outcome = await run_attempt(
+                d,
+                s.kinds.get(d.kind),
+                log_dir=s.log_dir,
+                kill_grace_s=s.kill_grace_s,
+                cancel=self.aborting,
+            )
             if self.aborting.is_set() and not outcome.ok:
                 return  # handed back: the offset stays uncommitted, the dispatch returns
             at = time.time()
             event: JobSucceeded | JobFailed
             if outcome.ok:
-                event = JobSucceeded(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=at,
-                                     exit_code=0, duration_s=outcome.duration_s,
-                                     log_path=outcome.log_path)
+                event = JobSucceeded(
+                    job_id=d.job_id,
+                    attempt=d.attempt,
+                    worker=self.id,
+                    at=at,
+                    exit_code=0,
+                    duration_s=outcome.duration_s,
+                    log_path=outcome.log_path,
+                )
             else:
-                event = JobFailed(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=at,
-                                  error=outcome.error[:4000], exit_code=outcome.exit_code,
-                                  duration_s=outcome.duration_s, log_path=outcome.log_path,
-                                  retryable=outcome.retryable)
+                event = JobFailed(
+                    job_id=d.job_id,
+                    attempt=d.attempt,
+                    worker=self.id,
+                    at=at,
+                    error=outcome.error[:4000],
+                    exit_code=outcome.exit_code,
+                    duration_s=outcome.duration_s,
+                    log_path=outcome.log_path,
+                    retryable=outcome.retryable,
+                )
             await retrying("publish outcome", lambda: produce([self._event_record(d, event)]))
             self.tracker.finished((msg.topic, msg.partition), msg.offset)
             self.completed += 1
@@ -233,11 +260,16 @@ class Worker:
             self._start_backlog()
             self._slot_freed.set()
 
-    async def _heartbeat(self, state: str = "running") -> None:
-        beat = WorkerHeartbeat(worker=self.id, host=self.host, slots_total=self.slots,
-                               slots_free=max(0, self.free), running=sorted(
-                                   k for k in self.running if not k.startswith("\x00")),
-                               at=time.time(), state=state)  # type: ignore[arg-type]
+    async def _heartbeat(self, state: HeartbeatState = "running") -> None:
+        beat = WorkerHeartbeat(
+            worker=self.id,
+            host=self.host,
+            slots_total=self.slots,
+            slots_free=max(0, self.free),
+            running=sorted(k for k in self.running if not k.startswith("\x00")),
+            at=time.time(),
+            state=state,
+        )
         rec = Record(self.ctx.topic("workers.heartbeat"), encode(beat), self.id.encode())
         try:
             await self.ctx.producer.aproduce([rec], timeout_s=5.0)
@@ -246,15 +278,18 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         while True:
-            state = "draining" if self.stopping.is_set() else "running"
+            state: HeartbeatState = "draining" if self.stopping.is_set() else "running"
             await self._heartbeat(state)
             await asyncio.sleep(self.ctx.settings.heartbeat_interval_s)
 
     async def _drain(self) -> None:
         if not self.running:
             return
-        log.warning("draining: waiting up to %.0f s for %d running jobs",
-                    self.ctx.settings.drain_grace_s, len(self.running))
+        log.warning(
+            "draining: waiting up to %.0f s for %d running jobs",
+            self.ctx.settings.drain_grace_s,
+            len(self.running),
+        )
         deadline = time.monotonic() + self.ctx.settings.drain_grace_s
         while self.running and time.monotonic() < deadline and not self.aborting.is_set():
             await asyncio.wait(list(self.running.values()), timeout=0.2)

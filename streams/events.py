@@ -24,10 +24,16 @@ DEFAULT_MAX_PAYLOAD_BYTES: Final = 256 * 1024
 MAX_ARGS_DEPTH: Final = 16
 
 # Identifiers are printable, bounded and free of whitespace and control characters.
-JobId = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")]
-Tenant = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
+JobId = Annotated[
+    str, Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")
+]
+Tenant = Annotated[
+    str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+]
 Kind = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
-Label = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=-]*$")]
+Label = Annotated[
+    str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=-]*$")
+]
 Priority = Annotated[int, Meta(ge=-20, le=20)]
 Size = Annotated[int, Meta(ge=0, le=2**62)]
 Timeout = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
@@ -57,14 +63,14 @@ class _Event(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, tag_
     v: int = SCHEMA_VERSION
 
 
-class JobSubmitted(_Event, tag="job.submitted"):
+class JobSubmitted(_Event, tag="job.submitted", frozen=True):
     """Published by upstream services on ``jobs.independent`` or ``jobs.dependent``."""
 
     job: JobSpec
     submitted_at: Epoch
 
 
-class JobReady(_Event, tag="job.ready"):
+class JobReady(_Event, tag="job.ready", frozen=True):
     """Intake or the dependency stage says: this job may be admitted now (key: tenant)."""
 
     job_id: JobId
@@ -73,7 +79,7 @@ class JobReady(_Event, tag="job.ready"):
     submitted_at: Epoch
 
 
-class Dispatch(_Event, tag="job.dispatch"):
+class Dispatch(_Event, tag="job.dispatch", frozen=True):
     """Admission's command to the worker group: run this attempt of this job (key: job id)."""
 
     job_id: JobId
@@ -87,14 +93,14 @@ class Dispatch(_Event, tag="job.dispatch"):
     group: JobId | None = None
 
 
-class JobStarted(_Event, tag="job.started"):
+class JobStarted(_Event, tag="job.started", frozen=True):
     job_id: JobId
     attempt: int
     worker: str
     at: Epoch
 
 
-class JobSucceeded(_Event, tag="job.succeeded"):
+class JobSucceeded(_Event, tag="job.succeeded", frozen=True):
     job_id: JobId
     attempt: int
     worker: str
@@ -104,7 +110,7 @@ class JobSucceeded(_Event, tag="job.succeeded"):
     log_path: str | None = None
 
 
-class JobFailed(_Event, tag="job.failed"):
+class JobFailed(_Event, tag="job.failed", frozen=True):
     job_id: JobId
     attempt: int
     worker: str
@@ -116,13 +122,13 @@ class JobFailed(_Event, tag="job.failed"):
     retryable: bool = True
 
 
-class JobCancelled(_Event, tag="job.cancelled"):
+class JobCancelled(_Event, tag="job.cancelled", frozen=True):
     job_id: JobId
     at: Epoch
     reason: Annotated[str, Meta(max_length=4000)] = ""
 
 
-class WorkerHeartbeat(_Event, tag="worker.heartbeat"):
+class WorkerHeartbeat(_Event, tag="worker.heartbeat", frozen=True):
     worker: str
     host: str
     slots_total: int
@@ -200,7 +206,9 @@ def decode(
     except (RecursionError, ValueError, UnicodeDecodeError) as exc:
         raise InvalidEvent(f"undecodable payload: {exc}") from None
     if event.v != SCHEMA_VERSION:
-        raise InvalidEvent(f"unsupported schema version {event.v} (this build reads {SCHEMA_VERSION})")
+        raise InvalidEvent(
+            f"unsupported schema version {event.v} (this build reads {SCHEMA_VERSION})"
+        )
     if isinstance(event, JobSubmitted):
         _check_args(event.job.args)
         if event.job.id in event.job.depends_on:

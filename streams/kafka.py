@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from streams.errors import DeliveryFailed, KafkaUnavailable
 from streams.topics import TopicRegistry
@@ -41,8 +41,9 @@ def client_config(bootstrap: str, extra: Mapping[str, Any] | None = None) -> dic
     return cfg
 
 
-def producer_config(bootstrap: str, extra: Mapping[str, Any] | None = None,
-                    *, linger_ms: int = 1) -> dict[str, Any]:
+def producer_config(
+    bootstrap: str, extra: Mapping[str, Any] | None = None, *, linger_ms: int = 1
+) -> dict[str, Any]:
     cfg = client_config(bootstrap, extra)
     cfg.setdefault("enable.idempotence", True)
     cfg.setdefault("acks", "all")
@@ -51,8 +52,9 @@ def producer_config(bootstrap: str, extra: Mapping[str, Any] | None = None,
     return cfg
 
 
-def wait_for_broker(bootstrap: str, extra: Mapping[str, Any] | None = None,
-                    timeout_s: float = 30.0) -> None:
+def wait_for_broker(
+    bootstrap: str, extra: Mapping[str, Any] | None = None, timeout_s: float = 30.0
+) -> None:
     """Block until the cluster answers a metadata request, or raise ``KafkaUnavailable``."""
     admin = AdminClient(client_config(bootstrap, extra))
     deadline = time.monotonic() + timeout_s
@@ -79,9 +81,14 @@ class TopicReport:
         return not self.mismatched
 
 
-def apply_topics(registry: TopicRegistry, bootstrap: str,
-                 extra: Mapping[str, Any] | None = None, *, create: bool = True,
-                 timeout_s: float = 30.0) -> TopicReport:
+def apply_topics(
+    registry: TopicRegistry,
+    bootstrap: str,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    create: bool = True,
+    timeout_s: float = 30.0,
+) -> TopicReport:
     """Create missing topics (when ``create``) and report partition-count differences."""
     admin = AdminClient(client_config(bootstrap, extra))
     try:
@@ -95,14 +102,21 @@ def apply_topics(registry: TopicRegistry, bootstrap: str,
     for name, spec in registry.physical().items():
         topic = md.topics.get(name)
         if topic is None or topic.error is not None:
-            missing.append(NewTopic(name, num_partitions=spec.partitions,
-                                    replication_factor=spec.replication,
-                                    config=spec.config(registry.min_insync)))
+            missing.append(
+                NewTopic(
+                    name,
+                    num_partitions=spec.partitions,
+                    replication_factor=spec.replication,
+                    config=spec.config(registry.min_insync),
+                )
+            )
             continue
         existing.append(name)
         if len(topic.partitions) != spec.partitions:
-            mismatched.append(f"{name}: cluster has {len(topic.partitions)} partitions, "
-                              f"topics.yaml says {spec.partitions}")
+            mismatched.append(
+                f"{name}: cluster has {len(topic.partitions)} partitions, "
+                f"topics.yaml says {spec.partitions}"
+            )
     if missing and create:
         futures = admin.create_topics(missing, operation_timeout=timeout_s)
         for name, fut in futures.items():
@@ -157,16 +171,22 @@ class ConfirmedProducer:
             self._produce_one(rec, on_delivery)
         self._producer.flush(0)  # wake the sender: do not wait for linger.ms
         if not done.wait(timeout_s):
-            raise DeliveryFailed(f"{remaining[0]} of {len(records)} messages unconfirmed "
-                                 f"after {timeout_s:.0f} s")
+            raise DeliveryFailed(
+                f"{remaining[0]} of {len(records)} messages unconfirmed after {timeout_s:.0f} s"
+            )
         if errors:
             raise DeliveryFailed(f"{len(errors)} of {len(records)} messages failed: {errors[0]}")
 
     def _produce_one(self, rec: Record, on_delivery: Any) -> None:
         while True:
             try:
-                self._producer.produce(rec.topic, value=rec.value, key=rec.key,
-                                       headers=rec.headers, on_delivery=on_delivery)
+                self._producer.produce(
+                    rec.topic,
+                    value=rec.value,
+                    key=rec.key,
+                    headers=cast(Any, rec.headers),
+                    on_delivery=on_delivery,
+                )
                 return
             except BufferError:
                 time.sleep(0.005)  # local queue full: the poll thread drains it
@@ -201,8 +221,9 @@ class ConfirmedProducer:
         try:
             failed = await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
-            raise DeliveryFailed(f"{remaining[0]} of {len(records)} messages unconfirmed "
-                                 f"after {timeout_s:.0f} s") from None
+            raise DeliveryFailed(
+                f"{remaining[0]} of {len(records)} messages unconfirmed after {timeout_s:.0f} s"
+            ) from None
         if failed:
             raise DeliveryFailed(f"{len(failed)} of {len(records)} messages failed: {failed[0]}")
 
@@ -213,9 +234,17 @@ class ConfirmedProducer:
             self._poller.join(timeout=1.0)
 
 
-def dead_letter_record(topic: str, *, value: bytes | None, key: bytes | None, origin_topic: str,
-                       partition: int, offset: int, reason: str,
-                       at: float | None = None) -> Record:
+def dead_letter_record(
+    topic: str,
+    *,
+    value: bytes | None,
+    key: bytes | None,
+    origin_topic: str,
+    partition: int,
+    offset: int,
+    reason: str,
+    at: float | None = None,
+) -> Record:
     """The dead-letter record for a rejected message: the original bytes as the value, and the
     origin and reason in headers, so a fixed consumer can replay it byte for byte."""
     headers: Headers = [

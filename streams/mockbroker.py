@@ -37,21 +37,35 @@ class MockCluster:
     """``with MockCluster(brokers=1) as mc: mc.bootstrap`` → ``"127.0.0.1:PORT"``."""
 
     def __init__(self, brokers: int = 1) -> None:
-        lib = ctypes.CDLL(_find_librdkafka(), mode=os.RTLD_LOCAL if hasattr(os, "RTLD_LOCAL")
-                          else 0)
+        lib = ctypes.CDLL(
+            _find_librdkafka(), mode=os.RTLD_LOCAL if hasattr(os, "RTLD_LOCAL") else 0
+        )
         lib.rd_kafka_conf_new.restype = ctypes.c_void_p
-        lib.rd_kafka_conf_set.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
-                                          ctypes.c_char_p, ctypes.c_size_t]
+        lib.rd_kafka_conf_set.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
         lib.rd_kafka_new.restype = ctypes.c_void_p
-        lib.rd_kafka_new.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p,
-                                     ctypes.c_size_t]
+        lib.rd_kafka_new.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
         lib.rd_kafka_mock_cluster_new.restype = ctypes.c_void_p
         lib.rd_kafka_mock_cluster_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
         lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
         lib.rd_kafka_mock_topic_create.restype = ctypes.c_int
-        lib.rd_kafka_mock_topic_create.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
-                                                   ctypes.c_int, ctypes.c_int]
+        lib.rd_kafka_mock_topic_create.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
         lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
         self._lib = lib
@@ -68,8 +82,7 @@ class MockCluster:
         self.bootstrap: str = lib.rd_kafka_mock_cluster_bootstraps(self._mc).decode()
 
     def create_topic(self, name: str, partitions: int, replication: int = 1) -> None:
-        err = self._lib.rd_kafka_mock_topic_create(self._mc, name.encode(), partitions,
-                                                   replication)
+        err = self._lib.rd_kafka_mock_topic_create(self._mc, name.encode(), partitions, replication)
         if err != 0:
             raise StreamsError(f"mock cluster could not create {name}: error {err}")
 

@@ -32,15 +32,22 @@ def route(job: JobSpec) -> tuple[str, bytes]:
 
 
 class JobPublisher:
-    def __init__(self, bootstrap: str, *, registry: TopicRegistry | None = None,
-                 extra: Mapping[str, Any] | None = None, linger_ms: int = 0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        registry: TopicRegistry | None = None,
+        extra: Mapping[str, Any] | None = None,
+        linger_ms: int = 0,
+    ) -> None:
         self.registry = registry or load_topics()
         self._producer = ConfirmedProducer(producer_config(bootstrap, extra, linger_ms=linger_ms))
 
     def record(self, job: JobSpec, submitted_at: float | None = None) -> Record:
         logical, key = route(job)
-        event = JobSubmitted(job=job, submitted_at=time.time() if submitted_at is None
-                             else submitted_at)
+        event = JobSubmitted(
+            job=job, submitted_at=time.time() if submitted_at is None else submitted_at
+        )
         return Record(self.registry.name(logical), encode(event), key)
 
     def submit(self, job: JobSpec, timeout_s: float = 30.0) -> None:
@@ -61,6 +68,10 @@ class JobPublisher:
     def __enter__(self) -> JobPublisher:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

@@ -105,8 +105,16 @@ def parse_topics(doc: Any, *, source: str = "topics.yaml", prefix: str = "") -> 
     for name, raw in doc["topics"].items():
         if not isinstance(raw, dict):
             raise TopicConfigError(f"{source}: topic {name!r} must be a mapping")
-        unknown = set(raw) - {"key", "partitions", "replication", "retention", "compacted",
-                              "co_partitioned_with", "doc", "config"}
+        unknown = set(raw) - {
+            "key",
+            "partitions",
+            "replication",
+            "retention",
+            "compacted",
+            "co_partitioned_with",
+            "doc",
+            "config",
+        }
         if unknown:
             raise TopicConfigError(f"{source}: topic {name!r} has unknown fields {sorted(unknown)}")
         partitions = raw.get("partitions")

@@ -61,8 +61,9 @@ def pg_template() -> Iterator[str]:
 
         asyncio.run(migrate())
         yield name
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                      .format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def _dsn(database: str) -> str:
@@ -73,12 +74,16 @@ def _dsn(database: str) -> str:
 def database_url(pg_template: str) -> Iterator[str]:
     name = f"jobstream_t_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(pg_template)))
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(pg_template)
+            )
+        )
     yield _dsn(name)
     with psycopg.connect(PG, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                      .format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture
@@ -96,22 +101,42 @@ def registry(kafka_bootstrap: str, prefix: str) -> TopicRegistry:
 KINDS = {
     "touch": {"command": ["touch", "{path}"], "timeout_s": 30, "max_attempts": 1},
     "sleep": {"command": ["sleep", "{seconds}"], "timeout_s": 60, "max_attempts": 3},
-    "fail": {"command": ["sh", "-c", "echo failing on purpose >&2; exit 3"],
-             "timeout_s": 30, "max_attempts": 2},
-    "argv": {"command": ["python3", "-c",
-                         "import sys, json; open(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))",
-                         "{out}", "{value}"], "timeout_s": 30, "max_attempts": 1},
+    "fail": {
+        "command": ["sh", "-c", "echo failing on purpose >&2; exit 3"],
+        "timeout_s": 30,
+        "max_attempts": 2,
+    },
+    "argv": {
+        "command": [
+            "python3",
+            "-c",
+            "import sys, json; open(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))",
+            "{out}",
+            "{value}",
+        ],
+        "timeout_s": 30,
+        "max_attempts": 1,
+    },
 }
 
 
 @pytest.fixture
-def settings(kafka_bootstrap: str, database_url: str, registry: TopicRegistry, prefix: str,
-             tmp_path: Path) -> Settings:
-    return load_settings({}, kafka_bootstrap=kafka_bootstrap, database_url=database_url,
-                         topic_prefix=prefix, app_id=prefix.rstrip("."),
-                         log_dir=str(tmp_path / "logs"), kinds=KINDS,
-                         reconcile_interval_s=2.0, reconcile_after_s=5.0,
-                         heartbeat_interval_s=1.0, max_payload_bytes=16 * 1024)
+def settings(
+    kafka_bootstrap: str, database_url: str, registry: TopicRegistry, prefix: str, tmp_path: Path
+) -> Settings:
+    return load_settings(
+        {},
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=database_url,
+        topic_prefix=prefix,
+        app_id=prefix.rstrip("."),
+        log_dir=str(tmp_path / "logs"),
+        kinds=KINDS,
+        reconcile_interval_s=2.0,
+        reconcile_after_s=5.0,
+        heartbeat_interval_s=1.0,
+        max_payload_bytes=16 * 1024,
+    )
 
 
 def settings_env(s: Settings) -> dict[str, str]:

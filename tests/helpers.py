@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,8 +18,9 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def eventually(fn: Callable[[], T], timeout: float = 60.0, interval: float = 0.1,
-               what: str = "condition") -> T:
+def eventually(
+    fn: Callable[[], T], timeout: float = 60.0, interval: float = 0.1, what: str = "condition"
+) -> T:
     """Call ``fn`` until it returns a truthy value (returned) or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -32,18 +32,6 @@ def eventually(fn: Callable[[], T], timeout: float = 60.0, interval: float = 0.1
     raise AssertionError(f"{what} not reached within {timeout:.0f} s (last value: {last!r})")
 
 
-async def aeventually(fn: Callable[[], Awaitable[T]], timeout: float = 60.0,
-                      interval: float = 0.1, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout:.0f} s (last value: {last!r})")
-
-
 class Proc:
     """A ``jobstream`` subprocess with its output in a log file."""
 
@@ -51,9 +39,14 @@ class Proc:
         self.args = args
         self.log = log
         self._fh = log.open("ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "agents.cli", *args], env=env,
-                                  stdout=self._fh, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  start_new_session=True)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "agents.cli", *args],
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
 
     def signal(self, sig: int) -> None:
         if self.p.poll() is None:
@@ -77,11 +70,16 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
-def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float = 30.0
-               ) -> Iterator[Any]:
+def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float = 30.0) -> Iterator[Any]:
     """Read at least ``expect`` messages of ``topic`` from the beginning (a throw-away group)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     c.subscribe([topic])
     got: list[Any] = []
     deadline = time.monotonic() + timeout

@@ -32,11 +32,13 @@ def _text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def render_argv(template: Sequence[str], args: Mapping[str, Any],
-                builtins: Mapping[str, Any]) -> list[str]:
+def render_argv(
+    template: Sequence[str], args: Mapping[str, Any], builtins: Mapping[str, Any]
+) -> list[str]:
     values = {**args, **builtins}
     out: list[str] = []
     for item in template:
+
         def sub(m: re.Match[str]) -> str:
             tok = m.group(0)
             if tok == "{{":
@@ -47,6 +49,7 @@ def render_argv(template: Sequence[str], args: Mapping[str, Any],
             if name not in values:
                 raise TemplateError(f"the command needs the argument {name!r}")
             return _text(values[name])
+
         rendered = _PLACEHOLDER.sub(sub, item)
         if "\x00" in rendered:
             raise TemplateError("an argument contains a NUL character")

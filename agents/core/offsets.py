@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 
 @dataclass
@@ -24,28 +25,31 @@ class _Partition:
     committable: int | None = None
 
 
-class OffsetTracker:
-    def __init__(self) -> None:
-        self._parts: dict[Hashable, _Partition] = {}
+K = TypeVar("K", bound=Hashable)
 
-    def started(self, tp: Hashable, offset: int) -> None:
+
+class OffsetTracker(Generic[K]):
+    def __init__(self) -> None:
+        self._parts: dict[K, _Partition] = {}
+
+    def started(self, tp: K, offset: int) -> None:
         p = self._parts.setdefault(tp, _Partition())
         heapq.heappush(p.pending, offset)
         p.highest = max(p.highest, offset)
 
-    def finished(self, tp: Hashable, offset: int) -> None:
+    def finished(self, tp: K, offset: int) -> None:
         p = self._parts.get(tp)
         if p is not None:
             p.finished.add(offset)
 
-    def forget(self, tp: Hashable) -> None:
+    def forget(self, tp: K) -> None:
         """Drop a partition (revoked in a rebalance)."""
         self._parts.pop(tp, None)
 
-    def commit_positions(self) -> dict[Hashable, int]:
+    def commit_positions(self) -> dict[K, int]:
         """Positions (next offset to read) that may be committed now, for partitions whose
         position moved since the last call."""
-        out: dict[Hashable, int] = {}
+        out: dict[K, int] = {}
         for tp, p in self._parts.items():
             while p.pending and p.pending[0] in p.finished:
                 p.finished.discard(heapq.heappop(p.pending))

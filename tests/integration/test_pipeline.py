@@ -54,44 +54,54 @@ def publisher(settings: Settings, registry: object) -> Iterator[JobPublisher]:
         yield pub
 
 
-def test_job_runs_as_subprocess_and_reaches_succeeded(settings: Settings, services: dict[str, Proc],
-                                                      publisher: JobPublisher,
-                                                      tmp_path: Path) -> None:
+def test_job_runs_as_subprocess_and_reaches_succeeded(
+    settings: Settings, services: dict[str, Proc], publisher: JobPublisher, tmp_path: Path
+) -> None:
     marker = tmp_path / "ran.txt"
-    publisher.submit(JobSpec(id="touch-1", tenant="acme", kind="touch",
-                             args={"path": str(marker)}))
+    publisher.submit(JobSpec(id="touch-1", tenant="acme", kind="touch", args={"path": str(marker)}))
     dsn = settings.require_database()
-    eventually(lambda: states(dsn, ["touch-1"]).get("touch-1") == "succeeded", 90,
-               what="touch-1 succeeded")
+    eventually(
+        lambda: states(dsn, ["touch-1"]).get("touch-1") == "succeeded", 90, what="touch-1 succeeded"
+    )
     assert marker.exists(), "the job's subprocess did not run"
     r = row(dsn, "touch-1")
     assert r["attempt"] == 1 and r["exit_code"] == 0
     assert r["started_at"] is not None and r["finished_at"] >= r["started_at"]
     assert Path(str(r["log_path"])).exists()
-    events = [decode(m.value()) for m in read_topic(settings.require_kafka(),
-                                                    settings.topic_prefix + "jobs.events",
-                                                    expect=2)]
+    events = [
+        decode(m.value())
+        for m in read_topic(
+            settings.require_kafka(), settings.topic_prefix + "jobs.events", expect=2
+        )
+    ]
     mine = [e for e in events if e.job_id == "touch-1"]
     assert [type(e) for e in mine] == [JobStarted, JobSucceeded]
     assert all(e.attempt == 1 for e in mine)
 
 
-def test_hostile_arguments_stay_single_argv_items(settings: Settings, services: dict[str, Proc],
-                                                  publisher: JobPublisher,
-                                                  tmp_path: Path) -> None:
+def test_hostile_arguments_stay_single_argv_items(
+    settings: Settings, services: dict[str, Proc], publisher: JobPublisher, tmp_path: Path
+) -> None:
     out = tmp_path / "argv.json"
-    hostile = "'; rm -rf / #$(touch /tmp/pwned) `id` \"quoted\" {0.__class__} ünïcode\n"
-    publisher.submit(JobSpec(id="argv-1", tenant="acme", kind="argv",
-                             args={"out": str(out), "value": hostile}))
-    eventually(lambda: states(settings.require_database(), ["argv-1"]).get("argv-1")
-               == "succeeded", 90, what="argv-1 succeeded")
+    hostile = '\'; rm -rf / #$(touch /tmp/pwned) `id` "quoted" {0.__class__} ünïcode\n'
+    publisher.submit(
+        JobSpec(id="argv-1", tenant="acme", kind="argv", args={"out": str(out), "value": hostile})
+    )
+    eventually(
+        lambda: states(settings.require_database(), ["argv-1"]).get("argv-1") == "succeeded",
+        90,
+        what="argv-1 succeeded",
+    )
     assert json.loads(out.read_text()) == [hostile]
 
 
 def test_bad_input_is_dead_lettered_and_valid_jobs_around_it_finish(
-        settings: Settings, services: dict[str, Proc], publisher: JobPublisher) -> None:
-    good = [JobSpec(id=f"good-{i}", tenant="acme", kind="sleep", args={"seconds": "0"})
-            for i in range(4)]
+    settings: Settings, services: dict[str, Proc], publisher: JobPublisher
+) -> None:
+    good = [
+        JobSpec(id=f"good-{i}", tenant="acme", kind="sleep", args={"seconds": "0"})
+        for i in range(4)
+    ]
     bad = {
         b"{this is not json": "malformed JSON",
         b'{"type":"job.submitted","v":1,"job":{"id":"wrong-type","tenant":"acme",'
@@ -111,10 +121,16 @@ def test_bad_input_is_dead_lettered_and_valid_jobs_around_it_finish(
     publisher.submit(good[3])
     dsn = settings.require_database()
     ids = [g.id for g in good]
-    eventually(lambda: list(states(dsn, ids).values()).count("succeeded") == 4, 90,
-               what="valid jobs succeeded")
-    letters = list(read_topic(settings.require_kafka(),
-                              settings.topic_prefix + "jobs.deadletter", expect=len(bad)))
+    eventually(
+        lambda: list(states(dsn, ids).values()).count("succeeded") == 4,
+        90,
+        what="valid jobs succeeded",
+    )
+    letters = list(
+        read_topic(
+            settings.require_kafka(), settings.topic_prefix + "jobs.deadletter", expect=len(bad)
+        )
+    )
     assert len(letters) == len(bad)
     by_value = {m.value(): headers_dict(m.headers()) for m in letters}
     for raw, reason in bad.items():
@@ -127,68 +143,115 @@ def test_bad_input_is_dead_lettered_and_valid_jobs_around_it_finish(
         assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (len(bad),)
 
 
-def test_failure_is_retried_then_fails_its_dependents(settings: Settings,
-                                                      services: dict[str, Proc],
-                                                      publisher: JobPublisher) -> None:
+def test_failure_is_retried_then_fails_its_dependents(
+    settings: Settings, services: dict[str, Proc], publisher: JobPublisher
+) -> None:
     publisher.submit(JobSpec(id="root", tenant="acme", kind="fail", group="g1"))
-    publisher.submit(JobSpec(id="child", tenant="acme", kind="sleep", args={"seconds": "0"},
-                             group="g1", depends_on=["root"]))
-    publisher.submit(JobSpec(id="grandchild", tenant="acme", kind="sleep",
-                             args={"seconds": "0"}, group="g1", depends_on=["child"]))
+    publisher.submit(
+        JobSpec(
+            id="child",
+            tenant="acme",
+            kind="sleep",
+            args={"seconds": "0"},
+            group="g1",
+            depends_on=["root"],
+        )
+    )
+    publisher.submit(
+        JobSpec(
+            id="grandchild",
+            tenant="acme",
+            kind="sleep",
+            args={"seconds": "0"},
+            group="g1",
+            depends_on=["child"],
+        )
+    )
     dsn = settings.require_database()
-    eventually(lambda: set(states(dsn, ["root", "child", "grandchild"]).values()) == {"failed"},
-               90, what="all three failed")
+    eventually(
+        lambda: set(states(dsn, ["root", "child", "grandchild"]).values()) == {"failed"},
+        90,
+        what="all three failed",
+    )
     root = row(dsn, "root")
     assert root["attempt"] == 2, "kind 'fail' allows two attempts"
     assert "exit code 3" in str(root["error"]) and "failing on purpose" in str(root["error"])
     assert row(dsn, "grandchild")["error"] == "dependency root did not succeed"
     assert row(dsn, "child")["started_at"] is None
-    events = [decode(m.value()) for m in read_topic(settings.require_kafka(),
-                                                    settings.topic_prefix + "jobs.events",
-                                                    expect=4)]
+    events = [
+        decode(m.value())
+        for m in read_topic(
+            settings.require_kafka(), settings.topic_prefix + "jobs.events", expect=4
+        )
+    ]
     fails = [e for e in events if isinstance(e, JobFailed) and e.job_id == "root"]
     assert [e.attempt for e in fails] == [1, 2]
 
 
-def test_dependent_runs_only_after_its_dependencies(settings: Settings,
-                                                    services: dict[str, Proc],
-                                                    publisher: JobPublisher) -> None:
+def test_dependent_runs_only_after_its_dependencies(
+    settings: Settings, services: dict[str, Proc], publisher: JobPublisher
+) -> None:
     # submitted child first: arrival order must not matter
-    publisher.submit(JobSpec(id="report", tenant="acme", kind="sleep", args={"seconds": "0"},
-                             group="up-1", depends_on=["nomos", "monk"]))
-    publisher.submit(JobSpec(id="nomos", tenant="acme", kind="sleep", args={"seconds": "0.3"},
-                             group="up-1"))
-    publisher.submit(JobSpec(id="monk", tenant="acme", kind="sleep", args={"seconds": "0.1"},
-                             group="up-1"))
+    publisher.submit(
+        JobSpec(
+            id="report",
+            tenant="acme",
+            kind="sleep",
+            args={"seconds": "0"},
+            group="up-1",
+            depends_on=["nomos", "monk"],
+        )
+    )
+    publisher.submit(
+        JobSpec(id="nomos", tenant="acme", kind="sleep", args={"seconds": "0.3"}, group="up-1")
+    )
+    publisher.submit(
+        JobSpec(id="monk", tenant="acme", kind="sleep", args={"seconds": "0.1"}, group="up-1")
+    )
     dsn = settings.require_database()
-    eventually(lambda: set(states(dsn, ["report", "nomos", "monk"]).values()) == {"succeeded"},
-               90, what="workflow succeeded")
+    eventually(
+        lambda: set(states(dsn, ["report", "nomos", "monk"]).values()) == {"succeeded"},
+        90,
+        what="workflow succeeded",
+    )
     report = row(dsn, "report")
     for dep in ("nomos", "monk"):
         assert report["started_at"] >= row(dsn, dep)["finished_at"]  # type: ignore[operator]
 
 
-def test_killing_the_scheduler_mid_run_loses_no_job(settings: Settings, tmp_path: Path,
-                                                    publisher: JobPublisher) -> None:
+def test_killing_the_scheduler_mid_run_loses_no_job(
+    settings: Settings, tmp_path: Path, publisher: JobPublisher
+) -> None:
     env = settings_env(settings)
     worker = Proc(["worker", "--slots", "8"], env, tmp_path / "worker.log")
     sched = Proc(["scheduler"], env, tmp_path / "scheduler-1.log")
     n = 300
     ids = [f"k-{i}" for i in range(n)]
     try:
-        publisher.submit_many(JobSpec(id=i, tenant=f"t{j % 3}", kind="sleep",
-                                      args={"seconds": "0.02"}) for j, i in enumerate(ids))
+        publisher.submit_many(
+            JobSpec(id=i, tenant=f"t{j % 3}", kind="sleep", args={"seconds": "0.02"})
+            for j, i in enumerate(ids)
+        )
         dsn = settings.require_database()
-        eventually(lambda: list(states(dsn, ids).values()).count("succeeded") >= 20, 120,
-                   what="first jobs done")
+        eventually(
+            lambda: list(states(dsn, ids).values()).count("succeeded") >= 20,
+            120,
+            what="first jobs done",
+        )
         sched.kill()  # SIGKILL: no shutdown, no commit
         done_at_kill = list(states(dsn, ids).values()).count("succeeded")
         assert done_at_kill < n, "the kill came too late to prove anything"
         time.sleep(1)
         sched = Proc(["scheduler"], env, tmp_path / "scheduler-2.log")
-        final = eventually(lambda: (s := states(dsn, ids)) and
-                           sum(v in ("succeeded", "failed", "cancelled") for v in s.values()) == n
-                           and s, 180, what="every accepted job terminal")
+        final = eventually(
+            lambda: (
+                (s := states(dsn, ids))
+                and sum(v in ("succeeded", "failed", "cancelled") for v in s.values()) == n
+                and s
+            ),
+            180,
+            what="every accepted job terminal",
+        )
         assert len(final) == n, "every submitted job was accepted"
         assert list(final.values()).count("succeeded") == n
     finally:
@@ -196,8 +259,9 @@ def test_killing_the_scheduler_mid_run_loses_no_job(settings: Settings, tmp_path
         worker.stop()
 
 
-def test_worker_drains_on_sigterm(settings: Settings, tmp_path: Path,
-                                  publisher: JobPublisher) -> None:
+def test_worker_drains_on_sigterm(
+    settings: Settings, tmp_path: Path, publisher: JobPublisher
+) -> None:
     env = settings_env(settings)
     sched = Proc(["scheduler"], env, tmp_path / "scheduler.log")
     worker = Proc(["worker", "--slots", "2"], env, tmp_path / "worker.log")
@@ -216,8 +280,9 @@ def test_worker_drains_on_sigterm(settings: Settings, tmp_path: Path,
         sched.stop()
 
 
-def test_replayed_events_change_nothing(settings: Settings, services: dict[str, Proc],
-                                        publisher: JobPublisher, tmp_path: Path) -> None:
+def test_replayed_events_change_nothing(
+    settings: Settings, services: dict[str, Proc], publisher: JobPublisher, tmp_path: Path
+) -> None:
     marker = tmp_path / "once.txt"
     spec = JobSpec(id="once", tenant="acme", kind="touch", args={"path": str(marker)})
     publisher.submit(spec)
@@ -226,8 +291,7 @@ def test_replayed_events_change_nothing(settings: Settings, services: dict[str, 
     before = row(dsn, "once")
     # the same submission again, and the worker's events again: all no-ops
     publisher.submit(spec)
-    for m in read_topic(settings.require_kafka(), settings.topic_prefix + "jobs.events",
-                        expect=2):
+    for m in read_topic(settings.require_kafka(), settings.topic_prefix + "jobs.events", expect=2):
         publisher.send_raw("jobs.events", m.value(), m.key())
     stale = JobFailed(job_id="once", attempt=1, worker="ghost", at=time.time(), error="late")
     publisher.send_raw("jobs.events", msgspec.json.encode(stale), b"once")

@@ -1,0 +1,150 @@
+"""The CLI as a user runs it: subprocesses, exit codes, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from agents.settings import Settings
+from tests.conftest import settings_env
+from tests.helpers import ROOT, Proc, eventually
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agents.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def last_json(stdout: str) -> dict[str, object]:
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    assert lines, "no output"
+    return json.loads(lines[-1])  # type: ignore[no-any-return]
+
+
+def test_embedded_demo_runs_every_job_to_a_terminal_state(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
+    env["JOBSTREAM_STATE_DIR"] = str(tmp_path / "demo")
+    r = cli("demo", "--jobs", "60", "--json", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = last_json(r.stdout)
+    assert out["services"] == {"kafka": out["services"]["kafka"], "postgres": "embedded"}  # type: ignore[index]
+    assert str(out["services"]["kafka"]).startswith("embedded mock cluster")  # type: ignore[index]
+    assert out["accepted"] == 60 and out["succeeded"] == 60 and out["lost"] == 0
+    assert out["dead_lettered"] == 3 and out["submitted"] == 63
+    for key in ("elapsed_s", "jobs_per_s"):
+        assert isinstance(out[key], float) and out[key] > 0  # type: ignore[operator]
+    for key in ("submit_to_start_ms", "submit_to_finish_ms"):
+        lat = out[key]
+        assert isinstance(lat, dict) and 0 < lat["p50"] <= lat["p99"]
+
+
+def test_config_check_reports_bad_settings_with_exit_code_2() -> None:
+    env = dict(os.environ, JOBSTREAM_WORKER_SLOTS="lots")
+    r = cli("config", "check", env=env)
+    assert r.returncode == 2
+    assert "worker_slots" in r.stderr
+
+
+def test_config_check_never_prints_secrets() -> None:
+    env = dict(os.environ, JOBSTREAM_DATABASE_URL="postgresql://app:topsecret@db/x")
+    r = cli("config", "check", "--json", env=env)
+    assert r.returncode == 0 and "topsecret" not in r.stdout + r.stderr
+    assert json.loads(r.stdout)["database_url"] == "postgresql://app:***@db/x"
+
+
+def test_topics_apply_then_check_and_report_a_partition_mismatch(kafka_bootstrap: str) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}."
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(prefix + "jobs.ready", 2, 1)])[prefix + "jobs.ready"].result()
+    env = dict(os.environ, JOBSTREAM_KAFKA_BOOTSTRAP=kafka_bootstrap, JOBSTREAM_TOPIC_PREFIX=prefix)
+    r = cli("topics", "apply", "--json", env=env)
+    assert r.returncode == 1, "a partition mismatch must fail"
+    report = json.loads(r.stdout)
+    assert len(report["created"]) == 9
+    assert report["mismatched"] == [
+        f"{prefix}jobs.ready: cluster has 2 partitions, topics.yaml says 6"
+    ]
+    r = cli("topics", "check", "--json", env=env)
+    assert r.returncode == 1 and json.loads(r.stdout)["created"] == []
+
+
+def test_unreachable_kafka_exits_3() -> None:
+    env = dict(os.environ, JOBSTREAM_KAFKA_BOOTSTRAP="127.0.0.1:1")
+    r = cli("topics", "check", env=env, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert "not answer" in r.stderr or "cannot" in r.stderr
+
+
+def test_submit_job_and_deadletter_commands(settings: Settings, tmp_path: Path) -> None:
+    env = settings_env(settings)
+    sched = Proc(["scheduler"], env, tmp_path / "scheduler.log")
+    worker = Proc(["worker", "--slots", "2"], env, tmp_path / "worker.log")
+    try:
+        marker = tmp_path / "cli-ran"
+        r = cli(
+            "submit",
+            "touch",
+            "--id",
+            "cli-1",
+            "--tenant",
+            "ops",
+            "--arg",
+            f"path={marker}",
+            "--json",
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"id": "cli-1", "submitted": True}
+        r = cli("submit", "no-such-kind", env=env)
+        assert r.returncode == 2 and "unknown kind" in r.stderr
+
+        def done() -> dict[str, object] | None:
+            res = cli("job", "cli-1", "--json", env=env)
+            if res.returncode != 0:
+                return None
+            data = json.loads(res.stdout)
+            return data if data["state"] == "succeeded" else None
+
+        job = eventually(done, 90, interval=0.5, what="cli-1 succeeded")
+        assert marker.exists()
+        assert [h["event"] for h in job["history"]] == [  # type: ignore[index]
+            "accepted",
+            "dispatched",
+            "started",
+            "succeeded",
+        ]
+        assert cli("job", "nope", env=env).returncode == 1
+        from streams.publisher import JobPublisher
+        from streams.topics import load_topics
+
+        with JobPublisher(
+            settings.require_kafka(), registry=load_topics(prefix=settings.topic_prefix)
+        ) as pub:
+            pub.send_raw("jobs.independent", b"garbage", b"k")
+
+        def letters() -> list[dict[str, object]]:
+            res = cli("deadletter", "list", "--json", env=env)
+            return json.loads(res.stdout) if res.returncode == 0 else []  # type: ignore[no-any-return]
+
+        rows = eventually(letters, 60, interval=0.5, what="a dead letter")
+        assert "malformed JSON" in str(rows[0]["reason"])
+    finally:
+        sched.stop()
+        worker.stop()

@@ -1,0 +1,86 @@
+"""Property tests of the job state machine (agents.core.lifecycle)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agents.core.lifecycle import (
+    TERMINAL,
+    Cancelled,
+    Dispatched,
+    Event,
+    Failed,
+    Job,
+    Started,
+    State,
+    Succeeded,
+    apply,
+)
+
+attempts = st.integers(min_value=0, max_value=4)
+events = st.one_of(
+    st.just(Dispatched()),
+    st.builds(Started, attempts),
+    st.builds(Succeeded, attempts),
+    st.builds(Failed, attempts, st.booleans()),
+    st.just(Cancelled()),
+)
+jobs = st.builds(Job, st.sampled_from(list(State)), attempts, st.integers(1, 4))
+
+
+def run(job: Job, evs: list[Event]) -> Job:
+    for e in evs:
+        job = apply(job, e)
+    return job
+
+
+@given(jobs, st.lists(events, max_size=12))
+def test_terminal_states_absorb_everything(job: Job, evs: list[Event]) -> None:
+    job = Job(State.SUCCEEDED, job.attempt, job.max_attempts)
+    assert run(job, evs) == job
+
+
+@given(jobs, events)
+def test_an_event_applied_twice_equals_once_except_dispatch(job: Job, ev: Event) -> None:
+    once = apply(job, ev)
+    if isinstance(ev, Dispatched):
+        return  # a new dispatch is a new attempt by design; the SQL guard needs state=ready
+    assert apply(once, ev) == once
+
+
+@given(jobs, st.sampled_from([Started, Succeeded, Failed]), attempts)
+def test_events_of_other_attempts_are_fenced(job: Job, kind: type, attempt: int) -> None:
+    if attempt == job.attempt:
+        return
+    assert apply(job, kind(attempt)) == job
+
+
+@given(st.integers(1, 5), st.lists(st.booleans(), min_size=1, max_size=8))
+def test_failures_retry_up_to_max_attempts_then_fail(
+    max_attempts: int, retryable: list[bool]
+) -> None:
+    job = Job(State.READY, 0, max_attempts)
+    for r in retryable:
+        if job.state in TERMINAL:
+            break
+        job = apply(job, Dispatched())
+        job = apply(job, Started(job.attempt))
+        job = apply(job, Failed(job.attempt, r))
+    assert job.attempt <= max_attempts
+    if job.state == State.READY:
+        assert job.attempt < max_attempts and all(retryable[: job.attempt])
+    else:
+        assert job.state == State.FAILED
+
+
+@given(jobs, st.lists(events, max_size=20))
+def test_attempt_never_decreases_and_never_exceeds_dispatches(job: Job, evs: list[Event]) -> None:
+    dispatches = 0
+    for e in evs:
+        nxt = apply(job, e)
+        assert nxt.attempt >= job.attempt
+        if nxt.attempt > job.attempt:
+            dispatches += 1
+            assert isinstance(e, Dispatched) and job.state == State.READY
+        job = nxt

@@ -1,0 +1,83 @@
+"""Settings validation and the topic registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agents.errors import ConfigError
+from agents.settings import load_settings
+from streams.errors import TopicConfigError
+from streams.topics import REQUIRED, load_topics, parse_duration_ms, parse_topics
+
+
+def test_environment_overrides_file_and_is_validated(tmp_path: Path) -> None:
+    f = tmp_path / "js.yaml"
+    f.write_text("worker_slots: 3\nkinds:\n  scan:\n    command: [scan, '{file}']\n")
+    s = load_settings({"JOBSTREAM_WORKER_SLOTS": "7"}, file=f)
+    assert s.worker_slots == 7
+    assert s.kinds["scan"].command == ["scan", "{file}"]
+    assert "noop" in s.kinds, "default kinds stay available"
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"JOBSTREAM_WORKER_SLOTS": "many"}, "worker_slots"),
+        ({"JOBSTREAM_WORKER_SLOTS": "0"}, "worker_slots"),
+        ({"JOBSTREAM_KINDS": "{not json"}, "must be JSON"),
+        ({"JOBSTREAM_KINDS": '{"x": {"command": []}}'}, "command"),
+        ({"JOBSTREAM_KINDS": '{"Bad Kind": {"command": ["true"]}}'}, "invalid kind name"),
+        ({"JOBSTREAM_LOG_LEVEL": "LOUD"}, "log_level"),
+        ({"JOBSTREAM_TOPIC_PREFIX": "a b"}, "topic_prefix"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(env)
+
+
+def test_unknown_setting_in_file_is_an_error(tmp_path: Path) -> None:
+    f = tmp_path / "js.yaml"
+    f.write_text("wroker_slots: 3\n")
+    with pytest.raises(ConfigError, match="wroker_slots"):
+        load_settings({}, file=f)
+
+
+def test_secrets_are_redacted() -> None:
+    s = load_settings(
+        {
+            "JOBSTREAM_DATABASE_URL": "postgresql://app:s3cret@db/js",
+            "JOBSTREAM_KAFKA_CONFIG": '{"sasl.password": "hunter2", "acks": "all"}',
+        }
+    )
+    text = repr(s.redacted())
+    assert "s3cret" not in text and "hunter2" not in text and "'acks': 'all'" in text
+
+
+def test_topics_yaml_is_complete_and_co_partitioned() -> None:
+    reg = load_topics(prefix="x.")
+    assert set(REQUIRED) <= set(reg.specs)
+    assert reg.name("jobs.events") == "x.jobs.events"
+    assert reg["jobs.dependent"].partitions == reg["jobs.events"].partitions
+    for spec in reg.specs.values():
+        assert spec.key and spec.doc
+
+
+def test_co_partitioning_mismatch_is_rejected() -> None:
+    doc = {"topics": {t: {"key": "k", "partitions": 1} for t in REQUIRED}}
+    doc["topics"]["jobs.events"] = {
+        "key": "k",
+        "partitions": 2,
+        "co_partitioned_with": "jobs.dependent",
+    }
+    with pytest.raises(TopicConfigError, match="equal partition counts"):
+        parse_topics(doc)
+
+
+def test_durations() -> None:
+    assert parse_duration_ms("7d") == 7 * 86_400_000
+    assert parse_duration_ms("250ms") == 250
+    with pytest.raises(TopicConfigError):
+        parse_duration_ms("soon")
