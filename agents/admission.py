@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agents.context import Context, RawMessage, retrying
-from agents.deadletter import dead_letter
+from agents.deadletter import dead_letter, decode_all
 from agents.store import DispatchJob
-from streams.errors import InvalidEvent
-from streams.events import Dispatch, JobReady, decode, encode
+from streams.events import Dispatch, JobReady, encode
 from streams.kafka import Record
 
 
@@ -54,15 +53,8 @@ async def dispatch_ids(ctx: Context, ids: Sequence[str]) -> int:
 
 
 async def handle_ready(ctx: Context, messages: Sequence[RawMessage]) -> int:
-    ids: list[str] = []
-    rejected: list[tuple[RawMessage, str]] = []
-    for msg in messages:
-        try:
-            ev = decode(msg.value, JobReady, max_bytes=ctx.settings.max_payload_bytes)
-        except InvalidEvent as exc:
-            rejected.append((msg, str(exc)))
-            continue
-        ids.append(ev.job_id)
+    ready, rejected = decode_all(ctx, messages, JobReady)
+    ids = [ev.job_id for ev in ready]
     await dead_letter(ctx, rejected)
     # keep arrival order, drop duplicates within the batch
     return await dispatch_ids(ctx, list(dict.fromkeys(ids)))

@@ -26,7 +26,7 @@ import faust
 from agents.admission import dispatch_ids, handle_ready
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import dead_letter
-from agents.intake import handle_submissions, ready_records
+from agents.intake import forward_ready, handle_submissions
 from agents.outcomes import handle_events, handle_heartbeats
 
 log = logging.getLogger("jobstream.app")
@@ -115,15 +115,12 @@ async def reconcile_once(ctx: Context) -> tuple[int, int]:
     store = await ctx.store()
     after = ctx.settings.reconcile_after_s
     stale = await retrying("reconcile ready", lambda: store.stale_ready(after))
-    records = ready_records(ctx, stale)
-    await retrying("reconcile forward", lambda: ctx.producer.aproduce(records))
+    forwarded = await forward_ready(ctx, stale)
     unconfirmed = await retrying("reconcile dispatch", lambda: store.unconfirmed_dispatches(after))
     sent = await dispatch_ids(ctx, unconfirmed) if unconfirmed else 0
-    if records or sent:
-        log.warning(
-            "reconcile: re-forwarded %d ready jobs, re-sent %d dispatches", len(records), sent
-        )
-    return len(records), sent
+    if forwarded or sent:
+        log.warning("reconcile: re-forwarded %d ready jobs, re-sent %d dispatches", forwarded, sent)
+    return forwarded, sent
 
 
 def run_scheduler(ctx: Context) -> None:

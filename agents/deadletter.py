@@ -8,9 +8,12 @@ table before the input offset is acknowledged; recording is idempotent on the or
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from agents.context import Context, RawMessage, retrying
 from agents.store import DeadLetterRow
+from streams.errors import InvalidEvent
+from streams.events import decode
 from streams.kafka import Record, dead_letter_record
 
 Rejected = tuple[RawMessage, str]
@@ -37,6 +40,20 @@ def dead_letters(
         for m, reason in rejected
     ]
     return records, rows
+
+
+def decode_all(
+    ctx: Context, messages: Sequence[RawMessage], kind: Any
+) -> tuple[list[Any], list[Rejected]]:
+    """Decode each message as ``kind``; what fails is returned with its reason."""
+    decoded: list[Any] = []
+    rejected: list[Rejected] = []
+    for msg in messages:
+        try:
+            decoded.append(decode(msg.value, kind, max_bytes=ctx.settings.max_payload_bytes))
+        except InvalidEvent as exc:
+            rejected.append((msg, str(exc)))
+    return decoded, rejected
 
 
 async def dead_letter(ctx: Context, rejected: Sequence[Rejected]) -> None:

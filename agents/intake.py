@@ -34,6 +34,13 @@ def ready_records(ctx: Context, jobs: Sequence[ReadyJob]) -> list[Record]:
     ]
 
 
+async def forward_ready(ctx: Context, jobs: Sequence[ReadyJob]) -> int:
+    """Publish ``job.ready`` for each job (keyed by tenant) and wait for the broker."""
+    records = ready_records(ctx, jobs)
+    await retrying("forward ready", lambda: ctx.producer.aproduce(records))
+    return len(records)
+
+
 def validate(ctx: Context, msg: RawMessage) -> JobSubmitted:
     event = decode(msg.value, JobSubmitted, max_bytes=ctx.settings.max_payload_bytes)
     if not isinstance(event, JobSubmitted):  # pragma: no cover - decode returns the type
@@ -70,6 +77,4 @@ async def handle_submissions(ctx: Context, messages: Sequence[RawMessage]) -> in
     await dead_letter(ctx, rejected)
     store = await ctx.store()
     ready = await retrying("intake persist", lambda: store.accept(accepted))
-    records = ready_records(ctx, ready)
-    await retrying("forward ready", lambda: ctx.producer.aproduce(records))
-    return len(records)
+    return await forward_ready(ctx, ready)

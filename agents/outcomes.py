@@ -13,40 +13,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agents.context import Context, RawMessage, retrying
-from agents.deadletter import dead_letter
-from agents.intake import ready_records
-from streams.errors import InvalidEvent
-from streams.events import JobEvent, WorkerHeartbeat, decode
-
-_JOB_EVENT = JobEvent
+from agents.deadletter import dead_letter, decode_all
+from agents.intake import forward_ready
+from streams.events import JobEvent, WorkerHeartbeat
 
 
 async def handle_events(ctx: Context, messages: Sequence[RawMessage]) -> int:
-    events: list[JobEvent] = []
-    rejected: list[tuple[RawMessage, str]] = []
-    for msg in messages:
-        try:
-            events.append(decode(msg.value, _JOB_EVENT, max_bytes=ctx.settings.max_payload_bytes))
-        except InvalidEvent as exc:
-            rejected.append((msg, str(exc)))
+    events, rejected = decode_all(ctx, messages, JobEvent)
     await dead_letter(ctx, rejected)
     store = await ctx.store()
     ready = await retrying("apply events", lambda: store.apply_events(events))
-    records = ready_records(ctx, ready)
-    await retrying("forward ready", lambda: ctx.producer.aproduce(records))
+    await forward_ready(ctx, ready)
     return len(events)
 
 
 async def handle_heartbeats(ctx: Context, messages: Sequence[RawMessage]) -> int:
-    beats: list[WorkerHeartbeat] = []
-    rejected: list[tuple[RawMessage, str]] = []
-    for msg in messages:
-        try:
-            beats.append(
-                decode(msg.value, WorkerHeartbeat, max_bytes=ctx.settings.max_payload_bytes)
-            )
-        except InvalidEvent as exc:
-            rejected.append((msg, str(exc)))
+    beats, rejected = decode_all(ctx, messages, WorkerHeartbeat)
     await dead_letter(ctx, rejected)
     store = await ctx.store()
     await retrying("record heartbeats", lambda: store.record_heartbeats(beats))

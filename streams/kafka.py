@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -134,6 +134,38 @@ def apply_topics(
     return TopicReport(sorted(created), sorted(existing), mismatched)
 
 
+class _Batch:
+    """Counts delivery reports of one batch; ``on_done`` runs (on the poll thread) after the
+    last one."""
+
+    def __init__(self, size: int, on_done: Callable[[], object]) -> None:
+        self.size = size
+        self.remaining = size
+        self.errors: list[str] = []
+        self._on_done = on_done
+        self._lock = threading.Lock()
+
+    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+        with self._lock:
+            if err is not None:
+                self.errors.append(str(err))
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last:
+            self._on_done()
+
+    def unconfirmed(self, timeout_s: float) -> DeliveryFailed:
+        return DeliveryFailed(
+            f"{self.remaining} of {self.size} messages unconfirmed after {timeout_s:.0f} s"
+        )
+
+    def check(self) -> None:
+        if self.errors:
+            raise DeliveryFailed(
+                f"{len(self.errors)} of {self.size} messages failed: {self.errors[0]}"
+            )
+
+
 class ConfirmedProducer:
     """A confluent-kafka producer whose sends return once the broker confirmed them.
 
@@ -152,30 +184,34 @@ class ConfirmedProducer:
             self._producer.poll(0.05)
 
     def produce_confirmed(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
+        """Produce and block until the broker confirmed every record."""
         if not records:
             return
         done = threading.Event()
-        remaining = [len(records)]
-        errors: list[str] = []
-        lock = threading.Lock()
-
-        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            with lock:
-                if err is not None:
-                    errors.append(str(err))
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    done.set()
-
-        for rec in records:
-            self._produce_one(rec, on_delivery)
-        self._producer.flush(0)  # wake the sender: do not wait for linger.ms
+        batch = self._send(records, done.set)
         if not done.wait(timeout_s):
-            raise DeliveryFailed(
-                f"{remaining[0]} of {len(records)} messages unconfirmed after {timeout_s:.0f} s"
-            )
-        if errors:
-            raise DeliveryFailed(f"{len(errors)} of {len(records)} messages failed: {errors[0]}")
+            raise batch.unconfirmed(timeout_s)
+        batch.check()
+
+    async def aproduce(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
+        """Produce and wait for every confirmation without blocking the event loop."""
+        if not records:
+            return
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        batch = self._send(records, lambda: loop.call_soon_threadsafe(done.set))
+        try:
+            await asyncio.wait_for(done.wait(), timeout_s)
+        except TimeoutError:
+            raise batch.unconfirmed(timeout_s) from None
+        batch.check()
+
+    def _send(self, records: Sequence[Record], on_done: Callable[[], object]) -> _Batch:
+        batch = _Batch(len(records), on_done)
+        for rec in records:
+            self._produce_one(rec, batch.on_delivery)
+        self._producer.flush(0)  # wake the sender: do not wait for linger.ms
+        return batch
 
     def _produce_one(self, rec: Record, on_delivery: Any) -> None:
         while True:
@@ -192,40 +228,6 @@ class ConfirmedProducer:
                 time.sleep(0.005)  # local queue full: the poll thread drains it
             except KafkaException as exc:
                 raise DeliveryFailed(f"cannot produce to {rec.topic}: {exc}") from None
-
-    async def aproduce(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
-        """Produce and wait for every confirmation without blocking the event loop."""
-        if not records:
-            return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[str]] = loop.create_future()
-        remaining = [len(records)]
-        errors: list[str] = []
-        lock = threading.Lock()
-
-        def resolve() -> None:
-            if not fut.done():
-                fut.set_result(errors)
-
-        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            with lock:
-                if err is not None:
-                    errors.append(str(err))
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    loop.call_soon_threadsafe(resolve)
-
-        for rec in records:
-            self._produce_one(rec, on_delivery)
-        self._producer.flush(0)
-        try:
-            failed = await asyncio.wait_for(fut, timeout_s)
-        except TimeoutError:
-            raise DeliveryFailed(
-                f"{remaining[0]} of {len(records)} messages unconfirmed after {timeout_s:.0f} s"
-            ) from None
-        if failed:
-            raise DeliveryFailed(f"{len(failed)} of {len(records)} messages failed: {failed[0]}")
 
     def close(self, timeout_s: float = 10.0) -> None:
         if not self._closed.is_set():

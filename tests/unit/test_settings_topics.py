@@ -81,3 +81,22 @@ def test_durations() -> None:
     assert parse_duration_ms("250ms") == 250
     with pytest.raises(TopicConfigError):
         parse_duration_ms("soon")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_deploy_settings_file_is_valid() -> None:
+    s = load_settings({}, file=ROOT / "deploy/jobstream.yaml")
+    assert {"nomos", "monk", "copyright"} <= set(s.kinds)
+
+
+def test_compose_runs_the_broker_version_the_tests_run() -> None:
+    import re
+
+    script = (ROOT / "scripts/kafka.sh").read_text()
+    tested = re.search(r'KAFKA_VERSION="\$\{KAFKA_VERSION:-([0-9.]+)\}"', script)
+    assert tested is not None
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert f"image: apache/kafka:{tested.group(1)}" in compose
+    assert "image: postgres:15" in compose
