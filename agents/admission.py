@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import dead_letter, decode_all
-from agents.store import DispatchJob
+from agents.rows import DispatchJob
 from streams.events import Dispatch, JobReady, encode
 from streams.kafka import Record
 

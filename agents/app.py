@@ -1,11 +1,13 @@
 """The faust-streaming application: the scheduler's stream agents wired to their topics.
 
 Agents (one consumer group, ``settings.app_id``):
-- ``intake``     jobs.independent + jobs.dependent → PostgreSQL → jobs.ready
-- ``admission``  jobs.ready → PostgreSQL (ready → dispatched) → jobs.dispatch
-- ``outcomes``   jobs.events → PostgreSQL (guarded transitions) → jobs.ready (retries, unlocks)
-- ``heartbeats`` workers.heartbeat → PostgreSQL (workers table)
-- a reconciliation timer, the safety net: re-forwards jobs left ready or unconfirmed.
+- ``intake``       jobs.independent → PostgreSQL → jobs.ready
+- ``dependencies`` jobs.dependent + jobs.events (co-partitioned by group) → PostgreSQL
+                   (submissions, guarded transitions, dependency decisions) → jobs.ready
+- ``admission``    jobs.ready → PostgreSQL (ready → dispatched) → jobs.dispatch
+- ``heartbeats``   workers.heartbeat → PostgreSQL (workers table)
+- a reconciliation timer, the safety net: re-settles old waiting jobs (expiry, races) and
+  re-forwards jobs left ready or unconfirmed.
 
 Invariants:
 - Values are raw bytes (no faust codec, never pickle); our decoder turns bad bytes into
@@ -18,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -26,8 +29,9 @@ import faust
 from agents.admission import dispatch_ids, handle_ready
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import dead_letter
+from agents.dependencies import handle_dependent
 from agents.intake import forward_ready, handle_submissions
-from agents.outcomes import handle_events, handle_heartbeats
+from agents.outcomes import handle_heartbeats
 
 log = logging.getLogger("jobstream.app")
 Handler = Callable[[Context, Sequence[RawMessage]], Awaitable[int]]
@@ -94,9 +98,9 @@ def build_app(ctx: Context) -> faust.App:
         agent.__name__ = agent.__qualname__ = name
         app.agent(channel, name=name)(agent)
 
-    batch_agent(topic("jobs.independent", "jobs.dependent"), "intake", handle_submissions)
+    batch_agent(topic("jobs.independent"), "intake", handle_submissions)
+    batch_agent(topic("jobs.dependent", "jobs.events"), "dependencies", handle_dependent)
     batch_agent(topic("jobs.ready"), "admission", handle_ready)
-    batch_agent(topic("jobs.events"), "outcomes", handle_events)
     batch_agent(topic("workers.heartbeat"), "heartbeats", handle_heartbeats)
 
     @app.timer(s.reconcile_interval_s, name="reconcile")  # type: ignore[untyped-decorator]
@@ -113,7 +117,19 @@ def build_app(ctx: Context) -> faust.App:
 async def reconcile_once(ctx: Context) -> tuple[int, int]:
     """Re-forward jobs left ``ready`` and re-send unconfirmed dispatches (crash windows)."""
     store = await ctx.store()
-    after = ctx.settings.reconcile_after_s
+    s = ctx.settings
+    after = s.reconcile_after_s
+    await retrying(
+        "reconcile waiting",
+        lambda: store.settle_waiting(
+            after,
+            now=time.time(),
+            grace_s=s.dependency_grace_s,
+            allow_cross_tenant=s.allow_cross_tenant_deps,
+        ),
+    )
+    # released jobs are ready now; the stale-ready pass below forwards them after a period,
+    # and so does every ready job some crash left unforwarded
     stale = await retrying("reconcile ready", lambda: store.stale_ready(after))
     forwarded = await forward_ready(ctx, stale)
     unconfirmed = await retrying("reconcile dispatch", lambda: store.unconfirmed_dispatches(after))

@@ -1,9 +1,13 @@
 """Intake: decode and validate submissions, persist them, forward the ready ones.
 
+``jobs.independent`` is handled here; ``jobs.dependent`` by the dependency stage
+(``agents.dependencies``), which shares the validation below.
+
 Invariants:
-- Every consumed message ends as exactly one of: a job row in PostgreSQL, or a dead-letter
+- Every consumed message ends as exactly one of: job rows in PostgreSQL, or a dead-letter
   record (topic ``jobs.deadletter`` and table ``dead_letters``) with the original bytes, origin
   and reason. Offsets are acknowledged only after both are durable.
+- A workflow is accepted or rejected whole: one message, one validation, one transaction.
 - Persisting is idempotent on job id; after a replay, jobs of the batch that are still ready
   are forwarded again (admission's guard makes the duplicate harmless).
 """
@@ -13,10 +17,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agents.context import Context, RawMessage, retrying
-from agents.deadletter import dead_letter
-from agents.store import Accepted, ReadyJob
+from agents.deadletter import Rejected, dead_letter
+from agents.rows import Accepted, ReadyJob
 from streams.errors import InvalidEvent
-from streams.events import JobReady, JobSubmitted, decode, encode
+from streams.events import (
+    JobReady,
+    JobSpec,
+    JobSubmitted,
+    Submission,
+    WorkflowSubmitted,
+    decode,
+    encode,
+)
 from streams.kafka import Record
 
 
@@ -41,40 +53,75 @@ async def forward_ready(ctx: Context, jobs: Sequence[ReadyJob]) -> int:
     return len(records)
 
 
-def validate(ctx: Context, msg: RawMessage) -> JobSubmitted:
-    event = decode(msg.value, JobSubmitted, max_bytes=ctx.settings.max_payload_bytes)
-    if not isinstance(event, JobSubmitted):  # pragma: no cover - decode returns the type
-        raise InvalidEvent("not a job.submitted event")
-    job = event.job
+def _check_kind(ctx: Context, job: JobSpec) -> None:
     if job.kind not in ctx.settings.kinds:
         raise InvalidEvent(
-            f"unknown kind {job.kind!r}; known kinds: {', '.join(sorted(ctx.settings.kinds))}"
+            f"unknown kind {job.kind!r} (job {job.id}); known kinds: "
+            f"{', '.join(sorted(ctx.settings.kinds))}"
         )
-    if msg.topic == ctx.topic("jobs.independent") and job.depends_on:
-        raise InvalidEvent("a job with depends_on must be published on jobs.dependent")
-    return event
 
 
-async def handle_submissions(ctx: Context, messages: Sequence[RawMessage]) -> int:
-    """Handle one batch; return the number of jobs forwarded as ready."""
+def accept_submissions(
+    ctx: Context, messages: Sequence[RawMessage], *, dependent: bool
+) -> tuple[list[Accepted], list[Rejected], dict[str, RawMessage]]:
+    """Validate submissions; return (jobs to persist, rejected messages, job id → message)."""
     accepted: list[Accepted] = []
-    rejected: list[tuple[RawMessage, str]] = []
+    rejected: list[Rejected] = []
+    origin: dict[str, RawMessage] = {}
     for msg in messages:
         try:
-            event = validate(ctx, msg)
+            limit = ctx.settings.max_workflow_bytes if dependent else ctx.settings.max_payload_bytes
+            event = decode(msg.value, Submission, max_bytes=limit)
+            if isinstance(event, JobSubmitted):
+                jobs, workflow = [event.job], None
+                if len(msg.value or b"") > ctx.settings.max_payload_bytes:
+                    raise InvalidEvent(
+                        f"payload of {len(msg.value or b'')} bytes is over the limit of "
+                        f"{ctx.settings.max_payload_bytes} bytes"
+                    )
+            else:
+                if not dependent:
+                    raise InvalidEvent("a workflow must be published on jobs.dependent")
+                jobs, workflow = event.jobs, event.id
+            for job in jobs:
+                _check_kind(ctx, job)
+                if not dependent and (job.depends_on or job.order_key):
+                    raise InvalidEvent(
+                        "a job with depends_on or order_key must be published on jobs.dependent"
+                    )
         except InvalidEvent as exc:
             rejected.append((msg, str(exc)))
             continue
-        kind = ctx.settings.kinds[event.job.kind]
-        accepted.append(
-            Accepted(
-                event.job,
-                event.submitted_at,
-                event.job.max_attempts or kind.max_attempts,
-                (msg.topic, msg.partition, msg.offset),
+        for job in jobs:
+            if workflow is not None and job.group is None:
+                job = _with_group(job, workflow)
+            kind = ctx.settings.kinds[job.kind]
+            accepted.append(
+                Accepted(
+                    job,
+                    event.submitted_at,
+                    job.max_attempts or kind.max_attempts,
+                    (msg.topic, msg.partition, msg.offset),
+                    workflow,
+                )
             )
-        )
+            origin[job.id] = msg
+    return accepted, rejected, origin
+
+
+def _with_group(job: JobSpec, group: str) -> JobSpec:
+    import msgspec
+
+    return msgspec.structs.replace(job, group=group)
+
+
+async def handle_submissions(ctx: Context, messages: Sequence[RawMessage]) -> int:
+    """Handle one batch of ``jobs.independent``; return the number of jobs forwarded."""
+    accepted, rejected, _ = accept_submissions(ctx, messages, dependent=False)
     await dead_letter(ctx, rejected)
     store = await ctx.store()
     ready = await retrying("intake persist", lambda: store.accept(accepted))
     return await forward_ready(ctx, ready)
+
+
+__all__ = ["WorkflowSubmitted", "accept_submissions", "forward_ready", "handle_submissions"]

@@ -1,12 +1,4 @@
-"""Outcomes: apply lifecycle events from workers to PostgreSQL; forward what became ready.
-
-Invariants:
-- Events are applied in partition order inside one transaction per batch, each guarded by
-  state and attempt (``agents.core.lifecycle``): duplicates and stale attempts change nothing.
-- A success unlocks dependents whose every dependency succeeded; a final failure or a
-  cancellation fails waiting dependents transitively, naming the root cause.
-- A retryable failure with attempts left puts the job back to ``ready`` and forwards it.
-"""
+"""Worker heartbeats → the ``workers`` table (liveness and capacity are read from there)."""
 
 from __future__ import annotations
 
@@ -14,17 +6,7 @@ from collections.abc import Sequence
 
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import dead_letter, decode_all
-from agents.intake import forward_ready
-from streams.events import JobEvent, WorkerHeartbeat
-
-
-async def handle_events(ctx: Context, messages: Sequence[RawMessage]) -> int:
-    events, rejected = decode_all(ctx, messages, JobEvent)
-    await dead_letter(ctx, rejected)
-    store = await ctx.store()
-    ready = await retrying("apply events", lambda: store.apply_events(events))
-    await forward_ready(ctx, ready)
-    return len(events)
+from streams.events import WorkerHeartbeat
 
 
 async def handle_heartbeats(ctx: Context, messages: Sequence[RawMessage]) -> int:

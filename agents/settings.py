@@ -60,6 +60,9 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     app_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]+$")] = "jobstream"
     kinds: dict[str, KindConfig] = msgspec.field(default_factory=lambda: dict(DEFAULT_KINDS))
     max_payload_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 256 * 1024
+    max_workflow_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 900 * 1024
+    dependency_grace_s: Annotated[float, Meta(gt=0)] = 86_400.0
+    allow_cross_tenant_deps: bool = False
     batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 500
     batch_wait_s: Annotated[float, Meta(ge=0, le=5)] = 0.005
     reconcile_interval_s: Annotated[float, Meta(gt=0)] = 15.0

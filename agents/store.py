@@ -14,84 +14,41 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, LiteralString
+from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from agents.core.lifecycle import CANCEL_FROM, DISPATCH_FROM, FINISHED_FROM, STARTED_FROM
+from agents.core.deps import DependencyIndex, Fail
+from agents.core.lifecycle import DISPATCH_FROM
+from agents.depstore import (
+    apply_decisions,
+    apply_lifecycle,
+    insert_jobs,
+    load_working_set,
+    ready_among,
+)
 from agents.errors import StoreUnavailable
-from streams.events import JobCancelled, JobEvent, JobFailed, JobSpec, JobStarted, JobSucceeded
+from agents.rows import (
+    DISPATCH_COLS,
+    READY_COLS,
+    Accepted,
+    DeadLetterRow,
+    DispatchJob,
+    ReadyJob,
+    q,
+    states,
+)
+from streams.events import JobEvent, JobStarted
 
 MIGRATION_LOCK = 7_301_947_113
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    job: JobSpec
-    submitted_at: float
-    max_attempts: int
-    origin: tuple[str, int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class ReadyJob:
-    id: str
-    tenant: str
-    kind: str
-    submitted_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchJob:
-    id: str
-    attempt: int
-    tenant: str
-    kind: str
-    args: dict[str, Any]
-    timeout_s: float | None
-    submitted_at: float
-    dispatched_at: float
-    group: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterRow:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    reason: str
-
-
-def _q(text: LiteralString, **fragments: sql.Composable) -> sql.Composed:
-    """A query from literal SQL text and fixed SQL fragments (never from input)."""
-    return sql.SQL(text).format(**fragments)
-
-
-def _states(states: Sequence[str]) -> list[str]:
-    return [str(s) for s in states]
 
 
 def migrations() -> list[tuple[int, str, str]]:
     files = sorted((Path(__file__).resolve().parent / "migrations").glob("*.sql"))
     return [(int(p.name.split("_", 1)[0]), p.name, p.read_text()) for p in files]
-
-
-_READY_COLS = sql.SQL("id, tenant, kind, extract(epoch from submitted_at)::float8 AS submitted_at")
-_DISPATCH_COLS = sql.SQL(
-    "id, attempt, tenant, kind, args, timeout_s, extract(epoch from submitted_at)::float8, "
-    "extract(epoch from dispatched_at)::float8, group_key"
-)
-_RETURN_STATE = sql.SQL(
-    "RETURNING state, attempt, tenant, kind, extract(epoch from submitted_at)::float8"
-)
 
 
 class PostgresJobStore:
@@ -156,125 +113,62 @@ class PostgresJobStore:
     # -- intake -------------------------------------------------------------------------
 
     async def accept(self, batch: Sequence[Accepted]) -> list[ReadyJob]:
-        """Persist new jobs (idempotent on id) and return every job of the batch that is ready
-        and not yet dispatched, including ones accepted by an earlier, replayed attempt."""
+        """Persist independent jobs (idempotent on id) and return every job of the batch that
+        is ready and not yet dispatched, including ones accepted by an earlier, replayed
+        attempt."""
         if not batch:
             return []
-        ids = [a.job.id for a in batch]
         async with self.tx() as conn:
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    """
-                    INSERT INTO jobs (id, tenant, kind, group_key, args, priority, size,
-                        depends_on, labels, resources, timeout_s, max_attempts, state,
-                        gate, submitted_at, ready_at, origin_topic, origin_partition,
-                        origin_offset)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-                        to_timestamp(%s), CASE WHEN %s = 'ready' THEN now() END, %s, %s, %s)
-                    ON CONFLICT (id) DO NOTHING
-                    """,
-                    [
-                        (
-                            a.job.id,
-                            a.job.tenant,
-                            a.job.kind,
-                            a.job.group,
-                            Jsonb(a.job.args),
-                            a.job.priority,
-                            a.job.size,
-                            list(a.job.depends_on),
-                            list(a.job.labels),
-                            list(a.job.resources),
-                            a.job.timeout_s,
-                            a.max_attempts,
-                            "waiting" if a.job.depends_on else "ready",
-                            "dependency" if a.job.depends_on else None,
-                            a.submitted_at,
-                            "waiting" if a.job.depends_on else "ready",
-                            *a.origin,
-                        )
-                        for a in batch
-                    ],
-                )
-                edges = [(a.job.id, d) for a in batch for d in a.job.depends_on]
-                if edges:
-                    await cur.executemany(
-                        "INSERT INTO job_deps (job_id, dep_id) VALUES (%s, %s) "
-                        "ON CONFLICT DO NOTHING",
-                        edges,
-                    )
-            await conn.execute(
-                "INSERT INTO job_history (job_id, event, detail) SELECT id, 'accepted', "
-                "jsonb_build_object('state', state) FROM jobs WHERE id = ANY(%s) AND "
-                "accepted_at = now()",
-                (ids,),
-            )
-            await self._fail_doomed(conn, None, ids)
-            await self._unlock(conn, ids)
-            cur2 = await conn.execute(
-                _q(
-                    "SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'ready'",
-                    cols=_READY_COLS,
-                ),
-                (ids,),
-            )
-            return [ReadyJob(*r) for r in await cur2.fetchall()]
+            await insert_jobs(conn, batch)
+            return await ready_among(conn, [a.job.id for a in batch])
 
-    async def _unlock(
-        self, conn: psycopg.AsyncConnection[Any], candidates: Sequence[str]
-    ) -> list[ReadyJob]:
-        """Waiting jobs among ``candidates`` whose every dependency succeeded become ready."""
-        if not candidates:
-            return []
-        cur = await conn.execute(
-            _q(
-                """
-            UPDATE jobs j SET state = 'ready', gate = NULL, ready_at = now(), updated_at = now()
-            WHERE j.id = ANY(%s) AND j.state = 'waiting'
-              AND NOT EXISTS (SELECT 1 FROM job_deps d LEFT JOIN jobs dj ON dj.id = d.dep_id
-                              WHERE d.job_id = j.id AND dj.state IS DISTINCT FROM 'succeeded')
-            RETURNING {cols}
-            """,
-                cols=_READY_COLS,
-            ),
-            (list(candidates),),
-        )
-        return [ReadyJob(*r) for r in await cur.fetchall()]
-
-    async def _fail_doomed(
+    async def settle_batch(
         self,
-        conn: psycopg.AsyncConnection[Any],
-        roots: Sequence[str] | None,
-        candidates: Sequence[str],
-    ) -> None:
-        """Fail, transitively, waiting jobs that depend on a failed or cancelled job."""
-        if roots is None:  # newly accepted jobs whose dependencies already ended badly
+        accepted: Sequence[Accepted],
+        events: Sequence[JobEvent],
+        *,
+        now: float,
+        grace_s: float,
+        allow_cross_tenant: bool,
+    ) -> tuple[list[ReadyJob], list[Fail]]:
+        """The dependency stage's transaction: persist submissions and lifecycle events, settle
+        the affected part of the graph, and return (jobs to forward as ready, submissions of
+        this batch rejected as impossible)."""
+        async with self.tx() as conn:
+            inserted = await insert_jobs(conn, accepted)
+            terminal, retry = await apply_lifecycle(conn, events)
+            changed = inserted + terminal
+            nodes = await load_working_set(conn, changed)
+            decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(changed, now, grace_s)
+            released = await apply_decisions(conn, decisions)
+            finished = [e.job_id for e in events if not isinstance(e, JobStarted)]
+            again = await ready_among(conn, [a.job.id for a in accepted], finished)
+        ready = list({r.id: r for r in (*released, *retry, *again)}.values())
+        new = set(inserted)
+        rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
+        return ready, rejected
+
+    async def settle_waiting(
+        self,
+        older_than_s: float,
+        *,
+        now: float,
+        grace_s: float,
+        allow_cross_tenant: bool,
+        limit: int = 5_000,
+    ) -> list[ReadyJob]:
+        """Re-settle waiting jobs older than ``older_than_s``: expire dependencies that never
+        arrived and release jobs a race left waiting (the safety net)."""
+        async with self.tx() as conn:
             cur = await conn.execute(
-                "SELECT DISTINCT d.dep_id FROM job_deps d JOIN jobs dj ON dj.id = d.dep_id "
-                "WHERE d.job_id = ANY(%s) AND dj.state IN ('failed', 'cancelled')",
-                (list(candidates),),
+                "SELECT id FROM jobs WHERE state = 'waiting' AND accepted_at < "
+                "now() - make_interval(secs => %s) ORDER BY accepted_at LIMIT %s",
+                (older_than_s, limit),
             )
-            roots = [r[0] for r in await cur.fetchall()]
-        if not roots:
-            return
-        await conn.execute(
-            """
-            WITH RECURSIVE doomed(id, root) AS (
-                SELECT d.job_id, d.dep_id FROM job_deps d WHERE d.dep_id = ANY(%(roots)s)
-                UNION
-                SELECT d.job_id, doomed.root FROM job_deps d JOIN doomed ON d.dep_id = doomed.id
-            ), one AS (SELECT DISTINCT ON (id) id, root FROM doomed ORDER BY id, root),
-            changed AS (
-                UPDATE jobs j SET state = 'failed', gate = NULL, finished_at = now(),
-                    updated_at = now(), error = 'dependency ' || one.root || ' did not succeed'
-                FROM one WHERE j.id = one.id AND j.state = 'waiting'
-                RETURNING j.id, j.error
-            )
-            INSERT INTO job_history (job_id, event, detail)
-            SELECT id, 'failed', jsonb_build_object('reason', error) FROM changed
-            """,
-            {"roots": list(roots)},
-        )
+            ids = [r[0] for r in await cur.fetchall()]
+            nodes = await load_working_set(conn, ids)
+            decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(ids, now, grace_s)
+            return await apply_decisions(conn, decisions)
 
     async def record_dead_letters(self, rows: Sequence[DeadLetterRow]) -> None:
         if not rows:
@@ -295,26 +189,26 @@ class PostgresJobStore:
             return []
         async with self.tx() as conn:
             cur = await conn.execute(
-                _q(
+                q(
                     """
                 UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
                     dispatched_at = now(), dispatch_confirmed = false, updated_at = now()
                 WHERE id = ANY(%s) AND state = ANY(%s)
                 RETURNING {cols}
                 """,
-                    cols=_DISPATCH_COLS,
+                    cols=DISPATCH_COLS,
                 ),
-                (list(ids), _states(DISPATCH_FROM)),
+                (list(ids), states(DISPATCH_FROM)),
             )
             rows = await cur.fetchall()
             claimed = {r[0] for r in rows}
             rest = [i for i in ids if i not in claimed]
             if rest:
                 cur = await conn.execute(
-                    _q(
+                    q(
                         "SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'dispatched' "
                         "AND NOT dispatch_confirmed",
-                        cols=_DISPATCH_COLS,
+                        cols=DISPATCH_COLS,
                     ),
                     (rest,),
                 )
@@ -338,124 +232,6 @@ class PostgresJobStore:
                 "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[])",
                 ([j.id for j in jobs], [j.attempt for j in jobs], ["dispatched"] * len(jobs)),
             )
-
-    # -- outcomes -----------------------------------------------------------------------
-
-    async def apply_events(self, events: Sequence[JobEvent]) -> list[ReadyJob]:
-        """Apply lifecycle events in order, guarded; return jobs that became ready (retries
-        and dependents unlocked by a success)."""
-        ready: list[ReadyJob] = []
-        succeeded: list[str] = []
-        failed_roots: list[str] = []
-        history: list[tuple[str, int, str, Jsonb]] = []
-        async with self.tx() as conn:
-            for ev in events:
-                row = await self._apply_one(conn, ev)
-                if row is None:
-                    continue
-                state = row[0]
-                attempt = getattr(ev, "attempt", row[1])
-                history.append(
-                    (
-                        ev.job_id,
-                        attempt,
-                        state if not isinstance(ev, JobStarted) else "started",
-                        Jsonb(_detail(ev)),
-                    )
-                )
-                if state == "succeeded":
-                    succeeded.append(ev.job_id)
-                elif state in ("failed", "cancelled"):
-                    failed_roots.append(ev.job_id)
-                elif state == "ready":
-                    ready.append(ReadyJob(ev.job_id, row[2], row[3], row[4]))
-            if history:
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        "INSERT INTO job_history (job_id, attempt, event, detail) "
-                        "VALUES (%s, %s, %s, %s)",
-                        history,
-                    )
-            if succeeded:
-                cur = await conn.execute(
-                    "SELECT DISTINCT job_id FROM job_deps WHERE dep_id = ANY(%s)", (succeeded,)
-                )
-                dependents = [r[0] for r in await cur.fetchall()]
-                ready += await self._unlock(conn, dependents)
-            if failed_roots:
-                await self._fail_doomed(conn, failed_roots, [])
-        return ready
-
-    async def _apply_one(
-        self, conn: psycopg.AsyncConnection[Any], ev: JobEvent
-    ) -> tuple[Any, ...] | None:
-        if isinstance(ev, JobStarted):
-            cur = await conn.execute(
-                _q(
-                    """UPDATE jobs SET state = 'running', started_at = to_timestamp(%s),
-                    worker = %s, updated_at = now()
-                WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
-                    ret=_RETURN_STATE,
-                ),
-                (ev.at, ev.worker, ev.job_id, ev.attempt, _states(STARTED_FROM)),
-            )
-        elif isinstance(ev, JobSucceeded):
-            cur = await conn.execute(
-                _q(
-                    """UPDATE jobs SET state = 'succeeded', finished_at = to_timestamp(%s),
-                    started_at = coalesce(started_at, to_timestamp(%s)), worker = %s,
-                    exit_code = %s, log_path = %s, error = NULL, updated_at = now()
-                WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
-                    ret=_RETURN_STATE,
-                ),
-                (
-                    ev.at,
-                    ev.at - ev.duration_s,
-                    ev.worker,
-                    ev.exit_code,
-                    ev.log_path,
-                    ev.job_id,
-                    ev.attempt,
-                    _states(FINISHED_FROM),
-                ),
-            )
-        elif isinstance(ev, JobFailed):
-            cur = await conn.execute(
-                _q(
-                    """UPDATE jobs SET
-                    state = CASE WHEN %s AND attempt < max_attempts THEN 'ready' ELSE 'failed' END,
-                    gate = CASE WHEN %s AND attempt < max_attempts THEN 'retry' END,
-                    ready_at = now(), finished_at = to_timestamp(%s), worker = %s,
-                    exit_code = %s, error = %s, log_path = %s, updated_at = now()
-                WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
-                    ret=_RETURN_STATE,
-                ),
-                (
-                    ev.retryable,
-                    ev.retryable,
-                    ev.at,
-                    ev.worker,
-                    ev.exit_code,
-                    ev.error[:4000],
-                    ev.log_path,
-                    ev.job_id,
-                    ev.attempt,
-                    _states(FINISHED_FROM),
-                ),
-            )
-        elif isinstance(ev, JobCancelled):
-            cur = await conn.execute(
-                _q(
-                    """UPDATE jobs SET state = 'cancelled', finished_at = to_timestamp(%s),
-                    error = %s, gate = NULL, updated_at = now()
-                WHERE id = %s AND state = ANY(%s) {ret}""",
-                    ret=_RETURN_STATE,
-                ),
-                (ev.at, ev.reason or "cancelled", ev.job_id, _states(CANCEL_FROM)),
-            )
-        else:  # pragma: no cover - the union is exhaustive
-            return None
-        return await cur.fetchone()
 
     async def record_heartbeats(self, beats: Sequence[Any]) -> None:
         if not beats:
@@ -481,22 +257,15 @@ class PostgresJobStore:
 
     async def stale_ready(self, older_than_s: float, limit: int = 10_000) -> list[ReadyJob]:
         async with self.tx() as conn:
-            # waiting jobs whose dependencies all succeeded (a race between two agents)
-            cur = await conn.execute(
-                "SELECT id FROM jobs WHERE state = 'waiting' AND updated_at < "
-                "now() - make_interval(secs => %s) LIMIT %s",
-                (older_than_s, limit),
-            )
-            await self._unlock(conn, [r[0] for r in await cur.fetchall()])
             # ready_at moves forward so a job is re-forwarded at most once per period
             cur = await conn.execute(
-                _q(
+                q(
                     """UPDATE jobs SET ready_at = now() WHERE id IN (
                     SELECT id FROM jobs WHERE state = 'ready'
                       AND ready_at < now() - make_interval(secs => %s)
                     ORDER BY ready_at LIMIT %s FOR UPDATE SKIP LOCKED)
                 RETURNING {cols}""",
-                    cols=_READY_COLS,
+                    cols=READY_COLS,
                 ),
                 (older_than_s, limit),
             )
@@ -573,16 +342,6 @@ class PostgresJobStore:
             rows = await cur.fetchall()
             await conn.rollback()
             return rows
-
-
-def _detail(ev: JobEvent) -> dict[str, Any]:
-    if isinstance(ev, JobFailed):
-        return {"worker": ev.worker, "error": ev.error[:500], "exit_code": ev.exit_code}
-    if isinstance(ev, JobSucceeded):
-        return {"worker": ev.worker, "duration_s": ev.duration_s}
-    if isinstance(ev, JobStarted):
-        return {"worker": ev.worker}
-    return {"reason": ev.reason}
 
 
 def now() -> float:

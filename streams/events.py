@@ -21,6 +21,8 @@ from streams.errors import InvalidEvent
 
 SCHEMA_VERSION: Final = 1
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 256 * 1024
+MAX_WORKFLOW_JOBS: Final = 10_000
+DEFAULT_MAX_WORKFLOW_BYTES: Final = 900 * 1024  # under Kafka's default 1 MiB message size
 MAX_ARGS_DEPTH: Final = 16
 
 # Identifiers are printable, bounded and free of whitespace and control characters.
@@ -57,6 +59,8 @@ class JobSpec(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     resources: Annotated[list[Label], Meta(max_length=64)] = msgspec.field(default_factory=list)
     timeout_s: Timeout | None = None
     max_attempts: Attempts | None = None
+    trigger: Literal["all_success", "all_done"] = "all_success"
+    order_key: Label | None = None
 
 
 class _Event(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -68,6 +72,24 @@ class JobSubmitted(_Event, tag="job.submitted", frozen=True):
 
     job: JobSpec
     submitted_at: Epoch
+
+
+class WorkflowSubmitted(_Event, tag="workflow.submitted", frozen=True):
+    """A whole DAG on ``jobs.dependent`` (key: the workflow id): accepted or rejected as one.
+    Jobs without a group get the workflow id as their group."""
+
+    id: JobId
+    jobs: Annotated[list[JobSpec], Meta(min_length=1, max_length=MAX_WORKFLOW_JOBS)]
+    submitted_at: Epoch
+
+
+class JobRejected(_Event, tag="job.rejected", frozen=True):
+    """A submission that was accepted for the record but can never run (a cycle, a forbidden
+    cross-tenant dependency); the original bytes are in the dead-letter topic as well."""
+
+    job_id: JobId
+    at: Epoch
+    reason: Annotated[str, Meta(max_length=4000)]
 
 
 class JobReady(_Event, tag="job.ready", frozen=True):
@@ -139,8 +161,11 @@ class WorkerHeartbeat(_Event, tag="worker.heartbeat", frozen=True):
 
 
 JobEvent = JobStarted | JobSucceeded | JobFailed | JobCancelled
+Submission = JobSubmitted | WorkflowSubmitted
 AnyEvent = (
     JobSubmitted
+    | WorkflowSubmitted
+    | JobRejected
     | JobReady
     | Dispatch
     | JobStarted
@@ -182,6 +207,46 @@ def _check_args(value: Any, depth: int = 0) -> None:
             _check_args(v, depth + 1)
 
 
+def _check_job(job: JobSpec) -> None:
+    _check_args(job.args)
+    if job.id in job.depends_on:
+        raise InvalidEvent(f"job {job.id} depends on itself")
+
+
+def validate_workflow(workflow_id: str, jobs: list[JobSpec]) -> None:
+    """A workflow is valid as a whole or not at all: unique ids, each job valid, and no cycle
+    among its jobs (dependencies outside the workflow are allowed: they may exist already)."""
+    ids: dict[str, JobSpec] = {}
+    for job in jobs:
+        if job.id in ids:
+            raise InvalidEvent(f"workflow {workflow_id}: job id {job.id} appears twice")
+        _check_job(job)
+        ids[job.id] = job
+    state: dict[str, int] = {}  # 1 = on the path, 2 = done
+    for start in ids:
+        if state.get(start):
+            continue
+        path: list[tuple[str, list[str]]] = [
+            (start, [d for d in ids[start].depends_on if d in ids])
+        ]
+        state[start] = 1
+        while path:
+            node, todo = path[-1]
+            if not todo:
+                state[node] = 2
+                path.pop()
+                continue
+            nxt = todo.pop()
+            if state.get(nxt) == 1:
+                cycle = [n for n, _ in path[[n for n, _ in path].index(nxt) :]] + [nxt]
+                raise InvalidEvent(
+                    f"workflow {workflow_id}: dependency cycle " + " -> ".join(cycle)
+                )
+            if not state.get(nxt):
+                state[nxt] = 1
+                path.append((nxt, [d for d in ids[nxt].depends_on if d in ids]))
+
+
 def decode(
     raw: bytes | None,
     kind: Any = AnyEvent,
@@ -210,9 +275,9 @@ def decode(
             f"unsupported schema version {event.v} (this build reads {SCHEMA_VERSION})"
         )
     if isinstance(event, JobSubmitted):
-        _check_args(event.job.args)
-        if event.job.id in event.job.depends_on:
-            raise InvalidEvent(f"job {event.job.id} depends on itself")
+        _check_job(event.job)
+    elif isinstance(event, WorkflowSubmitted):
+        validate_workflow(event.id, event.jobs)
     elif isinstance(event, Dispatch):
         _check_args(event.args)
     return event

@@ -15,19 +15,31 @@ Invariants:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from streams.events import JobSpec, JobSubmitted, encode
+import msgspec
+
+from streams.errors import InvalidEvent
+from streams.events import (
+    DEFAULT_MAX_WORKFLOW_BYTES,
+    JobSpec,
+    JobSubmitted,
+    WorkflowSubmitted,
+    encode,
+    validate_workflow,
+)
 from streams.kafka import ConfirmedProducer, Record, producer_config
 from streams.topics import TopicRegistry, load_topics
 
 
 def route(job: JobSpec) -> tuple[str, bytes]:
-    """(logical topic, key) for a submission."""
-    if job.depends_on or job.group:
-        return "jobs.dependent", (job.group or job.id).encode()
+    """(logical topic, key) for a submission: jobs with dependencies, a group or an order key
+    go to ``jobs.dependent`` keyed by group (else order key), so that one owner sees them and
+    their completions in order; the rest to ``jobs.independent`` keyed by job id."""
+    if job.depends_on or job.group or job.order_key:
+        return "jobs.dependent", (job.group or job.order_key or job.id).encode()
     return "jobs.independent", job.id.encode()
 
 
@@ -39,8 +51,10 @@ class JobPublisher:
         registry: TopicRegistry | None = None,
         extra: Mapping[str, Any] | None = None,
         linger_ms: int = 0,
+        max_workflow_bytes: int = DEFAULT_MAX_WORKFLOW_BYTES,
     ) -> None:
         self.registry = registry or load_topics()
+        self.max_workflow_bytes = max_workflow_bytes
         self._producer = ConfirmedProducer(producer_config(bootstrap, extra, linger_ms=linger_ms))
 
     def record(self, job: JobSpec, submitted_at: float | None = None) -> Record:
@@ -57,6 +71,30 @@ class JobPublisher:
         records = [self.record(j) for j in jobs]
         self._producer.produce_confirmed(records, timeout_s)
         return len(records)
+
+    def workflow_record(
+        self, workflow_id: str, jobs: Sequence[JobSpec], submitted_at: float | None = None
+    ) -> Record:
+        jobs = [j if j.group else msgspec.structs.replace(j, group=workflow_id) for j in jobs]
+        event = WorkflowSubmitted(
+            id=workflow_id,
+            jobs=list(jobs),
+            submitted_at=time.time() if submitted_at is None else submitted_at,
+        )
+        validate_workflow(workflow_id, event.jobs)  # fail here rather than in the dead letters
+        value = encode(event)
+        if len(value) > self.max_workflow_bytes:
+            raise InvalidEvent(
+                f"workflow {workflow_id} is {len(value)} bytes, over the "
+                f"limit of {self.max_workflow_bytes}; split it"
+            )
+        return Record(self.registry.name("jobs.dependent"), value, workflow_id.encode())
+
+    def submit_workflow(
+        self, workflow_id: str, jobs: Sequence[JobSpec], timeout_s: float = 30.0
+    ) -> None:
+        """Publish a whole DAG as one event: intake accepts or rejects all of it together."""
+        self._producer.produce_confirmed([self.workflow_record(workflow_id, jobs)], timeout_s)
 
     def send_raw(self, logical_topic: str, value: bytes, key: bytes | None = None) -> None:
         """Publish bytes as they are (tests and replay of dead letters use this)."""

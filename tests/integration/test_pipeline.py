@@ -176,7 +176,9 @@ def test_failure_is_retried_then_fails_its_dependents(
     root = row(dsn, "root")
     assert root["attempt"] == 2, "kind 'fail' allows two attempts"
     assert "exit code 3" in str(root["error"]) and "failing on purpose" in str(root["error"])
-    assert row(dsn, "grandchild")["error"] == "dependency root did not succeed"
+    assert row(dsn, "child")["error"] == "dependency root failed"
+    assert row(dsn, "grandchild")["error"] == "dependency child failed because root did not succeed"
+    assert row(dsn, "grandchild")["root_cause"] == "root"
     assert row(dsn, "child")["started_at"] is None
     events = [
         decode(m.value())

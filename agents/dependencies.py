@@ -1,0 +1,66 @@
+"""The dependency stage: ``jobs.dependent`` and ``jobs.events`` in one agent.
+
+Both topics are keyed by the dependency group and co-partitioned (``topics.yaml``), so one
+owner sees a group's submissions and its completions, in order. Per batch, one transaction
+persists new jobs and lifecycle events, loads the affected part of the graph and lets the pure
+core (``agents.core.deps``) decide: release, fail (transitively, naming the root cause) or wait
+(the gate shown by ``jobstream why``). Released jobs and retries go to ``jobs.ready``.
+
+Invariants:
+- Arrival order does not matter, and duplicated or reordered completions change nothing
+  (guarded transitions; decisions are written only from ``waiting``).
+- A submission that can never run (a cycle, a forbidden cross-tenant dependency) is failed,
+  dead-lettered with its original bytes, and announced as ``job.rejected``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from agents.context import Context, RawMessage, retrying
+from agents.deadletter import dead_letter, decode_all
+from agents.intake import accept_submissions, forward_ready
+from streams.events import JobEvent, JobRejected, encode
+from streams.kafka import Record
+
+EventOrRejected = JobEvent | JobRejected
+
+
+async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
+    s = ctx.settings
+    submissions_topic = ctx.topic("jobs.dependent")
+    subs = [m for m in messages if m.topic == submissions_topic]
+    accepted, rejected, origin = accept_submissions(ctx, subs, dependent=True)
+    decoded, bad = decode_all(
+        ctx, [m for m in messages if m.topic != submissions_topic], EventOrRejected
+    )
+    events = [e for e in decoded if not isinstance(e, JobRejected)]
+    await dead_letter(ctx, [*rejected, *bad])
+    store = await ctx.store()
+    ready, impossible = await retrying(
+        "dependency batch",
+        lambda: store.settle_batch(
+            accepted,
+            events,
+            now=time.time(),
+            grace_s=s.dependency_grace_s,
+            allow_cross_tenant=s.allow_cross_tenant_deps,
+        ),
+    )
+    if impossible:
+        await dead_letter(
+            ctx, [(origin[f.job], f"job {f.job} rejected: {f.reason}") for f in impossible]
+        )
+        topic = ctx.topic("jobs.events")
+        notices = [
+            Record(
+                topic,
+                encode(JobRejected(job_id=f.job, at=time.time(), reason=f.reason)),
+                (origin[f.job].key or f.job.encode()),
+            )
+            for f in impossible
+        ]
+        await retrying("announce rejections", lambda: ctx.producer.aproduce(notices))
+    await forward_ready(ctx, ready)
+    return len(messages)

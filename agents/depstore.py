@@ -1,0 +1,323 @@
+"""The dependency stage's SQL: persist submissions and lifecycle events, load the working
+set the dependency core decides on, and write its decisions back, all in the caller's
+transaction.
+
+Invariants:
+- Inserting is idempotent on job id; edges are stored once (``job_deps``).
+- Lifecycle events are guarded by state and attempt (``agents.core.lifecycle``).
+- Dependency rows are read ``FOR SHARE`` when a dependent is inserted and a finishing job's
+  row is updated before its dependents are read, so a dependent inserted concurrently with its
+  dependency's completion is seen by one side or the other (no lost wake-up); the reconciler
+  re-settles waiting jobs as a safety net.
+- A decision is written with ``WHERE state = 'waiting'``: a job is released or failed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from agents.core.deps import Edge, Fail, Needs, Node, Release, Wait
+from agents.core.lifecycle import CANCEL_FROM, FINISHED_FROM, STARTED_FROM
+from agents.rows import READY_COLS, RETURN_STATE, Accepted, ReadyJob, q, states
+from streams.events import JobCancelled, JobEvent, JobFailed, JobStarted, JobSucceeded
+
+Conn = psycopg.AsyncConnection[Any]
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+async def insert_jobs(conn: Conn, batch: Sequence[Accepted]) -> list[str]:
+    """Insert new jobs and their edges; return the ids inserted now (not replays)."""
+    if not batch:
+        return []
+    inserted: list[str] = []
+    async with conn.cursor() as cur:
+        for a in batch:
+            j = a.job
+            waits = bool(j.depends_on or j.order_key)
+            await cur.execute(
+                """
+                INSERT INTO jobs (id, tenant, kind, group_key, args, priority, size, depends_on,
+                    labels, resources, timeout_s, max_attempts, state, gate, submitted_at,
+                    ready_at, origin_topic, origin_partition, origin_offset, trigger, order_key,
+                    workflow_id)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s),
+                    CASE WHEN %s THEN NULL ELSE now() END, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING id
+                """,
+                (
+                    j.id,
+                    j.tenant,
+                    j.kind,
+                    j.group,
+                    Jsonb(j.args),
+                    j.priority,
+                    j.size,
+                    list(j.depends_on),
+                    list(j.labels),
+                    list(j.resources),
+                    j.timeout_s,
+                    a.max_attempts,
+                    "waiting" if waits else "ready",
+                    "dependency" if waits else None,
+                    a.submitted_at,
+                    waits,
+                    *a.origin,
+                    j.trigger,
+                    j.order_key,
+                    a.workflow_id,
+                ),
+            )
+            if await cur.fetchone() is None:
+                continue  # a replay: the job exists, its edges too
+            inserted.append(j.id)
+            needs = Needs.DONE if j.trigger == "all_done" else Needs.SUCCESS
+            edges = [(j.id, d, str(needs), "depends_on") for d in dict.fromkeys(j.depends_on)]
+            if j.order_key:
+                await cur.execute(
+                    "SELECT id FROM jobs WHERE tenant = %s AND order_key = %s AND id <> %s "
+                    "ORDER BY seq DESC LIMIT 1",
+                    (j.tenant, j.order_key, j.id),
+                )
+                prev = await cur.fetchone()
+                if prev is not None and prev[0] not in j.depends_on:
+                    edges.append((j.id, prev[0], "done", "order"))
+            if edges:
+                await cur.executemany(
+                    "INSERT INTO job_deps (job_id, dep_id, needs, kind) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    edges,
+                )
+    if inserted:
+        await conn.execute(
+            "INSERT INTO job_history (job_id, event, detail) SELECT id, 'accepted', "
+            "jsonb_build_object('state', state) FROM jobs WHERE id = ANY(%s)",
+            (inserted,),
+        )
+        # dependencies are read FOR SHARE: a concurrent completion waits for this commit
+        await conn.execute(
+            "SELECT 1 FROM jobs WHERE id IN (SELECT dep_id FROM job_deps WHERE job_id = ANY(%s))"
+            " FOR SHARE",
+            (inserted,),
+        )
+    return inserted
+
+
+async def apply_lifecycle(
+    conn: Conn, events: Sequence[JobEvent]
+) -> tuple[list[str], list[ReadyJob]]:
+    """Apply events in order; return (jobs that became terminal, jobs back to ready)."""
+    terminal: list[str] = []
+    retry: list[ReadyJob] = []
+    history: list[tuple[str, int, str, Jsonb]] = []
+    for ev in events:
+        row = await _apply_one(conn, ev)
+        if row is None:
+            continue
+        state, attempt = row[0], getattr(ev, "attempt", row[1])
+        history.append(
+            (
+                ev.job_id,
+                attempt,
+                "started" if isinstance(ev, JobStarted) else state,
+                Jsonb(_detail(ev)),
+            )
+        )
+        if state in TERMINAL_STATES:
+            terminal.append(ev.job_id)
+        elif state == "ready":
+            retry.append(ReadyJob(ev.job_id, row[2], row[3], row[4]))
+    if history:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO job_history (job_id, attempt, event, detail) VALUES (%s, %s, %s, %s)",
+                history,
+            )
+    return terminal, retry
+
+
+async def _apply_one(conn: Conn, ev: JobEvent) -> tuple[Any, ...] | None:
+    if isinstance(ev, JobStarted):
+        cur = await conn.execute(
+            q(
+                """UPDATE jobs SET state = 'running', started_at = to_timestamp(%s), worker = %s,
+                updated_at = now()
+            WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
+                ret=RETURN_STATE,
+            ),
+            (ev.at, ev.worker, ev.job_id, ev.attempt, states(STARTED_FROM)),
+        )
+    elif isinstance(ev, JobSucceeded):
+        cur = await conn.execute(
+            q(
+                """UPDATE jobs SET state = 'succeeded', finished_at = to_timestamp(%s),
+                started_at = coalesce(started_at, to_timestamp(%s)), worker = %s, exit_code = %s,
+                log_path = %s, error = NULL, gate = NULL, updated_at = now()
+            WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
+                ret=RETURN_STATE,
+            ),
+            (
+                ev.at,
+                ev.at - ev.duration_s,
+                ev.worker,
+                ev.exit_code,
+                ev.log_path,
+                ev.job_id,
+                ev.attempt,
+                states(FINISHED_FROM),
+            ),
+        )
+    elif isinstance(ev, JobFailed):
+        cur = await conn.execute(
+            q(
+                """UPDATE jobs SET
+                state = CASE WHEN %s AND attempt < max_attempts THEN 'ready' ELSE 'failed' END,
+                gate = CASE WHEN %s AND attempt < max_attempts THEN 'retry' END,
+                ready_at = now(), finished_at = to_timestamp(%s), worker = %s, exit_code = %s,
+                error = %s, log_path = %s, updated_at = now()
+            WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
+                ret=RETURN_STATE,
+            ),
+            (
+                ev.retryable,
+                ev.retryable,
+                ev.at,
+                ev.worker,
+                ev.exit_code,
+                ev.error[:4000],
+                ev.log_path,
+                ev.job_id,
+                ev.attempt,
+                states(FINISHED_FROM),
+            ),
+        )
+    elif isinstance(ev, JobCancelled):
+        cur = await conn.execute(
+            q(
+                """UPDATE jobs SET state = 'cancelled', finished_at = to_timestamp(%s), error = %s,
+                gate = NULL, updated_at = now()
+            WHERE id = %s AND state = ANY(%s) {ret}""",
+                ret=RETURN_STATE,
+            ),
+            (ev.at, ev.reason or "cancelled", ev.job_id, states(CANCEL_FROM)),
+        )
+    else:  # pragma: no cover - the union is exhaustive
+        return None
+    return await cur.fetchone()
+
+
+def _detail(ev: JobEvent) -> dict[str, Any]:
+    if isinstance(ev, JobFailed):
+        return {"worker": ev.worker, "error": ev.error[:500], "exit_code": ev.exit_code}
+    if isinstance(ev, JobSucceeded):
+        return {"worker": ev.worker, "duration_s": ev.duration_s}
+    if isinstance(ev, JobStarted):
+        return {"worker": ev.worker}
+    return {"reason": ev.reason}
+
+
+async def load_working_set(conn: Conn, changed: Sequence[str]) -> list[Node]:
+    """``changed`` jobs, their waiting dependents transitively (with their edges), and every
+    job those wait on (as leaves: state, tenant and root cause)."""
+    if not changed:
+        return []
+    cur = await conn.execute(
+        """
+        WITH RECURSIVE down(id) AS (
+            SELECT unnest(%s::text[])
+            UNION
+            SELECT d.job_id FROM job_deps d JOIN down ON d.dep_id = down.id
+            JOIN jobs w ON w.id = d.job_id AND w.state = 'waiting'
+        )
+        SELECT j.id, j.state, extract(epoch from j.accepted_at)::float8, j.root_cause, j.tenant,
+               coalesce(array_agg(d.dep_id ORDER BY d.dep_id) FILTER (WHERE d.dep_id IS NOT NULL),
+                        '{}'),
+               coalesce(array_agg(d.needs ORDER BY d.dep_id) FILTER (WHERE d.dep_id IS NOT NULL),
+                        '{}')
+        FROM jobs j LEFT JOIN job_deps d ON d.job_id = j.id AND j.state = 'waiting'
+        WHERE j.id IN (SELECT id FROM down)
+        GROUP BY j.id
+        """,
+        (list(changed),),
+    )
+    nodes: dict[str, Node] = {}
+    for jid, state, at, root, tenant, deps, needs in await cur.fetchall():
+        edges = tuple(Edge(d, Needs(n)) for d, n in zip(deps, needs, strict=True))
+        nodes[jid] = Node(jid, state, edges, at, root, tenant)
+    leaves = sorted({e.dep for n in nodes.values() for e in n.edges} - set(nodes))
+    if leaves:
+        cur = await conn.execute(
+            "SELECT id, state, root_cause, tenant FROM jobs WHERE id = ANY(%s)", (leaves,)
+        )
+        for jid, state, root, tenant in await cur.fetchall():
+            nodes[jid] = Node(jid, state, (), 0.0, root, tenant)
+    return list(nodes.values())
+
+
+async def apply_decisions(conn: Conn, decisions: Sequence[Release | Fail | Wait]) -> list[ReadyJob]:
+    """Write decisions guarded by ``state = 'waiting'``; return the jobs released now."""
+    released = [d.job for d in decisions if isinstance(d, Release)]
+    failed = [d for d in decisions if isinstance(d, Fail)]
+    waits = [d for d in decisions if isinstance(d, Wait)]
+    ready: list[ReadyJob] = []
+    if released:
+        cur = await conn.execute(
+            q(
+                """UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(),
+                    updated_at = now()
+                WHERE id = ANY(%s) AND state = 'waiting' RETURNING {cols}""",
+                cols=READY_COLS,
+            ),
+            (released,),
+        )
+        ready = [ReadyJob(*r) for r in await cur.fetchall()]
+        if ready:
+            await conn.execute(
+                "INSERT INTO job_history (job_id, event) SELECT unnest(%s::text[]), 'unlocked'",
+                ([r.id for r in ready],),
+            )
+    if failed:
+        await conn.execute(
+            """
+            WITH f AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])
+                       AS f(id, root, reason)),
+            changed AS (
+                UPDATE jobs j SET state = 'failed', gate = NULL, finished_at = now(),
+                    updated_at = now(), root_cause = f.root, error = f.reason
+                FROM f WHERE j.id = f.id AND j.state = 'waiting'
+                RETURNING j.id, f.root, f.reason)
+            INSERT INTO job_history (job_id, event, detail)
+            SELECT id, 'failed', jsonb_build_object('reason', reason, 'root_cause', root)
+            FROM changed
+            """,
+            ([d.job for d in failed], [d.root for d in failed], [d.reason for d in failed]),
+        )
+    if waits:
+        await conn.execute(
+            """UPDATE jobs j SET gate = w.gate FROM unnest(%s::text[], %s::text[]) AS w(id, gate)
+            WHERE j.id = w.id AND j.state = 'waiting' AND j.gate IS DISTINCT FROM w.gate""",
+            ([w.job for w in waits], [w.gate for w in waits]),
+        )
+    return ready
+
+
+async def ready_among(
+    conn: Conn, ids: Sequence[str], dependents_of: Sequence[str] = ()
+) -> list[ReadyJob]:
+    """Jobs among ``ids`` or the dependents of ``dependents_of`` that are ready: after a replay
+    they may have been released without being forwarded."""
+    if not ids and not dependents_of:
+        return []
+    cur = await conn.execute(
+        q(
+            """SELECT {cols} FROM jobs WHERE state = 'ready' AND (id = ANY(%s)
+           OR id IN (SELECT job_id FROM job_deps WHERE dep_id = ANY(%s)))""",
+            cols=READY_COLS,
+        ),
+        (list(ids), list(dependents_of)),
+    )
+    return [ReadyJob(*r) for r in await cur.fetchall()]

@@ -1,0 +1,74 @@
+"""Row types exchanged with PostgreSQL, and the one helper that builds SQL text.
+
+Invariant: SQL is built only from literal text and fixed fragments (``q``); values always
+travel as parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, LiteralString
+
+from psycopg import sql
+
+from streams.events import JobSpec
+
+
+def q(text: LiteralString, **fragments: sql.Composable) -> sql.Composed:
+    """A query from literal SQL text and fixed SQL fragments (never from input)."""
+    return sql.SQL(text).format(**fragments)
+
+
+def states(values: Sequence[str]) -> list[str]:
+    return [str(s) for s in values]
+
+
+READY_COLS = sql.SQL("id, tenant, kind, extract(epoch from submitted_at)::float8 AS submitted_at")
+DISPATCH_COLS = sql.SQL(
+    "id, attempt, tenant, kind, args, timeout_s, extract(epoch from submitted_at)::float8, "
+    "extract(epoch from dispatched_at)::float8, group_key"
+)
+RETURN_STATE = sql.SQL(
+    "RETURNING state, attempt, tenant, kind, extract(epoch from submitted_at)::float8"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    job: JobSpec
+    submitted_at: float
+    max_attempts: int
+    origin: tuple[str, int, int]
+    workflow_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyJob:
+    id: str
+    tenant: str
+    kind: str
+    submitted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchJob:
+    id: str
+    attempt: int
+    tenant: str
+    kind: str
+    args: dict[str, Any]
+    timeout_s: float | None
+    submitted_at: float
+    dispatched_at: float
+    group: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
