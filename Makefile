@@ -32,8 +32,8 @@ stop-services:
 	-scripts/postgres.sh stop
 
 lint: venv
-	$(BIN)/ruff check streams agents tests
-	$(BIN)/ruff format --check streams agents tests
+	$(BIN)/ruff check streams agents tests bench
+	$(BIN)/ruff format --check streams agents tests bench
 
 typecheck: venv
 	$(BIN)/mypy

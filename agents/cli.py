@@ -33,6 +33,8 @@ topics_app = typer.Typer(help="Create and check the topics of topics.yaml.")
 db_app = typer.Typer(help="Database schema.")
 config_app = typer.Typer(help="Configuration.")
 dl_app = typer.Typer(help="Dead letters: rejected input with its reason.")
+wf_app = typer.Typer(help="Workflows: DAGs of dependent jobs.")
+app.add_typer(wf_app, name="workflow")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
@@ -129,7 +131,10 @@ def db_migrate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 @app.command()
 def submit(
-    kind: Annotated[str, typer.Argument(help="Job kind, as configured in kinds.")],
+    kind: Annotated[str | None, typer.Argument(help="Job kind, as configured in kinds.")] = None,
+    workflow: Annotated[
+        Path | None, typer.Option("--workflow", "-w", help="Submit a YAML/JSON DAG file")
+    ] = None,
     job_id: Annotated[
         str | None, typer.Option("--id", help="Idempotency key (default: new)")
     ] = None,
@@ -151,6 +156,11 @@ def submit(
     from streams.topics import load_topics
 
     s = _settings(config)
+    if workflow is not None:
+        _submit_workflow(s, workflow, tenant, as_json)
+        return
+    if kind is None:
+        raise ConfigError("give a KIND, or --workflow FILE")
     args: dict[str, str] = {}
     for item in arg or []:
         name, sep, value = item.partition("=")
@@ -183,6 +193,158 @@ def submit(
     _emit({"id": job.id, "submitted": True}, as_json) if as_json else out.print(
         f"submitted [bold]{job.id}[/]"
     )
+
+
+def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
+    """``{id, tenant?, jobs: [{id, kind, args?, depends_on?, ...}]}`` from YAML or JSON."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidEvent(f"{path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
+        raise InvalidEvent(f"{path}: expected a mapping with 'id' and a list 'jobs'")
+    wid = doc.get("id")
+    if not isinstance(wid, str) or not wid:
+        raise InvalidEvent(f"{path}: the workflow needs an 'id'")
+    tenant = doc.get("tenant", default_tenant)
+    jobs = []
+    for i, raw in enumerate(doc["jobs"]):
+        if not isinstance(raw, dict):
+            raise InvalidEvent(f"{path}: job {i} must be a mapping")
+        try:
+            jobs.append(msgspec.convert({"tenant": tenant, "group": wid, **raw}, JobSpec))
+        except msgspec.ValidationError as exc:
+            raise InvalidEvent(f"{path}: job {i} ({raw.get('id')}): {exc}") from None
+    return wid, jobs
+
+
+def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> None:
+    from streams.publisher import JobPublisher
+    from streams.topics import load_topics
+
+    wid, jobs = load_workflow(path, tenant)
+    unknown = sorted({j.kind for j in jobs} - set(s.kinds))
+    if unknown:
+        raise ConfigError(f"unknown kinds {unknown}; known: {', '.join(sorted(s.kinds))}")
+    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
+    with JobPublisher(
+        s.require_kafka(),
+        registry=registry,
+        extra=s.kafka_config,
+        max_workflow_bytes=s.max_workflow_bytes,
+    ) as pub:
+        pub.submit_workflow(wid, jobs)
+    if as_json:
+        _emit({"workflow": wid, "jobs": len(jobs), "submitted": True}, True)
+    else:
+        out.print(f"submitted workflow [bold]{wid}[/] ({len(jobs)} jobs)")
+
+
+STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "red",
+    "running": "cyan",
+    "dispatched": "cyan",
+    "ready": "yellow",
+    "waiting": "dim",
+}
+
+
+@wf_app.command("show")
+def workflow_show(workflow_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Render a workflow's DAG with each job's state."""
+    from rich.tree import Tree
+
+    from agents.store import PostgresJobStore
+
+    s = _settings(config)
+
+    async def run() -> list[dict[str, Any]]:
+        async with PostgresJobStore(s.require_database()) as store:
+            return await store.workflow(workflow_id)
+
+    rows = asyncio.run(run())
+    if not rows:
+        err.print(f"no workflow {workflow_id!r}")
+        raise typer.Exit(1)
+    if as_json:
+        _emit(rows, True)
+        return
+    by_id = {r["id"]: r for r in rows}
+    children: dict[str, list[str]] = {}
+    for r in rows:
+        for d in r["deps"]:
+            if d in by_id:
+                children.setdefault(d, []).append(r["id"])
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    tree = Tree(
+        f"[bold]{workflow_id}[/]  "
+        + "  ".join(f"[{STATE_STYLE.get(k, 'white')}]{k} {v}[/]" for k, v in sorted(counts.items()))
+    )
+    shown: set[str] = set()
+
+    def label(r: dict[str, Any]) -> str:
+        style = STATE_STYLE.get(r["state"], "white")
+        extra = r["error"] or r["gate"] or ""
+        return f"[{style}]{r['state']:<10}[/] {r['id']} [dim]({r['kind']})[/] {extra}"
+
+    def add(node: Any, jid: str) -> None:
+        if jid in shown:
+            node.add(f"[dim]{jid} (see above)[/]")
+            return
+        shown.add(jid)
+        branch = node.add(label(by_id[jid]))
+        for c in children.get(jid, []):
+            add(branch, c)
+
+    for r in rows:
+        if not any(d in by_id for d in r["deps"]):
+            add(tree, r["id"])
+    for r in rows:  # jobs only reachable through a cycle
+        if r["id"] not in shown:
+            add(tree, r["id"])
+    out.print(tree)
+
+
+@app.command()
+def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Why a job is where it is: its state, its current gate and what it waits on."""
+    from agents.store import PostgresJobStore
+
+    s = _settings(config)
+
+    async def run() -> dict[str, Any] | None:
+        async with PostgresJobStore(s.require_database()) as store:
+            return await store.why(job_id)
+
+    row = asyncio.run(run())
+    if row is None:
+        err.print(f"no job {job_id!r}")
+        raise typer.Exit(1)
+    if as_json:
+        _emit(row, True)
+        return
+    style = STATE_STYLE.get(row["state"], "white")
+    out.print(
+        f"[bold]{row['id']}[/] is [{style}]{row['state']}[/]"
+        + (f": {row['gate']}" if row["gate"] else "")
+        + (f" — {row['error']}" if row["error"] else "")
+    )
+    if row["root_cause"]:
+        out.print(f"  root cause: {row['root_cause']}")
+    for d in row["dependencies"]:
+        need = "must succeed" if d["needs"] == "success" else "must finish"
+        out.print(
+            f"  {d['edge']:<10} {d['id']}: [{STATE_STYLE.get(d['state'], 'white')}]"
+            f"{d['state']}[/] ({need})"
+        )
 
 
 @app.command()

@@ -297,6 +297,46 @@ class PostgresJobStore:
             await conn.rollback()
             return row
 
+    async def workflow(self, workflow_id: str) -> list[dict[str, Any]]:
+        """Jobs of a workflow (or dependency group) with their dependencies, in submission
+        order."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                """SELECT j.id, j.kind, j.state, j.gate, j.error, j.attempt, j.trigger,
+                          coalesce(array_agg(d.dep_id ORDER BY d.dep_id)
+                                   FILTER (WHERE d.dep_id IS NOT NULL), '{}') AS deps
+                   FROM jobs j LEFT JOIN job_deps d ON d.job_id = j.id
+                   WHERE j.workflow_id = %s OR j.group_key = %s
+                   GROUP BY j.id ORDER BY min(j.seq)""",
+                (workflow_id, workflow_id),
+            )
+            rows = await cur.fetchall()
+            await conn.rollback()
+            return rows
+
+    async def why(self, job_id: str) -> dict[str, Any] | None:
+        """A job's state and gate, and the state of each job it waits on."""
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                "SELECT id, tenant, kind, state, gate, error, root_cause, attempt, max_attempts, "
+                "trigger, accepted_at FROM jobs WHERE id = %s",
+                (job_id,),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                await cur.execute(
+                    """SELECT d.dep_id AS id, d.needs, d.kind AS edge,
+                              coalesce(j.state, 'not submitted') AS state
+                       FROM job_deps d LEFT JOIN jobs j ON j.id = d.dep_id
+                       WHERE d.job_id = %s ORDER BY d.dep_id""",
+                    (job_id,),
+                )
+                row["dependencies"] = await cur.fetchall()
+            await conn.rollback()
+            return row
+
     async def state_counts(self, ids: Sequence[str] | None = None) -> dict[str, int]:
         async with self._pool.connection() as conn:
             if ids is None:

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench SCENARIO [--json]``; each prints one JSON object last."""
