@@ -11,8 +11,9 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 import typer
@@ -23,6 +24,11 @@ from agents.errors import ConfigError, JobstreamError, StoreUnavailable
 from agents.settings import Settings, load_settings
 from streams.errors import InvalidEvent, KafkaUnavailable, StreamsError
 from streams.events import JobSpec
+
+if TYPE_CHECKING:
+    from agents.store import PostgresJobStore
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="jobstream: a Kafka-driven job scheduler with state in PostgreSQL.",
@@ -48,6 +54,29 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Settings
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     return load_settings(file=config, **overrides)
+
+
+def _query(config: Path | None, fn: Callable[[PostgresJobStore], Awaitable[T]]) -> T:
+    """Open the store, run one query, close it."""
+    from agents.store import PostgresJobStore
+
+    s = _settings(config)
+
+    async def run() -> T:
+        async with PostgresJobStore(s.require_database()) as store:
+            return await fn(store)
+
+    return asyncio.run(run())
+
+
+def _missing_or_json(row: Any, missing: str, as_json: bool) -> bool:
+    """Exit 1 saying ``missing`` when there is no row; with ``--json`` print it and say so."""
+    if row is None or row == []:
+        err.print(missing)
+        raise typer.Exit(1)
+    if as_json:
+        _emit(row, True)
+    return as_json
 
 
 def _emit(data: Any, as_json: bool) -> None:
@@ -115,15 +144,7 @@ def _topics(config: Path | None, as_json: bool, *, create: bool) -> None:
 @db_app.command("migrate")
 def db_migrate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Apply pending schema migrations (safe to run from several processes at once)."""
-    from agents.store import PostgresJobStore
-
-    s = _settings(config)
-
-    async def run() -> list[str]:
-        async with PostgresJobStore(s.require_database()) as store:
-            return await store.migrate()
-
-    applied = asyncio.run(run())
+    applied: list[str] = _query(config, lambda store: store.migrate())
     _emit({"applied": applied}, as_json) if as_json else out.print(
         f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}"
     )
@@ -260,20 +281,8 @@ def workflow_show(workflow_id: str, config: ConfigOpt = None, as_json: JsonOpt =
     """Render a workflow's DAG with each job's state."""
     from rich.tree import Tree
 
-    from agents.store import PostgresJobStore
-
-    s = _settings(config)
-
-    async def run() -> list[dict[str, Any]]:
-        async with PostgresJobStore(s.require_database()) as store:
-            return await store.workflow(workflow_id)
-
-    rows = asyncio.run(run())
-    if not rows:
-        err.print(f"no workflow {workflow_id!r}")
-        raise typer.Exit(1)
-    if as_json:
-        _emit(rows, True)
+    rows: list[dict[str, Any]] = _query(config, lambda store: store.workflow(workflow_id))
+    if _missing_or_json(rows, f"no workflow {workflow_id!r}", as_json):
         return
     by_id = {r["id"]: r for r in rows}
     children: dict[str, list[str]] = {}
@@ -316,20 +325,8 @@ def workflow_show(workflow_id: str, config: ConfigOpt = None, as_json: JsonOpt =
 @app.command()
 def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Why a job is where it is: its state, its current gate and what it waits on."""
-    from agents.store import PostgresJobStore
-
-    s = _settings(config)
-
-    async def run() -> dict[str, Any] | None:
-        async with PostgresJobStore(s.require_database()) as store:
-            return await store.why(job_id)
-
-    row = asyncio.run(run())
-    if row is None:
-        err.print(f"no job {job_id!r}")
-        raise typer.Exit(1)
-    if as_json:
-        _emit(row, True)
+    row: dict[str, Any] | None = _query(config, lambda store: store.why(job_id))
+    if _missing_or_json(row, f"no job {job_id!r}", as_json) or row is None:
         return
     style = STATE_STYLE.get(row["state"], "white")
     out.print(
@@ -350,20 +347,8 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
 @app.command()
 def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show one job: state, attempts, times, log path and history."""
-    from agents.store import PostgresJobStore
-
-    s = _settings(config)
-
-    async def run() -> dict[str, Any] | None:
-        async with PostgresJobStore(s.require_database()) as store:
-            return await store.job(job_id)
-
-    row = asyncio.run(run())
-    if row is None:
-        err.print(f"no job {job_id!r}")
-        raise typer.Exit(1)
-    if as_json:
-        _emit(row, True)
+    row: dict[str, Any] | None = _query(config, lambda store: store.job(job_id))
+    if _missing_or_json(row, f"no job {job_id!r}", as_json) or row is None:
         return
     table = Table(show_header=False, box=None)
     for k in (
@@ -394,15 +379,7 @@ def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
 @dl_app.command("list")
 def deadletter_list(limit: int = 50, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """The most recent dead letters with their reasons."""
-    from agents.store import PostgresJobStore
-
-    s = _settings(config)
-
-    async def run() -> list[dict[str, Any]]:
-        async with PostgresJobStore(s.require_database()) as store:
-            return await store.dead_letters(limit)
-
-    rows = asyncio.run(run())
+    rows: list[dict[str, Any]] = _query(config, lambda store: store.dead_letters(limit))
     if as_json:
         _emit(rows, True)
         return
