@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import msgspec
+
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import Rejected, dead_letter
 from agents.rows import Accepted, ReadyJob
@@ -25,7 +27,6 @@ from streams.events import (
     JobSpec,
     JobSubmitted,
     Submission,
-    WorkflowSubmitted,
     decode,
     encode,
 )
@@ -94,7 +95,7 @@ def accept_submissions(
             continue
         for job in jobs:
             if workflow is not None and job.group is None:
-                job = _with_group(job, workflow)
+                job = msgspec.structs.replace(job, group=workflow)
             kind = ctx.settings.kinds[job.kind]
             accepted.append(
                 Accepted(
@@ -109,12 +110,6 @@ def accept_submissions(
     return accepted, rejected, origin
 
 
-def _with_group(job: JobSpec, group: str) -> JobSpec:
-    import msgspec
-
-    return msgspec.structs.replace(job, group=group)
-
-
 async def handle_submissions(ctx: Context, messages: Sequence[RawMessage]) -> int:
     """Handle one batch of ``jobs.independent``; return the number of jobs forwarded."""
     accepted, rejected, _ = accept_submissions(ctx, messages, dependent=False)
@@ -122,6 +117,3 @@ async def handle_submissions(ctx: Context, messages: Sequence[RawMessage]) -> in
     store = await ctx.store()
     ready = await retrying("intake persist", lambda: store.accept(accepted))
     return await forward_ready(ctx, ready)
-
-
-__all__ = ["WorkflowSubmitted", "accept_submissions", "forward_ready", "handle_submissions"]

@@ -11,7 +11,6 @@ Invariants:
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -382,7 +381,3 @@ class PostgresJobStore:
             rows = await cur.fetchall()
             await conn.rollback()
             return rows
-
-
-def now() -> float:
-    return time.time()

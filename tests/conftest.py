@@ -22,6 +22,7 @@ from psycopg import sql
 from agents.settings import Settings, load_settings
 from agents.store import PostgresJobStore
 from streams.kafka import apply_topics, wait_for_broker
+from streams.publisher import JobPublisher
 from streams.topics import TopicRegistry, load_topics
 
 KAFKA = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP_TEST", "127.0.0.1:19092")
@@ -153,3 +154,9 @@ def settings_env(s: Settings) -> dict[str, str]:
         env[key] = json.dumps(value) if isinstance(value, dict) else str(value)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture
+def publisher(settings: Settings, registry: TopicRegistry) -> Iterator[JobPublisher]:
+    with JobPublisher(settings.require_kafka(), registry=registry) as pub:
+        yield pub

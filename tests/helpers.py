@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,3 +92,31 @@ def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float = 30.0
     finally:
         c.close()
     return iter(got)
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``jobstream ARGS`` as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "agents.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@contextmanager
+def running(env: dict[str, str], logs: Path, slots: int = 4) -> Iterator[dict[str, Proc]]:
+    """A scheduler and a worker as subprocesses, stopped (SIGTERM) on exit."""
+    procs = {
+        "scheduler": Proc(["scheduler"], env, logs / "scheduler.log"),
+        "worker": Proc(["worker", "--slots", str(slots)], env, logs / "worker.log"),
+    }
+    try:
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop(timeout=20)

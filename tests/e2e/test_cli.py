@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -14,22 +12,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.settings import Settings
 from tests.conftest import settings_env
-from tests.helpers import ROOT, Proc, eventually
+from tests.helpers import cli, eventually, running
 
 pytestmark = pytest.mark.e2e
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agents.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def last_json(stdout: str) -> dict[str, object]:
@@ -94,9 +79,7 @@ def test_unreachable_kafka_exits_3() -> None:
 
 def test_submit_job_and_deadletter_commands(settings: Settings, tmp_path: Path) -> None:
     env = settings_env(settings)
-    sched = Proc(["scheduler"], env, tmp_path / "scheduler.log")
-    worker = Proc(["worker", "--slots", "2"], env, tmp_path / "worker.log")
-    try:
+    with running(env, tmp_path, slots=2):
         marker = tmp_path / "cli-ran"
         r = cli(
             "submit",
@@ -145,6 +128,3 @@ def test_submit_job_and_deadletter_commands(settings: Settings, tmp_path: Path) 
 
         rows = eventually(letters, 60, interval=0.5, what="a dead letter")
         assert "malformed JSON" in str(rows[0]["reason"])
-    finally:
-        sched.stop()
-        worker.stop()

@@ -4,9 +4,6 @@ propagation, a restart of the dependency agent mid-workflow, rejections and the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -16,9 +13,8 @@ from agents.settings import Settings
 from streams.events import JobSpec
 from streams.kafka import headers_dict
 from streams.publisher import JobPublisher
-from streams.topics import TopicRegistry
 from tests.conftest import settings_env
-from tests.helpers import ROOT, Proc, eventually, read_topic
+from tests.helpers import Proc, cli, eventually, read_topic, running
 
 pytestmark = pytest.mark.integration
 SCANNERS = ["nomos", "monk", "ojo", "copyright", "keyword", "pkgagent"]
@@ -73,12 +69,6 @@ def assert_dependency_order(jobs: dict[str, dict[str, object]]) -> None:
 
 
 @pytest.fixture
-def publisher(settings: Settings, registry: TopicRegistry) -> Iterator[JobPublisher]:
-    with JobPublisher(settings.require_kafka(), registry=registry) as pub:
-        yield pub
-
-
-@pytest.fixture
 def env(settings: Settings) -> dict[str, str]:
     return settings_env(settings)
 
@@ -86,9 +76,7 @@ def env(settings: Settings) -> dict[str, str]:
 def test_fifty_uploads_complete_in_dependency_order_and_a_failure_stays_in_its_upload(
     settings: Settings, env: dict[str, str], publisher: JobPublisher, tmp_path: Path
 ) -> None:
-    sched = Proc(["scheduler"], env, tmp_path / "scheduler.log")
-    worker = Proc(["worker", "--slots", "8"], env, tmp_path / "worker.log")
-    try:
+    with running(env, tmp_path, slots=8):
         for n in range(50):
             publisher.submit_workflow(f"upload-{n}", upload(n, failing_unpack=n == 7))
         dsn = settings.require_database()
@@ -102,9 +90,6 @@ def test_fifty_uploads_complete_in_dependency_order_and_a_failure_stays_in_its_u
             assert jobs[f"u7-{x}"]["root_cause"] == "u7-unpack"
             assert jobs[f"u7-{x}"]["started_at"] is None
         assert sum(r["state"] == "succeeded" for r in jobs.values()) == 441
-    finally:
-        sched.stop()
-        worker.stop()
 
 
 def test_restarting_the_dependency_agent_mid_workflow_loses_and_duplicates_nothing(
@@ -135,23 +120,10 @@ def test_restarting_the_dependency_agent_mid_workflow_loses_and_duplicates_nothi
         worker.stop()
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agents.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_cli_workflow_why_missing_dependency_cycle_and_all_done(
     settings: Settings, env: dict[str, str], publisher: JobPublisher, tmp_path: Path
 ) -> None:
-    sched = Proc(["scheduler"], env, tmp_path / "scheduler.log")
-    worker = Proc(["worker", "--slots", "4"], env, tmp_path / "worker.log")
-    try:
+    with running(env, tmp_path, slots=4):
         wf = tmp_path / "wf.yaml"
         wf.write_text(
             "id: wf-1\ntenant: acme\njobs:\n"
@@ -160,14 +132,14 @@ def test_cli_workflow_why_missing_dependency_cycle_and_all_done(
             "  - {id: cleanup, kind: sleep, args: {seconds: '0'}, depends_on: [a, b],"
             " trigger: all_done}\n"
         )
-        r = cli(env, "submit", "--workflow", str(wf), "--json")
+        r = cli("submit", "--workflow", str(wf), "--json", env=env)
         assert r.returncode == 0, r.stderr
         bad = tmp_path / "cycle.yaml"
         bad.write_text(
             "id: wf-2\njobs:\n  - {id: x, kind: noop, depends_on: [y]}\n"
             "  - {id: y, kind: noop, depends_on: [x]}\n"
         )
-        r = cli(env, "submit", "--workflow", str(bad))
+        r = cli("submit", "--workflow", str(bad), env=env)
         assert r.returncode == 1 and "dependency cycle" in r.stderr
         # a dependency that is not submitted (yet): surfaced by `why`
         publisher.submit(JobSpec(id="lonely", tenant="acme", kind="noop", depends_on=["ghost"]))
@@ -193,15 +165,15 @@ def test_cli_workflow_why_missing_dependency_cycle_and_all_done(
             120,
             what="workflow settled",
         )
-        r = cli(env, "why", "lonely", "--json")
+        r = cli("why", "lonely", "--json", env=env)
         why = json.loads(r.stdout)
         assert why["state"] == "waiting" and "not yet submitted: ghost" in why["gate"]
         assert why["dependencies"] == [
             {"id": "ghost", "needs": "success", "edge": "depends_on", "state": "not submitted"}
         ]
-        r = cli(env, "workflow", "show", "wf-1")
+        r = cli("workflow", "show", "wf-1", env=env)
         assert r.returncode == 0 and "cleanup" in r.stdout and "succeeded" in r.stdout
-        shown = json.loads(cli(env, "workflow", "show", "wf-1", "--json").stdout)
+        shown = json.loads(cli("workflow", "show", "wf-1", "--json", env=env).stdout)
         assert [j["id"] for j in shown] == ["a", "b", "cleanup"]
         letters = [
             headers_dict(m.headers())
@@ -210,17 +182,12 @@ def test_cli_workflow_why_missing_dependency_cycle_and_all_done(
             )
         ]
         assert any("dependency cycle" in h["dlq.reason"] for h in letters)
-    finally:
-        sched.stop()
-        worker.stop()
 
 
 def test_order_key_runs_jobs_one_after_another(
     settings: Settings, env: dict[str, str], publisher: JobPublisher, tmp_path: Path
 ) -> None:
-    sched = Proc(["scheduler"], env, tmp_path / "scheduler.log")
-    worker = Proc(["worker", "--slots", "4"], env, tmp_path / "worker.log")
-    try:
+    with running(env, tmp_path, slots=4):
         ids = [f"o{i}" for i in range(5)]
         for i in ids:
             publisher.submit(
@@ -237,6 +204,3 @@ def test_order_key_runs_jobs_one_after_another(
         jobs = rows(dsn)
         for prev, nxt in zip(ids, ids[1:], strict=False):
             assert jobs[nxt]["started_at"] >= jobs[prev]["finished_at"]  # type: ignore[operator]
-    finally:
-        sched.stop()
-        worker.stop()

@@ -18,7 +18,7 @@ from streams.events import JobFailed, JobSpec, JobStarted, JobSucceeded, decode
 from streams.kafka import headers_dict
 from streams.publisher import JobPublisher
 from tests.conftest import settings_env
-from tests.helpers import Proc, eventually, read_topic
+from tests.helpers import Proc, eventually, read_topic, running
 
 pytestmark = pytest.mark.integration
 
@@ -38,20 +38,8 @@ def row(dsn: str, job_id: str) -> dict[str, object]:
 
 @pytest.fixture
 def services(settings: Settings, tmp_path: Path) -> Iterator[dict[str, Proc]]:
-    env = settings_env(settings)
-    procs = {
-        "scheduler": Proc(["scheduler"], env, tmp_path / "scheduler.log"),
-        "worker": Proc(["worker", "--slots", "4"], env, tmp_path / "worker.log"),
-    }
-    yield procs
-    for p in procs.values():
-        p.stop(timeout=20)
-
-
-@pytest.fixture
-def publisher(settings: Settings, registry: object) -> Iterator[JobPublisher]:
-    with JobPublisher(settings.require_kafka(), registry=registry) as pub:  # type: ignore[arg-type]
-        yield pub
+    with running(settings_env(settings), tmp_path) as procs:
+        yield procs
 
 
 def test_job_runs_as_subprocess_and_reaches_succeeded(
