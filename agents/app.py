@@ -11,7 +11,7 @@ Agents (one consumer group, ``settings.app_id``):
 
 Invariants:
 - Values are raw bytes (no faust codec, never pickle); our decoder turns bad bytes into
-  dead letters. Acks are manual (``noack_take``): an offset is committed only after its batch
+  dead letters. Acks are manual (``take_available``): an offset is committed only after its batch
   is durable in PostgreSQL and its follow-up events are confirmed by the broker.
 - An unexpected error in a batch never stops the stream: the batch is retried message by
   message, and a message that still fails is dead-lettered with the error as the reason.
@@ -27,6 +27,7 @@ from typing import Any
 import faust
 
 from agents.admission import dispatch_ids, handle_ready
+from agents.batching import take_available
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import dead_letter
 from agents.dependencies import handle_dependent
@@ -90,7 +91,7 @@ def build_app(ctx: Context) -> faust.App:
     def batch_agent(channel: Any, name: str, handler: Handler) -> None:
         async def agent(stream: Any) -> None:
             noack = stream.noack()
-            async for events in noack.noack_take(s.batch_size, within=s.batch_wait_s):
+            async for events in take_available(noack, s.batch_size, linger_s=s.batch_wait_s):
                 await handle_safely(ctx, name, handler, [_raw(e) for e in events])
                 for e in events:
                     await noack.ack(e)

@@ -64,7 +64,7 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     dependency_grace_s: Annotated[float, Meta(gt=0)] = 86_400.0
     allow_cross_tenant_deps: bool = False
     batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 500
-    batch_wait_s: Annotated[float, Meta(ge=0, le=5)] = 0.005
+    batch_wait_s: Annotated[float, Meta(ge=0, le=5)] = 0.0
     reconcile_interval_s: Annotated[float, Meta(gt=0)] = 15.0
     reconcile_after_s: Annotated[float, Meta(gt=0)] = 10.0
     worker_slots: Annotated[int, Meta(ge=1, le=1024)] = 4

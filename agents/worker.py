@@ -119,7 +119,7 @@ class Worker:
                 if self._paused:
                     await self._set_paused(False)
                 self._full_since = None
-                msgs = await self._call(self.consumer.consume, num_messages=room, timeout=0.05)
+                msgs = await self._call(self._fetch, room)
                 for m in msgs:
                     if m.error():
                         log.warning("consumer error: %s", m.error())
@@ -136,6 +136,19 @@ class Worker:
             await self._commit()
             await self._call(self.consumer.close)
             self._pool.shutdown(wait=False)
+
+    def _fetch(self, room: int) -> list[Any]:
+        """Up to ``room`` messages, returning as soon as one is there. ``consume(n, timeout)``
+        waits for all ``n`` or the whole timeout (librdkafka's batch call), which would add
+        up to the timeout to every dispatch at light load; ``poll`` returns on the first."""
+        first = self.consumer.poll(0.05)
+        if first is None:
+            return []
+        return (
+            [first, *self.consumer.consume(num_messages=room - 1, timeout=0)]
+            if room > 1
+            else [first]
+        )
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         lost = {(tp.topic, tp.partition) for tp in partitions}

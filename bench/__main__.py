@@ -124,6 +124,14 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
                    WHERE j.state = 'succeeded' GROUP BY j.id, j.started_at"""
                 ).fetchall()
             ]
+            stages = conn.execute(
+                """SELECT extract(epoch from j.ready_at - max(dj.finished_at)) * 1000,
+                          extract(epoch from j.dispatched_at - j.ready_at) * 1000,
+                          extract(epoch from j.started_at - j.dispatched_at) * 1000
+                   FROM jobs j JOIN job_deps d ON d.job_id = j.id JOIN jobs dj ON dj.id = d.dep_id
+                   WHERE j.state = 'succeeded'
+                   GROUP BY j.id, j.ready_at, j.dispatched_at, j.started_at"""
+            ).fetchall()
             (wf_done,) = conn.execute(
                 "SELECT count(*) FROM jobs WHERE id LIKE '%%-report' AND state = 'succeeded'"
             ).fetchone() or (0,)
@@ -149,6 +157,12 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
             "p50": pct(unlock, 50),
             "p99": pct(unlock, 99),
             "samples": len(unlock),
+        },
+        # where the unlock time goes: completion → ready (dependency stage), ready →
+        # dispatched (admission), dispatched → started (worker)
+        "unlock_stages_p50_ms": {
+            name: pct([float(r[i]) for r in stages], 50)
+            for i, name in enumerate(["to_ready", "to_dispatched", "to_started"])
         },
     }
 
