@@ -1,4 +1,6 @@
-"""``python -m bench dag [--uploads N] [--json]``: FOSSology-shaped workflows on real services.
+"""``python -m bench dag|admission [--json]``.
+
+``dag``: FOSSology-shaped workflows on real services (``admission``: ``bench/admission.py``).
 
 Needs a Kafka broker and PostgreSQL (``make services`` starts both on loopback):
 JOBSTREAM_KAFKA_BOOTSTRAP (default 127.0.0.1:19092) and JOBSTREAM_BENCH_PG (default
@@ -169,7 +171,7 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenario", choices=["dag"])
+    parser.add_argument("scenario", choices=["dag", "admission"])
     parser.add_argument("--uploads", type=int, default=100)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument(
@@ -178,9 +180,16 @@ def main() -> None:
         default=0.0,
         help="seconds between workflows (0: all at once, i.e. saturation)",
     )
+    parser.add_argument("--jobs", type=int, default=100_000, help="admission: queued jobs")
+    parser.add_argument("--tenants", type=int, default=1000, help="admission: tenants")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = dag(args.uploads, args.slots, show=not args.json, interval=args.interval)
+    if args.scenario == "admission":
+        from bench.admission import run
+
+        result = run(args.jobs, args.tenants, show=not args.json)
+    else:
+        result = dag(args.uploads, args.slots, show=not args.json, interval=args.interval)
     print(json.dumps(result))
 
 
