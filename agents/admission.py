@@ -1,22 +1,54 @@
-"""Admission, first in first out: the walking skeleton's stage, replaced by the admission
-control of a later issue (rate limits, priority, fair share, semaphores).
+"""The admission stage: which ready job runs next, and when.
+
+``jobs.ready`` is keyed (and explicitly partitioned) by tenant, so each tenant has one owner
+in the scheduler group. The owner keeps its tenants' ready jobs in the admission core
+(``agents.core.admission``: rate limits, priority, fair share, semaphores) and runs decision
+rounds: on new jobs, on released capacity and operator controls (PostgreSQL ``NOTIFY`` from
+whichever process changed them), when a rate limit expires, and at least every second while
+jobs wait. A round snapshots the semaphores, asks the core, carries the admissions out in one
+transaction (``agents.admstore.admit``, which re-checks everything under locks), sends the
+dispatches and one ``admission.decision`` each to ``scheduler.decisions``, and stores the gate
+of every job it looked at and could not admit (``jobstream why``).
 
 Invariants:
+- Backlog lives in PostgreSQL: the core is rebuilt from ``state = 'ready'`` rows when the
+  partitions this process owns change, and re-synchronised every ``admission_resync_s``.
 - A job is dispatched only from ``ready`` (guarded), with a new attempt number; the dispatch
-  is marked confirmed only after the broker acknowledged it, so a crash in between leaves the
-  job ``dispatched`` and unconfirmed, and the replay (or the reconciler) sends it again.
+  is marked confirmed only after the broker acknowledged it; the reconciler re-sends
+  dispatches left unconfirmed by a crash.
 - Malformed messages on ``jobs.ready`` are dead-lettered, never fatal.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
 
+import psycopg
+from psycopg import sql
+
+from agents import admstore
+from agents.admstore import Candidate, QueuedRow
 from agents.context import Context, RawMessage, retrying
+from agents.core.admission import (
+    AdmissionCore,
+    Decisions,
+    Gate,
+    Limit,
+    Policy,
+    QueuedJob,
+    due_time,
+    needs_for,
+)
 from agents.deadletter import dead_letter, decode_all
 from agents.rows import DispatchJob
-from streams.events import Dispatch, JobReady, encode
-from streams.kafka import Record
+from streams.events import AdmissionDecision, Dispatch, JobReady, encode
+from streams.kafka import Record, partition_for
+
+log = logging.getLogger("jobstream.admission")
+IDLE_POLL_S = 1.0
 
 
 def dispatch_records(ctx: Context, jobs: Sequence[DispatchJob]) -> list[Record]:
@@ -43,18 +75,316 @@ def dispatch_records(ctx: Context, jobs: Sequence[DispatchJob]) -> list[Record]:
     ]
 
 
-async def dispatch_ids(ctx: Context, ids: Sequence[str]) -> int:
+async def resend_unconfirmed(ctx: Context, ids: Sequence[str]) -> int:
+    """Send again dispatches whose broker confirmation was never recorded (a crash)."""
     store = await ctx.store()
-    claimed = await retrying("admission claim", lambda: store.claim_for_dispatch(ids))
-    records = dispatch_records(ctx, claimed)
-    await retrying("dispatch produce", lambda: ctx.producer.aproduce(records))
-    await retrying("dispatch confirm", lambda: store.confirm_dispatch(claimed))
-    return len(claimed)
+    rows = await retrying("unconfirmed rows", lambda: store.unconfirmed_rows(ids))
+    await retrying("dispatch produce", lambda: ctx.producer.aproduce(dispatch_records(ctx, rows)))
+    await retrying("dispatch confirm", lambda: store.confirm_dispatch(rows))
+    return len(rows)
 
 
-async def handle_ready(ctx: Context, messages: Sequence[RawMessage]) -> int:
-    ready, rejected = decode_all(ctx, messages, JobReady)
-    ids = [ev.job_id for ev in ready]
-    await dead_letter(ctx, rejected)
-    # keep arrival order, drop duplicates within the batch
-    return await dispatch_ids(ctx, list(dict.fromkeys(ids)))
+def semaphore_capacities(ctx: Context) -> dict[str, int]:
+    s = ctx.settings
+    caps = dict(s.resources)
+    for name, kind in s.kinds.items():
+        if kind.max_concurrency is not None:
+            caps[f"kind:{name}"] = kind.max_concurrency
+    return caps
+
+
+class Admission:
+    """One process's admission owner: the core, its rounds, and its view of ownership."""
+
+    def __init__(self, ctx: Context, assigned: Callable[[], set[int] | None]) -> None:
+        s = ctx.settings
+        self.ctx = ctx
+        self.assigned = assigned  # jobs.ready partitions this process owns (None: unknown)
+        self.policy = Policy(
+            max_wait_s=s.max_wait_s, priority_weight=s.priority_weight, size_ref=s.size_ref
+        )
+        self.config_limits = [Limit(x.scope, x.limit, x.window_s, x.match) for x in s.rate_limits]
+        self.core = AdmissionCore(self.policy, self.config_limits, {}, s.tenant_weights)
+        self.partitions = ctx.registry["jobs.ready"].partitions
+        self.wake = asyncio.Event()
+        self.owned: set[int] | None = None
+        self.next_resync = 0.0
+        self.wake_at: float | None = None
+        self.controls_dirty = True
+        self.reprioritize: set[str] = set()
+        self.gates_written: dict[str, str] = {}
+        self.rounds = 0
+        self.admitted = 0
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def queued(self, row: QueuedRow) -> QueuedJob:
+        kind = self.ctx.settings.kinds.get(row.kind)
+        resources = sorted({*(kind.resources if kind else ()), *row.resources})
+        exclusive = row.exclusive or (kind.exclusive if kind else None)
+        limited = kind is not None and kind.max_concurrency is not None
+        return QueuedJob(
+            due_time(row.ready_at, row.priority, row.size, self.policy),
+            row.id,
+            row.tenant,
+            row.kind,
+            needs_for(row.kind, resources, exclusive, limited),
+        )
+
+    async def handle_ready(self, ctx: Context, messages: Sequence[RawMessage]) -> int:
+        """``jobs.ready`` batch: queue the jobs that are still ready, wake the rounds."""
+        ready, rejected = decode_all(ctx, messages, JobReady)
+        await dead_letter(ctx, rejected)
+        ids = list(dict.fromkeys(ev.job_id for ev in ready))
+        if not ids:
+            return 0
+        store = await ctx.store()
+
+        async def load() -> list[QueuedRow]:
+            async with store.tx() as conn:
+                return await admstore.load_ready(conn, ids)
+
+        rows = await retrying("admission load", load)
+        added = sum(self.core.enqueue(self.queued(r)) for r in rows)
+        self.wake.set()
+        return added
+
+    def owns(self, tenant: str) -> bool:
+        return self.owned is None or partition_for(tenant.encode(), self.partitions) in self.owned
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        store = await self.ctx.store()
+
+        async def setup() -> None:
+            async with store.tx() as conn:
+                await admstore.ensure_semaphores(conn, semaphore_capacities(self.ctx))
+
+        await retrying("admission setup", setup)
+        listener = asyncio.create_task(self._listen())
+        try:
+            while True:
+                timeout = IDLE_POLL_S
+                if self.wake_at is not None:
+                    timeout = max(0.0, min(timeout, self.wake_at - time.time()))
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+                self.wake.clear()
+                try:
+                    if await self.round():
+                        self.wake.set()  # admitted some: more may fit
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("admission round failed; retrying")
+                    await asyncio.sleep(0.5)
+        finally:
+            listener.cancel()
+
+    async def _listen(self) -> None:
+        """Wake on ``NOTIFY jobstream`` (capacity released, controls changed) from any process."""
+        dsn = self.ctx.settings.require_database()
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+                async with conn:
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(admstore.CHANNEL))
+                    )
+                    self.controls_dirty = True  # anything missed while not listening
+                    self.wake.set()
+                    async for n in conn.notifies():
+                        if n.payload == "control":
+                            self.controls_dirty = True
+                        elif n.payload.startswith("priority "):
+                            self.reprioritize.add(n.payload.split(" ", 1)[1])
+                        self.wake.set()
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, OSError) as exc:
+                log.warning("admission: LISTEN connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(1.0)
+
+    async def round(self) -> bool:
+        """One decision round; True when something was dispatched."""
+        store = await self.ctx.store()
+        self.rounds += 1
+        now = time.time()
+        await self._sync_ownership(now)
+        if self.controls_dirty or self.reprioritize:
+            await self._load_controls()
+        if not len(self.core):
+            self.wake_at = None
+            return False
+        async with store.tx() as conn:
+            snap = await admstore.semaphore_snapshot(conn)
+        sem = self.core.sem
+        sem.capacity = {name: cap for name, (cap, _) in snap.items()}
+        sem.used = {name: used for name, (_, used) in snap.items()}
+        free_slots = max(0, sem.capacity.get("slots", 0) - sem.used.get("slots", 0))
+        now = time.time()
+        d = self.core.decide(now, max_admits=self.ctx.settings.admission_batch)
+        self.wake_at = d.wake_at
+        dispatched = await self._carry_out(d, now, free_slots) if d.admitted else 0
+        await self._write_gates(d)
+        return dispatched > 0
+
+    async def _carry_out(self, d: Decisions, now: float, free_slots: int) -> int:
+        store = await self.ctx.store()
+        rates = self.core.rates
+        candidates = [
+            Candidate(a.job.id, a.holds, rates.keys(a.job.tenant, a.job.kind)) for a in d.admitted
+        ]
+
+        async def tx() -> admstore.AdmitResult:
+            async with store.tx() as conn:
+                return await admstore.admit(conn, candidates, now)
+
+        res = await retrying("admission transaction", tx)
+        by_id = {a.job.id: a for a in d.admitted}
+        stale_keys: set[str] = set()
+        for job_id, reason in res.refused.items():
+            adm = by_id[job_id]
+            if self.owns(adm.job.tenant):
+                self.core.enqueue(adm.job)
+            d.gates[job_id] = _refusal_gate(reason)
+            stale_keys.update(adm.rate_keys)
+        if stale_keys:
+            await self._reload_rate_log(sorted(stale_keys), now)
+        jobs = [j for j, _, _ in res.dispatched]
+        records = dispatch_records(self.ctx, jobs)
+        topic = self.ctx.topic("scheduler.decisions")
+        for job, priority, size in res.dispatched:
+            adm = by_id[job.id]
+            decision = AdmissionDecision(
+                job_id=job.id,
+                attempt=job.attempt,
+                tenant=job.tenant,
+                kind=job.kind,
+                at=now,
+                priority=priority,
+                size=size,
+                due=adm.job.due,
+                waited_s=max(0.0, now - _ready_at(adm.job, priority, size, self.policy)),
+                holds=dict(adm.holds),
+                rate_keys=list(adm.rate_keys),
+                free_slots=free_slots,
+            )
+            records.append(Record(topic, encode(decision), job.tenant.encode()))
+        await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
+        await retrying("dispatch confirm", lambda: store.confirm_dispatch(jobs))
+        for job in jobs:
+            self.gates_written.pop(job.id, None)
+        self.admitted += len(jobs)
+        return len(jobs)
+
+    async def _write_gates(self, d: Decisions) -> None:
+        changed = []
+        for job_id, gate in d.gates.items():
+            text = gate.text()
+            if self.gates_written.get(job_id) != text:
+                changed.append((job_id, text, gate.until))
+                self.gates_written[job_id] = text
+        if not changed:
+            return
+        store = await self.ctx.store()
+
+        async def tx() -> None:
+            async with store.tx() as conn:
+                await admstore.write_gates(conn, changed)
+
+        await retrying("admission gates", tx)
+
+    # -- ownership, controls, window logs --------------------------------------------------
+
+    async def _sync_ownership(self, now: float) -> None:
+        assigned = self.assigned()
+        if assigned is None:
+            return
+        changed = assigned != self.owned
+        if not changed and now < self.next_resync:
+            return
+        if changed:
+            keep = [
+                t
+                for t in self.core.queues
+                if partition_for(t.encode(), self.partitions) in assigned
+            ]
+            dropped = self.core.drop_tenants(keep)
+            if dropped or self.owned is not None:
+                log.info(
+                    "admission: partitions %s (was %s); handed over %d queued jobs",
+                    sorted(assigned),
+                    sorted(self.owned or ()),
+                    len(dropped),
+                )
+            self.gates_written.clear()
+            self.owned = set(assigned)
+            await self._reload_rate_log(None, now)
+        await self._resync(now)
+        self.next_resync = now + self.ctx.settings.admission_resync_s
+
+    async def _resync(self, now: float) -> None:
+        """Queue every ready job of the tenants owned here (idempotent)."""
+        store = await self.ctx.store()
+
+        async def load() -> list[QueuedRow]:
+            async with store.tx() as conn:
+                tenants = [t for t in await admstore.ready_tenants(conn) if self.owns(t)]
+                return await admstore.load_ready_of(conn, tenants)
+
+        rows = await retrying("admission resync", load)
+        added = sum(self.core.enqueue(self.queued(r)) for r in rows)
+        if added:
+            log.info("admission: queued %d ready jobs from PostgreSQL", added)
+
+    async def _reload_rate_log(self, keys: Sequence[str] | None, now: float) -> None:
+        """Rebuild window logs from the durable log: all of them (ownership changed) or the
+        given keys (another process admitted against them)."""
+        rates = self.core.rates
+        horizon = rates.horizon()
+        if not horizon:
+            return
+        store = await self.ctx.store()
+
+        async def load() -> dict[str, list[float]]:
+            async with store.tx() as conn:
+                return await admstore.rate_log_since(conn, now - horizon, keys)
+
+        logs = await retrying("rate log", load)
+        for key in keys if keys is not None else list(logs):
+            lim = rates.limit_of(key)
+            if lim is not None:
+                rates.load(key, logs.get(key, []), lim.limit)
+
+    async def _load_controls(self) -> None:
+        store = await self.ctx.store()
+        ids = sorted(self.reprioritize)
+        self.reprioritize.clear()
+        self.controls_dirty = False
+
+        async def load() -> tuple[set[str], list[Limit], list[QueuedRow]]:
+            async with store.tx() as conn:
+                paused, limits = await admstore.controls(conn)
+                rows = await admstore.load_ready(conn, ids) if ids else []
+                return paused, limits, rows
+
+        paused, runtime, rows = await retrying("admission controls", load)
+        self.core.paused = paused
+        merged = {(x.scope, x.match): x for x in self.config_limits}
+        merged.update({(x.scope, x.match): x for x in runtime})
+        self.core.rates.set_limits(merged.values())
+        for row in rows:
+            self.core.reprioritize(row.id, self.queued(row).due)
+
+
+def _ready_at(job: QueuedJob, priority: int, size: int, policy: Policy) -> float:
+    """Invert ``due_time``: when the job became ready (for the decision's ``waited_s``)."""
+    return job.due - (due_time(0.0, priority, size, policy))
+
+
+def _refusal_gate(reason: str) -> Gate:
+    return Gate("rate_limit" if reason.startswith("rate") else "semaphore", reason)

@@ -26,9 +26,10 @@ from typing import Any
 
 import faust
 
-from agents.admission import dispatch_ids, handle_ready
+from agents.admission import Admission, resend_unconfirmed
 from agents.batching import take_available
 from agents.context import Context, RawMessage, retrying
+from agents.control import handle_control
 from agents.deadletter import dead_letter
 from agents.dependencies import handle_dependent
 from agents.intake import forward_ready, handle_submissions
@@ -99,10 +100,25 @@ def build_app(ctx: Context) -> faust.App:
         agent.__name__ = agent.__qualname__ = name
         app.agent(channel, name=name)(agent)
 
+    ready_topic = ctx.topic("jobs.ready")
+
+    def assigned() -> set[int] | None:
+        try:
+            tps = app.consumer.assignment()
+        except Exception:  # the consumer is not started yet
+            return None
+        return {tp.partition for tp in tps if tp.topic == ready_topic}
+
+    admission = Admission(ctx, assigned)
     batch_agent(topic("jobs.independent"), "intake", handle_submissions)
     batch_agent(topic("jobs.dependent", "jobs.events"), "dependencies", handle_dependent)
-    batch_agent(topic("jobs.ready"), "admission", handle_ready)
+    batch_agent(topic("jobs.ready"), "admission", admission.handle_ready)
     batch_agent(topic("workers.heartbeat"), "heartbeats", handle_heartbeats)
+    batch_agent(topic("jobs.control"), "control", handle_control)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def admission_rounds() -> None:
+        await admission.run()
 
     @app.timer(s.reconcile_interval_s, name="reconcile")  # type: ignore[untyped-decorator]
     async def reconcile() -> None:
@@ -116,11 +132,13 @@ def build_app(ctx: Context) -> faust.App:
 
 
 async def reconcile_once(ctx: Context) -> tuple[int, int]:
-    """Re-forward jobs left ``ready`` and re-send unconfirmed dispatches (crash windows)."""
+    """The safety net: settle old waiting jobs (expiry, races), re-send dispatches a crash
+    left unconfirmed, recompute live capacity (silent workers drop out), prune the window
+    log. Ready jobs need no net: their admission owner re-reads them from PostgreSQL."""
     store = await ctx.store()
     s = ctx.settings
     after = s.reconcile_after_s
-    await retrying(
+    released = await retrying(
         "reconcile waiting",
         lambda: store.settle_waiting(
             after,
@@ -129,14 +147,17 @@ async def reconcile_once(ctx: Context) -> tuple[int, int]:
             allow_cross_tenant=s.allow_cross_tenant_deps,
         ),
     )
-    # released jobs are ready now; the stale-ready pass below forwards them after a period,
-    # and so does every ready job some crash left unforwarded
-    stale = await retrying("reconcile ready", lambda: store.stale_ready(after))
-    forwarded = await forward_ready(ctx, stale)
+    forwarded = await forward_ready(ctx, released)
     unconfirmed = await retrying("reconcile dispatch", lambda: store.unconfirmed_dispatches(after))
-    sent = await dispatch_ids(ctx, unconfirmed) if unconfirmed else 0
+    sent = await resend_unconfirmed(ctx, unconfirmed) if unconfirmed else 0
+    await retrying(
+        "reconcile capacity",
+        lambda: store.refresh_capacity(s.capacity_factor, s.worker_lost_after_s),
+    )
+    horizon = max((x.window_s for x in s.rate_limits), default=0.0)
+    await retrying("prune rate log", lambda: store.prune_rate_log(time.time(), horizon))
     if forwarded or sent:
-        log.warning("reconcile: re-forwarded %d ready jobs, re-sent %d dispatches", forwarded, sent)
+        log.warning("reconcile: forwarded %d released jobs, re-sent %d dispatches", forwarded, sent)
     return forwarded, sent
 
 

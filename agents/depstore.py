@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from agents.admstore import release_holds
 from agents.core.deps import Edge, Fail, Needs, Node, Release, Wait
 from agents.core.lifecycle import CANCEL_FROM, FINISHED_FROM, STARTED_FROM
 from agents.rows import READY_COLS, RETURN_STATE, Accepted, ReadyJob, q, states
@@ -43,9 +44,9 @@ async def insert_jobs(conn: Conn, batch: Sequence[Accepted]) -> list[str]:
                 INSERT INTO jobs (id, tenant, kind, group_key, args, priority, size, depends_on,
                     labels, resources, timeout_s, max_attempts, state, gate, submitted_at,
                     ready_at, origin_topic, origin_partition, origin_offset, trigger, order_key,
-                    workflow_id)
+                    workflow_id, exclusive)
                 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s),
-                    CASE WHEN %s THEN NULL ELSE now() END, %s, %s, %s, %s, %s, %s)
+                    CASE WHEN %s THEN NULL ELSE now() END, %s, %s, %s, %s, %s, %s, %s)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING id
                 """,
@@ -70,6 +71,7 @@ async def insert_jobs(conn: Conn, batch: Sequence[Accepted]) -> list[str]:
                     j.trigger,
                     j.order_key,
                     a.workflow_id,
+                    j.exclusive,
                 ),
             )
             if await cur.fetchone() is None:
@@ -137,6 +139,8 @@ async def apply_lifecycle(
                 "INSERT INTO job_history (job_id, attempt, event, detail) VALUES (%s, %s, %s, %s)",
                 history,
             )
+    # an attempt ended (terminal, or back to ready for a retry): give back what it held
+    await release_holds(conn, [*terminal, *(r.id for r in retry)])
     return terminal, retry
 
 

@@ -30,11 +30,12 @@ from streams.events import (
     decode,
     encode,
 )
-from streams.kafka import Record
+from streams.kafka import Record, partition_for
 
 
 def ready_records(ctx: Context, jobs: Sequence[ReadyJob]) -> list[Record]:
     topic = ctx.topic("jobs.ready")
+    partitions = ctx.registry["jobs.ready"].partitions
     return [
         Record(
             topic,
@@ -42,6 +43,7 @@ def ready_records(ctx: Context, jobs: Sequence[ReadyJob]) -> list[Record]:
                 JobReady(job_id=j.id, tenant=j.tenant, kind=j.kind, submitted_at=j.submitted_at)
             ),
             j.tenant.encode(),
+            partition=partition_for(j.tenant.encode(), partitions),
         )
         for j in jobs
     ]

@@ -13,5 +13,11 @@ async def handle_heartbeats(ctx: Context, messages: Sequence[RawMessage]) -> int
     beats, rejected = decode_all(ctx, messages, WorkerHeartbeat)
     await dead_letter(ctx, rejected)
     store = await ctx.store()
-    await retrying("record heartbeats", lambda: store.record_heartbeats(beats))
+    s = ctx.settings
+    await retrying(
+        "record heartbeats",
+        lambda: store.record_heartbeats(
+            beats, capacity_factor=s.capacity_factor, lost_after_s=s.worker_lost_after_s
+        ),
+    )
     return len(beats)

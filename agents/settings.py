@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -40,6 +40,19 @@ class KindConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     env: dict[str, str] = msgspec.field(default_factory=dict)
     cwd: str | None = None
+    max_concurrency: Annotated[int, Meta(ge=1)] | None = None  # FOSSology's per-agent ``max``
+    resources: list[str] = msgspec.field(default_factory=list)  # named resources, 1 each
+    exclusive: str | None = None  # a resource name or "*": runs alone in that scope
+
+
+class LimitConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """At most ``limit`` admissions per ``window_s`` per key of ``scope``; ``match`` picks
+    one tenant / kind / ``tenant/kind``, or ``*`` for each one on its own."""
+
+    scope: Literal["tenant", "kind", "tenant_kind", "global"]
+    limit: Annotated[int, Meta(ge=1, le=10**9)]
+    window_s: Annotated[float, Meta(gt=0, le=30 * 86400)]
+    match: str = "*"
 
 
 DEFAULT_KINDS: dict[str, KindConfig] = {
@@ -73,6 +86,19 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     kill_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     drain_grace_s: Annotated[float, Meta(ge=0)] = 30.0
     log_dir: str = "var/logs"
+    # admission control (docs/concepts.md): limits, priority, fair share, semaphores, capacity
+    rate_limits: list[LimitConfig] = msgspec.field(default_factory=list)
+    resources: dict[str, Annotated[int, Meta(ge=1)]] = msgspec.field(default_factory=dict)
+    tenant_weights: dict[str, Annotated[float, Meta(gt=0, le=1000)]] = msgspec.field(
+        default_factory=dict
+    )
+    max_wait_s: Annotated[float, Meta(gt=0)] = 300.0
+    priority_weight: Annotated[float, Meta(ge=0, le=1)] = 0.7
+    size_ref: Annotated[int, Meta(ge=1)] = 1 << 30
+    capacity_factor: Annotated[float, Meta(ge=1, le=100)] = 2.0
+    worker_lost_after_s: Annotated[float, Meta(gt=0)] = 15.0
+    admission_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    admission_resync_s: Annotated[float, Meta(gt=0)] = 15.0
     log_level: str = "WARNING"
 
     def require_kafka(self) -> str:
@@ -108,7 +134,7 @@ def redact_url(url: str) -> str:
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
-_STRUCTURED = {"kafka_config", "kinds"}
+_STRUCTURED = {"kafka_config", "kinds", "rate_limits", "resources", "tenant_weights"}
 
 
 def load_settings(
@@ -151,6 +177,16 @@ def load_settings(
     for kind in settings.kinds:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", kind):
             raise ConfigError(f"invalid kind name {kind!r}: use lower-case letters, digits, _.-")
+    for name, kind_cfg in settings.kinds.items():
+        for r in [*kind_cfg.resources, *([kind_cfg.exclusive] if kind_cfg.exclusive else [])]:
+            if r != "*" and r not in settings.resources:
+                raise ConfigError(
+                    f"kind {name!r} uses the resource {r!r}, which is not in resources "
+                    f"(configured: {', '.join(sorted(settings.resources)) or 'none'})"
+                )
+    for name in settings.resources:
+        if name in ("*", "slots") or name.startswith("kind:"):
+            raise ConfigError(f"resource name {name!r} is reserved")
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError(f"invalid log_level {settings.log_level!r}")
     return settings

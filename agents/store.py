@@ -20,8 +20,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from agents.admstore import refresh_capacity
 from agents.core.deps import DependencyIndex, Fail
-from agents.core.lifecycle import DISPATCH_FROM
 from agents.depstore import (
     apply_decisions,
     apply_lifecycle,
@@ -32,13 +32,11 @@ from agents.depstore import (
 from agents.errors import StoreUnavailable
 from agents.rows import (
     DISPATCH_COLS,
-    READY_COLS,
     Accepted,
     DeadLetterRow,
     DispatchJob,
     ReadyJob,
     q,
-    states,
 )
 from streams.events import JobEvent, JobStarted
 
@@ -181,38 +179,21 @@ class PostgresJobStore:
 
     # -- admission ----------------------------------------------------------------------
 
-    async def claim_for_dispatch(self, ids: Sequence[str]) -> list[DispatchJob]:
-        """Move ready jobs to dispatched (a new attempt) and return them with any job of
-        ``ids`` whose earlier dispatch was never confirmed (a replay after a crash)."""
+    async def unconfirmed_rows(self, ids: Sequence[str]) -> list[DispatchJob]:
+        """Jobs of ``ids`` still dispatched whose dispatch was never confirmed (a crash between
+        the admission transaction and the broker's acknowledgement)."""
         if not ids:
             return []
         async with self.tx() as conn:
             cur = await conn.execute(
                 q(
-                    """
-                UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
-                    dispatched_at = now(), dispatch_confirmed = false, updated_at = now()
-                WHERE id = ANY(%s) AND state = ANY(%s)
-                RETURNING {cols}
-                """,
+                    "SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'dispatched' "
+                    "AND NOT dispatch_confirmed",
                     cols=DISPATCH_COLS,
                 ),
-                (list(ids), states(DISPATCH_FROM)),
+                (list(ids),),
             )
-            rows = await cur.fetchall()
-            claimed = {r[0] for r in rows}
-            rest = [i for i in ids if i not in claimed]
-            if rest:
-                cur = await conn.execute(
-                    q(
-                        "SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'dispatched' "
-                        "AND NOT dispatch_confirmed",
-                        cols=DISPATCH_COLS,
-                    ),
-                    (rest,),
-                )
-                rows += await cur.fetchall()
-        return [DispatchJob(*r) for r in rows]
+            return [DispatchJob(*r) for r in await cur.fetchall()]
 
     async def confirm_dispatch(self, jobs: Sequence[DispatchJob]) -> None:
         if not jobs:
@@ -232,7 +213,10 @@ class PostgresJobStore:
                 ([j.id for j in jobs], [j.attempt for j in jobs], ["dispatched"] * len(jobs)),
             )
 
-    async def record_heartbeats(self, beats: Sequence[Any]) -> None:
+    async def record_heartbeats(
+        self, beats: Sequence[Any], *, capacity_factor: float = 1.0, lost_after_s: float = 15.0
+    ) -> None:
+        """Record heartbeats and, in the same transaction, the live capacity they add up to."""
         if not beats:
             return
         latest = {b.worker: b for b in beats}
@@ -251,24 +235,24 @@ class PostgresJobStore:
                     for b in latest.values()
                 ],
             )
+            await refresh_capacity(conn, capacity_factor, lost_after_s)
+
+    async def refresh_capacity(self, capacity_factor: float, lost_after_s: float) -> int:
+        """Recompute live worker capacity (workers fall silent without a last heartbeat)."""
+        async with self.tx() as conn:
+            return (await refresh_capacity(conn, capacity_factor, lost_after_s))[1]
 
     # -- reconciliation (the safety net) ----------------------------------------------
 
-    async def stale_ready(self, older_than_s: float, limit: int = 10_000) -> list[ReadyJob]:
+    async def prune_rate_log(self, now: float, config_horizon_s: float) -> int:
+        """Delete window-log entries older than the longest window of any limit."""
         async with self.tx() as conn:
-            # ready_at moves forward so a job is re-forwarded at most once per period
             cur = await conn.execute(
-                q(
-                    """UPDATE jobs SET ready_at = now() WHERE id IN (
-                    SELECT id FROM jobs WHERE state = 'ready'
-                      AND ready_at < now() - make_interval(secs => %s)
-                    ORDER BY ready_at LIMIT %s FOR UPDATE SKIP LOCKED)
-                RETURNING {cols}""",
-                    cols=READY_COLS,
-                ),
-                (older_than_s, limit),
+                "DELETE FROM rate_log WHERE at <= %s - greatest(%s, "
+                "coalesce((SELECT max(window_s) FROM rate_limits), 0))",
+                (now, config_horizon_s),
             )
-            return [ReadyJob(*r) for r in await cur.fetchall()]
+            return cur.rowcount
 
     async def unconfirmed_dispatches(self, older_than_s: float, limit: int = 10_000) -> list[str]:
         async with self.tx() as conn:

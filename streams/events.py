@@ -61,6 +61,7 @@ class JobSpec(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     max_attempts: Attempts | None = None
     trigger: Literal["all_success", "all_done"] = "all_success"
     order_key: Label | None = None
+    exclusive: Label | Literal["*"] | None = None  # a resource name, or "*": the whole system
 
 
 class _Event(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -160,6 +161,39 @@ class WorkerHeartbeat(_Event, tag="worker.heartbeat", frozen=True):
     state: Literal["running", "draining", "stopped"] = "running"
 
 
+class Control(_Event, tag="control", frozen=True):
+    """An operator's command on ``jobs.control``: pause or resume a tenant, a kind or a job;
+    change a queued job's priority; set (or, with ``limit`` None, remove) a rate limit at run
+    time. Applied durably in PostgreSQL, then announced to every admission process."""
+
+    action: Literal["pause", "resume", "priority", "limit"]
+    scope: Literal["tenant", "kind", "job", "tenant_kind", "global"]
+    name: Annotated[str, Meta(max_length=300)] = ""
+    priority: Priority | None = None
+    limit: Annotated[int, Meta(ge=1, le=10**9)] | None = None
+    window_s: Annotated[float, Meta(gt=0, le=30 * 86400)] | None = None
+    reason: Annotated[str, Meta(max_length=1000)] = ""
+    by: Annotated[str, Meta(max_length=200)] = ""
+    at: Epoch = 0.0
+
+
+class AdmissionDecision(_Event, tag="admission.decision", frozen=True):
+    """Published on ``scheduler.decisions`` for every admission, with its inputs."""
+
+    job_id: JobId
+    attempt: int
+    tenant: Tenant
+    kind: Kind
+    at: Epoch
+    priority: int
+    size: int
+    due: float
+    waited_s: float
+    holds: dict[str, int]
+    rate_keys: list[str]
+    free_slots: int
+
+
 JobEvent = JobStarted | JobSucceeded | JobFailed | JobCancelled
 Submission = JobSubmitted | WorkflowSubmitted
 AnyEvent = (
@@ -173,6 +207,8 @@ AnyEvent = (
     | JobFailed
     | JobCancelled
     | WorkerHeartbeat
+    | Control
+    | AdmissionDecision
 )
 
 _encoder = msgspec.json.Encoder()

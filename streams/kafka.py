@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -33,6 +34,14 @@ class Record:
     value: bytes
     key: bytes | None = None
     headers: Headers | None = None
+    partition: int | None = None  # None: the producer's partitioner picks (by key)
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition of ``key``: CRC-32 modulo the partition count (librdkafka's
+    ``consistent`` partitioner). Producers of keyed-ownership topics (``jobs.ready``) set it
+    explicitly, so the owner of a key can be computed by anyone, whatever the client."""
+    return zlib.crc32(key) % partitions
 
 
 def client_config(bootstrap: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -216,12 +225,14 @@ class ConfirmedProducer:
     def _produce_one(self, rec: Record, on_delivery: Any) -> None:
         while True:
             try:
+                extra: dict[str, Any] = {} if rec.partition is None else {"partition": rec.partition}
                 self._producer.produce(
                     rec.topic,
                     value=rec.value,
                     key=rec.key,
                     headers=cast(Any, rec.headers),
                     on_delivery=on_delivery,
+                    **extra,
                 )
                 return
             except BufferError:

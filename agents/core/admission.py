@@ -185,6 +185,17 @@ class RateLimiter:
         self._cache[ck] = res
         return res
 
+    def limit_of(self, key: str) -> Limit | None:
+        """The limit that governs ``key`` (as built by ``keys``), if any."""
+        if key == "global":
+            return self.any.get("global")
+        scope, _, match = key.partition(":")
+        return self.exact.get((scope, match)) or self.any.get(scope)
+
+    def horizon(self) -> float:
+        """The longest window of any limit: older admissions never matter."""
+        return max((x.window_s for x in (*self.exact.values(), *self.any.values())), default=0.0)
+
     def next_allowed(self, keys: Sequence[tuple[str, int, float]], now: float) -> tuple[float, str]:
         """The earliest time all ``keys`` allow one more admission, and the binding key."""
         best, which = now, ""

@@ -1,0 +1,290 @@
+"""PostgreSQL side of admission control: the queue's rows, semaphores, the durable
+sliding-window log, controls, gates, and the admission transaction itself.
+
+Invariants:
+- The admission transaction is the authority. The admission core decides from a snapshot;
+  here every candidate is re-checked under locks (its row ``FOR UPDATE``, semaphore rows and
+  rate-limit keys locked in name order, so two transactions never wait on each other in a
+  cycle): a job is dispatched only if it is still ready, every semaphore it needs has room,
+  and every rate-limit key it counts against has fewer than N admissions in (now - W, now].
+  So limits and capacities hold exactly even while two processes briefly both think they
+  own a tenant (a rebalance, a paused zombie).
+- What a job takes is written with it (``job_holds``) and released exactly once
+  (``release_holds`` deletes the rows it gives back), on every end of an attempt.
+- Values always travel as parameters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Limit, Need
+from agents.rows import DISPATCH_COLS, DispatchJob, q
+
+Conn = psycopg.AsyncConnection[Any]
+CHANNEL = "jobstream"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRow:
+    id: str
+    tenant: str
+    kind: str
+    priority: int
+    size: int
+    ready_at: float
+    resources: list[str]
+    exclusive: str | None
+
+
+_QUEUED_COLS = sql.SQL(
+    "id, tenant, kind, priority, size, extract(epoch from ready_at)::float8, resources, exclusive"
+)
+
+
+async def load_ready(conn: Conn, ids: Sequence[str]) -> list[QueuedRow]:
+    cur = await conn.execute(
+        q("SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'ready'", cols=_QUEUED_COLS),
+        (list(ids),),
+    )
+    return [QueuedRow(*r) for r in await cur.fetchall()]
+
+
+async def ready_tenants(conn: Conn) -> list[str]:
+    cur = await conn.execute("SELECT DISTINCT tenant FROM jobs WHERE state = 'ready'")
+    return [r[0] for r in await cur.fetchall()]
+
+
+async def load_ready_of(conn: Conn, tenants: Sequence[str]) -> list[QueuedRow]:
+    if not tenants:
+        return []
+    cur = await conn.execute(
+        q(
+            "SELECT {cols} FROM jobs WHERE tenant = ANY(%s) AND state = 'ready'",
+            cols=_QUEUED_COLS,
+        ),
+        (list(tenants),),
+    )
+    return [QueuedRow(*r) for r in await cur.fetchall()]
+
+
+async def ensure_semaphores(conn: Conn, capacity: Mapping[str, int]) -> None:
+    """Create or resize the configured semaphores (named resources, kind maxima, ``*``)."""
+    caps = {GLOBAL: GLOBAL_CAPACITY, **capacity}
+    names = sorted(caps)
+    await conn.execute(
+        "INSERT INTO semaphores (name, capacity) SELECT * FROM unnest(%s::text[], %s::int[]) "
+        "ON CONFLICT (name) DO UPDATE SET capacity = excluded.capacity",
+        (names, [caps[n] for n in names]),
+    )
+
+
+async def semaphore_snapshot(conn: Conn) -> dict[str, tuple[int, int]]:
+    cur = await conn.execute("SELECT name, capacity, used FROM semaphores")
+    return {name: (cap, used) for name, cap, used in await cur.fetchall()}
+
+
+async def refresh_capacity(conn: Conn, factor: float, lost_after_s: float) -> tuple[int, int]:
+    """Set the ``slots`` semaphore from live workers' heartbeats: ``factor`` × their slots.
+    Returns (old, new); a rise is announced so admission wakes."""
+    cur = await conn.execute(
+        "SELECT coalesce(sum(slots_total), 0) FROM workers WHERE state = 'running' "
+        "AND last_seen > now() - make_interval(secs => %s)",
+        (lost_after_s,),
+    )
+    row = await cur.fetchone()
+    new = int((row[0] if row else 0) * factor)
+    cur = await conn.execute("SELECT capacity FROM semaphores WHERE name = %s FOR UPDATE", (SLOTS,))
+    old_row = await cur.fetchone()
+    old = old_row[0] if old_row else -1
+    if old != new:
+        await conn.execute(
+            "INSERT INTO semaphores (name, capacity) VALUES (%s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET capacity = excluded.capacity",
+            (SLOTS, new),
+        )
+        if new > old:
+            await notify(conn, "capacity")
+    return old, new
+
+
+async def notify(conn: Conn, payload: str) -> None:
+    """Announce to every admission process (delivered when the transaction commits)."""
+    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+
+async def release_holds(conn: Conn, job_ids: Sequence[str]) -> int:
+    """Give back what these jobs hold (exactly once: the rows are deleted); announce it."""
+    if not job_ids:
+        return 0
+    cur = await conn.execute(
+        "DELETE FROM job_holds WHERE job_id = ANY(%s) RETURNING name, amount", (list(job_ids),)
+    )
+    rows = await cur.fetchall()
+    if not rows:
+        return 0
+    sums: dict[str, int] = defaultdict(int)
+    for name, amount in rows:
+        sums[name] += amount
+    names = sorted(sums)
+    await conn.execute(
+        "SELECT name FROM semaphores WHERE name = ANY(%s) ORDER BY name FOR UPDATE", (names,)
+    )
+    await conn.execute(
+        "UPDATE semaphores s SET used = greatest(0, s.used - v.amount) "
+        "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
+        (names, [sums[n] for n in names]),
+    )
+    await notify(conn, "release")
+    return len(rows)
+
+
+async def controls(conn: Conn) -> tuple[set[str], list[Limit]]:
+    """Pauses (as ``scope:name``) and the run-time rate limits."""
+    cur = await conn.execute("SELECT scope, name FROM pauses")
+    paused = {f"{scope}:{name}" for scope, name in await cur.fetchall()}
+    cur = await conn.execute('SELECT scope, match, "limit", window_s FROM rate_limits')
+    limits = [
+        Limit(scope, limit, window, match) for scope, match, limit, window in await cur.fetchall()
+    ]
+    return paused, limits
+
+
+async def rate_log_since(
+    conn: Conn, since: float, keys: Sequence[str] | None = None
+) -> dict[str, list[float]]:
+    if keys is None:
+        cur = await conn.execute(
+            "SELECT key, at FROM rate_log WHERE at > %s ORDER BY key, at", (since,)
+        )
+    else:
+        cur = await conn.execute(
+            "SELECT key, at FROM rate_log WHERE key = ANY(%s) AND at > %s ORDER BY key, at",
+            (list(keys), since),
+        )
+    out: dict[str, list[float]] = defaultdict(list)
+    for key, at in await cur.fetchall():
+        out[key].append(at)
+    return out
+
+
+async def prune_rate_log(conn: Conn, before: float) -> int:
+    cur = await conn.execute("DELETE FROM rate_log WHERE at <= %s", (before,))
+    return cur.rowcount
+
+
+async def write_gates(conn: Conn, gates: Iterable[tuple[str, str, float | None]]) -> None:
+    rows = [(text, until, job_id) for job_id, text, until in gates]
+    if not rows:
+        return
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "UPDATE jobs SET gate = %s, gate_until = %s WHERE id = %s AND state = 'ready'", rows
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    id: str
+    holds: tuple[Need, ...]
+    rate_keys: tuple[tuple[str, int, float], ...]  # (key, limit, window_s)
+
+
+@dataclass(slots=True)
+class AdmitResult:
+    dispatched: list[tuple[DispatchJob, int, int]]  # the job, its priority and size
+    refused: dict[str, str]  # job id → why (the core's snapshot was stale)
+    gone: list[str]  # no longer ready (cancelled, or admitted by another process)
+
+
+async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> AdmitResult:
+    """The admission transaction (see the module's invariants). ``now`` is the admission
+    time recorded in the window log, the same value the core decided with."""
+    ids = [c.id for c in candidates]
+    cur = await conn.execute(
+        "SELECT id FROM jobs WHERE id = ANY(%s) AND state = 'ready' ORDER BY id FOR UPDATE",
+        (ids,),
+    )
+    ready = {r[0] for r in await cur.fetchall()}
+    live = [c for c in candidates if c.id in ready]
+    names = sorted({n for c in live for n, _ in c.holds})
+    cur = await conn.execute(
+        "SELECT name, capacity, used FROM semaphores WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
+        (names,),
+    )
+    free = {name: cap - used for name, cap, used in await cur.fetchall()}
+    limits = {k: (n, w) for c in live for k, n, w in c.rate_keys}
+    keys = sorted(limits)
+    count: dict[str, int] = {}
+    if keys:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 7041)) "
+            "FROM unnest(%s::text[]) AS k ORDER BY k",
+            (keys,),
+        )
+        cur = await conn.execute(
+            "SELECT k.key, count(r.at) FROM unnest(%s::text[], %s::float8[]) AS k(key, w) "
+            "LEFT JOIN rate_log r ON r.key = k.key AND r.at > %s - k.w GROUP BY k.key",
+            (keys, [limits[k][1] for k in keys], now),
+        )
+        count = {k: n for k, n in await cur.fetchall()}
+    accepted: list[Candidate] = []
+    refused: dict[str, str] = {}
+    for c in live:
+        short = next((n for n, a in c.holds if free.get(n, -1) < a), None)
+        if short is not None:
+            refused[c.id] = f"semaphore {short} has no room (another process took it)"
+            continue
+        over = next((k for k, n, _ in c.rate_keys if count.get(k, 0) >= n), None)
+        if over is not None:
+            refused[c.id] = f"rate limit {over} reached (another process admitted)"
+            continue
+        for n, a in c.holds:
+            free[n] -= a
+        for k, _, _ in c.rate_keys:
+            count[k] = count.get(k, 0) + 1
+        accepted.append(c)
+    dispatched: list[tuple[DispatchJob, int, int]] = []
+    if accepted:
+        cur = await conn.execute(
+            q(
+                """
+            UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
+                gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
+                updated_at = now()
+            WHERE id = ANY(%s) AND state = 'ready'
+            RETURNING {cols}, priority, size
+            """,
+                cols=DISPATCH_COLS,
+            ),
+            ([c.id for c in accepted],),
+        )
+        dispatched = [(DispatchJob(*r[:-2]), r[-2], r[-1]) for r in await cur.fetchall()]
+        holds = [(c.id, n, a) for c in accepted for n, a in c.holds]
+        await conn.execute(
+            "INSERT INTO job_holds (job_id, name, amount) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])",
+            ([h[0] for h in holds], [h[1] for h in holds], [h[2] for h in holds]),
+        )
+        sums: dict[str, int] = defaultdict(int)
+        for _, n, a in holds:
+            sums[n] += a
+        used_names = sorted(sums)
+        await conn.execute(
+            "UPDATE semaphores s SET used = s.used + v.amount "
+            "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
+            (used_names, [sums[n] for n in used_names]),
+        )
+        log = [(k, now) for c in accepted for k, _, _ in c.rate_keys]
+        if log:
+            await conn.execute(
+                "INSERT INTO rate_log (key, at) SELECT * FROM unnest(%s::text[], %s::float8[])",
+                ([k for k, _ in log], [t for _, t in log]),
+            )
+    return AdmitResult(dispatched, refused, [i for i in ids if i not in ready])

@@ -1,0 +1,100 @@
+"""Operator controls from ``jobs.control``: pause/resume, priority, run-time rate limits.
+
+Each command is applied durably in PostgreSQL (``pauses``, ``rate_limits``, ``jobs.priority``)
+and announced with ``NOTIFY`` in the same transaction, so every admission process (whichever
+tenants it owns) reloads it; a process that starts later reads the tables. A command that makes
+no sense (a priority for a tenant, a pause without a name, a limit without a window) is
+dead-lettered with the reason, like any bad input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agents import admstore
+from agents.context import Context, RawMessage, retrying
+from agents.deadletter import Rejected, dead_letter
+from streams.errors import InvalidEvent
+from streams.events import Control, decode
+
+
+def check(c: Control) -> str | None:
+    """Why a control command is invalid, or None."""
+    if c.action in ("pause", "resume"):
+        if c.scope not in ("tenant", "kind", "job"):
+            return f"{c.action} applies to a tenant, a kind or a job, not {c.scope!r}"
+        if not c.name:
+            return f"{c.action} needs the name of the {c.scope}"
+    elif c.action == "priority":
+        if c.scope != "job" or not c.name or c.priority is None:
+            return "priority needs scope 'job', the job id and a priority (-20..20)"
+    elif c.action == "limit":
+        if c.scope not in ("tenant", "kind", "tenant_kind", "global"):
+            return f"a rate limit applies to tenant, kind, tenant_kind or global, not {c.scope!r}"
+        if (c.limit is None) != (c.window_s is None):
+            return "a rate limit needs both limit and window_s (or neither, to remove it)"
+    return None
+
+
+async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
+    bad: list[Rejected] = []
+    good: list[Control] = []
+    for msg in messages:
+        try:
+            cmd = decode(msg.value, Control, max_bytes=ctx.settings.max_payload_bytes)
+        except InvalidEvent as exc:
+            bad.append((msg, str(exc)))
+            continue
+        reason = check(cmd)
+        if reason is None:
+            good.append(cmd)
+        else:
+            bad.append((msg, f"invalid control command: {reason}"))
+    await dead_letter(ctx, bad)
+    if not good:
+        return 0
+    store = await ctx.store()
+
+    async def tx() -> None:
+        async with store.tx() as conn:
+            for c in good:
+                if c.action == "pause":
+                    await conn.execute(
+                        "INSERT INTO pauses (scope, name, reason, by_whom) VALUES (%s, %s, %s, %s) "
+                        "ON CONFLICT (scope, name) DO UPDATE SET reason = excluded.reason, "
+                        "by_whom = excluded.by_whom, at = now()",
+                        (c.scope, c.name, c.reason, c.by),
+                    )
+                elif c.action == "resume":
+                    await conn.execute(
+                        "DELETE FROM pauses WHERE scope = %s AND name = %s", (c.scope, c.name)
+                    )
+                elif c.action == "priority":
+                    await conn.execute(
+                        "UPDATE jobs SET priority = %s, updated_at = now() WHERE id = %s "
+                        "AND state IN ('waiting', 'ready')",
+                        (c.priority, c.name),
+                    )
+                    await conn.execute(
+                        "INSERT INTO job_history (job_id, event, detail) VALUES (%s, 'priority', "
+                        "jsonb_build_object('priority', %s::int, 'by', %s::text))",
+                        (c.name, c.priority, c.by),
+                    )
+                    await admstore.notify(conn, f"priority {c.name}")
+                    continue
+                elif c.limit is None:
+                    await conn.execute(
+                        "DELETE FROM rate_limits WHERE scope = %s AND match = %s",
+                        (c.scope, c.name or "*"),
+                    )
+                else:
+                    await conn.execute(
+                        'INSERT INTO rate_limits (scope, match, "limit", window_s) '
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (scope, match) DO UPDATE SET "
+                        '"limit" = excluded."limit", window_s = excluded.window_s, at = now()',
+                        (c.scope, c.name or "*", c.limit, c.window_s),
+                    )
+                await admstore.notify(conn, "control")
+
+    await retrying("apply controls", tx)
+    return len(good)
