@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -20,10 +21,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agents.control import check as check_control
 from agents.errors import ConfigError, JobstreamError, StoreUnavailable
 from agents.settings import Settings, load_settings
 from streams.errors import InvalidEvent, KafkaUnavailable, StreamsError
-from streams.events import JobSpec
+from streams.events import Control, JobSpec, encode
 
 if TYPE_CHECKING:
     from agents.store import PostgresJobStore
@@ -334,6 +336,21 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
         + (f": {row['gate']}" if row["gate"] else "")
         + (f" — {row['error']}" if row["error"] else "")
     )
+    if row["gate_until"]:
+        wait = row["gate_until"] - time.time()
+        out.print(f"  may next be admitted in {max(0.0, wait):.2f} s (rate limit)")
+    for p in row["paused_by"]:
+        out.print(
+            f"  paused: {p['scope']} {p['name']}" + (f" ({p['reason']})" if p["reason"] else "")
+        )
+    if row["state"] == "ready" and not row["gate"]:
+        out.print(
+            f"  queued for admission: {row['ready_ahead']} ready jobs of tenant "
+            f"{row['tenant']} became ready before it "
+            f"(priority {row['priority']}, size {row['size']})"
+        )
+    if row["holds"]:
+        out.print("  holds: " + ", ".join(f"{k}={v}" for k, v in row["holds"].items()))
     if row["root_cause"]:
         out.print(f"  root cause: {row['root_cause']}")
     for d in row["dependencies"]:
@@ -342,6 +359,102 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
             f"  {d['edge']:<10} {d['id']}: [{STATE_STYLE.get(d['state'], 'white')}]"
             f"{d['state']}[/] ({need})"
         )
+
+
+def _control(config: Path | None, cmd: Control, as_json: bool, done: str) -> None:
+    from streams.publisher import JobPublisher
+    from streams.topics import load_topics
+
+    s = _settings(config)
+    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
+    with JobPublisher(s.require_kafka(), registry=registry, extra=s.kafka_config) as pub:
+        pub.send_raw("jobs.control", encode(cmd), (cmd.name or cmd.scope).encode())
+    _emit(msgspec.to_builtins(cmd), True) if as_json else out.print(done)
+
+
+def _scope(tenant: str | None, kind: str | None, job_id: str | None) -> tuple[str, str]:
+    given = [(n, v) for n, v in (("tenant", tenant), ("kind", kind), ("job", job_id)) if v]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --tenant, --kind or --job")
+    return given[0]
+
+
+@app.command()
+def pause(
+    tenant: Annotated[str | None, typer.Option(help="pause every job of this tenant")] = None,
+    kind: Annotated[str | None, typer.Option(help="pause every job of this kind")] = None,
+    job_id: Annotated[str | None, typer.Option("--job", help="pause one queued job")] = None,
+    reason: str = "",
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop admitting a tenant's, a kind's or a job's jobs (running ones go on)."""
+    scope, name = _scope(tenant, kind, job_id)
+    cmd = _cmd(action="pause", scope=scope, name=name, reason=reason)
+    _control(config, cmd, as_json, f"pause of {scope} [bold]{name}[/] sent")
+
+
+@app.command()
+def resume(
+    tenant: Annotated[str | None, typer.Option(help="resume a paused tenant")] = None,
+    kind: Annotated[str | None, typer.Option(help="resume a paused kind")] = None,
+    job_id: Annotated[str | None, typer.Option("--job", help="resume a paused job")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Admit a paused tenant's, kind's or job's jobs again."""
+    scope, name = _scope(tenant, kind, job_id)
+    cmd = _cmd(action="resume", scope=scope, name=name)
+    _control(config, cmd, as_json, f"resume of {scope} [bold]{name}[/] sent")
+
+
+@app.command()
+def priority(
+    job_id: str,
+    value: Annotated[int, typer.Argument(min=-20, max=20, help="-20 (last) .. 20 (first)")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a waiting or queued job's priority."""
+    cmd = _cmd(action="priority", scope="job", name=job_id, priority=value)
+    _control(config, cmd, as_json, f"priority of [bold]{job_id}[/] set to {value}")
+
+
+@app.command()
+def limit(
+    scope: Annotated[str, typer.Argument(help="tenant | kind | tenant_kind | global")],
+    match: Annotated[str, typer.Argument(help="a tenant, kind, tenant/kind, or * for each")] = "*",
+    per: Annotated[int | None, typer.Option("--limit", help="admissions per window")] = None,
+    window: Annotated[float | None, typer.Option(help="window in seconds")] = None,
+    remove: Annotated[bool, typer.Option(help="remove the run-time limit")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set (or --remove) a sliding-window rate limit at run time."""
+    if not remove and (per is None or window is None):
+        raise ConfigError("give --limit N and --window SECONDS, or --remove")
+    cmd = _cmd(
+        action="limit",
+        scope=scope,
+        name=match,
+        limit=None if remove else per,
+        window_s=None if remove else window,
+    )
+    what = "removed" if remove else f"set to {per} per {window:g} s"
+    _control(config, cmd, as_json, f"rate limit {scope} {match} {what}")
+
+
+def _cmd(**fields: Any) -> Control:
+    """A control command, validated like the agent will validate it."""
+    fields.update(by=os.environ.get("USER", "") or "cli", at=time.time())
+    try:
+        cmd = msgspec.convert(fields, Control)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid command: {exc}") from None
+    reason = check_control(cmd)
+    if reason:
+        raise ConfigError(reason)
+    return cmd
 
 
 @app.command()

@@ -303,8 +303,9 @@ class PostgresJobStore:
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
-                "SELECT id, tenant, kind, state, gate, error, root_cause, attempt, max_attempts, "
-                "trigger, accepted_at FROM jobs WHERE id = %s",
+                "SELECT id, tenant, kind, state, gate, gate_until, priority, size, error, "
+                "root_cause, attempt, max_attempts, trigger, accepted_at, ready_at "
+                "FROM jobs WHERE id = %s",
                 (job_id,),
             )
             row = await cur.fetchone()
@@ -317,6 +318,25 @@ class PostgresJobStore:
                     (job_id,),
                 )
                 row["dependencies"] = await cur.fetchall()
+                await cur.execute(
+                    "SELECT name, amount FROM job_holds WHERE job_id = %s ORDER BY name", (job_id,)
+                )
+                row["holds"] = {r["name"]: r["amount"] for r in await cur.fetchall()}
+                await cur.execute(
+                    "SELECT scope, name, reason FROM pauses WHERE (scope, name) IN "
+                    "(('tenant', %s), ('kind', %s), ('job', %s))",
+                    (row["tenant"], row["kind"], job_id),
+                )
+                row["paused_by"] = await cur.fetchall()
+                row["ready_ahead"] = None
+                if row["state"] == "ready":
+                    await cur.execute(
+                        "SELECT count(*) AS n FROM jobs WHERE tenant = %s AND state = 'ready' "
+                        "AND ready_at < %s",
+                        (row["tenant"], row["ready_at"]),
+                    )
+                    ahead = await cur.fetchone()
+                    row["ready_ahead"] = ahead["n"] if ahead else 0
             await conn.rollback()
             return row
 
