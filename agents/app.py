@@ -122,7 +122,10 @@ def build_app(ctx: Context) -> faust.App:
 
     @app.timer(s.reconcile_interval_s, name="reconcile")  # type: ignore[untyped-decorator]
     async def reconcile() -> None:
-        await reconcile_once(ctx)
+        try:
+            await reconcile_once(ctx)
+        except Exception:  # the safety net must never take the agents down with it
+            log.exception("reconcile failed; next try in %.0f s", s.reconcile_interval_s)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _close(app: faust.App, **_: Any) -> None:
@@ -154,7 +157,8 @@ async def reconcile_once(ctx: Context) -> tuple[int, int]:
         "reconcile capacity",
         lambda: store.refresh_capacity(s.capacity_factor, s.worker_lost_after_s),
     )
-    horizon = max((x.window_s for x in s.rate_limits), default=0.0)
+    # keep an hour at least: the window log doubles as the audit of admission times
+    horizon = max([3600.0, *(x.window_s for x in s.rate_limits)])
     await retrying("prune rate log", lambda: store.prune_rate_log(time.time(), horizon))
     if forwarded or sent:
         log.warning("reconcile: forwarded %d released jobs, re-sent %d dispatches", forwarded, sent)

@@ -225,7 +225,9 @@ class ConfirmedProducer:
     def _produce_one(self, rec: Record, on_delivery: Any) -> None:
         while True:
             try:
-                extra: dict[str, Any] = {} if rec.partition is None else {"partition": rec.partition}
+                extra: dict[str, Any] = (
+                    {} if rec.partition is None else {"partition": rec.partition}
+                )
                 self._producer.produce(
                     rec.topic,
                     value=rec.value,

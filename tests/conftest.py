@@ -151,7 +151,7 @@ def settings_env(s: Settings) -> dict[str, str]:
         if value is None:
             continue
         key = "JOBSTREAM_" + name.upper()
-        env[key] = json.dumps(value) if isinstance(value, dict) else str(value)
+        env[key] = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
