@@ -426,13 +426,16 @@ class AdmissionCore:
                 heapq.heappop(q)
                 if keys:
                     rates.record(keys, now)
-                holds = sem.resolve(needs) if any(a == ALL for _, a in needs) else needs
+                exclusive = _HAS_ALL.get(needs)
+                if exclusive is None:
+                    exclusive = _HAS_ALL[needs] = any(a == ALL for _, a in needs)
+                holds = sem.resolve(needs) if exclusive else needs
                 for name, amount in holds:
                     used[name] = used.get(name, 0) + amount
                 del self.jobs[job.id]
                 deficit -= 1
                 admitted += 1
-                append(Admit(job, holds, tuple(k for k, _, _ in keys)))
+                append(Admit(job, holds, tuple([k for k, _, _ in keys]) if keys else ()))
                 continue
             if gate is None:
                 gate = self._gate(job, now, reserved)
@@ -492,6 +495,7 @@ class AdmissionCore:
         return None
 
 
+_HAS_ALL: dict[tuple[Need, ...], bool] = {}
 _NEEDS_CACHE: dict[tuple[str, tuple[str, ...], str | None, bool], tuple[Need, ...]] = {}
 
 
