@@ -35,7 +35,6 @@ from agents.context import Context, RawMessage, retrying
 from agents.core.admission import (
     AdmissionCore,
     Decisions,
-    Gate,
     Limit,
     Policy,
     QueuedJob,
@@ -246,18 +245,18 @@ class Admission:
         res = await retrying("admission transaction", tx)
         by_id = {a.job.id: a for a in d.admitted}
         stale_keys: set[str] = set()
-        for job_id, reason in res.refused.items():
+        for job_id, gate in res.refused.items():
             adm = by_id[job_id]
             if self.owns(adm.job.tenant):
                 self.core.enqueue(adm.job)
-            d.gates[job_id] = _refusal_gate(reason)
+            d.gates[job_id] = gate
             stale_keys.update(adm.rate_keys)
         if stale_keys:
             await self._reload_rate_log(sorted(stale_keys), now)
-        jobs = [j for j, _, _ in res.dispatched]
+        jobs = [x.job for x in res.dispatched]
         records = dispatch_records(self.ctx, jobs)
         topic = self.ctx.topic("scheduler.decisions")
-        for job, priority, size in res.dispatched:
+        for job, priority, size, ready_at in res.dispatched:
             adm = by_id[job.id]
             decision = AdmissionDecision(
                 job_id=job.id,
@@ -268,7 +267,7 @@ class Admission:
                 priority=priority,
                 size=size,
                 due=adm.job.due,
-                waited_s=max(0.0, now - _ready_at(adm.job, priority, size, self.policy)),
+                waited_s=max(0.0, now - ready_at),
                 holds=dict(adm.holds),
                 rate_keys=list(adm.rate_keys),
                 free_slots=free_slots,
@@ -379,12 +378,3 @@ class Admission:
         self.core.rates.set_limits(merged.values())
         for row in rows:
             self.core.reprioritize(row.id, self.queued(row).due)
-
-
-def _ready_at(job: QueuedJob, priority: int, size: int, policy: Policy) -> float:
-    """Invert ``due_time``: when the job became ready (for the decision's ``waited_s``)."""
-    return job.due - (due_time(0.0, priority, size, policy))
-
-
-def _refusal_gate(reason: str) -> Gate:
-    return Gate("rate_limit" if reason.startswith("rate") else "semaphore", reason)

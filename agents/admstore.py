@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
 
-from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Limit, Need
+from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Gate, Limit, Need
 from agents.rows import DISPATCH_COLS, DispatchJob, q
 
 Conn = psycopg.AsyncConnection[Any]
@@ -196,11 +196,20 @@ class Candidate:
     rate_keys: tuple[tuple[str, int, float], ...]  # (key, limit, window_s)
 
 
+class Dispatched(NamedTuple):
+    job: DispatchJob
+    priority: int
+    size: int
+    ready_at: float
+
+
 @dataclass(slots=True)
 class AdmitResult:
-    dispatched: list[tuple[DispatchJob, int, int]]  # the job, its priority and size
-    refused: dict[str, str]  # job id → why (the core's snapshot was stale)
-    gone: list[str]  # no longer ready (cancelled, or admitted by another process)
+    """Jobs dispatched now, and jobs refused (the core's snapshot was stale) with their gate.
+    Candidates in neither are no longer ready (cancelled, or admitted by another process)."""
+
+    dispatched: list[Dispatched]
+    refused: dict[str, Gate]
 
 
 async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> AdmitResult:
@@ -235,22 +244,22 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Admi
         )
         count = {k: n for k, n in await cur.fetchall()}
     accepted: list[Candidate] = []
-    refused: dict[str, str] = {}
+    refused: dict[str, Gate] = {}
     for c in live:
         short = next((n for n, a in c.holds if free.get(n, -1) < a), None)
         if short is not None:
-            refused[c.id] = f"semaphore {short} has no room (another process took it)"
+            refused[c.id] = Gate("semaphore", f"{short} has no room (another process took it)")
             continue
         over = next((k for k, n, _ in c.rate_keys if count.get(k, 0) >= n), None)
         if over is not None:
-            refused[c.id] = f"rate limit {over} reached (another process admitted)"
+            refused[c.id] = Gate("rate_limit", f"{over} reached (another process admitted)")
             continue
         for n, a in c.holds:
             free[n] -= a
         for k, _, _ in c.rate_keys:
             count[k] = count.get(k, 0) + 1
         accepted.append(c)
-    dispatched: list[tuple[DispatchJob, int, int]] = []
+    dispatched: list[Dispatched] = []
     if accepted:
         cur = await conn.execute(
             q(
@@ -259,13 +268,13 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Admi
                 gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
                 updated_at = now()
             WHERE id = ANY(%s) AND state = 'ready'
-            RETURNING {cols}, priority, size
+            RETURNING {cols}, priority, size, extract(epoch from ready_at)::float8
             """,
                 cols=DISPATCH_COLS,
             ),
             ([c.id for c in accepted],),
         )
-        dispatched = [(DispatchJob(*r[:-2]), r[-2], r[-1]) for r in await cur.fetchall()]
+        dispatched = [Dispatched(DispatchJob(*r[:-3]), *r[-3:]) for r in await cur.fetchall()]
         holds = [(c.id, n, a) for c in accepted for n, a in c.holds]
         await conn.execute(
             "INSERT INTO job_holds (job_id, name, amount) "
@@ -287,4 +296,4 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Admi
                 "INSERT INTO rate_log (key, at) SELECT * FROM unnest(%s::text[], %s::float8[])",
                 ([k for k, _ in log], [t for _, t in log]),
             )
-    return AdmitResult(dispatched, refused, [i for i in ids if i not in ready])
+    return AdmitResult(dispatched, refused)

@@ -10,9 +10,10 @@ Agents (one consumer group, ``settings.app_id``):
   re-forwards jobs left ready or unconfirmed.
 
 Invariants:
-- Values are raw bytes (no faust codec, never pickle); our decoder turns bad bytes into
-  dead letters. Acks are manual (``take_available``): an offset is committed only after its batch
-  is durable in PostgreSQL and its follow-up events are confirmed by the broker.
+- Values are raw bytes (no faust codec, no Python object serialisation); our decoder turns
+  bad bytes into dead letters. Acks are manual (``take_available``): an offset is committed
+  only after its batch is durable in PostgreSQL and its follow-up events are confirmed by
+  the broker.
 - An unexpected error in a batch never stops the stream: the batch is retried message by
   message, and a message that still fails is dead-lettered with the error as the reason.
 """
