@@ -22,6 +22,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from agents.context import Context, RawMessage, retrying
 from agents.core.admission import (
     AdmissionCore,
     Decisions,
+    Gate,
     Limit,
     Policy,
     QueuedJob,
@@ -50,11 +52,12 @@ log = logging.getLogger("jobstream.admission")
 IDLE_POLL_S = 1.0
 
 
-def dispatch_records(ctx: Context, jobs: Sequence[DispatchJob]) -> list[Record]:
-    topic = ctx.topic("jobs.dispatch")
+async def dispatch_records(ctx: Context, jobs: Sequence[DispatchJob]) -> list[Record]:
+    """Dispatch commands, each to its kind's pool topic (created on first use)."""
+    await ctx.ensure_pools({j.kind for j in jobs})
     return [
         Record(
-            topic,
+            ctx.dispatch_topic(j.kind),
             encode(
                 Dispatch(
                     job_id=j.id,
@@ -78,7 +81,8 @@ async def resend_unconfirmed(ctx: Context, ids: Sequence[str]) -> int:
     """Send again dispatches whose broker confirmation was never recorded (a crash)."""
     store = await ctx.store()
     rows = await retrying("unconfirmed rows", lambda: store.unconfirmed_rows(ids))
-    await retrying("dispatch produce", lambda: ctx.producer.aproduce(dispatch_records(ctx, rows)))
+    records = await dispatch_records(ctx, rows)
+    await retrying("dispatch produce", lambda: ctx.producer.aproduce(records))
     await retrying("dispatch confirm", lambda: store.confirm_dispatch(rows))
     return len(rows)
 
@@ -114,6 +118,9 @@ class Admission:
         self.gates_written: dict[str, str] = {}
         self.rounds = 0
         self.admitted = 0
+        # retried jobs waiting out their backoff: (run_after, id, row), not in the core yet
+        self.delayed: list[tuple[float, str, QueuedRow]] = []
+        self.delayed_ids: set[str] = set()
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -130,6 +137,31 @@ class Admission:
             needs_for(row.kind, resources, exclusive, limited),
         )
 
+    def enqueue(self, rows: Sequence[QueuedRow], now: float) -> int:
+        """Queue rows in the core, or hold them until their backoff ends (``run_after``)."""
+        added = 0
+        for r in rows:
+            if r.run_after is not None and r.run_after > now:
+                if r.id not in self.delayed_ids and r.id not in self.core.jobs:
+                    heapq.heappush(self.delayed, (r.run_after, r.id, r))
+                    self.delayed_ids.add(r.id)
+                    added += 1
+            elif r.id not in self.delayed_ids:
+                added += self.core.enqueue(self.queued(r))
+        return added
+
+    def _release_delayed(self, now: float, d: Decisions | None = None) -> float | None:
+        """Move rows whose backoff ended into the core; gate the rest; the next end."""
+        while self.delayed and self.delayed[0][0] <= now:
+            _, job_id, row = heapq.heappop(self.delayed)
+            self.delayed_ids.discard(job_id)
+            if self.owns(row.tenant):
+                self.core.enqueue(self.queued(row))
+        if d is not None:
+            for until, job_id, _ in self.delayed:
+                d.gates[job_id] = Gate("backoff", f"retry after {until - now:.1f} s", until)
+        return self.delayed[0][0] if self.delayed else None
+
     async def handle_ready(self, ctx: Context, messages: Sequence[RawMessage]) -> int:
         """``jobs.ready`` batch: queue the jobs that are still ready, wake the rounds."""
         ready, rejected = decode_all(ctx, messages, JobReady)
@@ -144,7 +176,7 @@ class Admission:
                 return await admstore.load_ready(conn, ids)
 
         rows = await retrying("admission load", load)
-        added = sum(self.core.enqueue(self.queued(r)) for r in rows)
+        added = self.enqueue(rows, time.time())
         self.wake.set()
         return added
 
@@ -215,8 +247,11 @@ class Admission:
         await self._sync_ownership(now)
         if self.controls_dirty or self.reprioritize:
             await self._load_controls()
+        next_delayed = self._release_delayed(now)
         if not len(self.core):
-            self.wake_at = None
+            self.wake_at = next_delayed
+            if self.delayed:
+                await self._write_gates(self._delayed_gates(now))
             return False
         async with store.tx() as conn:
             snap = await admstore.semaphore_snapshot(conn)
@@ -226,10 +261,16 @@ class Admission:
         free_slots = max(0, sem.capacity.get("slots", 0) - sem.used.get("slots", 0))
         now = time.time()
         d = self.core.decide(now, max_admits=self.ctx.settings.admission_batch)
-        self.wake_at = d.wake_at
+        next_delayed = self._release_delayed(now, d)
+        self.wake_at = min((t for t in (d.wake_at, next_delayed) if t is not None), default=None)
         dispatched = await self._carry_out(d, now, free_slots) if d.admitted else 0
         await self._write_gates(d)
         return dispatched > 0
+
+    def _delayed_gates(self, now: float) -> Decisions:
+        d = Decisions()
+        self._release_delayed(now, d)
+        return d
 
     async def _carry_out(self, d: Decisions, now: float, free_slots: int) -> int:
         store = await self.ctx.store()
@@ -254,7 +295,7 @@ class Admission:
         if stale_keys:
             await self._reload_rate_log(sorted(stale_keys), now)
         jobs = [x.job for x in res.dispatched]
-        records = dispatch_records(self.ctx, jobs)
+        records = await dispatch_records(self.ctx, jobs)
         topic = self.ctx.topic("scheduler.decisions")
         for job, priority, size, ready_at in res.dispatched:
             adm = by_id[job.id]
@@ -336,7 +377,7 @@ class Admission:
                 return await admstore.load_ready_of(conn, tenants)
 
         rows = await retrying("admission resync", load)
-        added = sum(self.core.enqueue(self.queued(r)) for r in rows)
+        added = self.enqueue(rows, now)
         if added:
             log.info("admission: queued %d ready jobs from PostgreSQL", added)
 

@@ -41,10 +41,12 @@ class QueuedRow:
     ready_at: float
     resources: list[str]
     exclusive: str | None
+    run_after: float | None = None  # a retry's backoff ends then
 
 
 _QUEUED_COLS = sql.SQL(
-    "id, tenant, kind, priority, size, extract(epoch from ready_at)::float8, resources, exclusive"
+    "id, tenant, kind, priority, size, extract(epoch from ready_at)::float8, resources, "
+    "exclusive, extract(epoch from run_after)::float8"
 )
 
 

@@ -5,7 +5,9 @@ Agents (one consumer group, ``settings.app_id``):
 - ``dependencies`` jobs.dependent + jobs.events (co-partitioned by group) → PostgreSQL
                    (submissions, guarded transitions, dependency decisions) → jobs.ready
 - ``admission``    jobs.ready → PostgreSQL (ready → dispatched) → jobs.dispatch
-- ``heartbeats``   workers.heartbeat → PostgreSQL (workers table)
+- ``heartbeats``   workers.heartbeat → PostgreSQL (workers table, job progress)
+- ``control``      jobs.control → PostgreSQL (pauses, limits, priorities, cancel, retry)
+- the liveness monitor (``agents.monitor``): silent workers → lost, their jobs retried
 - a reconciliation timer, the safety net: re-settles old waiting jobs (expiry, races) and
   re-forwards jobs left ready or unconfirmed.
 
@@ -34,6 +36,7 @@ from agents.control import handle_control
 from agents.deadletter import dead_letter
 from agents.dependencies import handle_dependent
 from agents.intake import forward_ready, handle_submissions
+from agents.monitor import Monitor
 from agents.outcomes import handle_heartbeats
 
 log = logging.getLogger("jobstream.app")
@@ -120,6 +123,12 @@ def build_app(ctx: Context) -> faust.App:
     @app.task  # type: ignore[untyped-decorator]
     async def admission_rounds() -> None:
         await admission.run()
+
+    monitor = Monitor(ctx)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def liveness_monitor() -> None:
+        await monitor.run()
 
     @app.timer(s.reconcile_interval_s, name="reconcile")  # type: ignore[untyped-decorator]
     async def reconcile() -> None:

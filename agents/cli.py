@@ -383,12 +383,15 @@ def _scope(tenant: str | None, kind: str | None, job_id: str | None) -> tuple[st
 def pause(
     tenant: Annotated[str | None, typer.Option(help="pause every job of this tenant")] = None,
     kind: Annotated[str | None, typer.Option(help="pause every job of this kind")] = None,
-    job_id: Annotated[str | None, typer.Option("--job", help="pause one queued job")] = None,
+    job_id: Annotated[
+        str | None, typer.Option("--job", help="pause one job (SIGSTOP if it is running)")
+    ] = None,
     reason: str = "",
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Stop admitting a tenant's, a kind's or a job's jobs (running ones go on)."""
+    """Stop admitting a tenant's, a kind's or a job's jobs. A running job named with --job is
+    stopped in place (SIGSTOP, as FOSSology does) until resumed; other running jobs go on."""
     scope, name = _scope(tenant, kind, job_id)
     cmd = _cmd(action="pause", scope=scope, name=name, reason=reason)
     _control(config, cmd, as_json, f"pause of {scope} [bold]{name}[/] sent")
@@ -402,7 +405,7 @@ def resume(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Admit a paused tenant's, kind's or job's jobs again."""
+    """Admit a paused tenant's, kind's or job's jobs again (SIGCONT a paused running job)."""
     scope, name = _scope(tenant, kind, job_id)
     cmd = _cmd(action="resume", scope=scope, name=name)
     _control(config, cmd, as_json, f"resume of {scope} [bold]{name}[/] sent")
@@ -442,6 +445,49 @@ def limit(
     )
     what = "removed" if remove else f"set to {per} per {window:g} s"
     _control(config, cmd, as_json, f"rate limit {scope} {match} {what}")
+
+
+@app.command()
+def cancel(
+    job_id: str,
+    reason: Annotated[str, typer.Option(help="why; kept on the job and in its history")] = "",
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a job: not started if queued, stopped if running (SIGTERM, grace, SIGKILL).
+    Its dependents are handled by their trigger rule (all_success: failed; all_done: run)."""
+    cmd = _cmd(action="cancel", scope="job", name=job_id, reason=reason)
+    _control(config, cmd, as_json, f"cancel of [bold]{job_id}[/] sent")
+
+
+@app.command()
+def retry(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Give a failed or cancelled job another attempt; dependents it failed wait again."""
+    cmd = _cmd(action="retry", scope="job", name=job_id)
+    _control(config, cmd, as_json, f"retry of [bold]{job_id}[/] sent")
+
+
+@app.command()
+def workers(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List workers: state, slots, load, labels and last heartbeat."""
+    rows: list[dict[str, Any]] = _query(config, lambda store: store.workers())
+    if as_json:
+        _emit(rows, True)
+        return
+    table = Table("worker", "state", "slots used", "load", "labels", "running", "last heartbeat")
+    colour = {"running": "green", "draining": "yellow", "lost": "red", "stopped": "dim"}
+    for r in rows:
+        used = r["slots_total"] - r["slots_free"]
+        table.add_row(
+            r["id"],
+            f"[{colour.get(r['state'], 'white')}]{r['state']}[/]",
+            f"{used}/{r['slots_total']}",
+            "" if r["load"] is None else f"{r['load']:.2f}",
+            ",".join(r["labels"]),
+            str(len(r["running"])),
+            f"{r['silent_s']:.0f} s ago",
+        )
+    out.print(table)
 
 
 def _cmd(**fields: Any) -> Control:
@@ -523,6 +569,9 @@ def scheduler(config: ConfigOpt = None) -> None:
 @app.command()
 def worker(
     slots: Annotated[int | None, typer.Option(min=1, help="Jobs run at once")] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="comma-separated labels this worker carries (pools)")
+    ] = None,
     abort: Annotated[
         bool,
         typer.Option(
@@ -537,7 +586,11 @@ def worker(
 
     s = _settings(config)
     s.require_kafka()
-    raise typer.Exit(asyncio.run(run_worker(Context.from_settings(s), slots=slots, abort=abort)))
+    extra = [x.strip() for x in (labels or "").split(",") if x.strip()]
+    if extra:
+        s = _settings(config, worker_labels=[*s.worker_labels, *extra])
+    ctx = Context.from_settings(s)
+    raise typer.Exit(asyncio.run(run_worker(ctx, slots=slots, abort=abort)))
 
 
 @app.command()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from agents.errors import StoreUnavailable
+from agents.pools import ensure_pool_topics, pool_of
 from agents.settings import Settings
 from agents.store import PostgresJobStore
 from streams.errors import DeliveryFailed, KafkaUnavailable
@@ -42,6 +43,7 @@ class Context:
     _store: PostgresJobStore | None = None
     _producer: ConfirmedProducer | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _pools_known: set[str] = field(default_factory=set)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
@@ -71,6 +73,20 @@ class Context:
 
     def topic(self, logical: str) -> str:
         return self.registry.name(logical)
+
+    def dispatch_topic(self, kind: str) -> str:
+        """``jobs.dispatch``, or ``jobs.dispatch.<pool>`` for kinds pinned to labelled workers."""
+        pool = pool_of(self.settings, kind)
+        base = self.topic("jobs.dispatch")
+        return base if pool is None else f"{base}.{pool}"
+
+    async def ensure_pools(self, kinds: set[str]) -> None:
+        pools = {p for k in kinds if (p := pool_of(self.settings, k)) is not None}
+        if pools - self._pools_known:
+            await retrying(
+                "create pool topics",
+                lambda: ensure_pool_topics(self.settings, self.registry, pools, self._pools_known),
+            )
 
     async def close(self) -> None:
         if self._store is not None:

@@ -1,4 +1,5 @@
-"""Operator controls from ``jobs.control``: pause/resume, priority, run-time rate limits.
+"""Operator controls from ``jobs.control``: pause/resume, priority, run-time rate limits,
+cancel and retry of jobs.
 
 Each command is applied durably in PostgreSQL (``pauses``, ``rate_limits``, ``jobs.priority``)
 and announced with ``NOTIFY`` in the same transaction, so every admission process (whichever
@@ -9,13 +10,16 @@ dead-lettered with the reason, like any bad input.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from agents import admstore
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import Rejected, dead_letter
+from agents.intake import forward_ready
 from streams.errors import InvalidEvent
-from streams.events import Control, decode
+from streams.events import Control, JobCancelled, decode, encode
+from streams.kafka import Record
 
 
 def check(c: Control) -> str | None:
@@ -25,6 +29,9 @@ def check(c: Control) -> str | None:
             return f"{c.action} applies to a tenant, a kind or a job, not {c.scope!r}"
         if not c.name:
             return f"{c.action} needs the name of the {c.scope}"
+    elif c.action in ("cancel", "retry"):
+        if c.scope != "job" or not c.name:
+            return f"{c.action} needs scope 'job' and the job id"
     elif c.action == "priority":
         if c.scope != "job" or not c.name or c.priority is None:
             return "priority needs scope 'job', the job id and a priority (-20..20)"
@@ -39,6 +46,7 @@ def check(c: Control) -> str | None:
 async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
     bad: list[Rejected] = []
     good: list[Control] = []
+    job_cmds: list[tuple[RawMessage, Control]] = []
     for msg in messages:
         try:
             cmd = decode(msg.value, Control, max_bytes=ctx.settings.max_payload_bytes)
@@ -46,13 +54,17 @@ async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
             bad.append((msg, str(exc)))
             continue
         reason = check(cmd)
-        if reason is None:
-            good.append(cmd)
-        else:
+        if reason is not None:
             bad.append((msg, f"invalid control command: {reason}"))
+        elif cmd.action in ("cancel", "retry"):
+            job_cmds.append((msg, cmd))
+        else:
+            good.append(cmd)
+    if job_cmds:
+        bad.extend(await _job_commands(ctx, job_cmds))
     await dead_letter(ctx, bad)
     if not good:
-        return 0
+        return len(job_cmds)
     store = await ctx.store()
 
     async def tx() -> None:
@@ -98,3 +110,43 @@ async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
 
     await retrying("apply controls", tx)
     return len(good)
+
+
+async def _job_commands(ctx: Context, cmds: Sequence[tuple[RawMessage, Control]]) -> list[Rejected]:
+    """Cancel: a ``job.cancelled`` event on ``jobs.events`` (keyed by the job's group, so the
+    dependency agent applies it in order with the job's other events and fails or runs its
+    dependents per trigger rule); workers read the command itself and stop the process.
+    Retry: the job and the dependents it failed get another go. Unknown jobs are rejected."""
+    store = await ctx.store()
+    s = ctx.settings
+    routes = await retrying("look up jobs", lambda: store.job_route([c.name for _, c in cmds]))
+    bad: list[Rejected] = []
+    cancels: list[Record] = []
+    retries: list[Control] = []
+    for msg, c in cmds:
+        if c.name not in routes:
+            bad.append((msg, f"{c.action}: no job {c.name!r}"))
+        elif c.action == "cancel":
+            group = routes[c.name][0]
+            event = JobCancelled(job_id=c.name, at=c.at or time.time(), reason=c.reason)
+            cancels.append(
+                Record(ctx.topic("jobs.events"), encode(event), (group or c.name).encode())
+            )
+        else:
+            retries.append(c)
+    if cancels:
+        await retrying("publish cancels", lambda: ctx.producer.aproduce(cancels))
+    if retries:
+        by = ", ".join(sorted({c.by for c in retries if c.by}))[:200]
+        _, ready = await retrying(
+            "retry jobs",
+            lambda: store.retry_jobs(
+                [c.name for c in retries],
+                now=time.time(),
+                grace_s=s.dependency_grace_s,
+                allow_cross_tenant=s.allow_cross_tenant_deps,
+                by=by,
+            ),
+        )
+        await forward_ready(ctx, ready)
+    return bad

@@ -46,6 +46,7 @@ async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
             now=time.time(),
             grace_s=s.dependency_grace_s,
             allow_cross_tenant=s.allow_cross_tenant_deps,
+            backoff=s.backoff_by_kind,
         ),
     )
     if impossible:

@@ -14,7 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -110,14 +110,16 @@ async def insert_jobs(conn: Conn, batch: Sequence[Accepted]) -> list[str]:
 
 
 async def apply_lifecycle(
-    conn: Conn, events: Sequence[JobEvent]
+    conn: Conn, events: Sequence[JobEvent], backoff: Mapping[str, tuple[float, float]] | None = None
 ) -> tuple[list[str], list[ReadyJob]]:
-    """Apply events in order; return (jobs that became terminal, jobs back to ready)."""
+    """Apply events in order; return (jobs that became terminal, jobs back to ready).
+    ``backoff``: kind → (base, cap) seconds; a retried attempt n waits min(cap, base·2^(n-1))
+    unless its failure was not the job's (``backoff=False``: a lost worker, a hand-back)."""
     terminal: list[str] = []
     retry: list[ReadyJob] = []
     history: list[tuple[str, int, str, Jsonb]] = []
     for ev in events:
-        row = await _apply_one(conn, ev)
+        row = await _apply_one(conn, ev, backoff or {})
         if row is None:
             continue
         state, attempt = row[0], getattr(ev, "attempt", row[1])
@@ -144,7 +146,9 @@ async def apply_lifecycle(
     return terminal, retry
 
 
-async def _apply_one(conn: Conn, ev: JobEvent) -> tuple[Any, ...] | None:
+async def _apply_one(
+    conn: Conn, ev: JobEvent, backoff: Mapping[str, tuple[float, float]]
+) -> tuple[Any, ...] | None:
     if isinstance(ev, JobStarted):
         cur = await conn.execute(
             q(
@@ -179,25 +183,36 @@ async def _apply_one(conn: Conn, ev: JobEvent) -> tuple[Any, ...] | None:
         cur = await conn.execute(
             q(
                 """UPDATE jobs SET
-                state = CASE WHEN %s AND attempt < max_attempts THEN 'ready' ELSE 'failed' END,
-                gate = CASE WHEN %s AND attempt < max_attempts THEN 'retry' END,
-                ready_at = now(), finished_at = to_timestamp(%s), worker = %s, exit_code = %s,
-                error = %s, log_path = %s, updated_at = now()
-            WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
+                state = CASE WHEN %(r)s AND attempt < max_attempts + %(x)s
+                             THEN 'ready' ELSE 'failed' END,
+                gate = CASE WHEN %(r)s AND attempt < max_attempts + %(x)s THEN 'retry' END,
+                run_after = CASE WHEN %(r)s AND %(b)s AND attempt < max_attempts + %(x)s
+                    THEN now() + make_interval(secs => least(
+                        coalesce((%(bo)s::jsonb -> kind ->> 1)::float8, 300),
+                        coalesce((%(bo)s::jsonb -> kind ->> 0)::float8, 1)
+                            * power(2, least(attempt, 30) - 1)))
+                    END,
+                max_attempts = max_attempts + %(x)s,
+                ready_at = now(), finished_at = to_timestamp(%(at)s), worker = %(w)s,
+                exit_code = %(rc)s, error = %(err)s, log_path = %(log)s, progress = NULL,
+                updated_at = now()
+            WHERE id = %(id)s AND attempt = %(a)s AND state = ANY(%(from)s) {ret}""",
                 ret=RETURN_STATE,
             ),
-            (
-                ev.retryable,
-                ev.retryable,
-                ev.at,
-                ev.worker,
-                ev.exit_code,
-                ev.error[:4000],
-                ev.log_path,
-                ev.job_id,
-                ev.attempt,
-                states(FINISHED_FROM),
-            ),
+            {
+                "r": ev.retryable,
+                "x": 0 if ev.counts else 1,
+                "b": ev.backoff,
+                "bo": Jsonb(backoff),
+                "at": ev.at,
+                "w": ev.worker,
+                "rc": ev.exit_code,
+                "err": ev.error[:4000],
+                "log": ev.log_path,
+                "id": ev.job_id,
+                "a": ev.attempt,
+                "from": states(FINISHED_FROM),
+            },
         )
     elif isinstance(ev, JobCancelled):
         cur = await conn.execute(

@@ -5,16 +5,22 @@ Invariants:
 - Job fields reach the process only as argv items and never through a shell.
 - The child runs in its own process group, so a timeout or cancel reaches its children too.
 - ``run_attempt`` always returns an outcome (never raises for a bad job): a missing argument
-  or command is a non-retryable failure, a non-zero exit or a timeout a retryable one.
+  or command is a non-retryable failure, a non-zero exit or a timeout a retryable one, a
+  cancel a non-retryable one.
+- A Python entry point runs in its own child interpreter (``agents.pycall``), with the job's
+  args as JSON on stdin: a job that hangs, crashes or leaks cannot touch the worker loop, and
+  timeouts, cancel and SIGSTOP/SIGCONT work the same as for commands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +30,7 @@ from agents.settings import KindConfig
 from streams.events import Dispatch
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,39 +68,108 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
         pass
 
 
+class AttemptHandle:
+    """The worker's grip on a running attempt: cancel it, pause it (SIGSTOP to its process
+    group, as FOSSology does), resume it (SIGCONT). Paused time does not count against the
+    timeout. Safe to call before the process exists or after it ended."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stop = asyncio.Event()
+        self.reason = ""
+        self.paused_since: float | None = None
+        self.paused_total = 0.0
+        self.progress_file: Path | None = None
+
+    def cancel(self, reason: str) -> None:
+        if not self.stop.is_set():
+            self.reason = reason
+            self.stop.set()
+        if self.paused_since is not None:  # a stopped process cannot handle SIGTERM
+            self.resume()
+
+    def pause(self) -> bool:
+        if self.proc is None or self.proc.returncode is not None or self.paused_since is not None:
+            return False
+        _signal_group(self.proc, signal.SIGSTOP)
+        self.paused_since = time.monotonic()
+        return True
+
+    def resume(self) -> bool:
+        if self.paused_since is None:
+            return False
+        self.paused_total += time.monotonic() - self.paused_since
+        self.paused_since = None
+        if self.proc is not None and self.proc.returncode is None:
+            _signal_group(self.proc, signal.SIGCONT)
+        return True
+
+    def progress(self) -> float | None:
+        """What the job last wrote to ``$JOBSTREAM_PROGRESS_FILE`` (0..1), if anything."""
+        if self.progress_file is None:
+            return None
+        try:
+            value = float(self.progress_file.read_text().strip() or "nan")
+        except (OSError, ValueError):
+            return None
+        return min(1.0, max(0.0, value)) if value == value else None
+
+
+def argv_for(kind: KindConfig, d: Dispatch) -> list[str]:
+    if kind.entrypoint is not None:
+        return [sys.executable, "-m", "agents.pycall", kind.entrypoint]
+    assert kind.command is not None  # settings validation: exactly one of the two
+    return render_argv(
+        kind.command, d.args, {"job_id": d.job_id, "attempt": d.attempt, "tenant": d.tenant}
+    )
+
+
 async def run_attempt(
     d: Dispatch,
     kind: KindConfig | None,
     *,
     log_dir: str,
     kill_grace_s: float,
-    cancel: asyncio.Event | None = None,
+    handle: AttemptHandle | None = None,
 ) -> Outcome:
     start = time.monotonic()
+    h = handle or AttemptHandle()
     if kind is None:
         return Outcome(
             False, None, f"kind {d.kind!r} is not configured on this worker", 0.0, None, False
         )
     try:
-        argv = render_argv(
-            kind.command, d.args, {"job_id": d.job_id, "attempt": d.attempt, "tenant": d.tenant}
-        )
+        argv = argv_for(kind, d)
     except TemplateError as exc:
         return Outcome(False, None, str(exc), 0.0, None, False)
     path = log_path_for(log_dir, d)
     path.parent.mkdir(parents=True, exist_ok=True)
-    timeout = d.timeout_s or kind.timeout_s
+    h.progress_file = path.with_suffix(".progress")
+    # nokill kinds are never killed for liveness: no timeout (a cancel still stops them)
+    timeout = None if kind.nokill else (d.timeout_s or kind.timeout_s)
     env = {
         **os.environ,
         **kind.env,
         "JOBSTREAM_JOB_ID": d.job_id,
         "JOBSTREAM_ATTEMPT": str(d.attempt),
+        "JOBSTREAM_TENANT": d.tenant,
+        "JOBSTREAM_PROGRESS_FILE": str(h.progress_file),
     }
+    stdin_data = None
+    if kind.entrypoint is not None:
+        stdin_data = json.dumps(d.args, ensure_ascii=False).encode()
+        env["PYTHONPATH"] = os.pathsep.join(
+            x
+            for x in (_PROJECT_ROOT, kind.env.get("PYTHONPATH") or os.environ.get("PYTHONPATH"))
+            if x
+        )
     with path.open("ab") as log:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE
+                if stdin_data is not None
+                else asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
@@ -109,30 +185,68 @@ async def run_attempt(
                 str(path),
                 False,
             )
-        waiter = asyncio.ensure_future(proc.wait())
-        stopper = asyncio.ensure_future(cancel.wait()) if cancel else None
-        done, _ = await asyncio.wait(
-            [f for f in (waiter, stopper) if f],
-            timeout=timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        reason = None
-        if waiter not in done:
-            reason = "cancelled" if stopper in done else f"timed out after {timeout:g} s"
+        h.proc = proc
+        if stdin_data is not None and proc.stdin is not None:
+            try:
+                proc.stdin.write(stdin_data)
+                await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            finally:
+                proc.stdin.close()
+        reason = await _wait(proc, h, timeout)
+        if reason is not None:
+            h.resume()
             _signal_group(proc, signal.SIGTERM)
+            waiter = asyncio.ensure_future(proc.wait())
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), kill_grace_s)
             except TimeoutError:
                 _signal_group(proc, signal.SIGKILL)
                 await waiter
-        if stopper is not None:
-            stopper.cancel()
     rc = proc.returncode
     duration = time.monotonic() - start
+    try:
+        h.progress_file.unlink(missing_ok=True)
+    except OSError:
+        pass
     if reason is not None:
-        return Outcome(False, rc, reason, duration, str(path), reason != "cancelled")
+        return Outcome(False, rc, reason, duration, str(path), not h.stop.is_set())
     if rc == 0:
         return Outcome(True, 0, "", duration, str(path), False)
     tail = _tail(path)
     msg = f"exit code {rc}" + (f": {tail}" if tail else "")
-    return Outcome(False, rc, msg, duration, str(path), True)
+    # an entry point that cannot be imported or called (pycall's exit 2) will not get better
+    unusable = kind.entrypoint is not None and rc == 2
+    return Outcome(False, rc, msg, duration, str(path), not unusable)
+
+
+async def _wait(
+    proc: asyncio.subprocess.Process, h: AttemptHandle, limit_s: float | None
+) -> str | None:
+    """Wait for the process to end; the reason to stop it, or None once it ended."""
+    waiter = asyncio.ensure_future(proc.wait())
+    stopper = asyncio.ensure_future(h.stop.wait())
+    began = time.monotonic()
+    try:
+        while True:
+            left = None
+            if limit_s is not None:
+                paused = h.paused_total + (
+                    time.monotonic() - h.paused_since if h.paused_since is not None else 0.0
+                )
+                left = limit_s - (time.monotonic() - began - paused)
+                if left <= 0 and h.paused_since is None:
+                    return f"timed out after {limit_s:g} s"
+                left = max(0.05, min(left, 1.0)) if h.paused_since is None else 1.0
+            done, _ = await asyncio.wait(
+                [waiter, stopper], timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiter in done:
+                return None
+            if stopper in done:
+                return h.reason or "cancelled"
+    finally:
+        stopper.cancel()
+        if not waiter.done():
+            waiter.cancel()

@@ -27,22 +27,36 @@ from msgspec import Meta, Struct
 from agents.errors import ConfigError
 
 PREFIX = "JOBSTREAM_"
+ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+LABEL = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$"  # no "_": it joins labels in topic names
 _SECRET_KEY = re.compile(r"pass(word)?|secret|token|key$|credential", re.I)
 
 
 class KindConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """How a job kind runs. ``command`` is an argv template: each item may contain
-    ``{name}`` placeholders filled from the job's args (and ``{job_id}``, ``{attempt}``,
-    ``{tenant}``); no shell is involved."""
+    """How a job kind runs: exactly one of ``command`` (an argv template: each item may
+    contain ``{name}`` placeholders filled from the job's args and ``{job_id}``,
+    ``{attempt}``, ``{tenant}``; no shell is involved) or ``entrypoint`` (``module:function``,
+    called with the job's args as keyword arguments in a child interpreter)."""
 
-    command: Annotated[list[str], Meta(min_length=1)]
+    command: Annotated[list[str], Meta(min_length=1)] | None = None
+    entrypoint: Annotated[str, Meta(pattern=ENTRYPOINT)] | None = None
     timeout_s: Annotated[float, Meta(gt=0)] = 3600.0
     max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    retry_backoff_s: Annotated[float, Meta(ge=0, le=86_400)] = 1.0  # attempt n waits b·2^(n-1)
+    retry_backoff_max_s: Annotated[float, Meta(ge=0, le=86_400)] = 300.0
     env: dict[str, str] = msgspec.field(default_factory=dict)
     cwd: str | None = None
     max_concurrency: Annotated[int, Meta(ge=1)] | None = None  # FOSSology's per-agent ``max``
     resources: list[str] = msgspec.field(default_factory=list)  # named resources, 1 each
     exclusive: str | None = None  # a resource name or "*": runs alone in that scope
+    # FOSSology's flags: nokill = never killed for liveness (no timeout, drain waits for it);
+    # local = runs only on a worker on the scheduler's host; labels = runs only on workers
+    # that carry every one of them (host pinning, GPUs, licences)
+    nokill: bool = False
+    local: bool = False
+    labels: Annotated[list[Annotated[str, Meta(pattern=LABEL)]], Meta(max_length=8)] = (
+        msgspec.field(default_factory=list)
+    )
 
 
 class LimitConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -100,6 +114,10 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     admission_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     admission_resync_s: Annotated[float, Meta(gt=0)] = 15.0
     log_level: str = "WARNING"
+    worker_labels: Annotated[list[Annotated[str, Meta(pattern=LABEL)]], Meta(max_length=6)] = (
+        msgspec.field(default_factory=list)
+    )
+    scheduler_host: str | None = None  # where ``local`` kinds run; default: this host
 
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap:
@@ -110,6 +128,10 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
         if not self.database_url:
             raise ConfigError("JOBSTREAM_DATABASE_URL is not set (a PostgreSQL connection URL)")
         return self.database_url
+
+    @property
+    def backoff_by_kind(self) -> dict[str, tuple[float, float]]:
+        return {k: (c.retry_backoff_s, c.retry_backoff_max_s) for k, c in self.kinds.items()}
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
@@ -134,7 +156,14 @@ def redact_url(url: str) -> str:
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
-_STRUCTURED = {"kafka_config", "kinds", "rate_limits", "resources", "tenant_weights"}
+_STRUCTURED = {
+    "kafka_config",
+    "kinds",
+    "rate_limits",
+    "resources",
+    "tenant_weights",
+    "worker_labels",
+}
 
 
 def load_settings(
@@ -158,7 +187,9 @@ def load_settings(
         raw = env.get(PREFIX + name.upper())
         if raw is None or raw == "":
             continue
-        if name in _STRUCTURED:
+        if name == "worker_labels" and not raw.lstrip().startswith("["):
+            data[name] = [x.strip() for x in raw.split(",") if x.strip()]
+        elif name in _STRUCTURED:
             try:
                 data[name] = json.loads(raw)
             except json.JSONDecodeError as exc:
@@ -178,6 +209,11 @@ def load_settings(
         if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", kind):
             raise ConfigError(f"invalid kind name {kind!r}: use lower-case letters, digits, _.-")
     for name, kind_cfg in settings.kinds.items():
+        if (kind_cfg.command is None) == (kind_cfg.entrypoint is None):
+            raise ConfigError(
+                f"kind {name!r} needs exactly one of command (an argv list) or entrypoint "
+                "(module:function)"
+            )
         for r in [*kind_cfg.resources, *([kind_cfg.exclusive] if kind_cfg.exclusive else [])]:
             if r != "*" and r not in settings.resources:
                 raise ConfigError(

@@ -11,8 +11,9 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,25 @@ from agents.rows import (
 from streams.events import JobEvent, JobStarted
 
 MIGRATION_LOCK = 7_301_947_113
+MONITOR_LOCK = 7_301_947_114
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """A running job whose worker is lost, or restarted since the job started."""
+
+    id: str
+    attempt: int
+    group: str | None
+    worker: str
+    worker_state: str
+    silent_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LostWork:
+    newly_lost: list[str]
+    orphans: list[Orphan]
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -127,13 +147,14 @@ class PostgresJobStore:
         now: float,
         grace_s: float,
         allow_cross_tenant: bool,
+        backoff: Mapping[str, tuple[float, float]] | None = None,
     ) -> tuple[list[ReadyJob], list[Fail]]:
         """The dependency stage's transaction: persist submissions and lifecycle events, settle
         the affected part of the graph, and return (jobs to forward as ready, submissions of
         this batch rejected as impossible)."""
         async with self.tx() as conn:
             inserted = await insert_jobs(conn, accepted)
-            terminal, retry = await apply_lifecycle(conn, events)
+            terminal, retry = await apply_lifecycle(conn, events, backoff)
             changed = inserted + terminal
             nodes = await load_working_set(conn, changed)
             decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(changed, now, grace_s)
@@ -166,6 +187,55 @@ class PostgresJobStore:
             nodes = await load_working_set(conn, ids)
             decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(ids, now, grace_s)
             return await apply_decisions(conn, decisions)
+
+    async def retry_jobs(
+        self, ids: Sequence[str], *, now: float, grace_s: float, allow_cross_tenant: bool, by: str
+    ) -> tuple[list[str], list[ReadyJob]]:
+        """``jobstream retry``: failed or cancelled jobs get one more attempt (their attempt
+        budget grows if it is used up), dependents that failed because of them wait again,
+        and all of them are settled like new submissions. Returns (jobs retried, jobs now
+        ready)."""
+        async with self.tx() as conn:
+            cur = await conn.execute(
+                """UPDATE jobs SET state = 'waiting', max_attempts = greatest(max_attempts,
+                       attempt + 1), error = NULL, root_cause = NULL, gate = NULL,
+                       run_after = NULL, finished_at = NULL, exit_code = NULL, progress = NULL,
+                       updated_at = now()
+                   WHERE id = ANY(%s) AND state IN ('failed', 'cancelled') RETURNING id""",
+                (list(ids),),
+            )
+            retried = [r[0] for r in await cur.fetchall()]
+            if not retried:
+                return [], []
+            # dependents failed by these roots without ever running wait for them again
+            cur = await conn.execute(
+                """UPDATE jobs SET state = 'waiting', error = NULL, root_cause = NULL, gate = NULL,
+                       finished_at = NULL, updated_at = now()
+                   WHERE root_cause = ANY(%s) AND state IN ('failed', 'cancelled') AND attempt = 0
+                   RETURNING id""",
+                (retried,),
+            )
+            again = [r[0] for r in await cur.fetchall()]
+            await conn.execute(
+                "INSERT INTO job_history (job_id, event, detail) SELECT id, 'retry', "
+                "jsonb_build_object('by', %s::text) FROM unnest(%s::text[]) AS id",
+                (by, [*retried, *again]),
+            )
+            changed = [*retried, *again]
+            nodes = await load_working_set(conn, changed)
+            decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(changed, now, grace_s)
+            released = await apply_decisions(conn, decisions)
+            return retried, released
+
+    async def job_route(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str]]:
+        """job id → (group key, state) for the jobs that exist among ``ids``."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, group_key, state FROM jobs WHERE id = ANY(%s)", (list(ids),)
+            )
+            rows = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+            await conn.rollback()
+            return rows
 
     async def record_dead_letters(self, rows: Sequence[DeadLetterRow]) -> None:
         if not rows:
@@ -216,26 +286,94 @@ class PostgresJobStore:
     async def record_heartbeats(
         self, beats: Sequence[Any], *, capacity_factor: float = 1.0, lost_after_s: float = 15.0
     ) -> None:
-        """Record heartbeats and, in the same transaction, the live capacity they add up to."""
+        """Record heartbeats (a lost worker that speaks again is live again) and running jobs'
+        progress and, in the same transaction, the live capacity they add up to."""
         if not beats:
             return
-        latest = {b.worker: b for b in beats}
+        latest = {b.worker: b for b in sorted(beats, key=lambda b: b.at)}
+        progress = {j: v for b in latest.values() for j, v in b.progress.items()}
         async with self.tx() as conn, conn.cursor() as cur:
             await cur.executemany(
                 """
-                INSERT INTO workers (id, host, slots_total, slots_free, running, state, last_seen)
-                VALUES (%s, %s, %s, %s, %s, %s, to_timestamp(%s))
+                INSERT INTO workers (id, host, slots_total, slots_free, running, state, last_seen,
+                                     labels, load, pid, since)
+                VALUES (%s, %s, %s, %s, %s, %s, to_timestamp(%s), %s, %s, %s, to_timestamp(%s))
                 ON CONFLICT (id) DO UPDATE SET host = excluded.host,
                     slots_total = excluded.slots_total, slots_free = excluded.slots_free,
                     running = excluded.running, state = excluded.state,
-                    last_seen = greatest(workers.last_seen, excluded.last_seen)
+                    last_seen = greatest(workers.last_seen, excluded.last_seen),
+                    labels = excluded.labels, load = excluded.load, pid = excluded.pid,
+                    since = excluded.since,
+                    lost_at = CASE WHEN excluded.state = 'running' THEN NULL
+                                   ELSE workers.lost_at END
+                WHERE workers.last_seen <= excluded.last_seen
                 """,
                 [
-                    (b.worker, b.host, b.slots_total, b.slots_free, b.running, b.state, b.at)
+                    (
+                        b.worker,
+                        b.host,
+                        b.slots_total,
+                        b.slots_free,
+                        b.running,
+                        b.state,
+                        b.at,
+                        b.labels,
+                        b.load,
+                        b.pid,
+                        b.since,
+                    )
                     for b in latest.values()
                 ],
             )
+            if progress:
+                await conn.execute(
+                    "UPDATE jobs j SET progress = p.v FROM unnest(%s::text[], %s::real[]) "
+                    "AS p(id, v) WHERE j.id = p.id AND j.state = 'running'",
+                    (list(progress), list(progress.values())),
+                )
             await refresh_capacity(conn, capacity_factor, lost_after_s)
+
+    async def lost_work(self, lost_after_s: float, capacity_factor: float) -> LostWork:
+        """The monitor's step (one process at a time, under an advisory lock): declare silent
+        workers lost, and list running jobs whose worker is lost or restarted since their
+        start. Those are retried by publishing a failure of their attempt (fenced)."""
+        async with self.tx() as conn:
+            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (MONITOR_LOCK,))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                return LostWork([], [])
+            cur = await conn.execute(
+                "UPDATE workers SET state = 'lost', lost_at = now() "
+                "WHERE state IN ('running', 'draining') "
+                "AND last_seen < now() - make_interval(secs => %s) RETURNING id",
+                (lost_after_s,),
+            )
+            newly = [r[0] for r in await cur.fetchall()]
+            if newly:
+                await refresh_capacity(conn, capacity_factor, lost_after_s)
+            cur = await conn.execute(
+                """SELECT j.id, j.attempt, j.group_key, w.id, w.state,
+                          extract(epoch from now() - w.last_seen)::float8
+                   FROM jobs j JOIN workers w ON w.id = j.worker
+                   WHERE j.state = 'running'
+                     AND (w.state = 'lost' OR j.started_at < w.since)
+                   ORDER BY j.started_at LIMIT 10000"""
+            )
+            orphans = [Orphan(*r) for r in await cur.fetchall()]
+            return LostWork(newly, orphans)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                """SELECT id, host, state, slots_total, slots_free, running, labels, load, pid,
+                          first_seen, last_seen, lost_at,
+                          extract(epoch from now() - last_seen)::float8 AS silent_s
+                   FROM workers ORDER BY state = 'running' DESC, last_seen DESC"""
+            )
+            rows = await cur.fetchall()
+            await conn.rollback()
+            return rows
 
     async def refresh_capacity(self, capacity_factor: float, lost_after_s: float) -> int:
         """Recompute live worker capacity (workers fall silent without a last heartbeat)."""

@@ -6,12 +6,21 @@ Invariants:
 - At most ``slots`` jobs run at once and at most ``slots`` more are buffered; beyond that the
   worker stops taking messages (backpressure) and, when full for long, pauses its partitions
   while it keeps serving rebalances. Free/total slots go out in heartbeats.
-- An offset is committed only after the outcome of its job was confirmed by the broker
-  (``OffsetTracker``), so a worker that dies mid-job leaves the dispatch to be redelivered.
-- A dispatch for an attempt this process already ran is not run twice.
-- SIGTERM drains: no new work, running jobs get ``drain_grace_s`` to finish, offsets are
-  committed, exit 0. A second signal aborts: running jobs are stopped and handed back
-  (their offsets stay uncommitted).
+- Kafka owns a dispatch until its job starts, the heartbeat monitor after: an offset is
+  committed (``OffsetTracker``) once the broker confirmed the job's ``job.started`` event (or
+  the dispatch was skipped or dead-lettered). A worker that dies before a start leaves the
+  dispatch to be redelivered to another worker; one that dies after falls silent, and the
+  monitor (``agents.monitor``) retries its running jobs as a new attempt. A late report from
+  the old attempt is fenced off by the attempt number.
+- A dispatch for an attempt this process already ran is not run twice; a job cancelled on
+  ``jobs.control`` is not started, and is stopped when running (nothing is reported for it:
+  the ``job.cancelled`` event is the authority).
+- ``pause``/``resume`` of a job on ``jobs.control`` stop and continue its process group
+  (SIGSTOP/SIGCONT); paused time does not count against the timeout.
+- SIGTERM drains: no new work, running jobs get ``drain_grace_s`` to finish (``nokill``
+  kinds as long as they need), offsets are committed, exit 0. After the grace, or on a
+  second signal or ``--abort``, running jobs are stopped and handed back: ``job.failed``
+  with ``counts=False``, so the attempt is retried at once elsewhere and not counted.
 """
 
 from __future__ import annotations
@@ -27,14 +36,16 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from agents.context import Context, RawMessage, retrying
 from agents.core.offsets import OffsetTracker
 from agents.deadletter import dead_letter
-from agents.runner import Outcome, run_attempt
+from agents.pools import ensure_pool_topics, pools_served, worker_labels
+from agents.runner import AttemptHandle, Outcome, run_attempt
 from streams.errors import InvalidEvent
 from streams.events import (
+    Control,
     Dispatch,
     JobFailed,
     JobStarted,
@@ -47,12 +58,19 @@ from streams.kafka import Record, client_config
 
 log = logging.getLogger("jobstream.worker")
 PAUSE_AFTER_S = 2.0
+CONTROL_LOOKBACK_S = 60.0  # a cancel sent just before this worker started still counts
+CANCELLED_MEMORY = 100_000
 HeartbeatState = Literal["running", "draining", "stopped"]
 
 
 class Worker:
     def __init__(
-        self, ctx: Context, *, slots: int | None = None, worker_id: str | None = None
+        self,
+        ctx: Context,
+        *,
+        slots: int | None = None,
+        worker_id: str | None = None,
+        labels: list[str] | None = None,
     ) -> None:
         self.ctx = ctx
         s = ctx.settings
@@ -63,6 +81,12 @@ class Worker:
             or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self.host = socket.gethostname()
+        self.labels = worker_labels(s, labels)
+        self.since = time.time()
+        self.handles: dict[str, AttemptHandle] = {}
+        self.kinds_of: dict[str, str] = {}
+        self.cancelled: OrderedDict[str, str] = OrderedDict()
+        self.handed_back = 0
         self.tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
         self.running: dict[str, asyncio.Task[None]] = {}
         self.backlog: deque[RawMessage] = deque()
@@ -88,6 +112,17 @@ class Worker:
             }
         )
         self.consumer = Consumer(cfg)
+        ctl = client_config(s.require_kafka(), s.kafka_config)
+        ctl.update(
+            {
+                "group.id": f"{s.app_id}.worker-control.{self.id}",  # never commits: assign()
+                "enable.auto.commit": False,
+                "client.id": f"{self.id}-control",
+                "fetch.wait.max.ms": 100,
+            }
+        )
+        self.control = Consumer(ctl)
+        self._control_pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-control")
 
     # -- consumer calls run on one dedicated thread ----------------------------------
 
@@ -98,18 +133,30 @@ class Worker:
     def free(self) -> int:
         return self.slots - len(self.running)
 
+    def topics(self) -> list[str]:
+        """``jobs.dispatch`` and the dispatch topic of every pool this worker serves."""
+        base = self.ctx.topic("jobs.dispatch")
+        return [
+            base,
+            *(f"{base}.{p}" for p in sorted(pools_served(self.ctx.settings, self.labels))),
+        ]
+
     async def run(self) -> None:
-        topic = self.ctx.topic("jobs.dispatch")
         loop = asyncio.get_running_loop()
+        s = self.ctx.settings
+        pools = pools_served(s, self.labels)
+        await ensure_pool_topics(s, self.ctx.registry, pools, set())
 
         def on_assign(_consumer: Any, partitions: list[TopicPartition]) -> None:
             if partitions:
                 loop.call_soon_threadsafe(self.assigned.set)
 
         await self._call(
-            self.consumer.subscribe, [topic], on_assign=on_assign, on_revoke=self._on_revoke
+            self.consumer.subscribe, self.topics(), on_assign=on_assign, on_revoke=self._on_revoke
         )
+        await self._assign_control()
         beat = asyncio.create_task(self._heartbeats())
+        controls = asyncio.create_task(self._controls())
         try:
             while not self.stopping.is_set():
                 room = self.slots - len(self.backlog)  # prefetch at most one round
@@ -132,10 +179,13 @@ class Worker:
             await self._drain()
         finally:
             beat.cancel()
+            controls.cancel()
             await self._heartbeat("stopped")
             await self._commit()
             await self._call(self.consumer.close)
+            await asyncio.get_running_loop().run_in_executor(self._control_pool, self.control.close)
             self._pool.shutdown(wait=False)
+            self._control_pool.shutdown(wait=False)
 
     def _fetch(self, room: int) -> list[Any]:
         """Up to ``room`` messages, returning as soon as one is there. ``consume(n, timeout)``
@@ -208,12 +258,14 @@ class Worker:
             self.running[f"\x00bad:{msg.topic}:{msg.partition}:{msg.offset}"] = task
             return
         key = (d.job_id, d.attempt)
-        if key in self.seen or d.job_id in self.running:
+        if key in self.seen or d.job_id in self.running or d.job_id in self.cancelled:
             self.tracker.finished(tp, msg.offset)
             return
         self.seen[key] = None
         while len(self.seen) > 100_000:
             self.seen.popitem(last=False)
+        self.handles[d.job_id] = AttemptHandle()
+        self.kinds_of[d.job_id] = d.kind
         self.running[d.job_id] = asyncio.create_task(self._execute(msg, d))
 
     async def _reject(self, msg: RawMessage, reason: str) -> None:
@@ -229,51 +281,154 @@ class Worker:
     async def _execute(self, msg: RawMessage, d: Dispatch) -> None:
         s = self.ctx.settings
         produce = self.ctx.producer.aproduce
+        tp = (msg.topic, msg.partition)
+        handle = self.handles[d.job_id]
+        committed = False
         try:
             started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
             await retrying("publish started", lambda: produce([self._event_record(d, started)]))
+            # from here the heartbeat monitor owns the attempt: the dispatch is done for Kafka
+            self.tracker.finished(tp, msg.offset)
+            committed = True
             outcome: Outcome = await run_attempt(
                 d,
                 s.kinds.get(d.kind),
                 log_dir=s.log_dir,
                 kill_grace_s=s.kill_grace_s,
-                cancel=self.aborting,
+                handle=handle,
             )
-            if self.aborting.is_set() and not outcome.ok:
-                return  # handed back: the offset stays uncommitted, the dispatch returns
-            at = time.time()
-            event: JobSucceeded | JobFailed
-            if outcome.ok:
-                event = JobSucceeded(
-                    job_id=d.job_id,
-                    attempt=d.attempt,
-                    worker=self.id,
-                    at=at,
-                    exit_code=0,
-                    duration_s=outcome.duration_s,
-                    log_path=outcome.log_path,
-                )
-            else:
-                event = JobFailed(
-                    job_id=d.job_id,
-                    attempt=d.attempt,
-                    worker=self.id,
-                    at=at,
-                    error=outcome.error[:4000],
-                    exit_code=outcome.exit_code,
-                    duration_s=outcome.duration_s,
-                    log_path=outcome.log_path,
-                    retryable=outcome.retryable,
-                )
+            if d.job_id in self.cancelled and not outcome.ok:
+                return  # the job.cancelled event is the authority; nothing to report
+            event = self._outcome_event(d, outcome, handed_back=self.aborting.is_set())
             await retrying("publish outcome", lambda: produce([self._event_record(d, event)]))
-            self.tracker.finished((msg.topic, msg.partition), msg.offset)
             self.completed += 1
         finally:
+            if not committed:
+                self.tracker.finished(tp, msg.offset)
             self.running.pop(d.job_id, None)
+            self.handles.pop(d.job_id, None)
+            self.kinds_of.pop(d.job_id, None)
             self._start_backlog()
             self._slot_freed.set()
 
+    def _outcome_event(
+        self, d: Dispatch, outcome: Outcome, *, handed_back: bool
+    ) -> JobSucceeded | JobFailed:
+        at = time.time()
+        if outcome.ok:
+            return JobSucceeded(
+                job_id=d.job_id,
+                attempt=d.attempt,
+                worker=self.id,
+                at=at,
+                exit_code=0,
+                duration_s=outcome.duration_s,
+                log_path=outcome.log_path,
+            )
+        if handed_back:
+            self.handed_back += 1
+            return JobFailed(
+                job_id=d.job_id,
+                attempt=d.attempt,
+                worker=self.id,
+                at=at,
+                error=f"handed back: worker {self.id} stopped before the job ended"[:4000],
+                exit_code=outcome.exit_code,
+                duration_s=outcome.duration_s,
+                log_path=outcome.log_path,
+                retryable=True,
+                backoff=False,
+                counts=False,
+            )
+        return JobFailed(
+            job_id=d.job_id,
+            attempt=d.attempt,
+            worker=self.id,
+            at=at,
+            error=outcome.error[:4000],
+            exit_code=outcome.exit_code,
+            duration_s=outcome.duration_s,
+            log_path=outcome.log_path,
+            retryable=outcome.retryable,
+        )
+
+    # -- operator controls: cancel, pause, resume of jobs this worker holds ----------------
+
+    async def _assign_control(self) -> None:
+        """Read ``jobs.control`` from a minute ago on (no group membership, no commits)."""
+        topic = self.ctx.topic("jobs.control")
+        n = self.ctx.registry["jobs.control"].partitions
+        since_ms = int((time.time() - CONTROL_LOOKBACK_S) * 1000)
+        loop = asyncio.get_running_loop()
+
+        def assign() -> None:
+            tps = [TopicPartition(topic, p, since_ms) for p in range(n)]
+            try:
+                found = self.control.offsets_for_times(tps, timeout=10)
+            except KafkaException as exc:
+                log.warning("control topic offsets: %s; reading from its end", exc)
+                found = [TopicPartition(topic, p, OFFSET_END) for p in range(n)]
+            self.control.assign(
+                [
+                    TopicPartition(t.topic, t.partition, t.offset if t.offset >= 0 else OFFSET_END)
+                    for t in found
+                ]
+            )
+
+        await loop.run_in_executor(self._control_pool, assign)
+
+    async def _controls(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                msgs = await loop.run_in_executor(
+                    self._control_pool, lambda: self.control.consume(num_messages=100, timeout=0.2)
+                )
+            except Exception as exc:  # a control hiccup must not stop the jobs
+                log.warning("control consumer: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for m in msgs:
+                if m.error():
+                    continue
+                try:
+                    cmd = decode(m.value(), Control, max_bytes=self.ctx.settings.max_payload_bytes)
+                except InvalidEvent:
+                    continue  # the control agent dead-letters it; here it just does nothing
+                self.apply_control(cmd)
+
+    def apply_control(self, cmd: Control) -> None:
+        if cmd.scope != "job" or not cmd.name:
+            return
+        job = cmd.name
+        handle = self.handles.get(job)
+        if cmd.action == "cancel":
+            self.cancelled[job] = cmd.reason
+            while len(self.cancelled) > CANCELLED_MEMORY:
+                self.cancelled.popitem(last=False)
+            self.backlog = deque(m for m in self.backlog if not self._is_dispatch_of(m, job))
+            if handle is not None:
+                log.warning("cancelling job %s: %s", job, cmd.reason or "no reason given")
+                handle.cancel(f"cancelled: {cmd.reason}" if cmd.reason else "cancelled")
+        elif cmd.action == "pause" and handle is not None:
+            if handle.pause():
+                log.warning("paused job %s (SIGSTOP)", job)
+        elif cmd.action == "resume" and handle is not None:
+            if handle.resume():
+                log.warning("resumed job %s (SIGCONT)", job)
+
+    def _is_dispatch_of(self, m: RawMessage, job: str) -> bool:
+        if m.key != job.encode():
+            return False
+        self.tracker.finished((m.topic, m.partition), m.offset)
+        return True
+
     async def _heartbeat(self, state: HeartbeatState = "running") -> None:
+        progress = {}
+        for job, h in list(self.handles.items()):
+            value = h.progress()
+            if value is not None:
+                progress[job] = value
         beat = WorkerHeartbeat(
             worker=self.id,
             host=self.host,
@@ -282,6 +437,11 @@ class Worker:
             running=sorted(k for k in self.running if not k.startswith("\x00")),
             at=time.time(),
             state=state,
+            labels=sorted(self.labels),
+            load=os.getloadavg()[0],
+            pid=os.getpid(),
+            since=self.since,
+            progress=progress,
         )
         rec = Record(self.ctx.topic("workers.heartbeat"), encode(beat), self.id.encode())
         try:
@@ -298,28 +458,48 @@ class Worker:
     async def _drain(self) -> None:
         if not self.running:
             return
+        s = self.ctx.settings
         log.warning(
-            "draining: waiting up to %.0f s for %d running jobs",
-            self.ctx.settings.drain_grace_s,
-            len(self.running),
+            "draining: waiting up to %.0f s for %d running jobs", s.drain_grace_s, len(self.running)
         )
-        deadline = time.monotonic() + self.ctx.settings.drain_grace_s
+        deadline = time.monotonic() + s.drain_grace_s
         while self.running and time.monotonic() < deadline and not self.aborting.is_set():
             await asyncio.wait(list(self.running.values()), timeout=0.2)
             await self._commit()
-        if self.running:
-            self.aborting.set()
-            await asyncio.wait(list(self.running.values()), timeout=30)
+        self.aborting.set()
+        # past the grace: hand back what may be killed; nokill jobs run on until a 2nd signal
+        for job, handle in list(self.handles.items()):
+            kind = s.kinds.get(self.kinds_of.get(job, ""))
+            if kind is None or not kind.nokill or self._abort_now:
+                handle.cancel("handed back")
+        while self.running:
+            await asyncio.wait(list(self.running.values()), timeout=0.5)
+            if self._abort_now:
+                for handle in list(self.handles.values()):
+                    handle.cancel("handed back")
+            await self._commit()
+
+    _abort_now = False
 
     def request_stop(self, abort: bool = False) -> None:
+        """First call drains (unless ``abort``); a second, or ``abort``, hands back at once."""
         if abort or self.stopping.is_set():
+            self._abort_now = True
             self.aborting.set()
+            for handle in list(self.handles.values()):
+                handle.cancel("handed back")
         self.stopping.set()
 
 
-async def run_worker(ctx: Context, *, slots: int | None = None, abort: bool = False) -> int:
+async def run_worker(
+    ctx: Context,
+    *,
+    slots: int | None = None,
+    abort: bool = False,
+    labels: list[str] | None = None,
+) -> int:
     """Run a worker until SIGTERM/SIGINT; return the process exit code."""
-    worker = Worker(ctx, slots=slots)
+    worker = Worker(ctx, slots=slots, labels=labels)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop, abort)

@@ -143,6 +143,10 @@ class JobFailed(_Event, tag="job.failed", frozen=True):
     duration_s: float = 0.0
     log_path: str | None = None
     retryable: bool = True
+    # False for failures that are not the job's: a lost worker, a handed-back attempt
+    backoff: bool = True
+    # False when the attempt was handed back (worker aborted): it is not counted
+    counts: bool = True
 
 
 class JobCancelled(_Event, tag="job.cancelled", frozen=True):
@@ -159,14 +163,21 @@ class WorkerHeartbeat(_Event, tag="worker.heartbeat", frozen=True):
     running: list[str]
     at: Epoch
     state: Literal["running", "draining", "stopped"] = "running"
+    labels: list[str] = msgspec.field(default_factory=list)
+    load: float = 0.0  # 1-minute load average of the host
+    pid: int = 0
+    since: Epoch = 0.0  # when this worker process started: jobs it ran before are orphans
+    progress: dict[str, float] = msgspec.field(default_factory=dict)  # job id -> 0..1
 
 
 class Control(_Event, tag="control", frozen=True):
-    """An operator's command on ``jobs.control``: pause or resume a tenant, a kind or a job;
-    change a queued job's priority; set (or, with ``limit`` None, remove) a rate limit at run
-    time. Applied durably in PostgreSQL, then announced to every admission process."""
+    """An operator's command on ``jobs.control``: pause or resume a tenant, a kind or a job
+    (a running job is stopped with SIGSTOP and continued with SIGCONT by its worker); cancel
+    or retry a job; change a queued job's priority; set (or, with ``limit`` None, remove) a
+    rate limit at run time. Applied durably in PostgreSQL, then announced to every admission
+    process; workers read the topic too, for the running jobs they hold."""
 
-    action: Literal["pause", "resume", "priority", "limit"]
+    action: Literal["pause", "resume", "priority", "limit", "cancel", "retry"]
     scope: Literal["tenant", "kind", "job", "tenant_kind", "global"]
     name: Annotated[str, Meta(max_length=300)] = ""
     priority: Priority | None = None

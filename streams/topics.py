@@ -11,7 +11,8 @@ Invariants:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,16 @@ class TopicRegistry:
 
     def with_prefix(self, prefix: str) -> TopicRegistry:
         return TopicRegistry(self.specs, prefix, self.min_insync)
+
+    def only_pools(self, pools: Iterable[str]) -> TopicRegistry:
+        """A registry of just the dispatch topics of these worker pools (``jobs.dispatch.<pool>``,
+        configured like ``jobs.dispatch``), to create them on first use."""
+        base = self.specs["jobs.dispatch"]
+        specs = {
+            f"jobs.dispatch.{p}": replace(base, name=f"{base.name}.{p}", doc=f"pool {p}")
+            for p in pools
+        }
+        return TopicRegistry(specs, self.prefix, self.min_insync)
 
 
 def load_topics(path: Path | str | None = None, prefix: str = "") -> TopicRegistry:

@@ -78,7 +78,9 @@ class Policy:
 class Gate:
     """Why a job is not admitted now. ``until``: when it may next be admitted (rate limits)."""
 
-    kind: Literal["rate_limit", "semaphore", "reserved", "exclusive", "paused", "capacity"]
+    kind: Literal[
+        "rate_limit", "semaphore", "reserved", "exclusive", "paused", "capacity", "backoff"
+    ]
     detail: str
     until: float | None = None
 

@@ -11,6 +11,8 @@ Invariants (property-tested):
 - Terminal states (succeeded, failed, cancelled) absorb every later event.
 - An event for another attempt than the job's current one changes nothing (fencing), so a
   late report from a superseded attempt cannot complete a retried job.
+- A handed-back attempt (``Failed(counts=False)``) raises the job's attempt budget by one, so
+  the number of counted attempts never exceeds ``max_attempts``.
 - Applying the same event twice is the same as applying it once (idempotence), which is what
   makes at-least-once delivery safe. The PostgreSQL guards in ``agents.store`` are the same
   table expressed as ``UPDATE … WHERE state = ANY(…) AND attempt = …``.
@@ -68,6 +70,7 @@ class Succeeded:
 class Failed:
     attempt: int
     retryable: bool = True
+    counts: bool = True  # False: handed back by its worker, the attempt is given back
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +100,11 @@ def apply(job: Job, event: Event) -> Job:
         case Succeeded(attempt=a):
             if s in FINISHED_FROM and a == job.attempt:
                 return Job(State.SUCCEEDED, job.attempt, job.max_attempts)
-        case Failed(attempt=a, retryable=r):
+        case Failed(attempt=a, retryable=r, counts=c):
             if s in FINISHED_FROM and a == job.attempt:
-                nxt = State.READY if retry_allowed(job, r) else State.FAILED
-                return Job(nxt, job.attempt, job.max_attempts)
+                limit = job.max_attempts + (0 if c else 1)
+                nxt = State.READY if r and job.attempt < limit else State.FAILED
+                return Job(nxt, job.attempt, limit)
         case Cancelled():
             if s in CANCEL_FROM:
                 return Job(State.CANCELLED, job.attempt, job.max_attempts)

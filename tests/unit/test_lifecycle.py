@@ -23,7 +23,7 @@ events = st.one_of(
     st.just(Dispatched()),
     st.builds(Started, attempts),
     st.builds(Succeeded, attempts),
-    st.builds(Failed, attempts, st.booleans()),
+    st.builds(Failed, attempts, st.booleans(), st.booleans()),
     st.just(Cancelled()),
 )
 jobs = st.builds(Job, st.sampled_from(list(State)), attempts, st.integers(1, 4))
@@ -84,3 +84,26 @@ def test_attempt_never_decreases_and_never_exceeds_dispatches(job: Job, evs: lis
             dispatches += 1
             assert isinstance(e, Dispatched) and job.state == State.READY
         job = nxt
+
+
+@given(
+    st.integers(1, 5), st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=12)
+)
+def test_handed_back_attempts_are_not_counted(
+    max_attempts: int, outcomes: list[tuple[bool, bool]]
+) -> None:
+    """(retryable, counts) failures: counted failures never exceed max_attempts, and a job
+    fails only once its counted attempts are used up or a failure is not retryable."""
+    job = Job(State.READY, 0, max_attempts)
+    counted = 0
+    for retryable, counts in outcomes:
+        if job.state in TERMINAL:
+            break
+        job = apply(job, Dispatched())
+        job = apply(job, Failed(job.attempt, retryable, counts))
+        counted += counts
+        assert counted <= max_attempts
+        if job.state == State.FAILED:
+            assert not retryable or counted == max_attempts
+        else:
+            assert job.state == State.READY and counted < max_attempts

@@ -1,0 +1,93 @@
+"""The liveness monitor: workers that fall silent are declared lost and their running jobs
+retried; jobs a restarted worker left running are retried too.
+
+Every scheduler process runs it; a PostgreSQL advisory lock lets one of them act per tick.
+A tick (at most every second) declares workers lost after ``worker_lost_after_s`` without a
+heartbeat (their slots leave the capacity), then publishes ``job.failed`` (retryable, no
+backoff, counted) for the current attempt of every running job whose worker is lost or has
+restarted since the job started. The dependency agent applies it like any failure: the job
+goes back to ready (or fails after its last attempt) and its holds are released.
+
+Invariants:
+- Fencing, not trust: the failure names the attempt; if the job moved on (finished, or
+  already retried) the event changes nothing, and a lost worker that comes back cannot
+  complete the old attempt (its report names a superseded attempt).
+- Re-publishing is harmless (idempotent), so a crash between the lock and the publish only
+  delays the retry to the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from agents.context import Context, retrying
+from agents.store import LostWork, Orphan
+from streams.events import JobFailed, encode
+from streams.kafka import Record
+
+log = logging.getLogger("jobstream.monitor")
+REPUBLISH_AFTER_S = 30.0
+
+
+class Monitor:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.sent: dict[tuple[str, int], float] = {}
+        self.retried = 0
+        self.lost = 0
+
+    @property
+    def tick_s(self) -> float:
+        return min(1.0, self.ctx.settings.worker_lost_after_s / 5)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except Exception:  # the monitor must never take the agents down with it
+                log.exception("monitor step failed; next try in %.1f s", self.tick_s)
+            await asyncio.sleep(self.tick_s)
+
+    async def step(self) -> LostWork:
+        s = self.ctx.settings
+        store = await self.ctx.store()
+        work = await retrying(
+            "monitor", lambda: store.lost_work(s.worker_lost_after_s, s.capacity_factor)
+        )
+        for worker in work.newly_lost:
+            self.lost += 1
+            log.warning("worker %s lost: no heartbeat for %.0f s", worker, s.worker_lost_after_s)
+        now = time.monotonic()
+        due = [
+            o
+            for o in work.orphans
+            if now - self.sent.get((o.id, o.attempt), -1e9) > REPUBLISH_AFTER_S
+        ]
+        if due:
+            records = [self._record(o) for o in due]
+            await retrying("retry lost work", lambda: self.ctx.producer.aproduce(records))
+            for o in due:
+                self.sent[(o.id, o.attempt)] = now
+            self.retried += len(due)
+            log.warning("retrying %d jobs of lost or restarted workers", len(due))
+        if len(self.sent) > 100_000:
+            self.sent = {k: t for k, t in self.sent.items() if now - t < REPUBLISH_AFTER_S}
+        return work
+
+    def _record(self, o: Orphan) -> Record:
+        if o.worker_state == "lost":
+            why = f"worker {o.worker} lost: no heartbeat for {o.silent_s:.0f} s"
+        else:
+            why = f"worker {o.worker} restarted while running this attempt"
+        event = JobFailed(
+            job_id=o.id,
+            attempt=o.attempt,
+            worker=o.worker,
+            at=time.time(),
+            error=why[:4000],
+            retryable=True,
+            backoff=False,
+        )
+        return Record(self.ctx.topic("jobs.events"), encode(event), (o.group or o.id).encode())

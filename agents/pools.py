@@ -1,0 +1,81 @@
+"""Worker pools: which workers may run a kind (FOSSology's host pinning, generalised).
+
+A kind with ``labels`` runs only on workers that carry every one of them; a ``local`` kind
+only on a worker on the scheduler's host (every worker carries ``host-<its hostname>``).
+Each such label set is a *pool* with its own dispatch topic, ``jobs.dispatch.<pool>`` (the
+sorted labels joined by ``_``), created on first use with the settings of ``jobs.dispatch``.
+A worker subscribes to ``jobs.dispatch`` and to the topic of every configured pool whose
+labels it carries, all in the one worker consumer group: Kafka assigns a topic's partitions
+only among the members subscribed to it, so a pool's jobs reach only its workers.
+
+Invariants:
+- The pool of a kind is a pure function of the settings, so admission (the producer) and
+  workers (the consumers) agree on the topic without talking to each other.
+- A job whose pool has no live worker waits in its topic (durably) until one starts;
+  ``jobstream why`` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+
+from agents.settings import Settings
+from streams.kafka import apply_topics
+from streams.topics import TopicRegistry
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+
+
+def host_label(host: str | None = None) -> str:
+    return "host-" + (_UNSAFE.sub("-", host or socket.gethostname()).strip("-.")[:56] or "unknown")
+
+
+def kind_labels(settings: Settings, kind: str) -> frozenset[str]:
+    cfg = settings.kinds.get(kind)
+    if cfg is None:
+        return frozenset()
+    labels = set(cfg.labels)
+    if cfg.local:
+        labels.add(host_label(settings.scheduler_host))
+    return frozenset(labels)
+
+
+def pool_name(labels: frozenset[str]) -> str | None:
+    return "_".join(sorted(labels)) if labels else None
+
+
+def pool_of(settings: Settings, kind: str) -> str | None:
+    return pool_name(kind_labels(settings, kind))
+
+
+def configured_pools(settings: Settings) -> set[str]:
+    return {p for k in settings.kinds if (p := pool_of(settings, k)) is not None}
+
+
+def worker_labels(settings: Settings, extra: list[str] | None = None) -> frozenset[str]:
+    return frozenset([*settings.worker_labels, *(extra or []), host_label()])
+
+
+def pools_served(settings: Settings, labels: frozenset[str]) -> set[str]:
+    """The configured pools a worker carrying ``labels`` serves."""
+    return {
+        p
+        for k in settings.kinds
+        if (ls := kind_labels(settings, k)) and ls <= labels and (p := pool_name(ls)) is not None
+    }
+
+
+async def ensure_pool_topics(
+    settings: Settings, registry: TopicRegistry, pools: set[str], known: set[str]
+) -> None:
+    """Create the dispatch topics of ``pools`` not in ``known`` (then add them to it)."""
+    todo = pools - known
+    if not todo:
+        return
+    reg = registry.only_pools(todo)
+    await asyncio.to_thread(
+        apply_topics, reg, settings.require_kafka(), settings.kafka_config, create=True
+    )
+    known.update(todo)
