@@ -100,6 +100,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         cfg = client_config(s.require_kafka(), s.kafka_config)
+        session_ms = int(min(1_800_000, max(6_000, s.worker_lost_after_s * 1000)))  # broker bounds
         cfg.update(
             {
                 "group.id": f"{s.app_id}.workers",
@@ -109,6 +110,10 @@ class Worker:
                 "partition.assignment.strategy": "cooperative-sticky",
                 "max.poll.interval.ms": 600_000,
                 "fetch.wait.max.ms": 10,
+                # a dead worker's partitions move when the monitor declares it lost, not 45 s
+                # later: its jobs' retries (same key, same partition) must reach a live worker
+                "session.timeout.ms": session_ms,
+                "heartbeat.interval.ms": max(500, session_ms // 4),
             }
         )
         self.consumer = Consumer(cfg)
@@ -200,14 +205,27 @@ class Worker:
             else [first]
         )
 
-    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         lost = {(tp.topic, tp.partition) for tp in partitions}
+        # commit what started here before the partitions move (runs on the consumer thread)
+        positions = self.tracker.commit_positions()
+        done = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
+        if done:
+            try:
+                consumer.commit(offsets=done, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("commit on revoke failed: %s", exc)
         for tp in lost:
             self.tracker.forget(tp)
         # buffered, unstarted dispatches of a revoked partition belong to its next owner
         self.backlog = deque(m for m in self.backlog if (m.topic, m.partition) not in lost)
 
     def _start_backlog(self) -> None:
+        """Start buffered dispatches in order while slots are free. Per partition, started
+        ones always precede buffered ones, so the committable position never skips a started
+        dispatch: whatever is redelivered after a stop or rebalance never started here."""
+        if self.stopping.is_set():
+            return  # draining: no new work; the buffered dispatches go to the next owner
         while self.backlog and self.free > 0:
             self._take(self.backlog.popleft())
 
