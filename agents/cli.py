@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -586,6 +587,9 @@ def worker(
 
     s = _settings(config)
     s.require_kafka()
+    logging.basicConfig(
+        level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     extra = [x.strip() for x in (labels or "").split(",") if x.strip()]
     if extra:
         s = _settings(config, worker_labels=[*s.worker_labels, *extra])

@@ -108,7 +108,9 @@ class Worker:
                 "auto.offset.reset": "earliest",
                 "client.id": self.id,
                 "partition.assignment.strategy": "cooperative-sticky",
-                "max.poll.interval.ms": 600_000,
+                # also the rebalance timeout: how long a join can wait for a member that
+                # does not answer; the consumer thread polls every 50 ms even when full
+                "max.poll.interval.ms": 30_000,
                 "fetch.wait.max.ms": 10,
                 # a dead worker's partitions move when the monitor declares it lost, not 45 s
                 # later: its jobs' retries (same key, same partition) must reach a live worker
@@ -153,6 +155,7 @@ class Worker:
         await ensure_pool_topics(s, self.ctx.registry, pools, set())
 
         def on_assign(_consumer: Any, partitions: list[TopicPartition]) -> None:
+            log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
             if partitions:
                 loop.call_soon_threadsafe(self.assigned.set)
 
@@ -206,6 +209,7 @@ class Worker:
         )
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
         lost = {(tp.topic, tp.partition) for tp in partitions}
         # commit what started here before the partitions move (runs on the consumer thread)
         positions = self.tracker.commit_positions()
@@ -257,6 +261,17 @@ class Worker:
             await self._call(self.consumer.resume, assignment)
         self._paused = paused
 
+    def _commit_now(self) -> None:
+        """Queue a commit without waiting (librdkafka's commit is thread-safe; errors surface
+        in the next synchronous ``_commit``, which also covers what this one may miss)."""
+        positions = self.tracker.commit_positions()
+        if positions:
+            offsets = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+            except KafkaException as exc:
+                log.warning("commit failed (will be retried with the next one): %s", exc)
+
     async def _commit(self) -> None:
         positions = self.tracker.commit_positions()
         if not positions:
@@ -280,6 +295,11 @@ class Worker:
             self.tracker.finished(tp, msg.offset)
             return
         self.seen[key] = None
+        waited = time.time() - d.dispatched_at
+        if waited > 1.0:
+            log.info("job %s attempt %d reached this worker %.1f s after dispatch "
+                     "(%s[%d]@%d)", d.job_id, d.attempt, waited, msg.topic, msg.partition,
+                     msg.offset)
         while len(self.seen) > 100_000:
             self.seen.popitem(last=False)
         self.handles[d.job_id] = AttemptHandle()
@@ -305,9 +325,13 @@ class Worker:
         try:
             started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
             await retrying("publish started", lambda: produce([self._event_record(d, started)]))
-            # from here the heartbeat monitor owns the attempt: the dispatch is done for Kafka
+            # from here the heartbeat monitor owns the attempt: the dispatch is done for Kafka,
+            # and committed now (not at the next loop turn): a worker killed between its
+            # start and the commit has its dispatch redelivered and run again, and only the
+            # attempt number keeps the second run from completing the job twice
             self.tracker.finished(tp, msg.offset)
             committed = True
+            self._commit_now()
             outcome: Outcome = await run_attempt(
                 d,
                 s.kinds.get(d.kind),

@@ -1,0 +1,132 @@
+"""A benchmark run on real services: a fresh database and topic prefix, scheduler and worker
+subprocesses, and a progress bar while jobs finish. Torn down (processes, database) on exit.
+
+Needs a Kafka broker and PostgreSQL (``make services`` starts both on loopback):
+JOBSTREAM_KAFKA_BOOTSTRAP (default 127.0.0.1:19092) and JOBSTREAM_BENCH_PG (default
+postgresql://postgres@127.0.0.1:15432/postgres).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from rich.progress import Progress
+
+from agents.settings import load_settings
+from streams.kafka import apply_topics
+from streams.topics import TopicRegistry, load_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Run:
+    def __init__(self, **settings: str) -> None:
+        self.bootstrap = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+        self.admin_dsn = os.environ.get(
+            "JOBSTREAM_BENCH_PG", "postgresql://postgres@127.0.0.1:15432/postgres"
+        )
+        self.name = f"bench{uuid.uuid4().hex[:8]}"
+        self.settings = settings
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.dsn = ""
+        self.registry: TopicRegistry | None = None
+        self.env: dict[str, str] = {}
+
+    def __enter__(self) -> Run:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
+        self.dsn = psycopg.conninfo.make_conninfo(self.admin_dsn, dbname=self.name)
+        self.registry = load_topics(prefix=self.name + ".")
+        apply_topics(self.registry, self.bootstrap)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("JOBSTREAM_") or k == "JOBSTREAM_LOG_LEVEL"
+        }
+        env.update(
+            JOBSTREAM_KAFKA_BOOTSTRAP=self.bootstrap,
+            JOBSTREAM_DATABASE_URL=self.dsn,
+            JOBSTREAM_TOPIC_PREFIX=self.name + ".",
+            JOBSTREAM_APP_ID=self.name,
+            JOBSTREAM_LOG_DIR=f"/tmp/{self.name}/logs",
+        )
+        env.update({f"JOBSTREAM_{k.upper()}": v for k, v in self.settings.items()})
+        self.env = env
+        load_settings(env)  # validate the environment like the processes do
+        subprocess.run(
+            [sys.executable, "-m", "agents.cli", "db", "migrate"],
+            env=env,
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )
+        return self
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``jobstream ARGS``; its output goes to ``/tmp/<run>/<n>-<command>.log``."""
+        logs = Path(f"/tmp/{self.name}")
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / f"{len(self.procs)}-{args[0]}.log").open("ab") as out:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "agents.cli", *args],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(p)
+        return p
+
+    def query(self, text: Any, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn) as conn:
+            return conn.execute(text, params).fetchall()
+
+    def wait_finished(self, total: int, show: bool, what: str = "jobs", limit_s: float = 600):
+        """Wait until ``total`` jobs are terminal (progress bar); the seconds it took."""
+        start = time.monotonic()
+        with Progress(disable=not show) as progress, psycopg.connect(self.dsn) as conn:
+            task = progress.add_task(what, total=total)
+            done = 0
+            while done < total and time.monotonic() - start < limit_s:
+                (done,) = conn.execute(
+                    "SELECT count(*) FROM jobs WHERE state IN ('succeeded','failed','cancelled')"
+                ).fetchone() or (0,)
+                conn.rollback()
+                progress.update(task, completed=done)
+                time.sleep(0.1)
+        return time.monotonic() - start
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name))
+            )
