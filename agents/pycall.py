@@ -1,9 +1,17 @@
-"""Run one Python job: ``python -m agents.pycall module:function`` with the job's args as a
-JSON object on stdin, called as keyword arguments. The worker starts this in a child
-interpreter per attempt, so the job cannot block or crash the worker loop.
+"""Python jobs in child interpreters.
 
-Exit codes: 0 the function returned (its return value, if not None, is printed as JSON);
-1 it raised (the traceback goes to the job's log); 2 the entry point or args are unusable.
+``python -m agents.pycall module:function``: run one job, args as a JSON object on stdin,
+called as keyword arguments. Exit codes: 0 the function returned (its return value, if not
+None, is printed as JSON); 1 it raised (the traceback goes to the job's log); 2 the entry
+point or args are unusable.
+
+``python -m agents.pycall --serve``: a warm pool member (``agents.pypool``). It reads one
+request per line on stdin (entry point, args, log file, environment, working directory),
+runs it with fds 1 and 2 pointed at the job's log file, and answers one line on its private
+copy of the original stdout: ``{"rc": 0|1|2}``. Imports stay loaded between jobs, so a job
+costs a pipe round trip instead of an interpreter start. The worker kills a member whose job
+times out or is cancelled and starts a fresh one.
+
 A job reports progress with :func:`report_progress`.
 """
 
@@ -37,17 +45,13 @@ def resolve(entrypoint: str) -> Any:
     return obj
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m agents.pycall module:function < args.json", file=sys.stderr)
-        return 2
+def call(entrypoint: str, args: Any) -> int:
     try:
-        fn = resolve(argv[0])
-        args = json.loads(sys.stdin.read() or "{}")
+        fn = resolve(entrypoint)
         if not isinstance(args, dict):
             raise TypeError("the job's args must be a JSON object")
     except Exception as exc:
-        print(f"cannot call {argv[0]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"cannot call {entrypoint}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     try:
         result = fn(**args)
@@ -57,6 +61,53 @@ def main(argv: list[str]) -> int:
     if result is not None:
         print(json.dumps(result, default=str, ensure_ascii=False))
     return 0
+
+
+def serve() -> int:
+    """The pool member's loop (see the module docstring)."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    requests = os.fdopen(os.dup(0), "r")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # a job that reads stdin reads nothing, not the next request
+    os.close(devnull)
+    base_env = dict(os.environ)
+    base_cwd = os.getcwd()
+    for line in requests:
+        req = json.loads(line)
+        fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.environ.clear()
+        os.environ.update({**base_env, **req["env"]})
+        try:
+            os.chdir(req["cwd"] or base_cwd)
+            rc = call(req["entrypoint"], req["args"])
+        except BaseException:  # SystemExit from a job, and the like: report, keep serving
+            traceback.print_exc()
+            rc = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os.chdir(base_cwd)
+        reply.write(json.dumps({"rc": rc}) + "\n")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--serve"]:
+        return serve()
+    if len(argv) != 1:
+        print("usage: python -m agents.pycall module:function < args.json", file=sys.stderr)
+        return 2
+    try:
+        args = json.loads(sys.stdin.read() or "{}")
+    except ValueError as exc:
+        print(f"cannot read the job's args: {exc}", file=sys.stderr)
+        return 2
+    return call(argv[0], args)
 
 
 if __name__ == "__main__":

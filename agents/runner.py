@@ -24,13 +24,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agents.core.command import TemplateError, render_argv
+from agents.pypool import PyPool
 from agents.settings import KindConfig
 from streams.events import Dispatch
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+_MADE_DIRS: set[Path] = set()  # log directories known to exist (one mkdir per tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,7 @@ class AttemptHandle:
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
+        self.started = asyncio.Event()  # set once the process (or pool member) runs it
         self.stop = asyncio.Event()
         self.reason = ""
         self.paused_since: float | None = None
@@ -131,7 +135,10 @@ async def run_attempt(
     log_dir: str,
     kill_grace_s: float,
     handle: AttemptHandle | None = None,
+    pool: PyPool | None = None,
 ) -> Outcome:
+    """Run one attempt: a command as a subprocess, or a Python entry point in a warm pool
+    member (a one-off child interpreter without a pool)."""
     start = time.monotonic()
     h = handle or AttemptHandle()
     if kind is None:
@@ -143,26 +150,62 @@ async def run_attempt(
     except TemplateError as exc:
         return Outcome(False, None, str(exc), 0.0, None, False)
     path = log_path_for(log_dir, d)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent not in _MADE_DIRS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(_MADE_DIRS) < 100_000:
+            _MADE_DIRS.add(path.parent)
     h.progress_file = path.with_suffix(".progress")
     # nokill kinds are never killed for liveness: no timeout (a cancel still stops them)
-    timeout = None if kind.nokill else (d.timeout_s or kind.timeout_s)
-    env = {
-        **os.environ,
+    limit_s = None if kind.nokill else (d.timeout_s or kind.timeout_s)
+    job_env = {
         **kind.env,
         "JOBSTREAM_JOB_ID": d.job_id,
         "JOBSTREAM_ATTEMPT": str(d.attempt),
         "JOBSTREAM_TENANT": d.tenant,
         "JOBSTREAM_PROGRESS_FILE": str(h.progress_file),
     }
+    if kind.entrypoint is not None and pool is not None:
+        rc, reason, error = await _run_pooled(
+            pool, kind.entrypoint, d, job_env, kind.cwd, path, h, limit_s, kill_grace_s
+        )
+    else:
+        rc, reason, error = await _run_process(
+            argv, d, job_env, kind, path, h, limit_s, kill_grace_s
+        )
+    duration = time.monotonic() - start
+    try:
+        h.progress_file.unlink(missing_ok=True)
+    except OSError:
+        pass
+    if error is not None:
+        return Outcome(False, None, error, duration, str(path), False)
+    if reason is not None:
+        return Outcome(False, rc, reason, duration, str(path), not h.stop.is_set())
+    if rc == 0:
+        return Outcome(True, 0, "", duration, str(path), False)
+    tail = _tail(path)
+    msg = f"exit code {rc}" + (f": {tail}" if tail else "")
+    # an entry point that cannot be imported or called (pycall's exit 2) will not get better
+    unusable = kind.entrypoint is not None and rc == 2
+    return Outcome(False, rc, msg, duration, str(path), not unusable)
+
+
+async def _run_process(
+    argv: list[str],
+    d: Dispatch,
+    job_env: dict[str, str],
+    kind: KindConfig,
+    path: Path,
+    h: AttemptHandle,
+    limit_s: float | None,
+    kill_grace_s: float,
+) -> tuple[int | None, str | None, str | None]:
+    """(exit code, reason it was stopped, error starting it)."""
+    env = {**os.environ, **job_env}
     stdin_data = None
     if kind.entrypoint is not None:
         stdin_data = json.dumps(d.args, ensure_ascii=False).encode()
-        env["PYTHONPATH"] = os.pathsep.join(
-            x
-            for x in (_PROJECT_ROOT, kind.env.get("PYTHONPATH") or os.environ.get("PYTHONPATH"))
-            if x
-        )
+        env["PYTHONPATH"] = python_path(kind.env)
     with path.open("ab") as log:
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -177,15 +220,9 @@ async def run_attempt(
                 start_new_session=True,
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
-            return Outcome(
-                False,
-                None,
-                f"cannot start {argv[0]!r}: {exc.strerror}",
-                time.monotonic() - start,
-                str(path),
-                False,
-            )
+            return None, None, f"cannot start {argv[0]!r}: {exc.strerror}"
         h.proc = proc
+        h.started.set()
         if stdin_data is not None and proc.stdin is not None:
             try:
                 proc.stdin.write(stdin_data)
@@ -194,38 +231,74 @@ async def run_attempt(
                 pass
             finally:
                 proc.stdin.close()
-        reason = await _wait(proc, h, timeout)
+        reason = await _wait(asyncio.ensure_future(proc.wait()), h, limit_s)
         if reason is not None:
-            h.resume()
-            _signal_group(proc, signal.SIGTERM)
-            waiter = asyncio.ensure_future(proc.wait())
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), kill_grace_s)
-            except TimeoutError:
-                _signal_group(proc, signal.SIGKILL)
-                await waiter
-    rc = proc.returncode
-    duration = time.monotonic() - start
+            await stop_group(proc, h, kill_grace_s)
+    return proc.returncode, reason, None
+
+
+async def _run_pooled(
+    pool: PyPool,
+    entrypoint: str,
+    d: Dispatch,
+    job_env: dict[str, str],
+    cwd: str | None,
+    path: Path,
+    h: AttemptHandle,
+    limit_s: float | None,
+    kill_grace_s: float,
+) -> tuple[int | None, str | None, str | None]:
+    member = await pool.acquire()
+    h.proc = member.proc
+    h.started.set()
+    healthy = False
     try:
-        h.progress_file.unlink(missing_ok=True)
-    except OSError:
-        pass
-    if reason is not None:
-        return Outcome(False, rc, reason, duration, str(path), not h.stop.is_set())
-    if rc == 0:
-        return Outcome(True, 0, "", duration, str(path), False)
-    tail = _tail(path)
-    msg = f"exit code {rc}" + (f": {tail}" if tail else "")
-    # an entry point that cannot be imported or called (pycall's exit 2) will not get better
-    unusable = kind.entrypoint is not None and rc == 2
-    return Outcome(False, rc, msg, duration, str(path), not unusable)
+        reply = asyncio.ensure_future(
+            member.call(
+                {
+                    "entrypoint": entrypoint,
+                    "args": d.args,
+                    "log": str(path),
+                    "env": job_env,
+                    "cwd": cwd,
+                }
+            )
+        )
+        reason = await _wait(reply, h, limit_s)
+        if reason is not None:
+            await stop_group(member.proc, h, kill_grace_s)
+            return member.proc.returncode, reason, None
+        rc = reply.result()
+        if rc is None:  # the interpreter died under the job (os._exit, a crash, OOM kill)
+            rc = await member.proc.wait()
+            return rc, None, None if rc else "the Python job's interpreter ended unexpectedly"
+        healthy = True
+        return rc, None, None
+    finally:
+        pool.release(member, healthy)
 
 
-async def _wait(
-    proc: asyncio.subprocess.Process, h: AttemptHandle, limit_s: float | None
-) -> str | None:
-    """Wait for the process to end; the reason to stop it, or None once it ended."""
+async def stop_group(proc: asyncio.subprocess.Process, h: AttemptHandle, grace_s: float) -> None:
+    """SIGTERM the process group, SIGKILL after ``grace_s``; wait for the end."""
+    h.resume()
+    _signal_group(proc, signal.SIGTERM)
     waiter = asyncio.ensure_future(proc.wait())
+    try:
+        await asyncio.wait_for(asyncio.shield(waiter), grace_s)
+    except TimeoutError:
+        _signal_group(proc, signal.SIGKILL)
+        await waiter
+
+
+def python_path(kind_env: dict[str, str]) -> str:
+    """The project root first, so ``agents.pycall`` and the jobs' modules import."""
+    extra = kind_env.get("PYTHONPATH") or os.environ.get("PYTHONPATH")
+    return os.pathsep.join(x for x in (_PROJECT_ROOT, extra) if x)
+
+
+async def _wait(done: asyncio.Future[Any], h: AttemptHandle, limit_s: float | None) -> str | None:
+    """Wait for ``done`` (the process ended, the pool member answered); the reason to stop
+    the attempt instead (timeout, not counting paused time; cancel), or None."""
     stopper = asyncio.ensure_future(h.stop.wait())
     began = time.monotonic()
     try:
@@ -239,14 +312,14 @@ async def _wait(
                 if left <= 0 and h.paused_since is None:
                     return f"timed out after {limit_s:g} s"
                 left = max(0.05, min(left, 1.0)) if h.paused_since is None else 1.0
-            done, _ = await asyncio.wait(
-                [waiter, stopper], timeout=left, return_when=asyncio.FIRST_COMPLETED
+            finished, _ = await asyncio.wait(
+                [done, stopper], timeout=left, return_when=asyncio.FIRST_COMPLETED
             )
-            if waiter in done:
+            if done in finished:
                 return None
-            if stopper in done:
+            if stopper in finished:
                 return h.reason or "cancelled"
     finally:
         stopper.cancel()
-        if not waiter.done():
-            waiter.cancel()
+        if not done.done():
+            done.cancel()

@@ -42,6 +42,7 @@ from agents.context import Context, RawMessage, retrying
 from agents.core.offsets import OffsetTracker
 from agents.deadletter import dead_letter
 from agents.pools import ensure_pool_topics, pools_served, worker_labels
+from agents.pypool import PyPool
 from agents.runner import AttemptHandle, Outcome, run_attempt
 from streams.errors import InvalidEvent
 from streams.events import (
@@ -87,6 +88,7 @@ class Worker:
         self.kinds_of: dict[str, str] = {}
         self.cancelled: OrderedDict[str, str] = OrderedDict()
         self.handed_back = 0
+        self.pypool = PyPool(self.slots)
         self.tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
         self.running: dict[str, asyncio.Task[None]] = {}
         self.backlog: deque[RawMessage] = deque()
@@ -188,6 +190,7 @@ class Worker:
         finally:
             beat.cancel()
             controls.cancel()
+            await self.pypool.close()
             await self._heartbeat("stopped")
             await self._commit()
             await self._call(self.consumer.close)
@@ -261,9 +264,12 @@ class Worker:
             await self._call(self.consumer.resume, assignment)
         self._paused = paused
 
+    _commit_soon = False
+
     def _commit_now(self) -> None:
         """Queue a commit without waiting (librdkafka's commit is thread-safe; errors surface
         in the next synchronous ``_commit``, which also covers what this one may miss)."""
+        self._commit_soon = False
         positions = self.tracker.commit_positions()
         if positions:
             offsets = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
@@ -297,9 +303,15 @@ class Worker:
         self.seen[key] = None
         waited = time.time() - d.dispatched_at
         if waited > 1.0:
-            log.info("job %s attempt %d reached this worker %.1f s after dispatch "
-                     "(%s[%d]@%d)", d.job_id, d.attempt, waited, msg.topic, msg.partition,
-                     msg.offset)
+            log.info(
+                "job %s attempt %d reached this worker %.1f s after dispatch (%s[%d]@%d)",
+                d.job_id,
+                d.attempt,
+                waited,
+                msg.topic,
+                msg.partition,
+                msg.offset,
+            )
         while len(self.seen) > 100_000:
             self.seen.popitem(last=False)
         self.handles[d.job_id] = AttemptHandle()
@@ -331,13 +343,16 @@ class Worker:
             # attempt number keeps the second run from completing the job twice
             self.tracker.finished(tp, msg.offset)
             committed = True
-            self._commit_now()
+            if not self._commit_soon:  # one commit for every start of this loop turn
+                self._commit_soon = True
+                asyncio.get_running_loop().call_soon(self._commit_now)
             outcome: Outcome = await run_attempt(
                 d,
                 s.kinds.get(d.kind),
                 log_dir=s.log_dir,
                 kill_grace_s=s.kill_grace_s,
                 handle=handle,
+                pool=self.pypool,
             )
             if d.job_id in self.cancelled and not outcome.ok:
                 return  # the job.cancelled event is the authority; nothing to report

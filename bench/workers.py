@@ -1,8 +1,10 @@
 """``python -m bench workers [--json]``: what the workers cost and how fast lost work returns.
 
-- throughput: no-op jobs (the ``noop`` kind runs ``true``) through the whole pipeline with 1,
-  2 and 4 worker processes, and each worker process's own CPU per job (from /proc; the
-  ``true`` child's CPU is not the worker's), with idle CPU (heartbeats, polls) subtracted.
+- throughput: no-op jobs through the whole pipeline with 1, 2 and 4 worker processes, and
+  each worker process's own CPU per job (from /proc; children's CPU is not the worker's),
+  with idle CPU (heartbeats, polls) subtracted. Two no-ops: ``pynoop`` (a Python function
+  in the warm interpreter pool: the worker's own overhead) and ``noop`` (``true`` as a
+  subprocess: adds what starting a process costs the worker).
 - recovery: a worker is killed with SIGKILL while running a job; the time from the kill to
   the job running again on the other worker (the job's new ``started_at``), against the
   target of ``worker_lost_after_s`` + 2 s.
@@ -16,8 +18,12 @@ import signal
 import time
 from typing import Any
 
+from confluent_kafka import Consumer
+from rich.progress import Progress
+
 from bench.harness import Run, cpu_s
-from streams.events import Control, JobSpec, encode
+from streams.events import Control, Dispatch, JobSpec, encode
+from streams.kafka import ConfirmedProducer, Record, producer_config
 from streams.publisher import JobPublisher
 
 
@@ -31,8 +37,11 @@ def _wait_workers(run: Run, n: int, limit_s: float = 60) -> None:
     raise RuntimeError(f"{n} workers did not start within {limit_s:.0f} s")
 
 
-def throughput(workers: int, jobs: int, slots: int, show: bool) -> dict[str, Any]:
-    with Run(heartbeat_interval_s="1") as run:
+KINDS = {"pynoop": {"entrypoint": "bench.jobs:noop", "timeout_s": 60, "max_attempts": 1}}
+
+
+def throughput(workers: int, jobs: int, slots: int, kind: str, show: bool) -> dict[str, Any]:
+    with Run(heartbeat_interval_s="1", kinds=json.dumps(KINDS)) as run:
         run.start("scheduler")
         procs = [run.start("worker", "--slots", str(slots)) for _ in range(workers)]
         _wait_workers(run, workers)
@@ -44,19 +53,87 @@ def throughput(workers: int, jobs: int, slots: int, show: bool) -> dict[str, Any
         assert run.registry is not None
         with JobPublisher(run.bootstrap, registry=run.registry) as pub:
             start = time.monotonic()
-            pub.submit_many(
-                JobSpec(id=f"n{i}", tenant=f"t{i % 8}", kind="noop") for i in range(jobs)
-            )
-            run.wait_finished(jobs, show, what=f"{workers} worker(s)")
+            pub.submit_many(JobSpec(id=f"n{i}", tenant=f"t{i % 8}", kind=kind) for i in range(jobs))
+            run.wait_finished(jobs, show, what=f"{kind}, {workers} worker(s)")
             elapsed = time.monotonic() - start
         cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
         (ok,) = run.query("SELECT count(*) FROM jobs WHERE state = 'succeeded'")[0]
     busy = max(0.0, cpu - idle_per_s * elapsed)
     return {
+        "kind": kind,
         "workers": workers,
         "slots_each": slots,
         "jobs": jobs,
         "succeeded": int(ok),
+        "elapsed_s": round(elapsed, 2),
+        "jobs_per_s": round(jobs / elapsed, 1),
+        "worker_cpu_us_per_job": round(cpu / jobs * 1e6, 1),
+        "worker_cpu_us_per_job_minus_idle": round(busy / jobs * 1e6, 1),
+    }
+
+
+def worker_only(workers: int, jobs: int, slots: int, kind: str, show: bool) -> dict[str, Any]:
+    """The workers alone: dispatches produced straight to ``jobs.dispatch`` (no scheduler),
+    outcomes counted on ``jobs.events``. Isolates the worker's throughput and CPU per job."""
+    with Run(heartbeat_interval_s="1", kinds=json.dumps(KINDS)) as run:
+        assert run.registry is not None
+        procs = [run.start("worker", "--slots", str(slots)) for _ in range(workers)]
+        events = Consumer(
+            {
+                "bootstrap.servers": run.bootstrap,
+                "group.id": f"{run.name}.count",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        events.subscribe([run.registry.name("jobs.events")])
+        time.sleep(8)  # workers join their group; not measured
+        idle0, t0 = sum(cpu_s(p.pid) for p in procs), time.monotonic()
+        time.sleep(2)
+        idle_per_s = (sum(cpu_s(p.pid) for p in procs) - idle0) / (time.monotonic() - t0)
+        cpu0 = sum(cpu_s(p.pid) for p in procs)
+        now = time.time()
+        topic = run.registry.name("jobs.dispatch")
+        records = [
+            Record(
+                topic,
+                encode(
+                    Dispatch(
+                        job_id=f"w{i}",
+                        attempt=1,
+                        tenant="acme",
+                        kind=kind,
+                        args={},
+                        timeout_s=None,
+                        submitted_at=now,
+                        dispatched_at=now,
+                    )
+                ),
+                f"w{i}".encode(),
+            )
+            for i in range(jobs)
+        ]
+        producer = ConfirmedProducer(producer_config(run.bootstrap, {}, linger_ms=5))
+        start = time.monotonic()
+        producer.produce_confirmed(records, 60)
+        producer.close()
+        done = 0
+        with Progress(disable=not show) as progress:
+            task = progress.add_task(f"{kind}, {workers} worker(s), no scheduler", total=jobs)
+            while done < jobs and time.monotonic() - start < 300:
+                for m in events.consume(1000, 0.2):
+                    if not m.error() and b'"job.succeeded"' in (m.value() or b""):
+                        done += 1
+                progress.update(task, completed=done)
+        elapsed = time.monotonic() - start
+        events.close()
+        cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
+    busy = max(0.0, cpu - idle_per_s * elapsed)
+    return {
+        "kind": kind,
+        "workers": workers,
+        "slots_each": slots,
+        "jobs": jobs,
+        "succeeded": done,
         "elapsed_s": round(elapsed, 2),
         "jobs_per_s": round(jobs / elapsed, 1),
         "worker_cpu_us_per_job": round(cpu / jobs * 1e6, 1),
@@ -146,8 +223,9 @@ def _running_on(run: Run, job: str, attempt: int, limit_s: float = 120) -> int:
 
 def run(jobs: int, slots: int, lost_after_s: float, trials: int, show: bool) -> dict[str, Any]:
     runs = []
-    for n in (1, 2, 4) if jobs else ():
-        runs.append(throughput(n, jobs, slots, show))
+    for kind in ("pynoop", "noop") if jobs else ():
+        for n in (1, 2, 4):
+            runs.append(throughput(n, jobs, slots, kind, show))
         if show:
             print(json.dumps(runs[-1]))
     return {

@@ -20,3 +20,17 @@ def record(out: str, value: object, steps: int = 3) -> dict[str, object]:
 
 def explode(message: str) -> None:
     raise RuntimeError(message)
+
+
+def noop() -> None:
+    """The no-op Python job (benchmarks)."""
+
+
+def hang(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def die(code: int) -> None:
+    import os
+
+    os._exit(code)

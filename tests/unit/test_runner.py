@@ -1,0 +1,157 @@
+"""Running attempts for real (local processes, no services): commands and Python entry
+points in the warm pool, timeouts, cancel, pause/resume, hostile arguments, pools."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from agents.errors import ConfigError
+from agents.pools import host_label, pool_of, pools_served, worker_labels
+from agents.pypool import PyPool
+from agents.runner import AttemptHandle, run_attempt
+from agents.settings import KindConfig, load_settings
+from streams.events import Dispatch
+
+
+def dispatch(kind: str, args: dict[str, object] | None = None, job_id: str = "j1") -> Dispatch:
+    return Dispatch(
+        job_id=job_id,
+        attempt=1,
+        tenant="acme",
+        kind=kind,
+        args=args or {},
+        timeout_s=None,
+        submitted_at=0.0,
+        dispatched_at=0.0,
+    )
+
+
+async def test_hostile_arguments_reach_the_process_as_inert_argv(tmp_path: Path) -> None:
+    out = tmp_path / "argv.json"
+    kind = KindConfig(
+        command=[
+            "python3",
+            "-c",
+            "import sys, json; json.dump(sys.argv[1:], open(sys.argv[1], 'w'))",
+            str(out),
+            "{v}",
+        ]
+    )
+    hostile = "$(touch /tmp/pwned); `id` ; rm -rf / \"' \\ {job_id} ü"
+    o = await run_attempt(
+        dispatch("x", {"v": hostile}), kind, log_dir=str(tmp_path), kill_grace_s=1
+    )
+    assert o.ok, o.error
+    assert json.loads(out.read_text()) == [str(out), hostile]
+
+
+async def test_pooled_python_jobs_reuse_members_and_a_timeout_replaces_one(tmp_path: Path) -> None:
+    pool = PyPool(2)
+    ok = KindConfig(entrypoint="tests.jobfns:record", timeout_s=10)
+    results = await asyncio.gather(
+        *(
+            run_attempt(
+                dispatch(
+                    "py", {"out": str(tmp_path / f"{i}.json"), "value": i, "steps": 1}, f"p{i}"
+                ),
+                ok,
+                log_dir=str(tmp_path),
+                kill_grace_s=1,
+                pool=pool,
+            )
+            for i in range(6)
+        )
+    )
+    assert all(r.ok for r in results)
+    assert pool.members == 2  # six jobs, two warm interpreters
+    pids = {m.proc.pid for m in pool.idle}
+    hang = KindConfig(entrypoint="tests.jobfns:hang", timeout_s=0.3)
+    o = await run_attempt(
+        dispatch("py", {"seconds": 30}, "hang"),
+        hang,
+        log_dir=str(tmp_path),
+        kill_grace_s=1,
+        pool=pool,
+    )
+    assert not o.ok and o.retryable and "timed out after 0.3 s" in o.error
+    assert len(pool.idle) == 1 and pool.idle[0].proc.pid in pids  # the hung member is gone
+    crash = KindConfig(entrypoint="tests.jobfns:die", timeout_s=5)
+    o = await run_attempt(
+        dispatch("py", {"code": 7}, "die"), crash, log_dir=str(tmp_path), kill_grace_s=1, pool=pool
+    )
+    assert not o.ok and o.exit_code == 7
+    missing = KindConfig(entrypoint="tests.jobfns:nothing_here", timeout_s=5)
+    o = await run_attempt(
+        dispatch("py", {}, "miss"), missing, log_dir=str(tmp_path), kill_grace_s=1, pool=pool
+    )
+    assert not o.ok and not o.retryable and "nothing_here" in o.error
+    await pool.close()
+
+
+async def test_paused_time_does_not_count_against_the_timeout(tmp_path: Path) -> None:
+    kind = KindConfig(command=["sleep", "0.6"], timeout_s=1.0)
+    h = AttemptHandle()
+    task = asyncio.create_task(
+        run_attempt(dispatch("s"), kind, log_dir=str(tmp_path), kill_grace_s=1, handle=h)
+    )
+    await h.started.wait()
+    assert h.pause()
+    await asyncio.sleep(1.5)  # longer than the timeout, but paused (SIGSTOP)
+    assert not task.done()
+    assert h.resume()
+    o = await task
+    assert o.ok, o.error
+
+
+async def test_cancel_stops_the_process_group_and_is_not_retryable(tmp_path: Path) -> None:
+    kind = KindConfig(command=["sh", "-c", "sleep 30 & sleep 30"], timeout_s=60)
+    h = AttemptHandle()
+    task = asyncio.create_task(
+        run_attempt(dispatch("c"), kind, log_dir=str(tmp_path), kill_grace_s=1, handle=h)
+    )
+    await h.started.wait()
+    started = time.monotonic()
+    h.cancel("cancelled: enough")
+    o = await task
+    assert not o.ok and not o.retryable and o.error == "cancelled: enough"
+    assert time.monotonic() - started < 5
+
+
+async def test_nokill_kinds_have_no_timeout(tmp_path: Path) -> None:
+    kind = KindConfig(command=["sleep", "0.5"], timeout_s=0.1, nokill=True)
+    o = await run_attempt(dispatch("n"), kind, log_dir=str(tmp_path), kill_grace_s=1)
+    assert o.ok, o.error
+
+
+def test_pools_follow_labels_and_local_kinds() -> None:
+    s = load_settings(
+        {},
+        kinds={
+            "gpu": {"command": ["true"], "labels": ["gpu", "eu"]},
+            "here": {"command": ["true"], "local": True},
+            "any": {"command": ["true"]},
+        },
+        scheduler_host="sched.example",
+    )
+    assert pool_of(s, "gpu") == "eu_gpu" and pool_of(s, "any") is None
+    assert pool_of(s, "here") == "host-sched.example"
+    assert pools_served(s, frozenset({"gpu"})) == set()
+    assert pools_served(s, frozenset({"gpu", "eu", "x"})) == {"eu_gpu"}
+    assert host_label() in worker_labels(s)
+    assert host_label("we!rd host") == "host-we-rd-host"
+
+
+def test_kind_and_label_validation() -> None:
+    with pytest.raises(ConfigError, match="exactly one of command"):
+        load_settings({}, kinds={"k": {"command": ["true"], "entrypoint": "a:b"}})
+    with pytest.raises(ConfigError, match="exactly one of command"):
+        load_settings({}, kinds={"k": {"timeout_s": 3}})
+    with pytest.raises(ConfigError):
+        load_settings({}, kinds={"k": {"command": ["true"], "labels": ["a_b"]}})
+    s = load_settings({"JOBSTREAM_WORKER_LABELS": "gpu, eu"})
+    assert s.worker_labels == ["gpu", "eu"]
