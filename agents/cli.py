@@ -328,7 +328,18 @@ def workflow_show(workflow_id: str, config: ConfigOpt = None, as_json: JsonOpt =
 @app.command()
 def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Why a job is where it is: its state, its current gate and what it waits on."""
-    row: dict[str, Any] | None = _query(config, lambda store: store.why(job_id))
+    from agents.pools import kind_labels
+
+    s = _settings(config)
+
+    async def lookup(store: PostgresJobStore) -> dict[str, Any] | None:
+        first = await store.why(job_id)
+        if first is None:
+            return None
+        labels = sorted(kind_labels(s, first["kind"]))
+        return await store.why(job_id, labels, s.worker_lost_after_s) if labels else first
+
+    row: dict[str, Any] | None = _query(config, lookup)
     if _missing_or_json(row, f"no job {job_id!r}", as_json) or row is None:
         return
     style = STATE_STYLE.get(row["state"], "white")
@@ -349,6 +360,21 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
             f"  queued for admission: {row['ready_ahead']} ready jobs of tenant "
             f"{row['tenant']} became ready before it "
             f"(priority {row['priority']}, size {row['size']})"
+        )
+    if row["state"] == "ready" and row["run_after"] and row["run_after"] > time.time():
+        out.print(f"  retry backoff: may run in {row['run_after'] - time.time():.1f} s")
+    if row["state"] in ("running", "dispatched") and row["worker"]:
+        w = f"  on worker {row['worker']} ({row['worker_state'] or 'unknown'}"
+        if row["worker_silent_s"] is not None:
+            w += f", last heartbeat {row['worker_silent_s']:.0f} s ago"
+        if row["progress"] is not None:
+            w += f", progress {row['progress']:.0%}"
+        out.print(w + ")")
+    if row.get("pool_workers") == 0 and row["state"] in ("ready", "dispatched"):
+        labels = ", ".join(sorted(kind_labels(s, row["kind"])))
+        out.print(
+            f"  [yellow]no live worker carries the labels {labels}[/]; start one with "
+            f"jobstream worker --labels ..."
         )
     if row["holds"]:
         out.print("  holds: " + ", ".join(f"{k}={v}" for k, v in row["holds"].items()))

@@ -436,17 +436,31 @@ class PostgresJobStore:
             await conn.rollback()
             return rows
 
-    async def why(self, job_id: str) -> dict[str, Any] | None:
-        """A job's state and gate, and the state of each job it waits on."""
+    async def why(
+        self, job_id: str, labels: Sequence[str] = (), lost_after_s: float = 15.0
+    ) -> dict[str, Any] | None:
+        """A job's state and gate, its worker, and the state of each job it waits on;
+        ``labels``: its kind's pool, to count the live workers that carry them."""
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
-                "SELECT id, tenant, kind, state, gate, gate_until, priority, size, error, "
-                "root_cause, attempt, max_attempts, trigger, accepted_at, ready_at "
-                "FROM jobs WHERE id = %s",
+                "SELECT j.id, j.tenant, j.kind, j.state, j.gate, j.gate_until, j.priority, j.size, "
+                "j.error, j.root_cause, j.attempt, j.max_attempts, j.trigger, j.accepted_at, "
+                "j.ready_at, extract(epoch from j.run_after)::float8 AS run_after, j.worker, "
+                "j.progress, w.state AS worker_state, "
+                "extract(epoch from now() - w.last_seen)::float8 AS worker_silent_s "
+                "FROM jobs j LEFT JOIN workers w ON w.id = j.worker WHERE j.id = %s",
                 (job_id,),
             )
             row = await cur.fetchone()
+            if row is not None and labels:
+                await cur.execute(
+                    "SELECT count(*) AS n FROM workers WHERE state = 'running' AND labels @> %s "
+                    "AND last_seen > now() - make_interval(secs => %s)",
+                    (sorted(labels), lost_after_s),
+                )
+                live = await cur.fetchone()
+                row["pool_workers"] = live["n"] if live else 0
             if row is not None:
                 await cur.execute(
                     """SELECT d.dep_id AS id, d.needs, d.kind AS edge,

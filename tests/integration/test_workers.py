@@ -373,6 +373,8 @@ def test_labelled_kinds_run_only_on_workers_that_carry_the_labels_and_python_job
         eventually(lambda: job(ws, "pyb").get("state") == "failed", 60, what="python failure")
         time.sleep(2)
         assert job(ws, "g")["state"] in ("ready", "dispatched") and not pinned.exists()
+        why = cli("why", "g", env=env)
+        assert "no live worker carries the labels gpu" in why.stdout, why.stdout + why.stderr
         gpu = add_worker(ws, tmp_path, "gpu", labels="gpu")
         try:
             gpu_id = worker_id(ws, gpu)
