@@ -222,14 +222,17 @@ def _running_on(run: Run, job: str, attempt: int, limit_s: float = 120) -> int:
 
 
 def run(jobs: int, slots: int, lost_after_s: float, trials: int, show: bool) -> dict[str, Any]:
-    runs = []
+    runs, alone = [], []
     for kind in ("pynoop", "noop") if jobs else ():
         for n in (1, 2, 4):
             runs.append(throughput(n, jobs, slots, kind, show))
-        if show:
-            print(json.dumps(runs[-1]))
+            alone.append(worker_only(n, jobs, slots, kind, show))
+            if show:
+                print(json.dumps(runs[-1]))
+                print(json.dumps(alone[-1]))
     return {
         "scenario": "workers",
         "throughput": runs,
+        "workers_alone": alone,
         "recovery": recovery(lost_after_s, trials, show),
     }
