@@ -22,14 +22,17 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/jobstream demo
 
-## Real services on loopback: Apache Kafka (KRaft, jars from Maven Central) and PostgreSQL.
+## Real services on loopback: Apache Kafka (KRaft, jars from Maven Central), PostgreSQL and
+## InfluxDB 1.6 (Debian's package, unpacked into .cache/: the Telegraf stand-in).
 services:
 	scripts/kafka.sh start
 	scripts/postgres.sh start
+	scripts/influxdb.sh start
 
 stop-services:
 	-scripts/kafka.sh stop
 	-scripts/postgres.sh stop
+	-scripts/influxdb.sh stop
 
 lint: venv
 	$(BIN)/ruff check streams agents tests bench

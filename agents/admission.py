@@ -121,6 +121,8 @@ class Admission:
         # retried jobs waiting out their backoff: (run_after, id, row), not in the core yet
         self.delayed: list[tuple[float, str, QueuedRow]] = []
         self.delayed_ids: set[str] = set()
+        self._depth_at = 0.0
+        self._depth_seen: set[tuple[str, str]] = set()
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -265,7 +267,33 @@ class Admission:
         self.wake_at = min((t for t in (d.wake_at, next_delayed) if t is not None), default=None)
         dispatched = await self._carry_out(d, now, free_slots) if d.admitted else 0
         await self._write_gates(d)
+        self._record_metrics(d, now)
         return dispatched > 0
+
+    def _record_metrics(self, d: Decisions, now: float) -> None:
+        """Denials by gate (every round), queue depth per tenant and kind (at most once a
+        second: it walks the queues)."""
+        m = self.ctx.metrics
+        if not m.enabled:
+            return
+        by_gate: dict[str, int] = {}
+        for gate in d.gates.values():
+            by_gate[gate.kind] = by_gate.get(gate.kind, 0) + 1
+        for name, n in by_gate.items():
+            m.count("admission_denials", {"gate": name}, n=n)
+        if now - self._depth_at < 1.0:
+            return
+        self._depth_at = now
+        depth: dict[tuple[str, str], int] = {}
+        for q in self.core.queues.values():
+            for job in q:
+                depth[(job.tenant, job.kind)] = depth.get((job.tenant, job.kind), 0) + 1
+        for (tenant, kind), n in depth.items():
+            m.gauge("queue_depth", {"tenant": tenant, "kind": kind}, ready=n)
+        for tenant, kind in self._depth_seen - depth.keys():
+            m.gauge("queue_depth", {"tenant": tenant, "kind": kind}, ready=0)
+        self._depth_seen = set(depth)
+        m.gauge("admission", queued=len(self.core), delayed=len(self.delayed))
 
     def _delayed_gates(self, now: float) -> Decisions:
         d = Decisions()
@@ -314,6 +342,9 @@ class Admission:
                 free_slots=free_slots,
             )
             records.append(Record(topic, encode(decision), job.tenant.encode()))
+            tags = {"tenant": job.tenant, "kind": job.kind}
+            self.ctx.metrics.count("admissions", tags)
+            self.ctx.metrics.observe("admission_wait_ms", decision.waited_s * 1000, tags)
         await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
         await retrying("dispatch confirm", lambda: store.confirm_dispatch(jobs))
         for job in jobs:

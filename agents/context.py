@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from agents.errors import StoreUnavailable
+from agents.metrics import Metrics, process_tags
 from agents.pools import ensure_pool_topics, pool_of
 from agents.settings import Settings
 from agents.store import PostgresJobStore
@@ -44,6 +45,8 @@ class Context:
     _producer: ConfirmedProducer | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _pools_known: set[str] = field(default_factory=set)
+    process: str = "scheduler"  # the ``process`` tag of this process's metrics
+    _metrics: Metrics | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
@@ -71,6 +74,18 @@ class Context:
             )
         return self._producer
 
+    @property
+    def metrics(self) -> Metrics:
+        """This process's metrics (started on first use; a no-op without ``metrics_url``)."""
+        if self._metrics is None:
+            s = self.settings
+            self._metrics = Metrics(
+                s.metrics_url,
+                interval_s=s.metrics_interval_s,
+                tags=process_tags(self.process, {"app": s.app_id}),
+            ).start()
+        return self._metrics
+
     def topic(self, logical: str) -> str:
         return self.registry.name(logical)
 
@@ -89,6 +104,9 @@ class Context:
             )
 
     async def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self._store is not None:
             await self._store.close()
             self._store = None

@@ -61,6 +61,8 @@ async def dead_letter(ctx: Context, rejected: Sequence[Rejected]) -> None:
     if not rejected:
         return
     records, rows = dead_letters(ctx, rejected)
+    for msg, _ in rejected:
+        ctx.metrics.count("dead_letters", {"topic": msg.topic})
     await retrying("dead-letter produce", lambda: ctx.producer.aproduce(records))
     if ctx.settings.database_url:
         store = await ctx.store()

@@ -21,10 +21,26 @@ from collections.abc import Sequence
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import dead_letter, decode_all
 from agents.intake import accept_submissions, forward_ready
-from streams.events import JobEvent, JobRejected, encode
+from streams.events import (
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobRejected,
+    JobStarted,
+    JobSucceeded,
+    encode,
+)
 from streams.kafka import Record
 
 EventOrRejected = JobEvent | JobRejected
+
+
+_EVENT_NAMES: dict[type, str] = {
+    JobStarted: "started",
+    JobSucceeded: "succeeded",
+    JobFailed: "failed",
+    JobCancelled: "cancelled",
+}
 
 
 async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
@@ -49,6 +65,19 @@ async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
             backoff=s.backoff_by_kind,
         ),
     )
+    m = ctx.metrics
+    now = time.time()
+    finished_at = 0.0
+    for e in events:
+        tags = {"type": _EVENT_NAMES[type(e)]}
+        if isinstance(e, JobFailed):
+            tags["retryable"] = "true" if e.retryable else "false"
+        m.count("job_events", tags)
+        if not isinstance(e, JobStarted):
+            finished_at = max(finished_at, e.at)
+    if finished_at and ready:
+        for _ in ready:  # completion (the batch's latest) → released, in the dependency stage
+            m.observe("unlock_ms", max(0.0, (now - finished_at) * 1000))
     if impossible:
         await dead_letter(
             ctx, [(origin[f.job], f"job {f.job} rejected: {f.reason}") for f in impossible]

@@ -109,6 +109,9 @@ def accept_submissions(
                 )
             )
             origin[job.id] = msg
+    m = ctx.metrics
+    for a in accepted:
+        m.count("jobs_submitted", {"tenant": a.job.tenant, "kind": a.job.kind})
     return accepted, rejected, origin
 
 

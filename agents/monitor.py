@@ -43,6 +43,9 @@ class Monitor:
         return min(1.0, self.ctx.settings.worker_lost_after_s / 5)
 
     async def run(self) -> None:
+        # zero counters, so dashboards show 0 rather than "no data" before the first loss
+        self.ctx.metrics.count("workers_lost", n=0)
+        self.ctx.metrics.count("lost_work_retried", n=0)
         while True:
             try:
                 await self.step()
@@ -58,6 +61,7 @@ class Monitor:
         )
         for worker in work.newly_lost:
             self.lost += 1
+            self.ctx.metrics.count("workers_lost", {"worker": worker})
             log.warning("worker %s lost: no heartbeat for %.0f s", worker, s.worker_lost_after_s)
         now = time.monotonic()
         due = [
@@ -71,6 +75,7 @@ class Monitor:
             for o in due:
                 self.sent[(o.id, o.attempt)] = now
             self.retried += len(due)
+            self.ctx.metrics.count("lost_work_retried", n=len(due))
             log.warning("retrying %d jobs of lost or restarted workers", len(due))
         if len(self.sent) > 100_000:
             self.sent = {k: t for k, t in self.sent.items() if now - t < REPUBLISH_AFTER_S}

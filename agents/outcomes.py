@@ -11,6 +11,8 @@ from streams.events import WorkerHeartbeat
 
 async def handle_heartbeats(ctx: Context, messages: Sequence[RawMessage]) -> int:
     beats, rejected = decode_all(ctx, messages, WorkerHeartbeat)
+    for b in beats:
+        ctx.metrics.count("heartbeats_received", {"worker": b.worker})
     await dead_letter(ctx, rejected)
     store = await ctx.store()
     s = ctx.settings

@@ -118,6 +118,9 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
         msgspec.field(default_factory=list)
     )
     scheduler_host: str | None = None  # where ``local`` kinds run; default: this host
+    # metrics (docs/metrics.md): udp://host:port (Telegraf socket_listener) or an HTTP /write URL
+    metrics_url: Annotated[str, Meta(pattern=r"^(udp|https?)://[^\s]+$")] | None = None
+    metrics_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
 
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap:

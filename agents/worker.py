@@ -74,6 +74,7 @@ class Worker:
         labels: list[str] | None = None,
     ) -> None:
         self.ctx = ctx
+        ctx.process = "worker"
         s = ctx.settings
         self.slots = slots or s.worker_slots
         self.id = (
@@ -343,6 +344,10 @@ class Worker:
             # attempt number keeps the second run from completing the job twice
             self.tracker.finished(tp, msg.offset)
             committed = True
+            m = self.ctx.metrics
+            tags = {"kind": d.kind, "tenant": d.tenant}
+            m.observe("start_latency_ms", max(0.0, (started.at - d.submitted_at) * 1000), tags)
+            m.observe("dispatch_to_start_ms", max(0.0, (started.at - d.dispatched_at) * 1000))
             if not self._commit_soon:  # one commit for every start of this loop turn
                 self._commit_soon = True
                 asyncio.get_running_loop().call_soon(self._commit_now)
@@ -355,10 +360,14 @@ class Worker:
                 pool=self.pypool,
             )
             if d.job_id in self.cancelled and not outcome.ok:
+                self._finished_metrics(d, outcome, "cancelled")
                 return  # the job.cancelled event is the authority; nothing to report
-            event = self._outcome_event(d, outcome, handed_back=self.aborting.is_set())
+            handed_back = self.aborting.is_set() and not outcome.ok
+            event = self._outcome_event(d, outcome, handed_back=handed_back)
             await retrying("publish outcome", lambda: produce([self._event_record(d, event)]))
             self.completed += 1
+            result = "succeeded" if outcome.ok else "handed_back" if handed_back else "failed"
+            self._finished_metrics(d, outcome, result)
         finally:
             if not committed:
                 self.tracker.finished(tp, msg.offset)
@@ -367,6 +376,11 @@ class Worker:
             self.kinds_of.pop(d.job_id, None)
             self._start_backlog()
             self._slot_freed.set()
+
+    def _finished_metrics(self, d: Dispatch, outcome: Outcome, result: str) -> None:
+        m = self.ctx.metrics
+        m.count("jobs_finished", {"kind": d.kind, "result": result})
+        m.observe("run_ms", outcome.duration_s * 1000, {"kind": d.kind})
 
     def _outcome_event(
         self, d: Dispatch, outcome: Outcome, *, handed_back: bool
@@ -501,10 +515,41 @@ class Worker:
             progress=progress,
         )
         rec = Record(self.ctx.topic("workers.heartbeat"), encode(beat), self.id.encode())
+        m = self.ctx.metrics
+        if m.enabled:
+            used = self.slots - beat.slots_free
+            m.gauge(
+                "worker",
+                {"worker": self.id},
+                slots_total=self.slots,
+                slots_used=used,
+                running=len(beat.running),
+                load=beat.load,
+                draining=state != "running",
+            )
+            m.count("heartbeats_sent", {"worker": self.id})
+            if state == "running":
+                try:
+                    lag = await self._call(self._lag)
+                    m.gauge("consumer_lag", {"group": "workers", "worker": self.id}, messages=lag)
+                except Exception as exc:  # lag is a nicety; never a reason to miss a beat
+                    log.debug("lag: %s", exc)
         try:
             await self.ctx.producer.aproduce([rec], timeout_s=5.0)
         except Exception as exc:  # a missed heartbeat is not fatal; the next one follows
             log.warning("heartbeat not sent: %s", exc)
+
+    def _lag(self) -> int:
+        """Messages behind the high watermark over this worker's partitions (consumer thread)."""
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return 0
+        total = 0
+        for tp in self.consumer.position(assignment):
+            _, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+            if tp.offset >= 0 and high >= 0:
+                total += max(0, high - tp.offset)
+        return total
 
     async def _heartbeats(self) -> None:
         while True:

@@ -4,13 +4,18 @@
   127.0.0.1:19092 with scripts/kafka.sh). Each test gets its own topic prefix and group ids.
 - PostgreSQL: ``JOBSTREAM_TEST_PG`` (``make test`` starts one on 127.0.0.1:15432). Each test
   gets its own database, cloned from a migrated template.
+- InfluxDB 1.6 (the Telegraf stand-in): ``JOBSTREAM_TEST_INFLUX`` (``make test`` starts one
+  on 127.0.0.1:18086, UDP 18089 into database ``udp``). Each test gets its own database.
 - A missing service fails the run in CI (``CI=true``) and skips the test elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +31,7 @@ from streams.publisher import JobPublisher
 from streams.topics import TopicRegistry, load_topics
 
 KAFKA = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP_TEST", "127.0.0.1:19092")
+INFLUX = os.environ.get("JOBSTREAM_TEST_INFLUX", "http://127.0.0.1:18086")
 PG = os.environ.get("JOBSTREAM_TEST_PG", "postgresql://postgres@127.0.0.1:15432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -160,3 +166,48 @@ def settings_env(s: Settings) -> dict[str, str]:
 def publisher(settings: Settings, registry: TopicRegistry) -> Iterator[JobPublisher]:
     with JobPublisher(settings.require_kafka(), registry=registry) as pub:
         yield pub
+
+
+class Influx:
+    """One test's InfluxDB database: the write URL to hand to the code, and queries."""
+
+    def __init__(self, base: str, db: str) -> None:
+        self.base = base
+        self.db = db
+        self.write_url = f"{base}/write?db={db}&precision=ns"
+
+    def query(self, q: str, db: str | None = None) -> list[dict[str, object]]:
+        """Rows of the first statement's series, each a dict with the series' tags merged."""
+        url = f"{self.base}/query?" + urllib.parse.urlencode({"db": db or self.db, "q": q})
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            data = json.load(resp)
+        result = data["results"][0]
+        if "error" in result:
+            raise AssertionError(f"InfluxQL error for {q!r}: {result['error']}")
+        rows: list[dict[str, object]] = []
+        for series in result.get("series", []):
+            for values in series["values"]:
+                row = dict(zip(series["columns"], values, strict=True))
+                row.update(series.get("tags", {}))
+                row["_measurement"] = series["name"]
+                rows.append(row)
+        return rows
+
+    def command(self, q: str) -> None:
+        req = urllib.request.Request(
+            f"{self.base}/query?" + urllib.parse.urlencode({"q": q}), method="POST"
+        )
+        urllib.request.urlopen(req, timeout=10).close()
+
+
+@pytest.fixture
+def influx() -> Iterator[Influx]:
+    try:
+        urllib.request.urlopen(f"{INFLUX}/ping", timeout=5).close()
+    except Exception as exc:
+        _missing(f"InfluxDB at {INFLUX}", exc)
+    db = f"m_{uuid.uuid4().hex[:10]}"
+    handle = Influx(INFLUX, db)
+    handle.command(f'CREATE DATABASE "{db}"')
+    yield handle
+    handle.command(f'DROP DATABASE "{db}"')

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Start (or stop) InfluxDB 1.6 on 127.0.0.1, Debian's `influxdb` package unpacked into a cache
+# folder (no root, no system service): the stand-in for Telegraf's listeners in tests. It
+# accepts the same line protocol over HTTP /write and UDP.
+#
+#   scripts/influxdb.sh start | stop | status
+#
+# Environment: INFLUX_HTTP_PORT (default 18086), INFLUX_UDP_PORT (default 18089, database
+# "udp"), JOBSTREAM_RUN (default .services/ in the repo), JOBSTREAM_CACHE (default .cache/).
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+HTTP_PORT="${INFLUX_HTTP_PORT:-18086}"
+UDP_PORT="${INFLUX_UDP_PORT:-18089}"
+RUN="${JOBSTREAM_RUN:-$here/.services}/influxdb-$HTTP_PORT"
+CACHE="${JOBSTREAM_CACHE:-$here/.cache}/influxdb"
+
+log() { printf 'influxdb: %s\n' "$*" >&2; }
+
+binary() {
+  local bin="$CACHE/root/usr/bin/influxd"
+  if [[ ! -x "$bin" ]]; then
+    log "fetching Debian's influxdb package into $CACHE"
+    mkdir -p "$CACHE"
+    (cd "$CACHE" && rm -f influxdb_*.deb && {
+      apt-get download influxdb >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get download influxdb >/dev/null 2>&1; }
+    }) || { log "cannot download the influxdb package (apt-get download influxdb)"; exit 1; }
+    dpkg -x "$CACHE"/influxdb_*.deb "$CACHE/root"
+  fi
+  echo "$bin"
+}
+
+answers() { curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/ping" 2>/dev/null; }
+
+start() {
+  local bin; bin="$(binary)"
+  if answers; then log "already running on 127.0.0.1:$HTTP_PORT"; return; fi
+  mkdir -p "$RUN"
+  cat >"$RUN/influxdb.conf" <<CONF
+reporting-disabled = true
+bind-address = "127.0.0.1:$((HTTP_PORT + 2))"
+[meta]
+  dir = "$RUN/meta"
+[data]
+  dir = "$RUN/data"
+  wal-dir = "$RUN/wal"
+  query-log-enabled = false
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:$HTTP_PORT"
+  log-enabled = false
+[[udp]]
+  enabled = true
+  bind-address = "127.0.0.1:$UDP_PORT"
+  database = "udp"
+  batch-size = 1000
+  batch-timeout = "50ms"
+[monitor]
+  store-enabled = false
+CONF
+  nohup "$bin" -config "$RUN/influxdb.conf" >"$RUN/server.log" 2>&1 &
+  echo $! >"$RUN/pid"
+  for _ in $(seq 1 150); do
+    if answers; then
+      curl -fsS -XPOST "http://127.0.0.1:$HTTP_PORT/query" --data-urlencode "q=CREATE DATABASE udp" >/dev/null
+      log "ready on 127.0.0.1:$HTTP_PORT (HTTP) and udp 127.0.0.1:$UDP_PORT (logs: $RUN/server.log)"
+      return
+    fi
+    sleep 0.2
+  done
+  log "did not answer within 30 s"; tail -20 "$RUN/server.log" >&2; exit 1
+}
+
+stop() {
+  if [[ -f "$RUN/pid" ]]; then
+    kill "$(cat "$RUN/pid")" 2>/dev/null || true
+    rm -f "$RUN/pid"
+    log "stopped"
+  fi
+}
+
+case "${1:-start}" in
+  start) start ;;
+  stop) stop ;;
+  status) answers ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
