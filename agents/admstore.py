@@ -93,8 +93,9 @@ async def semaphore_snapshot(conn: Conn) -> dict[str, tuple[int, int]]:
 
 
 async def refresh_capacity(conn: Conn, factor: float, lost_after_s: float) -> tuple[int, int]:
-    """Set the ``slots`` semaphore from live workers' heartbeats: ``factor`` × their slots.
-    Returns (old, new); a rise is announced so admission wakes."""
+    """Set the ``slots`` semaphore from live workers' heartbeats: ``factor`` × their slots,
+    at most the brake's target when it holds. Returns (old, new); a rise is announced so
+    admission wakes."""
     cur = await conn.execute(
         "SELECT coalesce(sum(slots_total), 0) FROM workers WHERE state = 'running' "
         "AND last_seen > now() - make_interval(secs => %s)",
@@ -102,6 +103,10 @@ async def refresh_capacity(conn: Conn, factor: float, lost_after_s: float) -> tu
     )
     row = await cur.fetchone()
     new = int((row[0] if row else 0) * factor)
+    cur = await conn.execute("SELECT target FROM brake WHERE name = 'slots'")
+    brake = await cur.fetchone()
+    if brake is not None and brake[0] is not None:
+        new = min(new, brake[0])  # the host-load brake holds capacity down
     cur = await conn.execute("SELECT capacity FROM semaphores WHERE name = %s FOR UPDATE", (SLOTS,))
     old_row = await cur.fetchone()
     old = old_row[0] if old_row else -1

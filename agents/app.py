@@ -7,6 +7,7 @@ Agents (one consumer group, ``settings.app_id``):
 - ``admission``    jobs.ready → PostgreSQL (ready → dispatched) → jobs.dispatch
 - ``heartbeats``   workers.heartbeat → PostgreSQL (workers table, job progress)
 - ``control``      jobs.control → PostgreSQL (pauses, limits, priorities, cancel, retry)
+- ``telemetry``    telemetry.hosts (Telegraf) → PostgreSQL host_load → the brake
 - the liveness monitor (``agents.monitor``): silent workers → lost, their jobs retried
 - a reconciliation timer, the safety net: re-settles old waiting jobs (expiry, races) and
   re-forwards jobs left ready or unconfirmed.
@@ -38,6 +39,7 @@ from agents.dependencies import handle_dependent
 from agents.intake import forward_ready, handle_submissions
 from agents.monitor import Monitor
 from agents.outcomes import handle_heartbeats
+from agents.telemetry import handle_telemetry
 
 log = logging.getLogger("jobstream.app")
 Handler = Callable[[Context, Sequence[RawMessage]], Awaitable[int]]
@@ -119,6 +121,7 @@ def build_app(ctx: Context) -> faust.App:
     batch_agent(topic("jobs.ready"), "admission", admission.handle_ready)
     batch_agent(topic("workers.heartbeat"), "heartbeats", handle_heartbeats)
     batch_agent(topic("jobs.control"), "control", handle_control)
+    batch_agent(topic("telemetry.hosts"), "telemetry", handle_telemetry)
 
     @app.task  # type: ignore[untyped-decorator]
     async def admission_rounds() -> None:

@@ -337,7 +337,10 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
         if first is None:
             return None
         labels = sorted(kind_labels(s, first["kind"]))
-        return await store.why(job_id, labels, s.worker_lost_after_s) if labels else first
+        row = await store.why(job_id, labels, s.worker_lost_after_s) if labels else first
+        if row is not None:
+            row["brake"] = await store.brake()
+        return row
 
     row: dict[str, Any] | None = _query(config, lookup)
     if _missing_or_json(row, f"no job {job_id!r}", as_json) or row is None:
@@ -375,6 +378,12 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
         out.print(
             f"  [yellow]no live worker carries the labels {labels}[/]; start one with "
             f"jobstream worker --labels ..."
+        )
+    brake = row.get("brake")
+    if brake and brake["target"] is not None and row["state"] in ("ready", "waiting"):
+        out.print(
+            f"  brake: slot capacity held at {brake['target']} of {brake['static']} "
+            f"({brake['reason']})"
         )
     if row["holds"]:
         out.print("  holds: " + ", ".join(f"{k}={v}" for k, v in row["holds"].items()))

@@ -1,5 +1,6 @@
 """The liveness monitor: workers that fall silent are declared lost and their running jobs
-retried; jobs a restarted worker left running are retried too.
+retried; jobs a restarted worker left running are retried too. Its tick also steps the
+host-load brake (``agents.telemetry``, at most every ``brake_interval_s``).
 
 Every scheduler process runs it; a PostgreSQL advisory lock lets one of them act per tick.
 A tick (at most every second) declares workers lost after ``worker_lost_after_s`` without a
@@ -24,6 +25,7 @@ import time
 
 from agents.context import Context, retrying
 from agents.store import LostWork, Orphan
+from agents.telemetry import thresholds
 from streams.events import JobFailed, encode
 from streams.kafka import Record
 
@@ -56,6 +58,24 @@ class Monitor:
     async def step(self) -> LostWork:
         s = self.ctx.settings
         store = await self.ctx.store()
+        brake = await retrying(
+            "brake",
+            lambda: store.brake_step(
+                thresholds(self.ctx), s.brake_interval_s, s.capacity_factor, s.worker_lost_after_s
+            ),
+        )
+        if brake is not None:
+            target = brake["target"]
+            self.ctx.metrics.gauge(
+                "brake",
+                target=brake["static"] if target is None else target,
+                static=brake["static"],
+                holding=target is not None,
+            )
+            if target is not None:
+                log.warning(
+                    "brake: slot capacity %d of %d (%s)", target, brake["static"], brake["reason"]
+                )
         work = await retrying(
             "monitor", lambda: store.lost_work(s.worker_lost_after_s, s.capacity_factor)
         )

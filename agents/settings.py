@@ -121,6 +121,14 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # metrics (docs/metrics.md): udp://host:port (Telegraf socket_listener) or an HTTP /write URL
     metrics_url: Annotated[str, Meta(pattern=r"^(udp|https?)://[^\s]+$")] | None = None
     metrics_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    # the host-load brake (docs/metrics.md#the-brake): thresholds, AIMD, staleness
+    brake_cpu_busy_pct: Annotated[float, Meta(gt=0, le=100)] = 90.0
+    brake_load_per_cpu: Annotated[float, Meta(gt=0)] = 2.0
+    brake_mem_used_pct: Annotated[float, Meta(gt=0, le=100)] = 95.0
+    brake_decrease: Annotated[float, Meta(gt=0, lt=1)] = 0.5
+    brake_step: Annotated[int, Meta(ge=1)] = 1
+    brake_interval_s: Annotated[float, Meta(gt=0)] = 5.0
+    brake_stale_after_s: Annotated[float, Meta(gt=0)] = 30.0
 
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap:

@@ -22,6 +22,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from agents.admstore import refresh_capacity
+from agents.core import brake as brake_core
+from agents.core.brake import HostSample, Thresholds
 from agents.core.deps import DependencyIndex, Fail
 from agents.depstore import (
     apply_decisions,
@@ -361,6 +363,70 @@ class PostgresJobStore:
             )
             orphans = [Orphan(*r) for r in await cur.fetchall()]
             return LostWork(newly, orphans)
+
+    async def record_host_load(self, samples: Sequence[HostSample]) -> None:
+        """Upsert each host's latest telemetry (a sample updates only the fields it has)."""
+        rows = sorted(samples, key=lambda x: (x.host, x.at))
+        async with self.tx() as conn, conn.cursor() as cur:
+            await cur.executemany(
+                """INSERT INTO host_load (host, cpu_busy_pct, load_per_cpu, mem_used_pct, at)
+                   VALUES (%s, %s, %s, %s, to_timestamp(%s))
+                   ON CONFLICT (host) DO UPDATE SET
+                     cpu_busy_pct = coalesce(excluded.cpu_busy_pct, host_load.cpu_busy_pct),
+                     load_per_cpu = coalesce(excluded.load_per_cpu, host_load.load_per_cpu),
+                     mem_used_pct = coalesce(excluded.mem_used_pct, host_load.mem_used_pct),
+                     at = greatest(host_load.at, excluded.at)""",
+                [(x.host, x.cpu_busy_pct, x.load_per_cpu, x.mem_used_pct, x.at) for x in rows],
+            )
+
+    async def brake_step(
+        self,
+        thresholds: Thresholds,
+        interval_s: float,
+        capacity_factor: float,
+        lost_after_s: float,
+    ) -> dict[str, Any] | None:
+        """One AIMD step of the brake, at most every ``interval_s`` across all processes
+        (serialised by the brake row's lock); the new capacity applied at once. Returns the
+        brake (target, static, reason) when a step was taken."""
+        async with self.tx() as conn:
+            cur = await conn.execute(
+                "SELECT target, extract(epoch from now() - at)::float8, "
+                "extract(epoch from now())::float8 FROM brake WHERE name = 'slots' "
+                "FOR UPDATE SKIP LOCKED"
+            )
+            row = await cur.fetchone()
+            if row is None or row[1] < interval_s:
+                return None
+            target, _, now = row
+            cur = await conn.execute(
+                "SELECT coalesce(sum(slots_total), 0) FROM workers WHERE state = 'running' "
+                "AND last_seen > now() - make_interval(secs => %s)",
+                (lost_after_s,),
+            )
+            live = await cur.fetchone()
+            static = int((live[0] if live else 0) * capacity_factor)
+            cur = await conn.execute(
+                "SELECT host, extract(epoch from at)::float8, cpu_busy_pct, load_per_cpu, "
+                "mem_used_pct FROM host_load"
+            )
+            samples = [HostSample(*r) for r in await cur.fetchall()]
+            state = brake_core.step(brake_core.BrakeState(target), static, samples, now, thresholds)
+            await conn.execute(
+                "UPDATE brake SET target = %s, static = %s, reason = %s, at = now() "
+                "WHERE name = 'slots'",
+                (state.target, static, state.reason),
+            )
+            await refresh_capacity(conn, capacity_factor, lost_after_s)
+            return {"target": state.target, "static": static, "reason": state.reason}
+
+    async def brake(self) -> dict[str, Any] | None:
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute("SELECT target, static, reason, at FROM brake WHERE name = 'slots'")
+            row = await cur.fetchone()
+            await conn.rollback()
+            return row
 
     async def workers(self) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
