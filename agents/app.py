@@ -39,6 +39,7 @@ from agents.dependencies import handle_dependent
 from agents.intake import forward_ready, handle_submissions
 from agents.monitor import Monitor
 from agents.outcomes import handle_heartbeats
+from agents.statuspage import StatusPage
 from agents.telemetry import handle_telemetry
 
 log = logging.getLogger("jobstream.app")
@@ -128,6 +129,14 @@ def build_app(ctx: Context) -> faust.App:
         await admission.run()
 
     monitor = Monitor(ctx)
+    page = StatusPage(ctx)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def status_page() -> None:
+        try:
+            await page.run()
+        except OSError as exc:  # the port is taken: the scheduler runs on without its page
+            log.error("status page not started on %s: %s", s.status_bind, exc)
 
     @app.task  # type: ignore[untyped-decorator]
     async def liveness_monitor() -> None:

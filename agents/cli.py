@@ -11,9 +11,11 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -170,10 +172,14 @@ def submit(
     group: Annotated[str | None, typer.Option(help="Dependency group key")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds")] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1, max=100)] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="wait until done (progress bar); exit 1 if any failed")
+    ] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Publish one job; returns once the broker confirmed it."""
+    """Publish one job (or a workflow); returns once the broker confirmed it, or with --wait
+    once it (all of it) finished."""
     import uuid
 
     from streams.publisher import JobPublisher
@@ -181,7 +187,9 @@ def submit(
 
     s = _settings(config)
     if workflow is not None:
-        _submit_workflow(s, workflow, tenant, as_json)
+        ids = _submit_workflow(s, workflow, tenant, as_json and not wait)
+        if wait:
+            _wait_for(config, ids, as_json)
         return
     if kind is None:
         raise ConfigError("give a KIND, or --workflow FILE")
@@ -214,9 +222,64 @@ def submit(
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
     with JobPublisher(s.require_kafka(), registry=registry, extra=s.kafka_config) as pub:
         pub.submit(job)
+    if wait:
+        _wait_for(config, [job.id], as_json)
+        return
     _emit({"id": job.id, "submitted": True}, as_json) if as_json else out.print(
         f"submitted [bold]{job.id}[/]"
     )
+
+
+def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float = 86_400) -> None:
+    """Poll until every job is terminal; a progress bar on a terminal; exit 1 on failures."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    terminal = ("succeeded", "failed", "cancelled")
+    deadline = time.monotonic() + limit_s
+
+    async def poll() -> dict[str, str]:
+        from agents.store import PostgresJobStore
+
+        s = _settings(config)
+        async with PostgresJobStore(s.require_database(), max_size=1) as store:
+            with Progress(
+                TextColumn("[bold]waiting[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                console=err,
+                disable=as_json or not err.is_terminal,
+            ) as progress:
+                task = progress.add_task("", total=len(ids))
+                while True:
+                    states = await store.job_states(ids)
+                    done = sum(1 for st in states.values() if st in terminal)
+                    counts = ", ".join(
+                        f"{n} {st}" for st, n in sorted(_count(states.values()).items())
+                    )
+                    progress.update(task, completed=done, description=counts)
+                    if done == len(ids) or time.monotonic() > deadline:
+                        return states
+                    await asyncio.sleep(0.2)
+
+    states = asyncio.run(poll())
+    failed = sorted(j for j, st in states.items() if st in ("failed", "cancelled"))
+    if as_json:
+        _emit({"states": states, "failed": failed}, True)
+    else:
+        out.print(
+            f"{len(ids) - len(failed)} of {len(ids)} succeeded"
+            + (f"; [red]failed: {', '.join(failed[:10])}[/]" if failed else "")
+        )
+    if failed or len(states) < len(ids) or any(st not in terminal for st in states.values()):
+        raise typer.Exit(1)
+
+
+def _count(values: Any) -> dict[str, int]:
+    out_: dict[str, int] = {}
+    for v in values:
+        out_[v] = out_.get(v, 0) + 1
+    return out_
 
 
 def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
@@ -246,7 +309,7 @@ def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
     return wid, jobs
 
 
-def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> None:
+def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> list[str]:
     from streams.publisher import JobPublisher
     from streams.topics import load_topics
 
@@ -266,6 +329,7 @@ def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> Non
         _emit({"workflow": wid, "jobs": len(jobs), "submitted": True}, True)
     else:
         out.print(f"submitted workflow [bold]{wid}[/] ({len(jobs)} jobs)")
+    return [j.id for j in jobs]
 
 
 STATE_STYLE = {
@@ -569,6 +633,161 @@ def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
             f"  {h['at']:%H:%M:%S.%f}  attempt {h['attempt']}  {h['event']}  "
             f"{json.dumps(h['detail']) if h['detail'] else ''}"
         )
+
+
+@app.command()
+def status(
+    window: Annotated[float, typer.Option(help="seconds of history for rates")] = 300.0,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queues, rates, workers, gates and the brake at a glance."""
+    from agents import queries
+
+    data: dict[str, Any] = _query(config, lambda store: queries.status(store, window))
+    if as_json:
+        _emit(data, True)
+        return
+    t = data["totals"]
+    out.print(
+        f"[bold]jobs[/]: {t['waiting']} waiting, {t['ready']} ready, "
+        f"{t['dispatched'] + t['running']} running · last {window:g} s: "
+        f"{data['finished']['succeeded']} succeeded, {data['finished']['failed']} failed, "
+        f"{data['jobs_per_s']} jobs/s, start latency p50 {data['start_latency_ms']['p50']} ms "
+        f"p99 {data['start_latency_ms']['p99']} ms"
+    )
+    if data["queues"]:
+        q = Table("tenant", "kind", "waiting", "ready", "dispatched", "running", title="queues")
+        for r in data["queues"]:
+            q.add_row(
+                r["tenant"],
+                r["kind"],
+                *(str(r[s]) for s in ("waiting", "ready", "dispatched", "running")),
+            )
+        out.print(q)
+    if data["gates"]:
+        out.print("gates: " + ", ".join(f"{g} {n}" for g, n in data["gates"].items()))
+    live = [w for w in data["workers"] if w["state"] in ("running", "draining")]
+    slots = sum(w["slots_total"] for w in live)
+    used = sum(w["slots_total"] - w["slots_free"] for w in live)
+    lost = sum(1 for w in data["workers"] if w["state"] == "lost")
+    out.print(
+        f"workers: {len(live)} live ({used}/{slots} slots used)"
+        + (f", [red]{lost} lost[/]" if lost else "")
+    )
+    b = data["brake"]
+    if b and b["target"] is not None:
+        out.print(f"[yellow]brake[/]: capacity {b['target']} of {b['static']} ({b['reason']})")
+    if data["dead_letters_recent"]:
+        out.print(
+            f"[red]{data['dead_letters_recent']} dead letters[/] in the window "
+            "(jobstream deadletter list)"
+        )
+
+
+@app.command()
+def jobs(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+    kind: Annotated[str | None, typer.Option(help="only this kind")] = None,
+    state: Annotated[str | None, typer.Option(help="only this state")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="accepted at or after (ISO time, or e.g. 15m, 2h, 1d)")
+    ] = None,
+    after: Annotated[str | None, typer.Option(help="next page: the last id shown")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs, newest first, with filters and paging (--after LAST_ID)."""
+    from agents import queries
+
+    if state is not None and state not in STATE_STYLE:
+        raise ConfigError(f"unknown state {state!r}; one of {', '.join(STATE_STYLE)}")
+    when = _since(since)
+    rows: list[dict[str, Any]] = _query(
+        config,
+        lambda store: queries.jobs(
+            store, tenant=tenant, kind=kind, state=state, since=when, after=after, limit=limit
+        ),
+    )
+    if as_json:
+        _emit(rows, True)
+        return
+    table = Table("id", "tenant", "kind", "state", "attempt", "accepted", "gate / error")
+    for r in rows:
+        table.add_row(
+            r["id"],
+            r["tenant"],
+            r["kind"],
+            f"[{STATE_STYLE.get(r['state'], 'white')}]{r['state']}[/]",
+            str(r["attempt"]),
+            f"{r['accepted_at']:%Y-%m-%d %H:%M:%S}",
+            (r["error"] or r["gate"] or "")[:60],
+        )
+    out.print(table)
+    if len(rows) == limit:
+        out.print(f"[dim]next page: --after {rows[-1]['id']}[/]")
+
+
+def _since(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if m:
+        secs = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return datetime.now(UTC) - timedelta(seconds=secs)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since {text!r}: use an ISO time or a duration like 15m") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@dl_app.command("show")
+def deadletter_show(dl_id: int, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """One dead letter: origin, reason, and the original bytes (as text where possible)."""
+    from agents import queries
+
+    row: dict[str, Any] | None = _query(config, lambda store: queries.dead_letter(store, dl_id))
+    if _missing_or_json(row, f"no dead letter {dl_id}", as_json) or row is None:
+        return
+    for k in ("id", "topic", "partition", "offset", "at", "replayed_at", "reason"):
+        out.print(f"[bold]{k}[/]: {row[k]}")
+    value = row["value"] or b""
+    out.print(f"[bold]value[/] ({len(value)} bytes):")
+    out.print(value[:4000].decode("utf-8", "replace"), markup=False, highlight=False)
+
+
+@dl_app.command("replay")
+def deadletter_replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="dead letter ids (default: all)")] = None,
+    topic: Annotated[str | None, typer.Option(help="only those from this topic")] = None,
+    force: Annotated[bool, typer.Option(help="replay again ones already replayed")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish dead letters again to their original topic, byte for byte (after a fix: a new
+    kind, a schema change). Idempotent: replayed ones are skipped unless --force, and intake
+    accepts a job id once."""
+    from agents import queries
+    from streams.kafka import ConfirmedProducer, Record, producer_config
+
+    s = _settings(config)
+    rows: list[dict[str, Any]] = _query(
+        config, lambda store: queries.dead_letters_to_replay(store, ids, topic, force)
+    )
+    if rows:
+        producer = ConfirmedProducer(producer_config(s.require_kafka(), s.kafka_config))
+        try:
+            producer.produce_confirmed(
+                [Record(r["topic"], r["value"] or b"", r["key"]) for r in rows], 60
+            )
+        finally:
+            producer.close()
+        done = [r["id"] for r in rows]
+        _query(config, lambda store: queries.mark_replayed(store, done))
+    data = {"replayed": [r["id"] for r in rows]}
+    _emit(data, True) if as_json else out.print(f"replayed {len(rows)} dead letters")
 
 
 @dl_app.command("list")

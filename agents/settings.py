@@ -121,6 +121,10 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # metrics (docs/metrics.md): udp://host:port (Telegraf socket_listener) or an HTTP /write URL
     metrics_url: Annotated[str, Meta(pattern=r"^(udp|https?)://[^\s]+$")] | None = None
     metrics_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    # the status page (docs/operations.md): host:port ("" turns it off); a token is required
+    # when the address is not loopback
+    status_bind: str = "127.0.0.1:8088"
+    status_token: str | None = None
     # the host-load brake (docs/metrics.md#the-brake): thresholds, AIMD, staleness
     brake_cpu_busy_pct: Annotated[float, Meta(gt=0, le=100)] = 90.0
     brake_load_per_cpu: Annotated[float, Meta(gt=0)] = 2.0
@@ -155,6 +159,8 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
         out["kafka_config"] = {
             k: ("***" if _SECRET_KEY.search(k) else v) for k, v in out["kafka_config"].items()
         }
+        if out.get("status_token"):
+            out["status_token"] = "***"
         for kind in out["kinds"].values():
             kind["env"] = {
                 k: ("***" if _SECRET_KEY.search(k) else v) for k, v in kind["env"].items()
@@ -234,6 +240,15 @@ def load_settings(
     for name in settings.resources:
         if name in ("*", "slots") or name.startswith("kind:"):
             raise ConfigError(f"resource name {name!r} is reserved")
+    if settings.status_bind:
+        host, sep, port = settings.status_bind.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"status_bind {settings.status_bind!r}: expected host:port")
+        if host not in ("127.0.0.1", "localhost", "::1", "[::1]") and not settings.status_token:
+            raise ConfigError(
+                f"status_bind {settings.status_bind!r} is not loopback: set status_token "
+                "(JOBSTREAM_STATUS_TOKEN) so the page is not open to everyone"
+            )
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError(f"invalid log_level {settings.log_level!r}")
     return settings

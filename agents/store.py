@@ -558,6 +558,13 @@ class PostgresJobStore:
             await conn.rollback()
             return row
 
+    async def job_states(self, ids: Sequence[str]) -> dict[str, str]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute("SELECT id, state FROM jobs WHERE id = ANY(%s)", (list(ids),))
+            rows = {r[0]: r[1] for r in await cur.fetchall()}
+            await conn.rollback()
+            return rows
+
     async def state_counts(self, ids: Sequence[str] | None = None) -> dict[str, int]:
         async with self._pool.connection() as conn:
             if ids is None:

@@ -1,0 +1,145 @@
+"""The CLI as a user runs it (subprocesses) against real services: status, jobs with filters
+and paging, submit --wait, dead letter show and replay, --json shapes, and exit codes with
+helpful messages on bad input and unreachable services."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agents.settings import Settings, load_settings
+from streams.events import JobSpec
+from streams.publisher import JobPublisher
+from tests.conftest import settings_env
+from tests.helpers import cli, eventually, running
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def j(out: str) -> object:
+    return json.loads(out)
+
+
+def test_status_jobs_wait_and_deadletter_replay(
+    settings: Settings, publisher: JobPublisher, tmp_path: Path
+) -> None:
+    env = settings_env(settings)
+    with running(env, tmp_path, slots=4):
+        r = cli("submit", "echo", "--arg", "message=hi", "--id", "w1", "--wait", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        assert j(r.stdout) == {"states": {"w1": "succeeded"}, "failed": []}
+        r = cli("submit", "fail", "--id", "w2", "--tenant", "beta", "--wait", env=env)
+        assert r.returncode == 1 and "failed: w2" in r.stdout
+        wf = tmp_path / "wf.yaml"
+        wf.write_text(
+            "id: wf-1\njobs:\n  - {id: wf-1-a, kind: noop}\n"
+            "  - {id: wf-1-b, kind: noop, depends_on: [wf-1-a]}\n"
+        )
+        r = cli("submit", "--workflow", str(wf), "--wait", env=env)
+        assert r.returncode == 0 and "2 of 2 succeeded" in r.stdout, r.stdout + r.stderr
+        publisher.submit_many(JobSpec(id=f"p{i:02d}", tenant="acme", kind="noop") for i in range(7))
+        eventually(
+            lambda: (
+                len(
+                    j(
+                        cli(
+                            "jobs", "--tenant", "acme", "--state", "succeeded", "--json", env=env
+                        ).stdout
+                    )
+                )
+                == 7
+            ),  # type: ignore[arg-type]
+            60,
+            what="acme's jobs done",
+        )
+        # paging: newest first, --after the last id shown, no overlap, nothing missed
+        first = j(cli("jobs", "--tenant", "acme", "--limit", "4", "--json", env=env).stdout)
+        assert isinstance(first, list) and len(first) == 4
+        rest = j(
+            cli(
+                "jobs",
+                "--tenant",
+                "acme",
+                "--limit",
+                "4",
+                "--after",
+                first[-1]["id"],
+                "--json",
+                env=env,
+            ).stdout
+        )
+        assert isinstance(rest, list)
+        assert {x["id"] for x in first} | {x["id"] for x in rest} == {f"p{i:02d}" for i in range(7)}
+        assert (
+            j(cli("jobs", "--state", "failed", "--since", "1h", "--json", env=env).stdout)[0]["id"]
+            == "w2"
+        )  # type: ignore[index]
+        text = cli("jobs", "--limit", "2", env=env).stdout
+        assert "next page: --after" in text
+        # status
+        st = j(cli("status", "--json", env=env).stdout)
+        assert isinstance(st, dict)
+        assert st["finished"]["succeeded"] >= 10 and st["finished"]["failed"] == 1
+        assert any(w["state"] == "running" for w in st["workers"])
+        assert "jobs:" in cli("status", env=env).stdout
+        # dead letter: an unknown kind; replay after the kind exists
+        publisher.send_raw(
+            "jobs.independent",
+            b'{"type":"job.submitted","v":1,"job":{"id":"late","tenant":"acme","kind":"later"},'
+            b'"submitted_at":1}',
+            b"late",
+        )
+        rows = eventually(
+            lambda: j(cli("deadletter", "list", "--json", env=env).stdout), 30, what="dead letter"
+        )
+        dl = rows[0]  # type: ignore[index]
+        shown = cli("deadletter", "show", str(dl["id"]), env=env)
+        assert "unknown kind 'later'" in shown.stdout and '"id":"late"' in shown.stdout
+    fixed = load_settings(
+        settings_env(settings), kinds={"later": {"command": ["true"], "max_attempts": 1}}
+    )
+    env2 = settings_env(fixed)
+    (tmp_path / "after-fix").mkdir()
+    with running(env2, tmp_path / "after-fix", slots=2):
+        r = cli("deadletter", "replay", str(dl["id"]), "--json", env=env2)
+        assert r.returncode == 0 and j(r.stdout) == {"replayed": [dl["id"]]}
+        again = cli("deadletter", "replay", str(dl["id"]), "--json", env=env2)
+        assert j(again.stdout) == {"replayed": []}  # idempotent
+        eventually(
+            lambda: (
+                j(cli("job", "late", "--json", env=env2).stdout).get("state")  # type: ignore[union-attr]
+                == "succeeded"
+            ),
+            60,
+            what="the replayed job ran",
+        )
+
+
+def test_bad_input_and_unreachable_services_give_clear_errors_and_exit_codes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    env = settings_env(settings)
+    r = cli("job", "no-such-job", env=env)
+    assert r.returncode == 1 and "no job 'no-such-job'" in (r.stdout + r.stderr)
+    r = cli("job", "no-such-job", "--json", env=env)
+    assert r.returncode == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("id: x\njobs: [ {id: a, kind: noop, depends_on: [a]} ]\n")
+    r = cli("submit", "--workflow", str(bad), env=env)
+    assert r.returncode in (1, 2) and "a" in r.stderr and r.stderr.strip()
+    r = cli("submit", "--workflow", str(tmp_path / "missing.yaml"), env=env)
+    assert r.returncode in (1, 2) and "missing.yaml" in r.stderr
+    r = cli("jobs", "--state", "sleeping", env=env)
+    assert r.returncode == 2 and "unknown state 'sleeping'" in r.stderr
+    r = cli("jobs", "--since", "yesterday-ish", env=env)
+    assert r.returncode == 2 and "--since" in r.stderr
+    no_db = {**env, "JOBSTREAM_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    r = cli("status", env=no_db, timeout=120)
+    assert r.returncode == 3 and "PostgreSQL" in r.stderr
+    no_kafka = {**env, "JOBSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    r = cli("topics", "check", env=no_kafka, timeout=120)
+    assert r.returncode == 3 and "127.0.0.1:1" in r.stderr
+    r = cli("config", "check", env={**env, "JOBSTREAM_WORKER_SLOTS": "lots"})
+    assert r.returncode == 2 and "worker_slots" in r.stderr
