@@ -28,6 +28,7 @@ services:
 	scripts/kafka.sh start
 	scripts/postgres.sh start
 	scripts/influxdb.sh start
+	scripts/chromium.sh >/dev/null
 
 stop-services:
 	-scripts/kafka.sh stop

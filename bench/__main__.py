@@ -1,4 +1,4 @@
-"""``python -m bench dag|admission|workers|metrics [--json]``.
+"""``python -m bench dag|admission|workers|metrics|queries [--json]``.
 
 ``dag``: FOSSology-shaped workflows on real services (``admission``: ``bench/admission.py``).
 
@@ -171,7 +171,7 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenario", choices=["dag", "admission", "workers", "metrics"])
+    parser.add_argument("scenario", choices=["dag", "admission", "workers", "metrics", "queries"])
     parser.add_argument("--uploads", type=int, default=100)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument(
@@ -186,12 +186,17 @@ def main() -> None:
     parser.add_argument("--lost-after", type=float, default=6.0, help="workers: silence (s)")
     parser.add_argument("--trials", type=int, default=3, help="workers: recovery trials")
     parser.add_argument("--rounds", type=int, default=3, help="metrics: interleaved rounds")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="queries: jobs in the db")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.scenario == "admission":
         from bench.admission import run
 
         result = run(args.jobs, args.tenants, show=not args.json)
+    elif args.scenario == "queries":
+        from bench.queries import run as run_queries
+
+        result = run_queries(args.rows, show=not args.json)
     elif args.scenario == "metrics":
         from bench.metrics import run as run_metrics
 

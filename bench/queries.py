@@ -35,16 +35,16 @@ def fill(dsn: str, rows: int, show: bool) -> None:
                 """INSERT INTO jobs (id, tenant, kind, state, attempt, submitted_at, accepted_at,
                                      ready_at, dispatched_at, started_at, finished_at, worker,
                                      error, exit_code)
-                   SELECT 'job-' || n, 't' || (n % 200), 'kind' || (n % 12),
-                          CASE WHEN n % 1000 = 0 THEN 'waiting' WHEN n % 1000 = 1 THEN 'ready'
-                               WHEN n % 1000 = 2 THEN 'running' WHEN n % 50 = 3 THEN 'failed'
+                   SELECT 'job-' || n, 't' || (n %% 200), 'kind' || (n %% 12),
+                          CASE WHEN n %% 1000 = 0 THEN 'waiting' WHEN n %% 1000 = 1 THEN 'ready'
+                               WHEN n %% 1000 = 2 THEN 'running' WHEN n %% 50 = 3 THEN 'failed'
                                ELSE 'succeeded' END,
                           1, ts, ts, ts, ts + interval '5 ms', ts + interval '10 ms',
-                          CASE WHEN n % 1000 < 3 AND n % 1000 <> 2 THEN NULL
+                          CASE WHEN n %% 1000 < 3 AND n %% 1000 <> 2 THEN NULL
                                ELSE ts + interval '2 s' END,
-                          'w' || (n % 20),
-                          CASE WHEN n % 50 = 3 THEN 'exit code 1' END,
-                          CASE WHEN n % 50 = 3 THEN 1 ELSE 0 END
+                          'w' || (n %% 20),
+                          CASE WHEN n %% 50 = 3 THEN 'exit code 1' END,
+                          CASE WHEN n %% 50 = 3 THEN 1 ELSE 0 END
                    FROM (SELECT n, now() - make_interval(secs => (%s - n) * 0.05) AS ts
                          FROM generate_series(%s, %s) AS n) s""",
                 (rows, i * per + 1, (i + 1) * per),
