@@ -100,7 +100,7 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     kill_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     drain_grace_s: Annotated[float, Meta(ge=0)] = 30.0
     log_dir: str = "var/logs"
-    # admission control (docs/concepts.md): limits, priority, fair share, semaphores, capacity
+    # admission control (docs/admission.md): limits, priority, fair share, semaphores, capacity
     rate_limits: list[LimitConfig] = msgspec.field(default_factory=list)
     resources: dict[str, Annotated[int, Meta(ge=1)]] = msgspec.field(default_factory=dict)
     tenant_weights: dict[str, Annotated[float, Meta(gt=0, le=1000)]] = msgspec.field(

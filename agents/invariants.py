@@ -1,0 +1,103 @@
+"""The invariant checker: what must hold after any scenario, read from PostgreSQL.
+
+    violations = check(dsn, settled=True, limits={"tenant:acme": (5, 1.0)})
+    assert violations == [], violations
+
+Checks (each violation is one line naming the job, key or resource):
+- every job has one state and, when ``settled``, a terminal one (nothing left waiting, ready,
+  dispatched or running);
+- no job succeeded twice (``job_history``), and no job's recorded attempt exceeds its budget;
+- no dependent started before a dependency it needs succeeded (``all_success`` edges) or
+  finished (``all_done`` edges);
+- no sliding window of any rate-limit key holds more admissions than its limit (brute force
+  over ``rate_log``; ``limits`` maps a key to (limit, window_s));
+- no semaphore over-committed; when settled, nothing is held and every semaphore is free;
+- the dead letters match what the caller knows was rejected (``expect_dead_letters``).
+
+Used by the reliability tests and the chaos run (``make chaos``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import psycopg
+
+
+def window_violations(times: list[float], limit: int, window_s: float) -> int:
+    """How many admissions found more than ``limit`` admissions in (t - W, t]."""
+    times = sorted(times)
+    bad = 0
+    lo = 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window_s:
+            lo += 1
+        if hi - lo + 1 > limit:
+            bad += 1
+    return bad
+
+
+def check(
+    dsn: str,
+    *,
+    settled: bool = True,
+    limits: Mapping[str, tuple[int, float]] | None = None,
+    expect_dead_letters: int | None = None,
+) -> list[str]:
+    out: list[str] = []
+    with psycopg.connect(dsn) as conn:
+        if settled:
+            for jid, state in conn.execute(
+                "SELECT id, state FROM jobs WHERE state NOT IN ('succeeded', 'failed', "
+                "'cancelled') ORDER BY id LIMIT 50"
+            ):
+                out.append(f"job {jid} is {state}, not terminal")
+        for jid, n in conn.execute(
+            "SELECT job_id, count(*) FROM job_history WHERE event = 'succeeded' "
+            "GROUP BY job_id HAVING count(*) > 1 LIMIT 50"
+        ):
+            out.append(f"job {jid} succeeded {n} times")
+        for jid, attempt, budget in conn.execute(
+            "SELECT id, attempt, max_attempts FROM jobs WHERE attempt > max_attempts LIMIT 50"
+        ):
+            out.append(f"job {jid} ran attempt {attempt} of {budget}")
+        for jid, dep, needs, dep_state in conn.execute(
+            """SELECT j.id, d.dep_id, d.needs, coalesce(dj.state, 'missing')
+               FROM jobs j JOIN job_deps d ON d.job_id = j.id
+               LEFT JOIN jobs dj ON dj.id = d.dep_id
+               WHERE j.started_at IS NOT NULL AND (
+                   dj.id IS NULL
+                   OR (d.needs = 'success' AND dj.state <> 'succeeded')
+                   OR dj.state NOT IN ('succeeded', 'failed', 'cancelled')
+                   OR dj.finished_at > j.started_at)
+               LIMIT 50"""
+        ):
+            out.append(f"job {jid} started although {dep} ({needs}) was {dep_state}")
+        if limits:
+            times: dict[str, list[float]] = defaultdict(list)
+            for key, at in conn.execute(
+                "SELECT key, at FROM rate_log WHERE key = ANY(%s)", (list(limits),)
+            ):
+                times[key].append(float(at))
+            for key, (limit, window_s) in limits.items():
+                bad = window_violations(times.get(key, []), limit, window_s)
+                if bad:
+                    out.append(f"rate limit {key} ({limit}/{window_s:g}s) exceeded {bad} times")
+        for name, cap, used, held in conn.execute(
+            """SELECT s.name, s.capacity, s.used, coalesce(sum(h.amount), 0)
+               FROM semaphores s LEFT JOIN job_holds h ON h.name = s.name
+               GROUP BY s.name, s.capacity, s.used"""
+        ):
+            if name != "slots" and used > cap:
+                out.append(f"semaphore {name} over-committed: {used}/{cap}")
+            if used != held:
+                out.append(f"semaphore {name} says {used} used, holds add up to {held}")
+            if settled and used:
+                out.append(f"semaphore {name} still holds {used} after the run")
+        if expect_dead_letters is not None:
+            row = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+            n = int(row[0]) if row else 0
+            if n != expect_dead_letters:
+                out.append(f"{n} dead letters, expected {expect_dead_letters}")
+    return out
