@@ -37,6 +37,7 @@ from agents.control import handle_control
 from agents.deadletter import dead_letter
 from agents.dependencies import handle_dependent
 from agents.intake import forward_ready, handle_submissions
+from agents.kafkaauth import faust_credentials
 from agents.monitor import Monitor
 from agents.outcomes import handle_heartbeats
 from agents.statuspage import StatusPage
@@ -84,6 +85,7 @@ def build_app(ctx: Context) -> faust.App:
         broker_commit_every=s.batch_size,
         broker_commit_interval=0.5,
         producer_linger=0.001,
+        broker_credentials=faust_credentials(s.kafka_config),
         store="memory://",
     )
 

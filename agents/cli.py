@@ -605,8 +605,10 @@ def _cmd(**fields: Any) -> Control:
 
 @app.command()
 def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Show one job: state, attempts, times, log path and history."""
+    """Show one job: state, attempts, times, history and the tail of its log."""
     row: dict[str, Any] | None = _query(config, lambda store: store.job(job_id))
+    if row is not None:
+        row["log_tail"] = _log_tail(row.get("log_path"))
     if _missing_or_json(row, f"no job {job_id!r}", as_json) or row is None:
         return
     table = Table(show_header=False, box=None)
@@ -633,6 +635,27 @@ def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
             f"  {h['at']:%H:%M:%S.%f}  attempt {h['attempt']}  {h['event']}  "
             f"{json.dumps(h['detail']) if h['detail'] else ''}"
         )
+    if row["log_tail"]:
+        out.print(f"[bold]log[/] ({row['log_path']}, last lines):")
+        out.print(row["log_tail"], markup=False, highlight=False)
+    elif row.get("log_path"):
+        out.print(f"[dim]log {row['log_path']} is on the worker's host[/]")
+
+
+def _log_tail(path: str | None, lines: int = 20, limit: int = 8192) -> str | None:
+    """The last lines of a job's log when it is readable from here (same host or shared
+    storage), else None."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    return "\n".join(text.splitlines()[-lines:])
 
 
 @app.command()

@@ -30,6 +30,9 @@ def test_status_jobs_wait_and_deadletter_replay(
         r = cli("submit", "echo", "--arg", "message=hi", "--id", "w1", "--wait", "--json", env=env)
         assert r.returncode == 0, r.stderr
         assert j(r.stdout) == {"states": {"w1": "succeeded"}, "failed": []}
+        shown = cli("job", "w1", env=env)
+        assert "last lines" in shown.stdout and "hi" in shown.stdout.split("last lines")[1]
+        assert j(cli("job", "w1", "--json", env=env).stdout)["log_tail"] == "hi"  # type: ignore[index]
         r = cli("submit", "fail", "--id", "w2", "--tenant", "beta", "--wait", env=env)
         assert r.returncode == 1 and "failed: w2" in r.stdout
         wf = tmp_path / "wf.yaml"
