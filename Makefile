@@ -8,7 +8,7 @@ export PG_PORT ?= 15432
 export JOBSTREAM_KAFKA_BOOTSTRAP_TEST ?= 127.0.0.1:$(KAFKA_PORT)
 export JOBSTREAM_TEST_PG ?= postgresql://postgres@127.0.0.1:$(PG_PORT)/postgres
 
-.PHONY: venv demo services stop-services lint typecheck test unit schema clean
+.PHONY: venv demo services stop-services lint typecheck test unit schema clean chaos
 
 venv: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ unit: venv
 ## The whole suite: lint, types, unit, integration and end-to-end tests against real services.
 test: venv services lint typecheck
 	$(BIN)/pytest -q -ra
+
+## Faults injected into a running system (100 by default), then the invariant checker's verdict.
+chaos: venv services
+	$(BIN)/python -m bench chaos --faults $${FAULTS:-100} --jobs-per-run $${JOBS:-1200}
 
 ## Regenerate the published JSON Schema of the submission event.
 schema: venv

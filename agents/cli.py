@@ -28,7 +28,7 @@ from agents.control import check as check_control
 from agents.errors import ConfigError, JobstreamError, StoreUnavailable
 from agents.settings import Settings, load_settings
 from streams.errors import InvalidEvent, KafkaUnavailable, StreamsError
-from streams.events import Control, JobSpec, encode
+from streams.events import Control, JobId, JobSpec, encode
 
 if TYPE_CHECKING:
     from agents.store import PostgresJobStore
@@ -297,6 +297,10 @@ def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
     wid = doc.get("id")
     if not isinstance(wid, str) or not wid:
         raise InvalidEvent(f"{path}: the workflow needs an 'id'")
+    try:
+        msgspec.convert(wid, JobId)
+    except (msgspec.ValidationError, UnicodeError) as exc:
+        raise InvalidEvent(f"{path}: workflow id {wid!r}: {exc}") from None
     tenant = doc.get("tenant", default_tenant)
     jobs = []
     for i, raw in enumerate(doc["jobs"]):
@@ -305,7 +309,9 @@ def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
         try:
             jobs.append(msgspec.convert({"tenant": tenant, "group": wid, **raw}, JobSpec))
         except msgspec.ValidationError as exc:
-            raise InvalidEvent(f"{path}: job {i} ({raw.get('id')}): {exc}") from None
+            raise InvalidEvent(f"{path}: job {i} ({raw.get('id')!r}): {exc}") from None
+        except (UnicodeError, TypeError) as exc:  # lone surrogates, non-string keys in YAML
+            raise InvalidEvent(f"{path}: job {i} is not valid: {exc}") from None
     return wid, jobs
 
 

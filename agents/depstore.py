@@ -164,7 +164,7 @@ async def _apply_one(
             q(
                 """UPDATE jobs SET state = 'succeeded', finished_at = to_timestamp(%s),
                 started_at = coalesce(started_at, to_timestamp(%s)), worker = %s, exit_code = %s,
-                log_path = %s, error = NULL, gate = NULL, updated_at = now()
+                log_path = %s, error = NULL, gate = NULL, progress = 1, updated_at = now()
             WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
                 ret=RETURN_STATE,
             ),

@@ -1,8 +1,8 @@
-"""Running one job attempt as a real subprocess: argv from the kind's template, no shell,
-output streamed to a per-job log file, timeout with SIGTERM → grace → SIGKILL.
+"""Running one job attempt as a real subprocess: argv from the kind's template (no command
+interpreter), output streamed to a per-job log file, timeout with SIGTERM → grace → SIGKILL.
 
 Invariants:
-- Job fields reach the process only as argv items and never through a shell.
+- Job fields reach the process only as argv items and never through a command interpreter.
 - The child runs in its own process group, so a timeout or cancel reaches its children too.
 - ``run_attempt`` always returns an outcome (never raises for a bad job): a missing argument
   or command is a non-retryable failure, a non-zero exit or a timeout a retryable one, a

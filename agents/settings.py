@@ -35,8 +35,9 @@ _SECRET_KEY = re.compile(r"pass(word)?|secret|token|key$|credential", re.I)
 class KindConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """How a job kind runs: exactly one of ``command`` (an argv template: each item may
     contain ``{name}`` placeholders filled from the job's args and ``{job_id}``,
-    ``{attempt}``, ``{tenant}``; no shell is involved) or ``entrypoint`` (``module:function``,
-    called with the job's args as keyword arguments in a child interpreter)."""
+    ``{attempt}``, ``{tenant}``; no command interpreter is involved) or ``entrypoint``
+    (``module:function``, called with the job's args as keyword arguments in a child
+    interpreter)."""
 
     command: Annotated[list[str], Meta(min_length=1)] | None = None
     entrypoint: Annotated[str, Meta(pattern=ENTRYPOINT)] | None = None

@@ -1,4 +1,4 @@
-"""``python -m bench dag|admission|workers|metrics|queries [--json]``.
+"""``python -m bench dag|admission|workers|metrics|queries|chaos [--json]``.
 
 ``dag``: FOSSology-shaped workflows on real services (``admission``: ``bench/admission.py``).
 
@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--lost-after", type=float, default=6.0, help="workers: silence (s)")
     parser.add_argument("--trials", type=int, default=3, help="workers: recovery trials")
     parser.add_argument("--rounds", type=int, default=3, help="metrics: interleaved rounds")
+    parser.add_argument("--faults", type=int, default=100, help="chaos: faults to inject")
     parser.add_argument("--rows", type=int, default=1_000_000, help="queries: jobs in the db")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -193,6 +194,10 @@ def main() -> None:
         from bench.admission import run
 
         result = run(args.jobs, args.tenants, show=not args.json)
+    elif args.scenario == "chaos":
+        from bench.chaos import run as run_chaos
+
+        result = run_chaos(args.faults, args.jobs_per_run, show=not args.json)
     elif args.scenario == "queries":
         from bench.queries import run as run_queries
 

@@ -5,7 +5,7 @@ Invariants:
   versions it knows and rejects everything else with a reason (the caller dead-letters it).
 - Submissions reject unknown fields, wrong types, out-of-range values, NUL characters (which
   PostgreSQL text and jsonb cannot store) and payloads over the configured size. Nothing in an
-  event is ever interpolated into SQL or a shell: fields travel as parameters and argv items.
+  event is ever interpolated into SQL or a command line: fields travel as parameters and argv items.
 - Events are past tense (``JobSucceeded``), commands imperative (``Dispatch``).
 - Times are float seconds since the Unix epoch, set by the process that observed the moment.
 """

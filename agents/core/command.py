@@ -1,10 +1,10 @@
-"""Turning a kind's argv template and a job's args into an argv list, without a shell.
+"""Turning a kind's argv template and a job's args into an argv list, without a command interpreter.
 
 Invariants:
 - Each template item becomes exactly one argv item; placeholders ``{name}`` are replaced by
   the string form of ``args[name]`` (or the built-ins ``job_id``, ``attempt``, ``tenant``).
   No attribute access, indexing or format specs (``{0.__class__}``) are interpreted, and the
-  result never passes through a shell, so hostile values stay inert data.
+  result never passes through a command interpreter, so hostile values stay inert data.
 - A missing argument is an error naming it; ``{{`` and ``}}`` are literal braces.
 """
 

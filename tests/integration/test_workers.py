@@ -369,7 +369,20 @@ def test_labelled_kinds_run_only_on_workers_that_carry_the_labels_and_python_job
             JobSpec(id="py", tenant="acme", kind="py", args={"out": str(py_out), "value": 'ü " x'})
         )
         publisher.submit(JobSpec(id="pyb", tenant="acme", kind="py-bad", args={"message": "boom"}))
+        publisher.submit(
+            JobSpec(
+                id="py-slow",
+                tenant="acme",
+                kind="py",
+                args={"out": str(tmp_path / "slow.json"), "value": 1, "steps": 60},
+            )
+        )
         eventually(lambda: job(ws, "py").get("state") == "succeeded", 60, what="python job")
+        midway = eventually(
+            lambda: (p := job(ws, "py-slow").get("p")) is not None and 0 < float(p) < 1 and p,
+            60,
+            what="progress reported while running",
+        )
         eventually(lambda: job(ws, "pyb").get("state") == "failed", 60, what="python failure")
         time.sleep(2)
         assert job(ws, "g")["state"] in ("ready", "dispatched") and not pinned.exists()
@@ -384,7 +397,8 @@ def test_labelled_kinds_run_only_on_workers_that_carry_the_labels_and_python_job
         listing = cli("workers", "--json", env=env)
     assert job(ws, "g")["worker"] == gpu_id and pinned.exists()
     assert json.loads(py_out.read_text()) == {"value": 'ü " x'}
-    assert job(ws, "py")["p"] == pytest.approx(1.0) or job(ws, "py")["p"] is None
+    assert 0 < float(midway) < 1  # from the job, through the heartbeat, into the store
+    assert job(ws, "py")["p"] == pytest.approx(1.0)  # a finished job is complete
     bad = job(ws, "pyb")
     assert bad["attempt"] == 2 and "RuntimeError: boom" in str(bad["error"])
     rows = {r["id"]: r for r in json.loads(listing.stdout)}
