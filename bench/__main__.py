@@ -171,7 +171,9 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenario", choices=["dag", "admission", "workers", "metrics", "queries"])
+    parser.add_argument(
+        "scenario", choices=["dag", "admission", "workers", "metrics", "queries", "chaos"]
+    )
     parser.add_argument("--uploads", type=int, default=100)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument(
