@@ -1,4 +1,4 @@
-"""``python -m bench dag|admission|workers|metrics|queries|chaos [--json]``.
+"""``python -m bench dag|admission|workers|metrics|queries|chaos|soak [--json]``.
 
 ``dag``: FOSSology-shaped workflows on real services (``admission``: ``bench/admission.py``).
 
@@ -172,7 +172,7 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
-        "scenario", choices=["dag", "admission", "workers", "metrics", "queries", "chaos"]
+        "scenario", choices=["dag", "admission", "workers", "metrics", "queries", "chaos", "soak"]
     )
     parser.add_argument("--uploads", type=int, default=100)
     parser.add_argument("--slots", type=int, default=8)
@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--lost-after", type=float, default=6.0, help="workers: silence (s)")
     parser.add_argument("--trials", type=int, default=3, help="workers: recovery trials")
     parser.add_argument("--rounds", type=int, default=3, help="metrics: interleaved rounds")
+    parser.add_argument("--minutes", type=float, default=5.0, help="soak: duration")
+    parser.add_argument("--rate", type=float, default=120.0, help="soak: jobs submitted per s")
     parser.add_argument("--faults", type=int, default=100, help="chaos: faults to inject")
     parser.add_argument("--rows", type=int, default=1_000_000, help="queries: jobs in the db")
     parser.add_argument("--json", action="store_true")
@@ -196,6 +198,10 @@ def main() -> None:
         from bench.admission import run
 
         result = run(args.jobs, args.tenants, show=not args.json)
+    elif args.scenario == "soak":
+        from bench.soak import run as run_soak
+
+        result = run_soak(args.minutes, args.rate, show=not args.json)
     elif args.scenario == "chaos":
         from bench.chaos import run as run_chaos
 
