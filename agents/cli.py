@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -255,7 +256,7 @@ def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float
                     states = await store.job_states(ids)
                     done = sum(1 for st in states.values() if st in terminal)
                     counts = ", ".join(
-                        f"{n} {st}" for st, n in sorted(_count(states.values()).items())
+                        f"{n} {st}" for st, n in sorted(Counter(states.values()).items())
                     )
                     progress.update(task, completed=done, description=counts)
                     if done == len(ids) or time.monotonic() > deadline:
@@ -273,13 +274,6 @@ def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float
         )
     if failed or len(states) < len(ids) or any(st not in terminal for st in states.values()):
         raise typer.Exit(1)
-
-
-def _count(values: Any) -> dict[str, int]:
-    out_: dict[str, int] = {}
-    for v in values:
-        out_[v] = out_.get(v, 0) + 1
-    return out_
 
 
 def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
@@ -648,20 +642,13 @@ def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
         out.print(f"[dim]log {row['log_path']} is on the worker's host[/]")
 
 
-def _log_tail(path: str | None, lines: int = 20, limit: int = 8192) -> str | None:
+def _log_tail(path: str | None, lines: int = 20) -> str | None:
     """The last lines of a job's log when it is readable from here (same host or shared
     storage), else None."""
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    return "\n".join(text.splitlines()[-lines:])
+    from agents.runner import tail
+
+    text = tail(path, 8192) if path else None
+    return "\n".join(text.splitlines()[-lines:]) if text is not None else None
 
 
 @app.command()

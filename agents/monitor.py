@@ -39,6 +39,7 @@ class Monitor:
         self.sent: dict[tuple[str, int], float] = {}
         self.retried = 0
         self.lost = 0
+        self._brake_due = 0.0  # no brake transaction on every tick: at most twice an interval
 
     @property
     def tick_s(self) -> float:
@@ -58,12 +59,18 @@ class Monitor:
     async def step(self) -> LostWork:
         s = self.ctx.settings
         store = await self.ctx.store()
-        brake = await retrying(
-            "brake",
-            lambda: store.brake_step(
-                thresholds(self.ctx), s.brake_interval_s, s.capacity_factor, s.worker_lost_after_s
-            ),
-        )
+        brake = None
+        if time.monotonic() >= self._brake_due:  # the store decides across processes
+            self._brake_due = time.monotonic() + s.brake_interval_s / 2
+            brake = await retrying(
+                "brake",
+                lambda: store.brake_step(
+                    thresholds(self.ctx),
+                    s.brake_interval_s,
+                    s.capacity_factor,
+                    s.worker_lost_after_s,
+                ),
+            )
         if brake is not None:
             target = brake["target"]
             self.ctx.metrics.gauge(

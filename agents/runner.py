@@ -53,15 +53,16 @@ def log_path_for(log_dir: str, d: Dispatch) -> Path:
     return Path(log_dir) / _SAFE.sub("_", d.tenant) / name
 
 
-def _tail(path: Path, limit: int = 400) -> str:
+def tail(path: Path | str, limit: int = 400) -> str | None:
+    """The last ``limit`` bytes of a file as text, or None when it cannot be read."""
     try:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - limit))
             return f.read().decode("utf-8", "replace").strip()
     except OSError:
-        return ""
+        return None
 
 
 def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
@@ -183,8 +184,8 @@ async def run_attempt(
         return Outcome(False, rc, reason, duration, str(path), not h.stop.is_set())
     if rc == 0:
         return Outcome(True, 0, "", duration, str(path), False)
-    tail = _tail(path)
-    msg = f"exit code {rc}" + (f": {tail}" if tail else "")
+    end = tail(path)
+    msg = f"exit code {rc}" + (f": {end}" if end else "")
     # an entry point that cannot be imported or called (pycall's exit 2) will not get better
     unusable = kind.entrypoint is not None and rc == 2
     return Outcome(False, rc, msg, duration, str(path), not unusable)

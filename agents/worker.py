@@ -216,13 +216,7 @@ class Worker:
         log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
         lost = {(tp.topic, tp.partition) for tp in partitions}
         # commit what started here before the partitions move (runs on the consumer thread)
-        positions = self.tracker.commit_positions()
-        done = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
-        if done:
-            try:
-                consumer.commit(offsets=done, asynchronous=False)
-            except KafkaException as exc:
-                log.warning("commit on revoke failed: %s", exc)
+        self._commit_sync(consumer)
         for tp in lost:
             self.tracker.forget(tp)
         # buffered, unstarted dispatches of a revoked partition belong to its next owner
@@ -267,27 +261,28 @@ class Worker:
 
     _commit_soon = False
 
-    def _commit_now(self) -> None:
-        """Queue a commit without waiting (librdkafka's commit is thread-safe; errors surface
-        in the next synchronous ``_commit``, which also covers what this one may miss)."""
-        self._commit_soon = False
-        positions = self.tracker.commit_positions()
-        if positions:
-            offsets = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
-            try:
-                self.consumer.commit(offsets=offsets, asynchronous=True)
-            except KafkaException as exc:
-                log.warning("commit failed (will be retried with the next one): %s", exc)
-
-    async def _commit(self) -> None:
+    def _commit_positions(self, consumer: Any, *, asynchronous: bool) -> None:
+        """Commit what the tracker allows (a failed commit is retried by the next one)."""
         positions = self.tracker.commit_positions()
         if not positions:
             return
         offsets = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
         try:
-            await self._call(self.consumer.commit, offsets=offsets, asynchronous=False)
+            consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as exc:
             log.warning("commit failed (will be retried with the next one): %s", exc)
+
+    def _commit_sync(self, consumer: Any) -> None:
+        self._commit_positions(consumer, asynchronous=False)
+
+    def _commit_now(self) -> None:
+        """Queue a commit without waiting (librdkafka's commit is thread-safe; errors surface
+        in the next synchronous ``_commit``, which also covers what this one may miss)."""
+        self._commit_soon = False
+        self._commit_positions(self.consumer, asynchronous=True)
+
+    async def _commit(self) -> None:
+        await self._call(self._commit_sync, self.consumer)
 
     def _take(self, msg: RawMessage) -> None:
         tp = (msg.topic, msg.partition)
@@ -398,29 +393,24 @@ class Worker:
             )
         if handed_back:
             self.handed_back += 1
-            return JobFailed(
-                job_id=d.job_id,
-                attempt=d.attempt,
-                worker=self.id,
-                at=at,
-                error=f"handed back: worker {self.id} stopped before the job ended"[:4000],
-                exit_code=outcome.exit_code,
-                duration_s=outcome.duration_s,
-                log_path=outcome.log_path,
-                retryable=True,
-                backoff=False,
-                counts=False,
-            )
+        error = (
+            f"handed back: worker {self.id} stopped before the job ended"
+            if handed_back
+            else outcome.error
+        )
         return JobFailed(
             job_id=d.job_id,
             attempt=d.attempt,
             worker=self.id,
             at=at,
-            error=outcome.error[:4000],
+            error=error[:4000],
             exit_code=outcome.exit_code,
             duration_s=outcome.duration_s,
             log_path=outcome.log_path,
-            retryable=outcome.retryable,
+            # a hand-back is not the job's failure: retried at once and not counted
+            retryable=outcome.retryable or handed_back,
+            backoff=not handed_back,
+            counts=not handed_back,
         )
 
     # -- operator controls: cancel, pause, resume of jobs this worker holds ----------------

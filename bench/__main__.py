@@ -14,24 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg import sql
-from rich.progress import Progress
-
-from agents.settings import load_settings
+from bench.harness import Run
 from streams.events import JobSpec
-from streams.kafka import apply_topics
 from streams.publisher import JobPublisher
-from streams.topics import load_topics
 
 SCANNERS = ["nomos", "monk", "ojo", "copyright", "keyword", "pkgagent"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,91 +51,39 @@ def pct(values: list[float], q: int) -> float | None:
 
 
 def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str, Any]:
-    bootstrap = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
-    admin_dsn = os.environ.get(
-        "JOBSTREAM_BENCH_PG", "postgresql://postgres@127.0.0.1:15432/postgres"
-    )
-    run = f"bench{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(run)))
-    dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=run)
-    registry = load_topics(prefix=run + ".")
-    apply_topics(registry, bootstrap)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
-    env.update(
-        JOBSTREAM_KAFKA_BOOTSTRAP=bootstrap,
-        JOBSTREAM_DATABASE_URL=dsn,
-        JOBSTREAM_TOPIC_PREFIX=run + ".",
-        JOBSTREAM_APP_ID=run,
-        JOBSTREAM_LOG_DIR=f"/tmp/{run}/logs",
-    )
-    subprocess.run(
-        [sys.executable, "-m", "agents.cli", "db", "migrate"],
-        env=env,
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "agents.cli", *args],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for args in (["scheduler"], ["worker", "--slots", str(slots)])
-    ]
     total = uploads * 9
-    try:
+    with Run() as run:
+        run.start("scheduler")
+        run.start("worker", "--slots", str(slots))
         time.sleep(8)  # consumer groups join; not what is measured
-        load_settings(env)  # validate the environment like the processes do
+        assert run.registry is not None
         start = time.monotonic()
-        with JobPublisher(bootstrap, registry=registry) as pub:
+        with JobPublisher(run.bootstrap, registry=run.registry) as pub:
             for n in range(uploads):
                 pub.submit_workflow(f"upload-{n}", workflow(n))
                 if interval:
                     time.sleep(interval)
-        with Progress(disable=not show) as progress, psycopg.connect(dsn) as conn:
-            task = progress.add_task("jobs", total=total)
-            done = 0
-            while done < total and time.monotonic() - start < 600:
-                (done,) = conn.execute(
-                    "SELECT count(*) FROM jobs WHERE state IN ('succeeded','failed','cancelled')"
-                ).fetchone() or (0,)
-                conn.rollback()
-                progress.update(task, completed=done)
-                time.sleep(0.2)
+        run.wait_finished(total, show)
         elapsed = time.monotonic() - start
-        with psycopg.connect(dsn) as conn:
-            unlock = [
-                float(r[0])
-                for r in conn.execute(
-                    """SELECT extract(epoch from j.started_at - max(dj.finished_at)) * 1000
+        unlock = [
+            float(r[0])
+            for r in run.query(
+                """SELECT extract(epoch from j.started_at - max(dj.finished_at)) * 1000
                    FROM jobs j JOIN job_deps d ON d.job_id = j.id JOIN jobs dj ON dj.id = d.dep_id
                    WHERE j.state = 'succeeded' GROUP BY j.id, j.started_at"""
-                ).fetchall()
-            ]
-            stages = conn.execute(
-                """SELECT extract(epoch from j.ready_at - max(dj.finished_at)) * 1000,
-                          extract(epoch from j.dispatched_at - j.ready_at) * 1000,
-                          extract(epoch from j.started_at - j.dispatched_at) * 1000
-                   FROM jobs j JOIN job_deps d ON d.job_id = j.id JOIN jobs dj ON dj.id = d.dep_id
-                   WHERE j.state = 'succeeded'
-                   GROUP BY j.id, j.ready_at, j.dispatched_at, j.started_at"""
-            ).fetchall()
-            (wf_done,) = conn.execute(
-                "SELECT count(*) FROM jobs WHERE id LIKE '%%-report' AND state = 'succeeded'"
-            ).fetchone() or (0,)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(run))
             )
+        ]
+        stages = run.query(
+            """SELECT extract(epoch from j.ready_at - max(dj.finished_at)) * 1000,
+                      extract(epoch from j.dispatched_at - j.ready_at) * 1000,
+                      extract(epoch from j.started_at - j.dispatched_at) * 1000
+               FROM jobs j JOIN job_deps d ON d.job_id = j.id JOIN jobs dj ON dj.id = d.dep_id
+               WHERE j.state = 'succeeded'
+               GROUP BY j.id, j.ready_at, j.dispatched_at, j.started_at"""
+        )
+        (wf_done,) = run.query(
+            "SELECT count(*) FROM jobs WHERE id LIKE '%%-report' AND state = 'succeeded'"
+        )[0]
     return {
         "scenario": "dag",
         "uploads": uploads,

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,6 +31,23 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+ADMIN_DSN = os.environ.get("JOBSTREAM_BENCH_PG", "postgresql://postgres@127.0.0.1:15432/postgres")
+
+
+@contextmanager
+def fresh_database(name: str) -> Iterator[str]:
+    """A new, empty database for one run (its DSN), dropped afterwards."""
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name)
+    finally:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of one process (not its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -38,20 +57,16 @@ def cpu_s(pid: int) -> float:
 class Run:
     def __init__(self, **settings: str) -> None:
         self.bootstrap = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
-        self.admin_dsn = os.environ.get(
-            "JOBSTREAM_BENCH_PG", "postgresql://postgres@127.0.0.1:15432/postgres"
-        )
         self.name = f"bench{uuid.uuid4().hex[:8]}"
         self.settings = settings
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._stack = ExitStack()
         self.dsn = ""
         self.registry: TopicRegistry | None = None
         self.env: dict[str, str] = {}
 
     def __enter__(self) -> Run:
-        with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
-        self.dsn = psycopg.conninfo.make_conninfo(self.admin_dsn, dbname=self.name)
+        self.dsn = self._stack.enter_context(fresh_database(self.name))
         self.registry = load_topics(prefix=self.name + ".")
         apply_topics(self.registry, self.bootstrap)
         env = {
@@ -126,7 +141,4 @@ class Run:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        with psycopg.connect(self.admin_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name))
-            )
+        self._stack.close()

@@ -9,17 +9,13 @@ rounds) and the cost relative to "off". Target: ≤ 2 % with Telegraf up and dow
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 from typing import Any
 
 from agents.metrics import Metrics
-from bench.harness import Run
-from bench.workers import KINDS, _wait_workers
-from streams.events import JobSpec
-from streams.publisher import JobPublisher
+from bench.workers import throughput
 
 MODES = {
     "off": None,
@@ -29,24 +25,10 @@ MODES = {
 
 
 def once(mode: str, jobs: int, show: bool) -> float:
-    settings = {"heartbeat_interval_s": "1", "kinds": json.dumps(KINDS)}
+    """Jobs/s of the whole pipeline (scheduler + 2 workers) with metrics in ``mode``."""
     url = MODES[mode]
-    if url:
-        settings.update(metrics_url=url, metrics_interval_s="1")
-    with Run(**settings) as run:
-        run.start("scheduler")
-        for _ in range(2):
-            run.start("worker", "--slots", "8")
-        _wait_workers(run, 2)
-        time.sleep(4)
-        assert run.registry is not None
-        with JobPublisher(run.bootstrap, registry=run.registry) as pub:
-            start = time.monotonic()
-            pub.submit_many(
-                JobSpec(id=f"j{i}", tenant=f"t{i % 8}", kind="pynoop") for i in range(jobs)
-            )
-            run.wait_finished(jobs, show, what=f"metrics {mode}")
-            return jobs / (time.monotonic() - start)
+    extra = {"metrics_url": url, "metrics_interval_s": "1"} if url else {}
+    return float(throughput(2, jobs, 8, "pynoop", show, extra)["jobs_per_s"])
 
 
 def recording_cost(calls: int = 200_000) -> dict[str, float]:

@@ -17,12 +17,11 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from rich.progress import Progress
 
 from agents import queries
 from agents.store import PostgresJobStore
-from bench.harness import ROOT
+from bench.harness import ROOT, fresh_database
 
 
 def fill(dsn: str, rows: int, show: bool) -> None:
@@ -46,12 +45,12 @@ def fill(dsn: str, rows: int, show: bool) -> None:
                           CASE WHEN n %% 50 = 3 THEN 'exit code 1' END,
                           CASE WHEN n %% 50 = 3 THEN 1 ELSE 0 END
                    FROM (SELECT n, now() - make_interval(secs => (%s - n) * 0.05) AS ts
-                         FROM generate_series(%s, %s) AS n) s""",
+                         FROM generate_series(%s::int, %s::int) AS n) s""",
                 (rows, i * per + 1, (i + 1) * per),
             )
             conn.execute(
                 """INSERT INTO job_history (job_id, attempt, event, at)
-                   SELECT 'job-' || n, 1, 'succeeded', now() FROM generate_series(%s, %s) n""",
+                   SELECT 'job-' || n, 1, 'succeeded', now() FROM generate_series(%s::int, %s::int) n""",
                 (i * per + 1, (i + 1) * per),
             )
             progress.update(task, advance=1)
@@ -69,83 +68,75 @@ def best(fn: Any, n: int = 5) -> float:
 
 
 def run(rows: int, show: bool) -> dict[str, Any]:
-    admin_dsn = os.environ.get(
-        "JOBSTREAM_BENCH_PG", "postgresql://postgres@127.0.0.1:15432/postgres"
-    )
-    name = f"benchq{os.getpid()}"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
-    try:
+    with fresh_database(f"benchq{os.getpid()}") as dsn:
+        return _run(dsn, rows, show)
 
-        async def migrate() -> None:
-            async with PostgresJobStore(dsn) as store:
-                await store.migrate()
 
-        asyncio.run(migrate())
-        fill(dsn, rows, show)
-        target = f"job-{rows // 2 + 7}"
+def _run(dsn: str, rows: int, show: bool) -> dict[str, Any]:
 
-        async def timed() -> dict[str, float]:
-            out: dict[str, float] = {}
-            async with PostgresJobStore(dsn) as store:
-                for label, call in (
-                    ("status", lambda: queries.status(store)),
-                    ("jobs_first_page", lambda: queries.jobs(store, limit=50)),
-                    (
-                        "jobs_failed_of_a_tenant",
-                        lambda: queries.jobs(store, tenant="t3", state="failed", limit=50),
-                    ),
-                    ("job_id", lambda: store.job(target)),
-                ):
-                    ts = []
-                    for _ in range(5):
-                        t0 = time.perf_counter()
-                        await call()
-                        ts.append(time.perf_counter() - t0)
-                    out[label] = round(min(ts) * 1000, 1)
-            return out
+    async def migrate() -> None:
+        async with PostgresJobStore(dsn) as store:
+            await store.migrate()
 
-        query_ms = asyncio.run(timed())
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
-        env["JOBSTREAM_DATABASE_URL"] = dsn
-        cli_ms = {}
-        for label, args in (
-            ("status", ["status", "--json"]),
-            ("jobs_first_page", ["jobs", "--json"]),
-            ("jobs_failed_of_a_tenant", ["jobs", "--tenant", "t3", "--state", "failed", "--json"]),
-            ("job_id", ["job", target, "--json"]),
-        ):
+    asyncio.run(migrate())
+    fill(dsn, rows, show)
+    target = f"job-{rows // 2 + 7}"
 
-            def cmd(a: list[str] = args) -> None:
-                subprocess.run(
-                    [sys.executable, "-m", "agents.cli", *a],
-                    env=env,
-                    cwd=ROOT,
-                    check=True,
-                    capture_output=True,
-                )
-
-            cli_ms[label] = round(best(cmd, 3) * 1000, 1)
-        startup = round(
-            best(
-                lambda: subprocess.run(
-                    [sys.executable, "-m", "agents.cli", "--help"],
-                    env=env,
-                    cwd=ROOT,
-                    check=True,
-                    capture_output=True,
+    async def timed() -> dict[str, float]:
+        out: dict[str, float] = {}
+        async with PostgresJobStore(dsn) as store:
+            for label, call in (
+                ("status", lambda: queries.status(store)),
+                ("jobs_first_page", lambda: queries.jobs(store, limit=50)),
+                (
+                    "jobs_failed_of_a_tenant",
+                    lambda: queries.jobs(store, tenant="t3", state="failed", limit=50),
                 ),
-                3,
+                ("job_id", lambda: store.job(target)),
+            ):
+                ts = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    await call()
+                    ts.append(time.perf_counter() - t0)
+                out[label] = round(min(ts) * 1000, 1)
+        return out
+
+    query_ms = asyncio.run(timed())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
+    env["JOBSTREAM_DATABASE_URL"] = dsn
+    cli_ms = {}
+    for label, args in (
+        ("status", ["status", "--json"]),
+        ("jobs_first_page", ["jobs", "--json"]),
+        ("jobs_failed_of_a_tenant", ["jobs", "--tenant", "t3", "--state", "failed", "--json"]),
+        ("job_id", ["job", target, "--json"]),
+    ):
+
+        def cmd(a: list[str] = args) -> None:
+            subprocess.run(
+                [sys.executable, "-m", "agents.cli", *a],
+                env=env,
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
             )
-            * 1000,
-            1,
+
+        cli_ms[label] = round(best(cmd, 3) * 1000, 1)
+    startup = round(
+        best(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "agents.cli", "--help"],
+                env=env,
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            ),
+            3,
         )
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        * 1000,
+        1,
+    )
     return {
         "scenario": "queries",
         "rows": rows,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from typing import Any
 
@@ -40,15 +41,52 @@ def _wait_workers(run: Run, n: int, limit_s: float = 60) -> None:
 KINDS = {"pynoop": {"entrypoint": "bench.jobs:noop", "timeout_s": 60, "max_attempts": 1}}
 
 
-def throughput(workers: int, jobs: int, slots: int, kind: str, show: bool) -> dict[str, Any]:
-    with Run(heartbeat_interval_s="1", kinds=json.dumps(KINDS)) as run:
+def idle_cpu_per_s(procs: list[subprocess.Popen[bytes]], seconds: float = 2.0) -> float:
+    """CPU seconds per second the processes burn while idle (heartbeats, polls)."""
+    idle0, t0 = sum(cpu_s(p.pid) for p in procs), time.monotonic()
+    time.sleep(seconds)
+    return (sum(cpu_s(p.pid) for p in procs) - idle0) / (time.monotonic() - t0)
+
+
+def result(
+    kind: str,
+    workers: int,
+    slots: int,
+    jobs: int,
+    succeeded: int,
+    elapsed: float,
+    cpu: float,
+    idle_per_s: float,
+) -> dict[str, Any]:
+    busy = max(0.0, cpu - idle_per_s * elapsed)
+    return {
+        "kind": kind,
+        "workers": workers,
+        "slots_each": slots,
+        "jobs": jobs,
+        "succeeded": succeeded,
+        "elapsed_s": round(elapsed, 2),
+        "jobs_per_s": round(jobs / elapsed, 1),
+        "worker_cpu_us_per_job": round(cpu / jobs * 1e6, 1),
+        "worker_cpu_us_per_job_minus_idle": round(busy / jobs * 1e6, 1),
+    }
+
+
+def throughput(
+    workers: int,
+    jobs: int,
+    slots: int,
+    kind: str,
+    show: bool,
+    extra: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline (scheduler + ``workers``); ``extra`` settings (e.g. metrics)."""
+    with Run(heartbeat_interval_s="1", kinds=json.dumps(KINDS), **(extra or {})) as run:
         run.start("scheduler")
         procs = [run.start("worker", "--slots", str(slots)) for _ in range(workers)]
         _wait_workers(run, workers)
         time.sleep(4)  # the worker group settles (partitions assigned); not measured
-        idle0, t0 = sum(cpu_s(p.pid) for p in procs), time.monotonic()
-        time.sleep(2)
-        idle_per_s = (sum(cpu_s(p.pid) for p in procs) - idle0) / (time.monotonic() - t0)
+        idle_per_s = idle_cpu_per_s(procs)
         cpu0 = sum(cpu_s(p.pid) for p in procs)
         assert run.registry is not None
         with JobPublisher(run.bootstrap, registry=run.registry) as pub:
@@ -58,18 +96,7 @@ def throughput(workers: int, jobs: int, slots: int, kind: str, show: bool) -> di
             elapsed = time.monotonic() - start
         cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
         (ok,) = run.query("SELECT count(*) FROM jobs WHERE state = 'succeeded'")[0]
-    busy = max(0.0, cpu - idle_per_s * elapsed)
-    return {
-        "kind": kind,
-        "workers": workers,
-        "slots_each": slots,
-        "jobs": jobs,
-        "succeeded": int(ok),
-        "elapsed_s": round(elapsed, 2),
-        "jobs_per_s": round(jobs / elapsed, 1),
-        "worker_cpu_us_per_job": round(cpu / jobs * 1e6, 1),
-        "worker_cpu_us_per_job_minus_idle": round(busy / jobs * 1e6, 1),
-    }
+    return result(kind, workers, slots, jobs, int(ok), elapsed, cpu, idle_per_s)
 
 
 def worker_only(workers: int, jobs: int, slots: int, kind: str, show: bool) -> dict[str, Any]:
@@ -87,9 +114,7 @@ def worker_only(workers: int, jobs: int, slots: int, kind: str, show: bool) -> d
         )
         events.subscribe([run.registry.name("jobs.events")])
         time.sleep(8)  # workers join their group; not measured
-        idle0, t0 = sum(cpu_s(p.pid) for p in procs), time.monotonic()
-        time.sleep(2)
-        idle_per_s = (sum(cpu_s(p.pid) for p in procs) - idle0) / (time.monotonic() - t0)
+        idle_per_s = idle_cpu_per_s(procs)
         cpu0 = sum(cpu_s(p.pid) for p in procs)
         now = time.time()
         topic = run.registry.name("jobs.dispatch")
@@ -127,18 +152,7 @@ def worker_only(workers: int, jobs: int, slots: int, kind: str, show: bool) -> d
         elapsed = time.monotonic() - start
         events.close()
         cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
-    busy = max(0.0, cpu - idle_per_s * elapsed)
-    return {
-        "kind": kind,
-        "workers": workers,
-        "slots_each": slots,
-        "jobs": jobs,
-        "succeeded": done,
-        "elapsed_s": round(elapsed, 2),
-        "jobs_per_s": round(jobs / elapsed, 1),
-        "worker_cpu_us_per_job": round(cpu / jobs * 1e6, 1),
-        "worker_cpu_us_per_job_minus_idle": round(busy / jobs * 1e6, 1),
-    }
+    return result(kind, workers, slots, jobs, done, elapsed, cpu, idle_per_s)
 
 
 def recovery(lost_after_s: float, trials: int, show: bool) -> dict[str, Any]:

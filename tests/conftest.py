@@ -127,23 +127,36 @@ KINDS = {
 }
 
 
+def test_settings(
+    bootstrap: str, dsn: str, prefix: str, tmp_path: Path, **overrides: object
+) -> Settings:
+    """Settings of one test: its broker, database and topic prefix, fast timers."""
+    return load_settings(
+        {},
+        **{
+            "kafka_bootstrap": bootstrap,
+            "database_url": dsn,
+            "topic_prefix": prefix,
+            "app_id": prefix.rstrip("."),
+            "log_dir": str(tmp_path / "logs"),
+            "kinds": KINDS,
+            "reconcile_interval_s": 2.0,
+            "reconcile_after_s": 5.0,
+            "heartbeat_interval_s": 1.0,
+            "max_payload_bytes": 16 * 1024,
+            **overrides,
+        },
+    )
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 @pytest.fixture
 def settings(
     kafka_bootstrap: str, database_url: str, registry: TopicRegistry, prefix: str, tmp_path: Path
 ) -> Settings:
-    return load_settings(
-        {},
-        kafka_bootstrap=kafka_bootstrap,
-        database_url=database_url,
-        topic_prefix=prefix,
-        app_id=prefix.rstrip("."),
-        log_dir=str(tmp_path / "logs"),
-        kinds=KINDS,
-        reconcile_interval_s=2.0,
-        reconcile_after_s=5.0,
-        heartbeat_interval_s=1.0,
-        max_payload_bytes=16 * 1024,
-    )
+    return test_settings(kafka_bootstrap, database_url, prefix, tmp_path)
 
 
 def settings_env(s: Settings) -> dict[str, str]:

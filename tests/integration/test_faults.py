@@ -18,13 +18,13 @@ import pytest
 from psycopg import sql
 
 from agents.invariants import check
-from agents.settings import Settings, load_settings
+from agents.settings import Settings
 from agents.store import PostgresJobStore
 from streams.events import JobSpec
 from streams.kafka import apply_topics, wait_for_broker
 from streams.publisher import JobPublisher
 from streams.topics import load_topics
-from tests.conftest import KINDS, settings_env
+from tests.conftest import settings_env, test_settings
 from tests.helpers import ROOT, eventually, running
 
 pytestmark = pytest.mark.timeout(420)
@@ -68,20 +68,7 @@ def fs(own: tuple[str, str], tmp_path: Path) -> Settings:
     prefix = f"f{uuid.uuid4().hex[:8]}."
     wait_for_broker(bootstrap, timeout_s=60)
     apply_topics(load_topics(prefix=prefix), bootstrap)
-    return load_settings(
-        {},
-        kafka_bootstrap=bootstrap,
-        database_url=dsn,
-        topic_prefix=prefix,
-        app_id=prefix.rstrip("."),
-        log_dir=str(tmp_path / "logs"),
-        kinds=KINDS,
-        reconcile_interval_s=2.0,
-        reconcile_after_s=5.0,
-        heartbeat_interval_s=1.0,
-        worker_lost_after_s=20.0,
-        status_bind="",
-    )
+    return test_settings(bootstrap, dsn, prefix, tmp_path, worker_lost_after_s=20.0, status_bind="")
 
 
 def settled(s: Settings, n: int) -> bool:
