@@ -50,7 +50,8 @@ def fill(dsn: str, rows: int, show: bool) -> None:
             )
             conn.execute(
                 """INSERT INTO job_history (job_id, attempt, event, at)
-                   SELECT 'job-' || n, 1, 'succeeded', now() FROM generate_series(%s::int, %s::int) n""",
+                   SELECT 'job-' || n, 1, 'succeeded', now()
+                   FROM generate_series(%s::int, %s::int) n""",
                 (i * per + 1, (i + 1) * per),
             )
             progress.update(task, advance=1)
