@@ -23,17 +23,20 @@ demo: venv
 	$(BIN)/jobstream demo
 
 ## Real services on loopback: Apache Kafka (KRaft, jars from Maven Central), PostgreSQL and
-## InfluxDB 1.6 (Debian's package, unpacked into .cache/: the Telegraf stand-in).
+## InfluxDB 1.6 (Debian's package, unpacked into .cache/: the Telegraf stand-in) and Redis 7
+## (Debian's, unpacked likewise: the Celery peer's broker in bench/).
 services:
 	scripts/kafka.sh start
 	scripts/postgres.sh start
 	scripts/influxdb.sh start
+	scripts/redis.sh start
 	scripts/chromium.sh >/dev/null
 
 stop-services:
 	-scripts/kafka.sh stop
 	-scripts/postgres.sh stop
 	-scripts/influxdb.sh stop
+	-scripts/redis.sh stop
 
 lint: venv
 	$(BIN)/ruff check streams agents tests bench

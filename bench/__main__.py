@@ -1,6 +1,11 @@
-"""``python -m bench dag|admission|workers|metrics|queries|chaos|soak [--json]``.
+"""``python -m bench SCENARIO [--json] [--plot out.png]``.
 
-``dag``: FOSSology-shaped workflows on real services (``admission``: ``bench/admission.py``).
+Side by side with Celery and procrastinate (``bench/compare.py``; ``--small`` for the CI-sized
+form, ``--systems`` to pick): ``throughput``, ``latency``, ``dag``, ``fairness``,
+``ratelimit``, ``scale``. jobstream alone: ``unlock`` (dependency-unlock latency with the
+time per stage), ``admission``, ``workers``, ``metrics``, ``queries``, ``chaos``, ``soak``.
+
+``unlock``: FOSSology-shaped workflows on real services.
 
 Needs a Kafka broker and PostgreSQL (``make services`` starts both on loopback):
 JOBSTREAM_KAFKA_BOOTSTRAP (default 127.0.0.1:19092) and JOBSTREAM_BENCH_PG (default
@@ -107,11 +112,53 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
     }
 
 
+COMPARED = ["throughput", "latency", "dag", "fairness", "ratelimit", "scale"]
+ALONE = ["unlock", "admission", "workers", "metrics", "queries", "chaos", "soak"]
+
+# full size (the benchmark issue) and the CI-sized form (--small)
+SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "throughput": ({"jobs": 50_000, "rounds": 2, "slots": 8}, {"jobs": 300, "rounds": 1, "slots": 8}),
+    "latency": (
+        {"seconds": 10.0, "levels": (0.1, 0.5, 0.9), "probe": 2000, "slots": 8},
+        {"seconds": 1.0, "levels": (0.1, 0.5, 0.9), "probe": 100, "slots": 8},
+    ),
+    "dag": ({"uploads": 1000, "rounds": 1, "slots": 8}, {"uploads": 10, "rounds": 1, "slots": 8}),
+    "fairness": (
+        {"uploads": 60, "huge_chunks": 240, "unit": 0.2, "slots": 4},
+        {"uploads": 8, "huge_chunks": 16, "unit": 0.05, "slots": 4},
+    ),
+    "ratelimit": (
+        {"limit": 20, "window": 1.0, "seconds": 10.0, "tenants": 4, "slots": 8},
+        {"limit": 5, "window": 1.0, "seconds": 2.0, "tenants": 2, "slots": 8},
+    ),
+    "scale": (
+        {"jobs": 1_000_000, "tenants": 10_000, "peer_jobs": 100_000},
+        {"jobs": 20_000, "tenants": 200, "peer_jobs": 1000},
+    ),
+}
+
+
+def compared(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.compare import SCENARIOS
+
+    full, small = SIZES[args.scenario]
+    params = dict(small if args.small else full)
+    for key in ("rounds", "uploads", "jobs"):
+        value = args.rounds if key == "rounds" else getattr(args, f"c_{key}", None)
+        if value is not None and key in params:
+            params[key] = value
+    systems = [s for s in args.systems.split(",") if s]
+    return SCENARIOS[args.scenario](**params, systems=systems, show=not args.json)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument(
-        "scenario", choices=["dag", "admission", "workers", "metrics", "queries", "chaos", "soak"]
-    )
+    parser.add_argument("scenario", choices=COMPARED + ALONE)
+    parser.add_argument("--small", action="store_true", help="the CI-sized form")
+    parser.add_argument("--systems", default="jobstream,celery,procrastinate")
+    parser.add_argument("--plot", type=Path, help="write a PNG here")
+    parser.add_argument("--n", dest="c_jobs", type=int, help="throughput/scale: jobs")
+    parser.add_argument("--workflows", dest="c_uploads", type=int, help="dag/fairness: uploads")
     parser.add_argument("--uploads", type=int, default=100)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument(
@@ -125,14 +172,16 @@ def main() -> None:
     parser.add_argument("--jobs-per-run", type=int, default=2000, help="workers: no-op jobs")
     parser.add_argument("--lost-after", type=float, default=6.0, help="workers: silence (s)")
     parser.add_argument("--trials", type=int, default=3, help="workers: recovery trials")
-    parser.add_argument("--rounds", type=int, default=3, help="metrics: interleaved rounds")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (metrics: 3)")
     parser.add_argument("--minutes", type=float, default=5.0, help="soak: duration")
     parser.add_argument("--rate", type=float, default=120.0, help="soak: jobs submitted per s")
     parser.add_argument("--faults", type=int, default=100, help="chaos: faults to inject")
     parser.add_argument("--rows", type=int, default=1_000_000, help="queries: jobs in the db")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.scenario == "admission":
+    if args.scenario in COMPARED:
+        result = compared(args)
+    elif args.scenario == "admission":
         from bench.admission import run
 
         result = run(args.jobs, args.tenants, show=not args.json)
@@ -151,7 +200,7 @@ def main() -> None:
     elif args.scenario == "metrics":
         from bench.metrics import run as run_metrics
 
-        result = run_metrics(args.jobs_per_run, args.rounds, show=not args.json)
+        result = run_metrics(args.jobs_per_run, args.rounds or 3, show=not args.json)
     elif args.scenario == "workers":
         from bench.workers import run as run_workers
 
@@ -160,6 +209,10 @@ def main() -> None:
         )
     else:
         result = dag(args.uploads, args.slots, show=not args.json, interval=args.interval)
+    if args.plot:
+        from bench.plots import plot
+
+        plot(result, args.plot)
     print(json.dumps(result))
 
 

@@ -1,0 +1,358 @@
+"""Three schedulers behind one small interface, so each scenario in ``bench/compare.py`` runs
+the same jobs through each of them on the same machine.
+
+- ``Jobstream``: scheduler + worker subprocesses on Kafka and PostgreSQL (``bench.harness.Run``).
+- ``CeleryPeer``: a Celery worker on Redis (``scripts/redis.sh``), defaults otherwise.
+- ``ProcrastinatePeer``: a procrastinate worker on a fresh PostgreSQL database.
+
+A job is a ``Job``: key, tenant, seconds of work (0: a no-op), size in bytes (jobstream's
+"smaller projects first"; the peers have no such notion). Timings come back as dicts:
+``k`` key, ``t`` tenant, ``s`` submitted, ``a`` started, ``f`` finished, ``d`` the latest
+dependency's finish (workflows), all seconds since the epoch on this machine's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from rich.progress import Progress
+
+from bench.harness import ROOT, Run, fresh_database
+from bench.peers import count_timings, read_timings
+from bench.workers import _wait_workers
+from streams.events import JobSpec
+from streams.publisher import JobPublisher
+
+SCANNERS = ["nomos", "monk", "ojo", "copyright", "keyword", "pkgagent"]
+REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:16379")
+KINDS = {
+    "pynoop": {"entrypoint": "bench.jobs:noop", "timeout_s": 60, "max_attempts": 1},
+    "pywork": {"entrypoint": "bench.jobs:work", "timeout_s": 600, "max_attempts": 1},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    k: str
+    t: str = "t0"
+    seconds: float = 0.0
+    size: int = 0
+
+
+def workflow_keys(u: str) -> list[tuple[str, list[str]]]:
+    """A FOSSology upload: unpack → adj2nest → six scanners in parallel → report."""
+    return [
+        ("unpack", []),
+        ("adj2nest", ["unpack"]),
+        *((s, ["adj2nest"]) for s in SCANNERS),
+        ("report", SCANNERS),
+    ]
+
+
+class System:
+    name = ""
+
+    def __init__(self, slots: int, *, rate: str | None = None, tenants: int = 0) -> None:
+        self.slots = slots
+        self.rate = rate  # "N/Ws": a per-tenant rate limit (the ratelimit scenario)
+        self.tenants = tenants
+        self.timing_dir = Path(f"/tmp/bench-{self.name}-{uuid.uuid4().hex[:8]}")
+        self._stack = ExitStack()
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        raise NotImplementedError
+
+    def submit_workflows(self, uploads: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def completed(self) -> int:
+        return count_timings(self.timing_dir)
+
+    def timings(self) -> list[dict[str, Any]]:
+        return read_timings(self.timing_dir)
+
+    def wait(self, total: int, show: bool, what: str = "", limit_s: float = 1800) -> float:
+        """Block until ``total`` jobs finished (progress bar); the seconds it took."""
+        start = time.monotonic()
+        with Progress(disable=not show, transient=True) as progress:
+            task = progress.add_task(f"{self.name}: {what}", total=total)
+            done = 0
+            while done < total:
+                if time.monotonic() - start > limit_s:
+                    raise TimeoutError(f"{self.name}: {done}/{total} finished in {limit_s:.0f} s")
+                done = self.completed()
+                progress.update(task, completed=done)
+                if done < total:
+                    time.sleep(0.05)
+        return time.monotonic() - start
+
+    def __enter__(self) -> System:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stack.close()
+        shutil.rmtree(self.timing_dir, ignore_errors=True)
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class Jobstream(System):
+    name = "jobstream"
+
+    def __init__(
+        self, slots: int, *, rate: str | None = None, tenants: int = 0, workers: int = 1
+    ) -> None:
+        super().__init__(slots, rate=rate, tenants=tenants)
+        self.workers = workers
+        self.run: Run | None = None
+
+    def __enter__(self) -> Jobstream:
+        settings = {"heartbeat_interval_s": "1", "kinds": json.dumps(KINDS)}
+        if self.rate:
+            limit, window = self.rate.split("/")
+            settings["rate_limits"] = json.dumps(
+                [{"scope": "tenant", "limit": int(limit), "window_s": float(window.rstrip("s"))}]
+            )
+        run = self._stack.enter_context(Run(**settings))
+        self.run = run
+        run.start("scheduler")
+        for _ in range(self.workers):
+            run.start("worker", "--slots", str(self.slots))
+        _wait_workers(run, self.workers)
+        time.sleep(4)  # the worker group settles (partitions assigned); not measured
+        assert run.registry is not None
+        self.pub = self._stack.enter_context(JobPublisher(run.bootstrap, registry=run.registry))
+        self._conn = self._stack.enter_context(psycopg.connect(run.dsn, autocommit=True))
+        return self
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        self.pub.submit_many(
+            JobSpec(
+                id=j.k,
+                tenant=j.t,
+                kind="pywork" if j.seconds else "pynoop",
+                args={"seconds": j.seconds} if j.seconds else {},
+                size=j.size,
+            )
+            for j in jobs
+        )
+
+    def submit_workflows(self, uploads: Sequence[str]) -> None:
+        for n, u in enumerate(uploads):
+            specs = [
+                JobSpec(
+                    id=f"{u}-{name}",
+                    tenant=f"t{n % 4}",
+                    kind="pynoop",
+                    depends_on=[f"{u}-{d}" for d in deps],
+                )
+                for name, deps in workflow_keys(u)
+            ]
+            self.pub.submit_workflow(u, specs)
+
+    def completed(self) -> int:
+        row = self._conn.execute(
+            "SELECT count(*) FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def timings(self) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            """SELECT j.id, j.tenant, extract(epoch from j.submitted_at),
+                      extract(epoch from j.started_at), extract(epoch from j.finished_at),
+                      (SELECT extract(epoch from max(dj.finished_at))
+                         FROM job_deps d JOIN jobs dj ON dj.id = d.dep_id
+                        WHERE d.job_id = j.id),
+                      extract(epoch from j.dispatched_at)
+                 FROM jobs j WHERE j.state = 'succeeded'"""
+        ).fetchall()
+        return [
+            {
+                "k": r[0],
+                "t": r[1],
+                "s": float(r[2]),
+                "a": float(r[3]),
+                "f": float(r[4]),
+                "d": None if r[5] is None else float(r[5]),
+                "dispatched": float(r[6]),
+            }
+            for r in rows
+        ]
+
+
+class CeleryPeer(System):
+    name = "celery"
+
+    def __enter__(self) -> CeleryPeer:
+        import redis
+
+        redis.Redis.from_url(REDIS).flushall()
+        env = dict(os.environ, BENCH_TIMINGS=str(self.timing_dir), BENCH_REDIS=REDIS)
+        if self.rate:
+            limit, window = self.rate.split("/")
+            per_s = int(limit) / float(window.rstrip("s"))
+            env.update(BENCH_RATE=f"{per_s:g}/s", BENCH_TENANTS=str(self.tenants))
+        # the submitting side needs the same task registry as the worker
+        os.environ.update({k: env[k] for k in ("BENCH_RATE", "BENCH_TENANTS") if k in env})
+        from bench.peers import celery_app
+
+        self.app = celery_app.app
+        self.mod = celery_app
+        if self.rate and not celery_app.LIMITED:
+            celery_app.LIMITED.update(
+                {f"t{i}": celery_app._limited(f"t{i}") for i in range(self.tenants)}
+            )
+        self.timing_dir.mkdir(parents=True)
+        log = (self.timing_dir.parent / f"{self.timing_dir.name}.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.peers.celery_app",
+                "worker",
+                "-c",
+                str(self.slots),
+                "-n",
+                f"{self.timing_dir.name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "WARNING",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self._stack.callback(log.close)
+        self._stack.callback(lambda: redis.Redis.from_url(REDIS).flushall())
+        self._stack.callback(_stop, self.proc)
+        deadline = time.monotonic() + 60
+        while not self.app.control.ping(timeout=0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Celery worker did not start (log: {log.name})")
+        return self
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        for j in jobs:
+            s = time.time()
+            if self.rate:
+                self.app.send_task(f"limited.{j.t}", (j.k, s))
+            elif j.seconds:
+                self.mod.work.apply_async((j.k, s, j.seconds, j.t))
+            else:
+                self.mod.noop.apply_async((j.k, s, j.t))
+
+    def submit_workflows(self, uploads: Sequence[str]) -> None:
+        from celery import chain, group
+
+        step = self.mod.step
+        for u in uploads:
+            s = time.time()
+            chain(
+                step.si(None, k=f"{u}-unpack", u=u, s=s),
+                step.s(k=f"{u}-adj2nest", u=u, s=s),
+                group(step.s(k=f"{u}-{sc}", u=u, s=s) for sc in SCANNERS),
+                step.s(k=f"{u}-report", u=u, s=s),
+            ).apply_async()
+
+
+class ProcrastinatePeer(System):
+    name = "procrastinate"
+
+    def __enter__(self) -> ProcrastinatePeer:
+        from procrastinate import App, SyncPsycopgConnector
+        from procrastinate.schema import SchemaManager
+
+        from bench.peers import procrastinate_app
+
+        dsn = self._stack.enter_context(fresh_database(f"bench{uuid.uuid4().hex[:8]}"))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(SchemaManager.get_schema())
+            conn.execute(procrastinate_app.FANIN_DDL)
+        self.mod = procrastinate_app
+        # deferring by task name from another process: an app of its own, without the tasks
+        self.app = App(connector=SyncPsycopgConnector(conninfo=dsn))
+        self._stack.enter_context(self.app.open())
+        self.timing_dir.mkdir(parents=True)
+        env = dict(os.environ, BENCH_TIMINGS=str(self.timing_dir), BENCH_PROCRASTINATE_DSN=dsn)
+        log = (self.timing_dir.parent / f"{self.timing_dir.name}.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "procrastinate",
+                "--app=bench.peers.procrastinate_app.app",
+                "worker",
+                "-c",
+                str(self.slots),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self._stack.callback(log.close)
+        self._stack.callback(_stop, self.proc)
+        self.dsn = dsn
+        deadline = time.monotonic() + 60
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not conn.execute("SELECT 1 FROM procrastinate_workers LIMIT 1").fetchone():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the procrastinate worker did not start ({log.name})")
+                time.sleep(0.1)
+        return self
+
+    def _defer(self, task: str, kwargs: Iterable[dict[str, Any]]) -> None:
+        batch = list(kwargs)
+        for i in range(0, len(batch), 1000):
+            self.app.configure_task(task).batch_defer(*batch[i : i + 1000])
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        s = time.time()
+        noops = [{"k": j.k, "s": s, "t": j.t} for j in jobs if not j.seconds]
+        works = [{"k": j.k, "s": s, "t": j.t, "seconds": j.seconds} for j in jobs if j.seconds]
+        if noops:
+            self._defer("noop", noops)
+        if works:
+            self._defer("work", works)
+
+    def submit_workflows(self, uploads: Sequence[str]) -> None:
+        s = time.time()
+        self._defer("step", ({"k": f"{u}-unpack", "u": u, "s": s} for u in uploads))
+
+
+SYSTEMS: dict[str, type[System]] = {
+    "jobstream": Jobstream,
+    "celery": CeleryPeer,
+    "procrastinate": ProcrastinatePeer,
+}
