@@ -25,7 +25,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
 from psycopg import sql
@@ -52,8 +52,11 @@ log = logging.getLogger("jobstream.admission")
 IDLE_POLL_S = 1.0
 
 
-async def dispatch_records(ctx: Context, jobs: Sequence[DispatchJob]) -> list[Record]:
-    """Dispatch commands, each to its kind's pool topic (created on first use)."""
+async def dispatch_records(
+    ctx: Context, jobs: Sequence[DispatchJob], due: Mapping[str, float] | None = None
+) -> list[Record]:
+    """Dispatch commands, each to its kind's pool topic (created on first use); ``due``:
+    admission's due time per job, so workers start urgent buffered work first."""
     await ctx.ensure_pools({j.kind for j in jobs})
     return [
         Record(
@@ -69,6 +72,7 @@ async def dispatch_records(ctx: Context, jobs: Sequence[DispatchJob]) -> list[Re
                     submitted_at=j.submitted_at,
                     dispatched_at=j.dispatched_at,
                     group=j.group,
+                    due=(due or {}).get(j.id),
                 )
             ),
             j.id.encode(),
@@ -323,7 +327,7 @@ class Admission:
         if stale_keys:
             await self._reload_rate_log(sorted(stale_keys), now)
         jobs = [x.job for x in res.dispatched]
-        records = await dispatch_records(self.ctx, jobs)
+        records = await dispatch_records(self.ctx, jobs, {j.id: by_id[j.id].job.due for j in jobs})
         topic = self.ctx.topic("scheduler.decisions")
         for job, priority, size, ready_at in res.dispatched:
             adm = by_id[job.id]

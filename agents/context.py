@@ -35,6 +35,7 @@ class RawMessage:
     offset: int
     key: bytes | None
     value: bytes | None
+    due: float = float("inf")  # dispatches: admission's due time (the worker's start order)
 
 
 @dataclass

@@ -118,8 +118,8 @@ async def apply_lifecycle(
     terminal: list[str] = []
     retry: list[ReadyJob] = []
     history: list[tuple[str, int, str, Jsonb]] = []
-    for ev in events:
-        row = await _apply_one(conn, ev, backoff or {})
+    rows = await _apply_all(conn, events, backoff or {})
+    for ev, row in zip(events, rows, strict=True):
         if row is None:
             continue
         state, attempt = row[0], getattr(ev, "attempt", row[1])
@@ -136,14 +136,92 @@ async def apply_lifecycle(
         elif state == "ready":
             retry.append(ReadyJob(ev.job_id, row[2], row[3], row[4]))
     if history:
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO job_history (job_id, attempt, event, detail) VALUES (%s, %s, %s, %s)",
-                history,
-            )
+        await conn.execute(
+            "INSERT INTO job_history (job_id, attempt, event, detail) "
+            "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
+            [list(col) for col in zip(*history, strict=True)],
+        )
     # an attempt ended (terminal, or back to ready for a retry): give back what it held
     await release_holds(conn, [*terminal, *(r.id for r in retry)])
     return terminal, retry
+
+
+async def _apply_all(
+    conn: Conn, events: Sequence[JobEvent], backoff: Mapping[str, tuple[float, float]]
+) -> list[tuple[Any, ...] | None]:
+    """Each event's resulting row (state, attempt, tenant, kind, submitted_at) or None when
+    it changed nothing. A job's events apply in their order; events of different jobs are
+    independent, so the batch goes in generations (a job's first event, its second, …) and
+    the starts and successes of a generation each take one set-based UPDATE (the bulk of a
+    batch: one statement instead of one per event)."""
+    rows: list[tuple[Any, ...] | None] = [None] * len(events)
+    seen: dict[str, int] = {}
+    generations: dict[int, list[int]] = {}
+    for i, ev in enumerate(events):
+        g = seen.get(ev.job_id, 0)
+        seen[ev.job_id] = g + 1
+        generations.setdefault(g, []).append(i)
+    for g in sorted(generations):
+        bulk: dict[type, list[int]] = {JobStarted: [], JobSucceeded: []}
+        for i in generations[g]:
+            kind = type(events[i])
+            if kind in bulk:
+                bulk[kind].append(i)
+            else:
+                rows[i] = await _apply_one(conn, events[i], backoff)
+        for kind, idx in bulk.items():
+            if idx:
+                by_id = await _apply_bulk(conn, kind, [events[i] for i in idx])
+                for i in idx:
+                    rows[i] = by_id.get(events[i].job_id)
+    return rows
+
+
+async def _apply_bulk(
+    conn: Conn, kind: type, events: Sequence[JobEvent]
+) -> dict[str, tuple[Any, ...]]:
+    """Starts or successes of distinct jobs in one statement; rows locked in id order."""
+    evs = sorted(events, key=lambda e: e.job_id)
+    ids = [e.job_id for e in evs]
+    attempts = [getattr(e, "attempt", 0) for e in evs]
+    at = [e.at for e in evs]
+    workers = [getattr(e, "worker", None) for e in evs]
+    if kind is JobStarted:
+        cur = await conn.execute(
+            """UPDATE jobs j SET state = 'running', started_at = to_timestamp(v.at),
+                   worker = v.worker, updated_at = now()
+               FROM unnest(%s::text[], %s::int[], %s::float8[], %s::text[])
+                    AS v(id, attempt, at, worker)
+               WHERE j.id = v.id AND j.attempt = v.attempt AND j.state = ANY(%s)
+               RETURNING j.id, j.state, j.attempt, j.tenant, j.kind,
+                         extract(epoch from j.submitted_at)::float8""",
+            (ids, attempts, at, workers, states(STARTED_FROM)),
+        )
+    else:
+        succeeded = [e for e in evs if isinstance(e, JobSucceeded)]
+        cur = await conn.execute(
+            """UPDATE jobs j SET state = 'succeeded', finished_at = to_timestamp(v.at),
+                   started_at = coalesce(j.started_at, to_timestamp(v.at - v.duration)),
+                   worker = v.worker, exit_code = v.rc, log_path = v.log, error = NULL,
+                   gate = NULL, progress = 1, updated_at = now()
+               FROM unnest(%s::text[], %s::int[], %s::float8[], %s::float8[], %s::text[],
+                           %s::int[], %s::text[])
+                    AS v(id, attempt, at, duration, worker, rc, log)
+               WHERE j.id = v.id AND j.attempt = v.attempt AND j.state = ANY(%s)
+               RETURNING j.id, j.state, j.attempt, j.tenant, j.kind,
+                         extract(epoch from j.submitted_at)::float8""",
+            (
+                ids,
+                attempts,
+                at,
+                [e.duration_s for e in succeeded],
+                workers,
+                [e.exit_code for e in succeeded],
+                [e.log_path for e in succeeded],
+                states(FINISHED_FROM),
+            ),
+        )
+    return {r[0]: tuple(r[1:]) for r in await cur.fetchall()}
 
 
 async def _apply_one(

@@ -36,10 +36,11 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from agents.context import Context, RawMessage, retrying
-from agents.core.offsets import OffsetTracker
+from agents.core.offsets import OffsetTracker, next_to_start
 from agents.deadletter import dead_letter
 from agents.pools import ensure_pool_topics, pools_served, worker_labels
 from agents.pypool import PyPool
@@ -62,6 +63,23 @@ PAUSE_AFTER_S = 2.0
 CONTROL_LOOKBACK_S = 60.0  # a cancel sent just before this worker started still counts
 CANCELLED_MEMORY = 100_000
 HeartbeatState = Literal["running", "draining", "stopped"]
+
+
+class _Due(msgspec.Struct):
+    due: float | None = None
+
+
+_due_decoder = msgspec.json.Decoder(_Due)
+
+
+def _due(value: bytes | None) -> float:
+    """A dispatch's due time, read without decoding the rest (unreadable: last; ``_take``
+    rejects it with the reason)."""
+    try:
+        d = _due_decoder.decode(value or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return float("inf")
+    return float("inf") if d.due is None else d.due
 
 
 class Worker:
@@ -182,7 +200,9 @@ class Worker:
                     if m.error():
                         log.warning("consumer error: %s", m.error())
                         continue
-                    raw = RawMessage(m.topic(), m.partition(), m.offset(), m.key(), m.value())
+                    raw = RawMessage(
+                        m.topic(), m.partition(), m.offset(), m.key(), m.value(), _due(m.value())
+                    )
                     self.tracker.started((raw.topic, raw.partition), raw.offset)
                     self.backlog.append(raw)
                 self._start_backlog()
@@ -223,13 +243,18 @@ class Worker:
         self.backlog = deque(m for m in self.backlog if (m.topic, m.partition) not in lost)
 
     def _start_backlog(self) -> None:
-        """Start buffered dispatches in order while slots are free. Per partition, started
-        ones always precede buffered ones, so the committable position never skips a started
-        dispatch: whatever is redelivered after a stop or rebalance never started here."""
+        """Start buffered dispatches while slots are free, earliest due first across
+        partitions (an urgent job admitted after others already buffered here does not wait
+        behind them). Per partition, started ones always precede buffered ones, so the
+        committable position never skips a started dispatch: whatever is redelivered after a
+        stop or rebalance never started here."""
         if self.stopping.is_set():
             return  # draining: no new work; the buffered dispatches go to the next owner
         while self.backlog and self.free > 0:
-            self._take(self.backlog.popleft())
+            i = next_to_start([((m.topic, m.partition), m.due) for m in self.backlog])
+            msg = self.backlog[i]
+            del self.backlog[i]
+            self._take(msg)
 
     async def _when_full(self) -> None:
         """Slots and prefetch are full. librdkafka keeps fetched messages queued with its own

@@ -117,14 +117,17 @@ ALONE = ["unlock", "admission", "workers", "metrics", "queries", "chaos", "soak"
 
 # full size (the benchmark issue) and the CI-sized form (--small)
 SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "throughput": ({"jobs": 50_000, "rounds": 2, "slots": 8}, {"jobs": 300, "rounds": 1, "slots": 8}),
+    "throughput": (
+        {"jobs": 50_000, "rounds": 2, "slots": 8},
+        {"jobs": 300, "rounds": 1, "slots": 8},
+    ),
     "latency": (
         {"seconds": 10.0, "levels": (0.1, 0.5, 0.9), "probe": 2000, "slots": 8},
         {"seconds": 1.0, "levels": (0.1, 0.5, 0.9), "probe": 100, "slots": 8},
     ),
     "dag": ({"uploads": 1000, "rounds": 1, "slots": 8}, {"uploads": 10, "rounds": 1, "slots": 8}),
     "fairness": (
-        {"uploads": 60, "huge_chunks": 240, "unit": 0.2, "slots": 4},
+        {"uploads": 30, "huge_chunks": 240, "unit": 0.5, "slots": 4},
         {"uploads": 8, "huge_chunks": 16, "unit": 0.05, "slots": 4},
     ),
     "ratelimit": (

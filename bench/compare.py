@@ -56,9 +56,7 @@ def noop_jobs(prefix: str, n: int, tenants: int = 8) -> list[Job]:
 # -- 1. throughput ------------------------------------------------------------------------
 
 
-def throughput(
-    jobs: int, rounds: int, slots: int, systems: Sequence[str], show: bool
-) -> Result:
+def throughput(jobs: int, rounds: int, slots: int, systems: Sequence[str], show: bool) -> Result:
     """``jobs`` no-op jobs submitted at once; end to end (first submit → last finished)."""
     runs: dict[str, list[float]] = defaultdict(list)
     for order in rotations(systems, rounds):
@@ -127,7 +125,10 @@ def latency(
                 levels_out[f"{level:g}"] = {
                     "rate_per_s": round(rate, 1),
                     "jobs": n,
-                    "submit_to_start_ms": {"p50": ms(pct(to_start, 50)), "p99": ms(pct(to_start, 99))},
+                    "submit_to_start_ms": {
+                        "p50": ms(pct(to_start, 50)),
+                        "p99": ms(pct(to_start, 99)),
+                    },
                     "submit_to_finish_ms": {
                         "p50": ms(pct(to_finish, 50)),
                         "p99": ms(pct(to_finish, 99)),
@@ -421,7 +422,10 @@ def _procrastinate_bytes(n: int, tenants: int) -> dict[str, Any]:
         with app.open():
             for i in range(0, n, 1000):
                 app.configure_task("noop").batch_defer(
-                    *({"k": f"q{j}", "s": s, "t": f"t{j % tenants}"} for j in range(i, min(n, i + 1000)))
+                    *(
+                        {"k": f"q{j}", "s": s, "t": f"t{j % tenants}"}
+                        for j in range(i, min(n, i + 1000))
+                    )
                 )
         elapsed = time.monotonic() - start
         with psycopg.connect(dsn, autocommit=True) as conn:

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 COLOURS = {
     "jobstream": "#1f77b4",
@@ -45,10 +45,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
             levels = sorted(v["levels"], key=float)
             xs = [float(x) * 100 for x in levels]
             for ax, key in ((left, "submit_to_start_ms"), (right, "submit_to_finish_ms")):
-                ax.plot(xs, [v["levels"][x][key]["p50"] for x in levels], "o-",
-                        color=COLOURS.get(name), label=f"{name} p50")
-                ax.plot(xs, [v["levels"][x][key]["p99"] for x in levels], "s--",
-                        color=COLOURS.get(name), label=f"{name} p99")
+                ax.plot(
+                    xs,
+                    [v["levels"][x][key]["p50"] for x in levels],
+                    "o-",
+                    color=COLOURS.get(name),
+                    label=f"{name} p50",
+                )
+                ax.plot(
+                    xs,
+                    [v["levels"][x][key]["p99"] for x in levels],
+                    "s--",
+                    color=COLOURS.get(name),
+                    label=f"{name} p99",
+                )
         for ax, title in ((left, "submit → start"), (right, "submit → finish")):
             ax.set_yscale("log")
             ax.set_xlabel("load, % of each system's saturation")
@@ -56,15 +66,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_title(title)
             ax.legend(fontsize=7)
     elif scenario == "dag":
-        _bars(left, result["workflows_per_s"], "workflows/s (median)",
-              f"{result['uploads']} FOSSology workflows")
+        _bars(
+            left,
+            result["workflows_per_s"],
+            "workflows/s (median)",
+            f"{result['uploads']} FOSSology workflows",
+        )
         unlock = result["unlock_ms"]
         names = list(unlock)
         x = range(len(names))
-        left_bars = right.bar([i - 0.2 for i in x], [unlock[n]["p50"] or 0 for n in names],
-                              0.4, label="p50")
-        right_bars = right.bar([i + 0.2 for i in x], [unlock[n]["p99"] or 0 for n in names],
-                               0.4, label="p99")
+        left_bars = right.bar(
+            [i - 0.2 for i in x], [unlock[n]["p50"] or 0 for n in names], 0.4, label="p50"
+        )
+        right_bars = right.bar(
+            [i + 0.2 for i in x], [unlock[n]["p99"] or 0 for n in names], 0.4, label="p99"
+        )
         right.bar_label(left_bars, fmt="%.0f", fontsize=7)
         right.bar_label(right_bars, fmt="%.0f", fontsize=7)
         right.set_xticks(list(x), names)
@@ -77,28 +93,53 @@ def plot(result: dict[str, Any], path: Path) -> None:
         width = 0.8 / max(1, len(systems))
         for i, (name, v) in enumerate(systems.items()):
             ys = [v["mean_slowdown_by_class"].get(c, 0) for c in classes]
-            left.bar([c + i * width for c in range(len(classes))], ys, width,
-                     label=name, color=COLOURS.get(name))
+            left.bar(
+                [c + i * width for c in range(len(classes))],
+                ys,
+                width,
+                label=name,
+                color=COLOURS.get(name),
+            )
         left.set_xticks([c + 0.4 - width / 2 for c in range(len(classes))], classes)
         left.set_yscale("log")
         left.set_ylabel("mean slowdown (÷ time alone)")
         left.set_title("slowdown by upload size")
         left.legend(fontsize=7)
-        _bars(right, {n: v["small_p95_completion_s"] for n, v in systems.items()},
-              "s", "small uploads: p95 completion time")
+        _bars(
+            right,
+            {n: v["small_p95_completion_s"] for n, v in systems.items()},
+            "s",
+            "small uploads: p95 completion time",
+        )
     elif scenario == "ratelimit":
         systems = {n: v for n, v in result["systems"].items() if v.get("supported")}
-        _bars(left, {n: v["violations_at_start"] for n, v in systems.items()},
-              "windows over the limit", f"violations ({result['limit']})")
-        _bars(right, {n: v["utilisation"] for n, v in systems.items()},
-              "admitted ÷ allowed", "utilisation at 10× demand")
+        _bars(
+            left,
+            {n: v["violations_at_start"] for n, v in systems.items()},
+            "windows over the limit",
+            f"violations ({result['limit']})",
+        )
+        _bars(
+            right,
+            {n: v["utilisation"] for n, v in systems.items()},
+            "admitted ÷ allowed",
+            "utilisation at 10× demand",
+        )
     elif scenario == "scale":
         systems = result["systems"]
-        _bars(left, {n: v.get("bytes_per_job") for n, v in systems.items()},
-              "bytes per queued job", "memory / storage per queued job")
+        _bars(
+            left,
+            {n: v.get("bytes_per_job") for n, v in systems.items()},
+            "bytes per queued job",
+            "memory / storage per queued job",
+        )
         js = systems.get("jobstream", {})
-        _bars(right, {"jobstream": js.get("decisions_per_s")}, "decisions/s",
-              f"admission core, {js.get('queued', 0):,} queued")
+        _bars(
+            right,
+            {"jobstream": js.get("decisions_per_s")},
+            "decisions/s",
+            f"admission core, {js.get('queued', 0):,} queued",
+        )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -131,9 +131,14 @@ class Jobstream(System):
         super().__init__(slots, rate=rate, tenants=tenants)
         self.workers = workers
         self.run: Run | None = None
+        self.extra = {
+            k.removeprefix("JOBSTREAM_BENCH_").lower(): v
+            for k, v in os.environ.items()
+            if k.startswith("JOBSTREAM_BENCH_") and k != "JOBSTREAM_BENCH_PG"
+        }
 
     def __enter__(self) -> Jobstream:
-        settings = {"heartbeat_interval_s": "1", "kinds": json.dumps(KINDS)}
+        settings = {"heartbeat_interval_s": "1", "kinds": json.dumps(KINDS), **self.extra}
         if self.rate:
             limit, window = self.rate.split("/")
             settings["rate_limits"] = json.dumps(

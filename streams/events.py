@@ -114,6 +114,9 @@ class Dispatch(_Event, tag="job.dispatch", frozen=True):
     submitted_at: Epoch
     dispatched_at: Epoch
     group: JobId | None = None
+    # admission's due time (priority, size, waiting: docs/admission.md): a worker starts
+    # its buffered dispatches earliest-due first across partitions
+    due: float | None = None
 
 
 class JobStarted(_Event, tag="job.started", frozen=True):

@@ -12,7 +12,7 @@ handed out and not finished, and never moves backwards.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -61,3 +61,19 @@ class OffsetTracker(Generic[K]):
 
     def in_flight(self) -> int:
         return sum(len(p.pending) - len(p.finished & set(p.pending)) for p in self._parts.values())
+
+
+def next_to_start(buffered: Sequence[tuple[Hashable, float]]) -> int:
+    """Which buffered dispatch (partition, due time) a worker starts next: among the first
+    buffered one of each partition, the earliest due; ties go to the one buffered first.
+    Within a partition dispatches start in offset order, so the committed position never
+    skips a started dispatch (what is redelivered after a crash never started)."""
+    seen: set[Hashable] = set()
+    best, best_due = 0, float("inf")
+    for i, (tp, due) in enumerate(buffered):
+        if tp in seen:
+            continue
+        seen.add(tp)
+        if due < best_due:
+            best, best_due = i, due
+    return best

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.core.offsets import OffsetTracker
+from agents.core.offsets import OffsetTracker, next_to_start
 
 
 @given(
@@ -41,3 +41,39 @@ def test_partitions_are_independent_and_forget_drops_one() -> None:
     t.forget("a")
     t.finished("a", 0)
     assert t.commit_positions() == {}
+
+
+buffers = st.lists(
+    st.tuples(st.integers(0, 3), st.one_of(st.floats(0, 100), st.just(float("inf")))),
+    min_size=1,
+    max_size=16,
+)
+
+
+@given(buffers)
+def test_start_order_keeps_offset_order_within_a_partition_and_picks_the_earliest_head(
+    buffered: list[tuple[int, float]],
+) -> None:
+    """Draining a worker's buffer with next_to_start: each partition's dispatches start in
+    the order they were buffered (offset order), and every pick is the earliest-due among
+    the partitions' first buffered dispatches."""
+    items = [(tp, due, i) for i, (tp, due) in enumerate(buffered)]
+    started: list[tuple[int, float, int]] = []
+    while items:
+        heads: dict[int, float] = {}
+        for tp, due, _ in items:
+            heads.setdefault(tp, due)
+        k = next_to_start([(tp, due) for tp, due, _ in items])
+        tp, due, i = items.pop(k)
+        assert due == min(heads.values())
+        started.append((tp, due, i))
+    for tp in {tp for tp, _ in buffered}:
+        order = [i for p, _, i in started if p == tp]
+        assert order == sorted(order)
+
+
+def test_an_urgent_dispatch_overtakes_other_partitions_but_not_its_own() -> None:
+    buffered = [("a", 50.0), ("a", 1.0), ("b", 40.0), ("c", 5.0)]
+    assert next_to_start(buffered) == 3  # c's head, due 5, before a's head (50)
+    assert next_to_start([("a", 50.0), ("a", 1.0)]) == 0  # a's second waits for a's first
+    assert next_to_start([("a", float("inf")), ("b", float("inf"))]) == 0  # no due: FIFO
