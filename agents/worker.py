@@ -3,9 +3,11 @@
 Workers keep no stream state, so they consume with confluent-kafka directly (batched).
 
 Invariants:
-- At most ``slots`` jobs run at once and at most ``slots`` more are buffered; beyond that the
-  worker stops taking messages (backpressure) and, when full for long, pauses its partitions
-  while it keeps serving rebalances. Free/total slots go out in heartbeats.
+- At most ``slots`` jobs run at once. Dispatches that arrive while all slots are busy are
+  buffered and start earliest-due first (admission's due time; in offset order within a
+  partition); admission's capacity bounds how many can be outstanding, and past
+  ``BUFFER_ROUNDS`` × slots buffered the worker pauses its partitions while it keeps
+  serving rebalances. Free/total slots go out in heartbeats.
 - Kafka owns a dispatch until its job starts, the heartbeat monitor after: an offset is
   committed (``OffsetTracker``) once the broker confirmed the job's ``job.started`` event (or
   the dispatch was skipped or dead-lettered). A worker that dies before a start leaves the
@@ -59,7 +61,7 @@ from streams.events import (
 from streams.kafka import Record, client_config
 
 log = logging.getLogger("jobstream.worker")
-PAUSE_AFTER_S = 2.0
+BUFFER_ROUNDS = 4  # buffered dispatches beyond which a full worker pauses its partitions
 CONTROL_LOOKBACK_S = 60.0  # a cancel sent just before this worker started still counts
 CANCELLED_MEMORY = 100_000
 HeartbeatState = Literal["running", "draining", "stopped"]
@@ -117,7 +119,6 @@ class Worker:
         self.aborting = asyncio.Event()
         self.completed = 0
         self._paused = False
-        self._full_since: float | None = None
         self._slot_freed = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         cfg = client_config(s.require_kafka(), s.kafka_config)
@@ -194,17 +195,7 @@ class Worker:
                     continue
                 if self._paused:
                     await self._set_paused(False)
-                self._full_since = None
-                msgs = await self._call(self._fetch, room)
-                for m in msgs:
-                    if m.error():
-                        log.warning("consumer error: %s", m.error())
-                        continue
-                    raw = RawMessage(
-                        m.topic(), m.partition(), m.offset(), m.key(), m.value(), _due(m.value())
-                    )
-                    self.tracker.started((raw.topic, raw.partition), raw.offset)
-                    self.backlog.append(raw)
+                self._buffer(await self._call(self._fetch, room))
                 self._start_backlog()
                 await self._commit()
             await self._drain()
@@ -218,6 +209,17 @@ class Worker:
             await asyncio.get_running_loop().run_in_executor(self._control_pool, self.control.close)
             self._pool.shutdown(wait=False)
             self._control_pool.shutdown(wait=False)
+
+    def _buffer(self, msgs: list[Any]) -> None:
+        for m in msgs:
+            if m.error():
+                log.warning("consumer error: %s", m.error())
+                continue
+            raw = RawMessage(
+                m.topic(), m.partition(), m.offset(), m.key(), m.value(), _due(m.value())
+            )
+            self.tracker.started((raw.topic, raw.partition), raw.offset)
+            self.backlog.append(raw)
 
     def _fetch(self, room: int) -> list[Any]:
         """Up to ``room`` messages, returning as soon as one is there. ``consume(n, timeout)``
@@ -257,23 +259,30 @@ class Worker:
             self._take(msg)
 
     async def _when_full(self) -> None:
-        """Slots and prefetch are full. librdkafka keeps fetched messages queued with its own
-        backpressure, so the cheap path is to not consume. A resume costs ~0.8 s before
-        messages flow again (measured), so pause only after ``PAUSE_AFTER_S`` of being
-        full (long jobs); then keep polling so rebalances are still served."""
-        now = time.monotonic()
-        if self._full_since is None:
-            self._full_since = now
-        if not self._paused and now - self._full_since >= PAUSE_AFTER_S:
+        """Every slot is busy and a round is buffered. Wait a moment for a slot; if none
+        frees, keep consuming (the group keeps this member and rebalances are served) and
+        buffer what arrives: admission's capacity (``capacity_factor`` × the slots of all
+        workers) bounds what can be outstanding, and the buffer starts earliest-due first,
+        so an urgent dispatch that lands here waits for the next free slot only. Pausing
+        costs ~0.8 s before messages flow again after the resume (measured), so the
+        partitions are paused only when the buffer reaches ``BUFFER_ROUNDS`` × slots (a
+        capacity factor beyond what one worker should hold)."""
+        self._slot_freed.clear()
+        try:
+            await asyncio.wait_for(self._slot_freed.wait(), 0.05)
+        except TimeoutError:
+            pass
+        if self.free > 0:
+            await self._commit()
+            return
+        limit = BUFFER_ROUNDS * self.slots
+        if len(self.backlog) >= limit and not self._paused:
             await self._set_paused(True)
-        if self._paused:
-            await self._call(self.consumer.consume, num_messages=1, timeout=0.05)
-        else:
-            self._slot_freed.clear()
-            try:
-                await asyncio.wait_for(self._slot_freed.wait(), 0.05)
-            except TimeoutError:
-                pass
+        elif len(self.backlog) < limit and self._paused:
+            await self._set_paused(False)
+        # partitions assigned by a rebalance while paused are not paused: what they deliver
+        # is buffered like the rest (never dropped)
+        self._buffer(await self._call(self.consumer.consume, max(1, limit - len(self.backlog)), 0))
         await self._commit()
 
     async def _set_paused(self, paused: bool) -> None:

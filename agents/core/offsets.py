@@ -64,16 +64,18 @@ class OffsetTracker(Generic[K]):
 
 
 def next_to_start(buffered: Sequence[tuple[Hashable, float]]) -> int:
-    """Which buffered dispatch (partition, due time) a worker starts next: among the first
-    buffered one of each partition, the earliest due; ties go to the one buffered first.
-    Within a partition dispatches start in offset order, so the committed position never
-    skips a started dispatch (what is redelivered after a crash never started)."""
-    seen: set[Hashable] = set()
-    best, best_due = 0, float("inf")
+    """Which buffered dispatch (partition, due time) a worker starts next. Within a
+    partition dispatches start in offset order, so the committed position never skips a
+    started dispatch (what is redelivered after a crash never started). Across partitions:
+    the head of the partition holding the earliest-due dispatch, so an urgent dispatch
+    behind others in its partition lifts that partition (priority inheritance) instead of
+    waiting until every other partition's heads are gone. Ties go to the one buffered
+    first."""
+    head: dict[Hashable, int] = {}
+    best_tp: Hashable = None
+    best_due = float("inf")
     for i, (tp, due) in enumerate(buffered):
-        if tp in seen:
-            continue
-        seen.add(tp)
+        head.setdefault(tp, i)
         if due < best_due:
-            best, best_due = i, due
-    return best
+            best_tp, best_due = tp, due
+    return 0 if best_tp is None else head[best_tp]

@@ -55,25 +55,27 @@ def test_start_order_keeps_offset_order_within_a_partition_and_picks_the_earlies
     buffered: list[tuple[int, float]],
 ) -> None:
     """Draining a worker's buffer with next_to_start: each partition's dispatches start in
-    the order they were buffered (offset order), and every pick is the earliest-due among
-    the partitions' first buffered dispatches."""
+    the order they were buffered (offset order), and every pick is the head of a partition
+    that holds the earliest-due dispatch still buffered."""
     items = [(tp, due, i) for i, (tp, due) in enumerate(buffered)]
     started: list[tuple[int, float, int]] = []
     while items:
-        heads: dict[int, float] = {}
-        for tp, due, _ in items:
-            heads.setdefault(tp, due)
+        earliest = min(due for _, due, _ in items)
         k = next_to_start([(tp, due) for tp, due, _ in items])
         tp, due, i = items.pop(k)
-        assert due == min(heads.values())
+        assert all(p != tp for p, _, _ in items[:k]), "a partition's head"
+        assert earliest == float("inf") or any(
+            p == tp and d == earliest for p, d, _ in [(tp, due, i), *items]
+        ), "the partition holding the earliest-due dispatch"
         started.append((tp, due, i))
     for tp in {tp for tp, _ in buffered}:
         order = [i for p, _, i in started if p == tp]
         assert order == sorted(order)
 
 
-def test_an_urgent_dispatch_overtakes_other_partitions_but_not_its_own() -> None:
-    buffered = [("a", 50.0), ("a", 1.0), ("b", 40.0), ("c", 5.0)]
-    assert next_to_start(buffered) == 3  # c's head, due 5, before a's head (50)
+def test_an_urgent_dispatch_lifts_its_partition_and_overtakes_the_others() -> None:
+    assert next_to_start([("a", 50.0), ("b", 40.0), ("c", 5.0)]) == 2  # c's head: due 5
+    # a holds the urgent one (due 1) behind its head: a's head goes first
+    assert next_to_start([("b", 40.0), ("a", 50.0), ("a", 1.0), ("c", 5.0)]) == 1
     assert next_to_start([("a", 50.0), ("a", 1.0)]) == 0  # a's second waits for a's first
     assert next_to_start([("a", float("inf")), ("b", float("inf"))]) == 0  # no due: FIFO
