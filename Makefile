@@ -8,7 +8,7 @@ export PG_PORT ?= 15432
 export JOBSTREAM_KAFKA_BOOTSTRAP_TEST ?= 127.0.0.1:$(KAFKA_PORT)
 export JOBSTREAM_TEST_PG ?= postgresql://postgres@127.0.0.1:$(PG_PORT)/postgres
 
-.PHONY: venv demo services stop-services lint typecheck test unit schema clean chaos
+.PHONY: venv demo services stop-services lint typecheck test unit schema clean chaos bench-report audit
 
 venv: $(VENV)/.installed
 
@@ -55,6 +55,15 @@ test: venv services lint typecheck
 ## Faults injected into a running system (100 by default), then the invariant checker's verdict.
 chaos: venv services
 	$(BIN)/python -m bench chaos --faults $${FAULTS:-100} --jobs-per-run $${JOBS:-1200}
+
+## Side by side with Celery and procrastinate, full size (~40 min): docs/bench/ and the
+## tables in docs/performance.md. SMALL=1 for the CI-sized form.
+bench-report: venv services
+	$(BIN)/python -m bench.report $${SMALL:+--small}
+
+## Known vulnerabilities in the installed dependencies (pip-audit; needs the advisory service).
+audit: venv
+	scripts/audit.sh
 
 ## Regenerate the published JSON Schema of the submission event.
 schema: venv

@@ -70,7 +70,14 @@ def check(
                    dj.id IS NULL
                    OR (d.needs = 'success' AND dj.state <> 'succeeded')
                    OR dj.state NOT IN ('succeeded', 'failed', 'cancelled')
-                   OR dj.finished_at > j.started_at)
+                   -- causal order, not clocks: workers' clocks may step, so the dependent's
+                   -- first start must be recorded after the dependency's last terminal
+                   -- event (history rows are numbered by the database as they are written)
+                   OR (SELECT min(hs.id) FROM job_history hs
+                        WHERE hs.job_id = j.id AND hs.event = 'started')
+                      < (SELECT max(hd.id) FROM job_history hd
+                          WHERE hd.job_id = dj.id
+                            AND hd.event IN ('succeeded', 'failed', 'cancelled')))
                LIMIT 50"""
         ):
             out.append(f"job {jid} started although {dep} ({needs}) was {dep_state}")

@@ -93,14 +93,15 @@ class Run:
         )
         return self
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        """Start ``jobstream ARGS``; its output goes to ``/tmp/<run>/<n>-<command>.log``."""
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``jobstream ARGS`` (``env``: extra variables for this process); its output
+        goes to ``/tmp/<run>/<n>-<command>.log``."""
         logs = Path(f"/tmp/{self.name}")
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"{len(self.procs)}-{args[0]}.log").open("ab") as out:
             p = subprocess.Popen(
                 [sys.executable, "-m", "agents.cli", *args],
-                env=self.env,
+                env={**self.env, **(env or {})},
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
