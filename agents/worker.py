@@ -120,6 +120,7 @@ class Worker:
         self.completed = 0
         self._paused = False
         self._slot_freed = asyncio.Event()
+        self._background: set[asyncio.Future[Any]] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         cfg = client_config(s.require_kafka(), s.kafka_config)
         session_ms = int(min(1_800_000, max(6_000, s.worker_lost_after_s * 1000)))  # broker bounds
@@ -310,10 +311,17 @@ class Worker:
         self._commit_positions(consumer, asynchronous=False)
 
     def _commit_now(self) -> None:
-        """Queue a commit without waiting (librdkafka's commit is thread-safe; errors surface
-        in the next synchronous ``_commit``, which also covers what this one may miss)."""
+        """Queue an asynchronous commit on the consumer's thread (errors surface in the next
+        synchronous ``_commit``, which also covers what this one may miss). Not from the
+        event loop: a consumer call waits while the consumer thread sits in ``poll`` (up to
+        its 50 ms timeout, measured), which stalled every job's start by ~50 ms."""
         self._commit_soon = False
-        self._commit_positions(self.consumer, asynchronous=True)
+        self._background.add(
+            t := asyncio.ensure_future(
+                self._call(self._commit_positions, self.consumer, asynchronous=True)
+            )
+        )
+        t.add_done_callback(self._background.discard)
 
     async def _commit(self) -> None:
         await self._call(self._commit_sync, self.consumer)

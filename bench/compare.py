@@ -286,15 +286,17 @@ def fairness(
 
 
 def window_stats(
-    starts: Sequence[float], limit: int, window: float, span: float
+    starts: Sequence[float], limit: int, window: float, span: float, skip: float = 0.0
 ) -> tuple[int, float]:
     """Violations (starts that make more than ``limit`` in some window of ``window`` s,
-    sliding over every start) and utilisation over the first ``span`` s of starts."""
+    sliding over every start) and utilisation over ``span`` s of starts beginning ``skip``
+    s after the first."""
     a = sorted(starts)
     violations = sum(1 for i in range(len(a) - limit) if a[i + limit] - a[i] < window)
     if not a:
         return 0, 0.0
-    used = sum(1 for x in a if x < a[0] + span)
+    begin = a[0] + skip
+    used = sum(1 for x in a if begin <= x < begin + span)
     return violations, used / (limit * span / window)
 
 
@@ -308,7 +310,11 @@ def ratelimit(
     show: bool,
 ) -> Result:
     """Demand 10× a per-tenant limit (``limit`` per ``window`` s) for ``seconds``, all
-    submitted at once; violations counted at job start (what the limited service sees)."""
+    submitted at once (a backlog lasting 10 × ``seconds``); violations counted over every
+    start (what the limited service sees) and, for jobstream, every admission (what its
+    limit counts); utilisation over the second ``seconds``-long span after the first
+    start, so taking in the burst (jobstream ingests ~1,000 submissions/s, and admission
+    shares the process) is not what is measured."""
     per_tenant = int(10 * limit * seconds / window)
     out: dict[str, Any] = {}
     for name in systems:
@@ -318,33 +324,31 @@ def ratelimit(
         with SYSTEMS[name](slots, rate=f"{limit}/{window:g}s", tenants=tenants) as system:
             jobs = [Job(f"r{t}-{i}", t=f"t{t}") for i in range(per_tenant) for t in range(tenants)]
             system.submit(jobs)
-            # the limit holds the backlog for 10 × seconds; measure the first ``seconds``
+            # the limit holds the backlog for 10 × seconds; measure the second ``seconds``
             first = None
-            deadline = time.monotonic() + seconds * 1.5 + 30
+            deadline = time.monotonic() + seconds * 3 + 30
             while time.monotonic() < deadline:
                 t = system.timings()
                 if t:
                     first = first or min(r["a"] for r in t)
-                    if time.time() > first + seconds + 2:
+                    if time.time() > first + 2 * seconds + 2:
                         break
                 time.sleep(0.5)
             timings = system.timings()
+            log = system.admissions() if isinstance(system, Jobstream) else {}
         starts: dict[str, list[float]] = defaultdict(list)
-        admitted: dict[str, list[float]] = defaultdict(list)
         for r in timings:
             starts[r["t"]].append(r["a"])
-            if "dispatched" in r:
-                admitted[r["t"]].append(r["dispatched"])
-        per = [window_stats(v, limit, window, seconds) for v in starts.values()]
+        per = [window_stats(v, limit, window, seconds, seconds) for v in starts.values()]
         entry: dict[str, Any] = {
             "supported": True,
             "violations_at_start": sum(v for v, _ in per),
             "utilisation": round(statistics.fmean(u for _, u in per), 4) if per else 0.0,
         }
-        if admitted:
-            entry["violations_at_dispatch"] = sum(
-                window_stats(v, limit, window, seconds)[0] for v in admitted.values()
-            )
+        if log:  # jobstream: what its limit counts, the admissions in the window log
+            adm = [window_stats(v, limit, window, seconds, seconds) for v in log.values()]
+            entry["violations_at_admission"] = sum(v for v, _ in adm)
+            entry["utilisation_at_admission"] = round(statistics.fmean(u for _, u in adm), 4)
         out[name] = entry
     return {
         "scenario": "ratelimit",
@@ -352,6 +356,7 @@ def ratelimit(
         "tenants": tenants,
         "demand_per_tenant": per_tenant,
         "measured_s": seconds,
+        "measured_from_s": seconds,
         "systems": out,
         "note": "Celery: one task per tenant with rate_limit (it limits per task type and "
         "per worker, not per tenant)",

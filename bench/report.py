@@ -133,16 +133,18 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
             f"### ratelimit — {r['limit']}, {r['tenants']} tenants, demand 10× "
             f"({r['demand_per_tenant']:,} jobs per tenant at once), first {r['measured_s']:g} s",
             "",
-            "| system | violations at start | violations at dispatch | utilisation |",
-            "|---|---|---|---|",
+            "| system | violations at start | violations at admission | utilisation at start |"
+            " utilisation at admission |",
+            "|---|---|---|---|---|",
         ]
         for n, v in r["systems"].items():
             if not v.get("supported"):
-                out.append(f"| {n} | — | — | {v['note']} |")
+                out.append(f"| {n} | — | — | — | {v['note']} |")
                 continue
             out.append(
                 f"| {n} | {_fmt(v['violations_at_start'])} | "
-                f"{_fmt(v.get('violations_at_dispatch'))} | {_fmt(v['utilisation'])} |"
+                f"{_fmt(v.get('violations_at_admission'))} | {_fmt(v['utilisation'])} | "
+                f"{_fmt(v.get('utilisation_at_admission'))} |"
             )
         out += ["", f"{r['note']}.", "", "![ratelimit](bench/ratelimit.png)", ""]
     if r := results.get("scale"):

@@ -210,6 +210,15 @@ class Jobstream(System):
             for r in rows
         ]
 
+    def admissions(self) -> dict[str, list[float]]:
+        """Admission times per tenant from the rate-limit window log (what the limit counts)."""
+        out: dict[str, list[float]] = {}
+        for key, at in self._conn.execute(
+            "SELECT key, at FROM rate_log WHERE key LIKE 'tenant:%%'"
+        ).fetchall():
+            out.setdefault(key.split(":", 1)[1], []).append(float(at))
+        return out
+
 
 class CeleryPeer(System):
     name = "celery"

@@ -86,7 +86,7 @@ def test_ratelimit_holds_at_admission_and_says_what_a_peer_cannot_do(
 ) -> None:
     r = run("ratelimit", tmp_path)
     ours = r["systems"]["jobstream"]
-    assert ours["violations_at_dispatch"] == 0, ours
+    assert ours["violations_at_admission"] == 0, ours
     assert ours["utilisation"] > 0
     assert r["systems"]["celery"]["supported"] is True
     assert r["systems"]["procrastinate"] == {
