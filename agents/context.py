@@ -35,7 +35,6 @@ class RawMessage:
     offset: int
     key: bytes | None
     value: bytes | None
-    due: float = float("inf")  # dispatches: admission's due time (the worker's start order)
 
 
 @dataclass

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -65,6 +66,13 @@ BUFFER_ROUNDS = 4  # buffered dispatches beyond which a full worker pauses its p
 CONTROL_LOOKBACK_S = 60.0  # a cancel sent just before this worker started still counts
 CANCELLED_MEMORY = 100_000
 HeartbeatState = Literal["running", "draining", "stopped"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Buffered(RawMessage):
+    """A dispatch waiting for a slot, with admission's due time (the start order)."""
+
+    due: float = float("inf")
 
 
 class _Due(msgspec.Struct):
@@ -112,7 +120,7 @@ class Worker:
         self.pypool = PyPool(self.slots)
         self.tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
         self.running: dict[str, asyncio.Task[None]] = {}
-        self.backlog: deque[RawMessage] = deque()
+        self.backlog: deque[_Buffered] = deque()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.assigned = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -216,7 +224,7 @@ class Worker:
             if m.error():
                 log.warning("consumer error: %s", m.error())
                 continue
-            raw = RawMessage(
+            raw = _Buffered(
                 m.topic(), m.partition(), m.offset(), m.key(), m.value(), _due(m.value())
             )
             self.tracker.started((raw.topic, raw.partition), raw.offset)

@@ -19,40 +19,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.harness import Run
+from bench.workflow import steps
 from streams.events import JobSpec
 from streams.publisher import JobPublisher
 
-SCANNERS = ["nomos", "monk", "ojo", "copyright", "keyword", "pkgagent"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def workflow(n: int) -> list[JobSpec]:
-    def job(name: str, deps: list[str]) -> JobSpec:
-        return JobSpec(
+    return [
+        JobSpec(
             id=f"u{n}-{name}",
             tenant=f"t{n % 4}",
             kind="noop",
             depends_on=[f"u{n}-{d}" for d in deps],
         )
-
-    return [
-        job("unpack", []),
-        job("adj2nest", ["unpack"]),
-        *(job(s, ["adj2nest"]) for s in SCANNERS),
-        job("report", SCANNERS),
+        for name, deps in steps()
     ]
 
 
 def pct(values: list[float], q: int) -> float | None:
-    if len(values) < 2:
-        return round(values[0], 2) if values else None
-    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 2)
+    from bench.compare import pct as nearest_rank
+
+    p = nearest_rank(values, q)
+    return None if p is None else round(p, 2)
 
 
 def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str, Any]:

@@ -28,14 +28,14 @@ import random
 import signal
 import subprocess
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from confluent_kafka import Consumer
 from rich.progress import Progress
 
 from agents.invariants import check
-from bench.harness import ROOT, Run
+from bench.harness import ROOT, Run, stop_process
 from bench.workers import _wait_workers
 from streams.events import JobSpec
 from streams.publisher import JobPublisher
@@ -117,7 +117,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
             }
         )
         seen.subscribe([run.registry.name("jobs.events")])
-        recent: list[tuple[bytes | None, bytes]] = []
+        recent: deque[tuple[bytes | None, bytes]] = deque(maxlen=200)
         pub = JobPublisher(run.bootstrap, registry=run.registry)
         pub.submit_many(single)
         for wid, flow in flows:
@@ -128,7 +128,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
                 time.sleep(rng.uniform(0.5, 2.0))
                 for m in seen.consume(1000, 0):
                     if not m.error() and m.value():
-                        recent = [*recent[-199:], (m.key(), m.value())]
+                        recent.append((m.key(), m.value()))
                 fault = rng.choice(FAULTS)
                 injected[fault] += 1
                 if fault in ("duplicate_events", "reorder_events"):
@@ -136,7 +136,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
                         again = rng.sample(recent, min(20, len(recent)))
                         pub.submit_many(rng.sample(single, min(20, len(single))))
                     else:
-                        again = list(reversed(recent[-20:]))
+                        again = list(reversed(recent))[:20]
                     for key, value in again:
                         pub.send_raw("jobs.events", value, key)
                 elif fault == "kill_scheduler":
@@ -151,12 +151,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
                         time.sleep(3 if fault == "stop_worker" else 10)
                         victim.send_signal(signal.SIGCONT)
                     elif fault == "clock_step":
-                        victim.send_signal(signal.SIGTERM)
-                        try:
-                            victim.wait(30)
-                        except subprocess.TimeoutExpired:
-                            victim.kill()
-                            victim.wait(10)
+                        stop_process(victim, 30)
                         step = rng.choice(["-30", "+30"])
                         workers[workers.index(victim)] = run.start(
                             "worker",
@@ -171,11 +166,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
                     else:
                         sig = signal.SIGKILL if fault == "kill_worker" else signal.SIGTERM
                         victim.send_signal(sig)
-                        try:
-                            victim.wait(30)
-                        except subprocess.TimeoutExpired:
-                            victim.kill()
-                            victim.wait(10)
+                        stop_process(victim, 30)
                         workers[workers.index(victim)] = run.start("worker", "--slots", "4")
                 progress.update(task, advance=1)
         pub.close()

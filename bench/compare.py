@@ -17,7 +17,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.systems import SCANNERS, SYSTEMS, Job, Jobstream, System
+from bench.systems import SYSTEMS, Job, Jobstream, System
+from bench.workflow import SCANNERS
 
 Result = dict[str, Any]
 
@@ -325,15 +326,13 @@ def ratelimit(
             jobs = [Job(f"r{t}-{i}", t=f"t{t}") for i in range(per_tenant) for t in range(tenants)]
             system.submit(jobs)
             # the limit holds the backlog for 10 × seconds; measure the second ``seconds``
-            first = None
-            deadline = time.monotonic() + seconds * 3 + 30
-            while time.monotonic() < deadline:
-                t = system.timings()
-                if t:
-                    first = first or min(r["a"] for r in t)
-                    if time.time() > first + 2 * seconds + 2:
-                        break
-                time.sleep(0.5)
+            deadline = time.monotonic() + seconds + 30
+            while not system.completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name}: no job started in {seconds + 30:g} s")
+                time.sleep(0.2)
+            first = min(r["a"] for r in system.timings())
+            time.sleep(max(0.0, first + 2 * seconds + 2 - time.time()))
             timings = system.timings()
             log = system.admissions() if isinstance(system, Jobstream) else {}
         starts: dict[str, list[float]] = defaultdict(list)
@@ -410,28 +409,16 @@ def _celery_bytes(n: int, tenants: int) -> dict[str, Any]:
 
 
 def _procrastinate_bytes(n: int, tenants: int) -> dict[str, Any]:
-    import uuid
-
     import psycopg
-    from procrastinate import App, SyncPsycopgConnector
-    from procrastinate.schema import SchemaManager
 
-    from bench.harness import fresh_database
+    from bench.systems import defer_in_batches, procrastinate_database
 
-    with fresh_database(f"bench{uuid.uuid4().hex[:8]}") as dsn:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(SchemaManager.get_schema())
-        app = App(connector=SyncPsycopgConnector(conninfo=dsn))
+    with procrastinate_database() as (dsn, app):
         s = time.time()
         start = time.monotonic()
-        with app.open():
-            for i in range(0, n, 1000):
-                app.configure_task("noop").batch_defer(
-                    *(
-                        {"k": f"q{j}", "s": s, "t": f"t{j % tenants}"}
-                        for j in range(i, min(n, i + 1000))
-                    )
-                )
+        defer_in_batches(
+            app, "noop", ({"k": f"q{j}", "s": s, "t": f"t{j % tenants}"} for j in range(n))
+        )
         elapsed = time.monotonic() - start
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE procrastinate_jobs")

@@ -54,6 +54,17 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def stop_process(p: subprocess.Popen[bytes], grace_s: float = 30) -> None:
+    """SIGTERM (if still running), SIGKILL after ``grace_s``; reaped either way."""
+    if p.poll() is None:
+        p.terminate()
+    try:
+        p.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 class Run:
     def __init__(self, **settings: str) -> None:
         self.bootstrap = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
@@ -138,8 +149,5 @@ class Run:
             if p.poll() is None:
                 p.terminate()
         for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p, 30)
         self._stack.close()

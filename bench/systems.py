@@ -20,8 +20,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,13 +30,13 @@ from typing import Any
 import psycopg
 from rich.progress import Progress
 
-from bench.harness import ROOT, Run, fresh_database
-from bench.peers import count_timings, read_timings
+from bench.harness import ROOT, Run, fresh_database, stop_process
+from bench.peers import TimingCounter, read_timings
 from bench.workers import _wait_workers
+from bench.workflow import SCANNERS, steps
 from streams.events import JobSpec
 from streams.publisher import JobPublisher
 
-SCANNERS = ["nomos", "monk", "ojo", "copyright", "keyword", "pkgagent"]
 REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:16379")
 KINDS = {
     "pynoop": {"entrypoint": "bench.jobs:noop", "timeout_s": 60, "max_attempts": 1},
@@ -52,16 +52,6 @@ class Job:
     size: int = 0
 
 
-def workflow_keys(u: str) -> list[tuple[str, list[str]]]:
-    """A FOSSology upload: unpack → adj2nest → six scanners in parallel → report."""
-    return [
-        ("unpack", []),
-        ("adj2nest", ["unpack"]),
-        *((s, ["adj2nest"]) for s in SCANNERS),
-        ("report", SCANNERS),
-    ]
-
-
 class System:
     name = ""
 
@@ -71,6 +61,13 @@ class System:
         self.tenants = tenants
         self.timing_dir = Path(f"/tmp/bench-{self.name}-{uuid.uuid4().hex[:8]}")
         self._stack = ExitStack()
+        self._counter = TimingCounter(self.timing_dir)
+
+    def limit(self) -> tuple[int, float]:
+        """The per-tenant rate limit ``N/Ws`` as (N, W)."""
+        assert self.rate is not None
+        limit, window = self.rate.split("/")
+        return int(limit), float(window.rstrip("s"))
 
     def submit(self, jobs: Sequence[Job]) -> None:
         raise NotImplementedError
@@ -79,7 +76,7 @@ class System:
         raise NotImplementedError
 
     def completed(self) -> int:
-        return count_timings(self.timing_dir)
+        return self._counter.count()
 
     def timings(self) -> list[dict[str, Any]]:
         return read_timings(self.timing_dir)
@@ -111,15 +108,28 @@ class System:
         self._stack.close()
         shutil.rmtree(self.timing_dir, ignore_errors=True)
 
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a peer's worker (``python -m ARGV``), its output in ``<timing dir>.log``,
+        stopped when the system is left."""
+        self.timing_dir.mkdir(parents=True)
+        self.log = self.timing_dir.parent / f"{self.timing_dir.name}.log"
+        with self.log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", *argv],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self._stack.callback(stop_process, proc, 20)
+        return proc
 
-def _stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    def _until(self, ready: Any, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:
+        deadline = time.monotonic() + limit_s
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the {self.name} worker did not start (log: {self.log})")
+            time.sleep(0.1)
 
 
 class Jobstream(System):
@@ -140,9 +150,9 @@ class Jobstream(System):
     def __enter__(self) -> Jobstream:
         settings = {"heartbeat_interval_s": "1", "kinds": json.dumps(KINDS), **self.extra}
         if self.rate:
-            limit, window = self.rate.split("/")
+            limit, window_s = self.limit()
             settings["rate_limits"] = json.dumps(
-                [{"scope": "tenant", "limit": int(limit), "window_s": float(window.rstrip("s"))}]
+                [{"scope": "tenant", "limit": limit, "window_s": window_s}]
             )
         run = self._stack.enter_context(Run(**settings))
         self.run = run
@@ -177,7 +187,7 @@ class Jobstream(System):
                     kind="pynoop",
                     depends_on=[f"{u}-{d}" for d in deps],
                 )
-                for name, deps in workflow_keys(u)
+                for name, deps in steps()
             ]
             self.pub.submit_workflow(u, specs)
 
@@ -229,19 +239,15 @@ class CeleryPeer(System):
         redis.Redis.from_url(REDIS).flushall()
         env = dict(os.environ, BENCH_TIMINGS=str(self.timing_dir), BENCH_REDIS=REDIS)
         if self.rate:
-            limit, window = self.rate.split("/")
-            per_s = int(limit) / float(window.rstrip("s"))
-            env.update(BENCH_RATE=f"{per_s:g}/s", BENCH_TENANTS=str(self.tenants))
+            limit, window_s = self.limit()
+            env.update(BENCH_RATE=f"{limit / window_s:g}/s", BENCH_TENANTS=str(self.tenants))
         from bench.peers import celery_app
 
         self.app = celery_app.app
         self.mod = celery_app
-        self.timing_dir.mkdir(parents=True)
-        log = (self.timing_dir.parent / f"{self.timing_dir.name}.log").open("ab")
-        self.proc = subprocess.Popen(
+        self._stack.callback(lambda: redis.Redis.from_url(REDIS).flushall())
+        proc = self._spawn(
             [
-                sys.executable,
-                "-m",
                 "celery",
                 "-A",
                 "bench.peers.celery_app",
@@ -256,18 +262,9 @@ class CeleryPeer(System):
                 "-l",
                 "WARNING",
             ],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            env,
         )
-        self._stack.callback(log.close)
-        self._stack.callback(lambda: redis.Redis.from_url(REDIS).flushall())
-        self._stack.callback(_stop, self.proc)
-        deadline = time.monotonic() + 60
-        while not self.app.control.ping(timeout=0.5):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Celery worker did not start (log: {log.name})")
+        self._until(lambda: self.app.control.ping(timeout=0.5), proc)
         return self
 
     def submit(self, jobs: Sequence[Job]) -> None:
@@ -298,52 +295,30 @@ class ProcrastinatePeer(System):
     name = "procrastinate"
 
     def __enter__(self) -> ProcrastinatePeer:
-        from procrastinate import App, SyncPsycopgConnector
-        from procrastinate.schema import SchemaManager
-
         from bench.peers import procrastinate_app
 
-        dsn = self._stack.enter_context(fresh_database(f"bench{uuid.uuid4().hex[:8]}"))
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(SchemaManager.get_schema())
-            conn.execute(procrastinate_app.FANIN_DDL)
+        dsn, self.app = self._stack.enter_context(procrastinate_database())
         self.mod = procrastinate_app
-        # deferring by task name from another process: an app of its own, without the tasks
-        self.app = App(connector=SyncPsycopgConnector(conninfo=dsn))
-        self._stack.enter_context(self.app.open())
-        self.timing_dir.mkdir(parents=True)
         env = dict(os.environ, BENCH_TIMINGS=str(self.timing_dir), BENCH_PROCRASTINATE_DSN=dsn)
-        log = (self.timing_dir.parent / f"{self.timing_dir.name}.log").open("ab")
-        self.proc = subprocess.Popen(
+        proc = self._spawn(
             [
-                sys.executable,
-                "-m",
                 "procrastinate",
                 "--app=bench.peers.procrastinate_app.app",
                 "worker",
                 "-c",
                 str(self.slots),
             ],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            env,
         )
-        self._stack.callback(log.close)
-        self._stack.callback(_stop, self.proc)
-        self.dsn = dsn
-        deadline = time.monotonic() + 60
         with psycopg.connect(dsn, autocommit=True) as conn:
-            while not conn.execute("SELECT 1 FROM procrastinate_workers LIMIT 1").fetchone():
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the procrastinate worker did not start ({log.name})")
-                time.sleep(0.1)
+            self._until(
+                lambda: conn.execute("SELECT 1 FROM procrastinate_workers LIMIT 1").fetchone(),
+                proc,
+            )
         return self
 
     def _defer(self, task: str, kwargs: Iterable[dict[str, Any]]) -> None:
-        batch = list(kwargs)
-        for i in range(0, len(batch), 1000):
-            self.app.configure_task(task).batch_defer(*batch[i : i + 1000])
+        defer_in_batches(self.app, task, kwargs)
 
     def submit(self, jobs: Sequence[Job]) -> None:
         s = time.time()
@@ -357,6 +332,31 @@ class ProcrastinatePeer(System):
     def submit_workflows(self, uploads: Sequence[str]) -> None:
         s = time.time()
         self._defer("step", ({"k": f"{u}-unpack", "u": u, "s": s} for u in uploads))
+
+
+@contextmanager
+def procrastinate_database() -> Iterator[tuple[str, Any]]:
+    """A fresh database with procrastinate's schema (and the fan-in table of its DAG), and
+    an app that defers by task name into it (deferring from another process than the
+    worker's needs no task code)."""
+    from procrastinate import App, SyncPsycopgConnector
+    from procrastinate.schema import SchemaManager
+
+    from bench.peers import procrastinate_app
+
+    with fresh_database(f"bench{uuid.uuid4().hex[:8]}") as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(SchemaManager.get_schema())
+            conn.execute(procrastinate_app.FANIN_DDL)
+        app = App(connector=SyncPsycopgConnector(conninfo=dsn))
+        with app.open():
+            yield dsn, app
+
+
+def defer_in_batches(app: Any, task: str, kwargs: Iterable[dict[str, Any]]) -> None:
+    batch = list(kwargs)
+    for i in range(0, len(batch), 1000):
+        app.configure_task(task).batch_defer(*batch[i : i + 1000])
 
 
 SYSTEMS: dict[str, type[System]] = {

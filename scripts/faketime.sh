@@ -7,13 +7,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${JOBSTREAM_CACHE:-$here/.cache}/faketime"
 lib="$CACHE/root/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
-if [[ ! -f "$lib" ]]; then
-  echo "faketime: fetching Debian's libfaketime into $CACHE" >&2
-  mkdir -p "$CACHE"
-  (cd "$CACHE" && rm -f ./*.deb && {
-    apt-get download libfaketime >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && apt-get download libfaketime >/dev/null 2>&1; }
-  }) || { echo "faketime: cannot download libfaketime" >&2; exit 1; }
-  dpkg -x "$CACHE"/libfaketime_*.deb "$CACHE/root"
-fi
+log() { printf 'faketime: %s\n' "$*" >&2; }
+# shellcheck source=scripts/lib.sh
+. "$here/scripts/lib.sh"
+[[ -f "$lib" ]] || unpack_debs "$CACHE" libfaketime
 echo "$lib"

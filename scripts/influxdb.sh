@@ -16,17 +16,13 @@ RUN="${JOBSTREAM_RUN:-$here/.services}/influxdb-$HTTP_PORT"
 CACHE="${JOBSTREAM_CACHE:-$here/.cache}/influxdb"
 
 log() { printf 'influxdb: %s\n' "$*" >&2; }
+# shellcheck source=scripts/lib.sh
+. "$here/scripts/lib.sh"
 
 binary() {
   local bin="$CACHE/root/usr/bin/influxd"
   if [[ ! -x "$bin" ]]; then
-    log "fetching Debian's influxdb package into $CACHE"
-    mkdir -p "$CACHE"
-    (cd "$CACHE" && rm -f influxdb_*.deb && {
-      apt-get download influxdb >/dev/null 2>&1 \
-        || { apt-get update -qq >/dev/null 2>&1 && apt-get download influxdb >/dev/null 2>&1; }
-    }) || { log "cannot download the influxdb package (apt-get download influxdb)"; exit 1; }
-    dpkg -x "$CACHE"/influxdb_*.deb "$CACHE/root"
+    unpack_debs "$CACHE" influxdb
   fi
   echo "$bin"
 }
@@ -61,28 +57,11 @@ bind-address = "127.0.0.1:$((HTTP_PORT + 2))"
 CONF
   nohup "$bin" -config "$RUN/influxdb.conf" >"$RUN/server.log" 2>&1 &
   echo $! >"$RUN/pid"
-  for _ in $(seq 1 150); do
-    if answers; then
-      curl -fsS -XPOST "http://127.0.0.1:$HTTP_PORT/query" --data-urlencode "q=CREATE DATABASE udp" >/dev/null
-      log "ready on 127.0.0.1:$HTTP_PORT (HTTP) and udp 127.0.0.1:$UDP_PORT (logs: $RUN/server.log)"
-      return
-    fi
-    sleep 0.2
-  done
-  log "did not answer within 30 s"; tail -20 "$RUN/server.log" >&2; exit 1
+  wait_answering 150 0.2 "$RUN/server.log"
+  curl -fsS -XPOST "http://127.0.0.1:$HTTP_PORT/query" --data-urlencode "q=CREATE DATABASE udp" >/dev/null
+  log "ready on 127.0.0.1:$HTTP_PORT (HTTP) and udp 127.0.0.1:$UDP_PORT (logs: $RUN/server.log)"
 }
 
-stop() {
-  if [[ -f "$RUN/pid" ]]; then
-    kill "$(cat "$RUN/pid")" 2>/dev/null || true
-    rm -f "$RUN/pid"
-    log "stopped"
-  fi
-}
+stop() { stop_pid "$RUN"; }
 
-case "${1:-start}" in
-  start) start ;;
-  stop) stop ;;
-  status) answers ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
-esac
+service_main "$@"

@@ -16,20 +16,15 @@ CACHE="${JOBSTREAM_CACHE:-$here/.cache}/redis"
 LIB="$CACHE/root/usr/lib/x86_64-linux-gnu"
 
 log() { printf 'redis: %s\n' "$*" >&2; }
+# shellcheck source=scripts/lib.sh
+. "$here/scripts/lib.sh"
 
 binary() {
   # Debian's redis-server is a link to the one binary redis-tools ships (it dispatches on its
   # name), so the server package itself (and its service scripts) is not needed.
   local bin="$CACHE/root/usr/bin/redis-server"
   if [[ ! -x "$bin" ]]; then
-    log "fetching Debian's redis-tools (+ libjemalloc2, liblzf1) into $CACHE"
-    mkdir -p "$CACHE"
-    (cd "$CACHE" && rm -f ./*.deb && {
-      apt-get download redis-tools libjemalloc2 liblzf1 >/dev/null 2>&1 \
-        || { apt-get update -qq >/dev/null 2>&1 \
-             && apt-get download redis-tools libjemalloc2 liblzf1 >/dev/null 2>&1; }
-    }) || { log "cannot download the packages (apt-get download redis-tools)"; exit 1; }
-    for deb in "$CACHE"/*.deb; do dpkg -x "$deb" "$CACHE/root"; done
+    unpack_debs "$CACHE" redis-tools libjemalloc2 liblzf1
     ln -sf redis-check-rdb "$bin"
   fi
   echo "$bin"
@@ -46,24 +41,10 @@ start() {
     --appendonly yes --appendfsync everysec --save "" --protected-mode yes \
     --daemonize no >"$RUN/server.log" 2>&1 &
   echo $! >"$RUN/pid"
-  for _ in $(seq 1 100); do
-    if answers; then log "ready on 127.0.0.1:$PORT (logs: $RUN/server.log)"; return; fi
-    sleep 0.1
-  done
-  log "did not answer within 10 s"; tail -20 "$RUN/server.log" >&2; exit 1
+  wait_answering 100 0.1 "$RUN/server.log"
+  log "ready on 127.0.0.1:$PORT (logs: $RUN/server.log)"
 }
 
-stop() {
-  if [[ -f "$RUN/pid" ]]; then
-    kill "$(cat "$RUN/pid")" 2>/dev/null || true
-    rm -f "$RUN/pid"
-    log "stopped"
-  fi
-}
+stop() { stop_pid "$RUN"; }
 
-case "${1:-start}" in
-  start) start ;;
-  stop) stop ;;
-  status) answers ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
-esac
+service_main "$@"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,19 @@ def read_timings(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def count_timings(folder: Path) -> int:
-    n = 0
-    for f in folder.glob("*.jsonl"):
-        with f.open("rb") as fh:
-            n += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
-    return n
+class TimingCounter:
+    """How many records the timing files hold, reading only what was appended since the
+    last call (a wait loop polls it every 50 ms over tens of thousands of records)."""
 
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.read: dict[Path, tuple[int, int]] = {}  # file → (bytes read, newlines seen)
 
-def now() -> float:
-    return time.time()
+    def count(self) -> int:
+        for f in self.folder.glob("*.jsonl"):
+            pos, lines = self.read.get(f, (0, 0))
+            with f.open("rb") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+            self.read[f] = (pos + len(chunk), lines + chunk.count(b"\n"))
+        return sum(lines for _, lines in self.read.values())

@@ -18,10 +18,10 @@ from typing import Any
 from procrastinate import App, PsycopgConnector
 
 from bench.peers import record
+from bench.workflow import SCANNERS
 
 app = App(connector=PsycopgConnector(conninfo=os.environ.get("BENCH_PROCRASTINATE_DSN", "")))
 
-SCANNERS = ["nomos", "monk", "ojo", "copyright", "keyword", "pkgagent"]
 FANIN_DDL = (
     "CREATE TABLE IF NOT EXISTS bench_fanin "
     "(u text PRIMARY KEY, remaining int NOT NULL, dmax double precision NOT NULL DEFAULT 0)"
