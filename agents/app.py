@@ -24,8 +24,10 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -87,6 +89,8 @@ def build_app(ctx: Context) -> faust.App:
         producer_linger=0.001,
         broker_credentials=faust_credentials(s.kafka_config),
         store="memory://",
+        # faust makes a data directory even for in-memory tables; not in the working directory
+        datadir=str(Path(tempfile.gettempdir()) / "jobstream-faust" / "{conf.name}-data"),
     )
 
     def topic(*logical: str) -> Any:

@@ -165,6 +165,7 @@ class RateLimiter:
             else:
                 self.exact[(lim.scope, lim.match)] = lim
         self._cache: dict[tuple[str, str], tuple[tuple[str, int, float], ...]] = {}
+        self._names: dict[tuple[tuple[str, int, float], ...], tuple[str, ...]] = {}
 
     def keys(self, tenant: str, kind: str) -> tuple[tuple[str, int, float], ...]:
         """(key, limit, window) of every limit that applies to a job of tenant and kind."""
@@ -186,6 +187,13 @@ class RateLimiter:
         res = tuple(out)
         self._cache[ck] = res
         return res
+
+    def names(self, keys: tuple[tuple[str, int, float], ...]) -> tuple[str, ...]:
+        """The key names of ``keys`` (a result of ``keys``), shared between calls."""
+        hit = self._names.get(keys)
+        if hit is None:
+            hit = self._names[keys] = tuple([k for k, _, _ in keys])
+        return hit
 
     def limit_of(self, key: str) -> Limit | None:
         """The limit that governs ``key`` (as built by ``keys``), if any."""
@@ -254,6 +262,8 @@ class Semaphores:
 
 class AdmissionCore:
     """Queued jobs of the tenants this owner holds, and the decisions about them."""
+
+    inline_turns = True  # False: every turn through ``_turn`` (the reference, for tests)
 
     def __init__(
         self,
@@ -340,12 +350,61 @@ class AdmissionCore:
         self._full: dict[str, Gate] = {}  # semaphores found full in this round
         budget = max_admits if max_admits is not None else len(self.jobs)
         idle_turns = 0
-        while budget > 0 and self.active and idle_turns < len(self.active):
-            tenant = self.active[0]
-            weight = self.weights.get(tenant, 1.0)
-            if self.deficit[tenant] < 1:
-                self.deficit[tenant] += self.policy.quantum * weight
-            has_credit = self.deficit[tenant] >= 1
+        active, deficits, weights = self.active, self.deficit, self.weights
+        queues, jobs, quantum = self.queues, self.jobs, self.policy.quantum
+        cap, used = self.sem.capacity, self.sem.used
+        rates = self.rates
+        has_limits = bool(rates.exact or rates.any)
+        append = out.admitted.append
+        # nothing paused or reserved: a turn worth one admission whose head fits is taken
+        # here, inline (the common case; the same outcome as ``_turn`` for it)
+        simple = self.inline_turns and not self.paused and not reserved
+        room_needs: tuple[Need, ...] | None = None
+        room = 0
+        while budget > 0 and active and idle_turns < len(active):
+            tenant = active[0]
+            deficit = deficits[tenant]
+            if deficit < 1:
+                deficit += quantum * weights.get(tenant, 1.0)
+            if simple and 1 <= deficit < 2:
+                q = queues[tenant]
+                job = q[0]
+                keys: tuple[tuple[str, int, float], ...] = ()
+                fits = True
+                if has_limits:
+                    keys = rates.keys(tenant, job.kind)
+                    fits = not keys or rates.next_allowed(keys, now)[0] <= now
+                needs = job.needs
+                if fits and (needs is not room_needs or room < 1):
+                    # how many more jobs with these needs fit (kept while only they admit)
+                    room_needs, room = needs, budget
+                    for name, amount in needs:
+                        c = cap.get(name)
+                        if amount == ALL or c is None:
+                            room = 0
+                            break
+                        room = min(room, (c - used.get(name, 0)) // amount)
+                    fits = room > 0
+                if fits:
+                    heapq.heappop(q)
+                    if keys:
+                        rates.record(keys, now)
+                    for name, amount in needs:
+                        used[name] = used.get(name, 0) + amount
+                    room -= 1
+                    del jobs[job.id]
+                    deficits[tenant] = deficit - 1
+                    append(_new_admit(Admit, (job, needs, rates.names(keys) if keys else ())))
+                    budget -= 1
+                    idle_turns = 0
+                    if q:
+                        active.rotate(-1)
+                    else:
+                        self._drop_tenant(tenant)
+                    continue
+            deficits[tenant] = deficit
+            has_credit = deficit >= 1
+            room_needs = None  # the general turn may change any usage
             admitted, exhausted, stop = self._turn(tenant, now, reserved, out, budget)
             budget -= admitted
             if admitted:
@@ -355,23 +414,34 @@ class AdmissionCore:
             if stop:
                 break
             if exhausted:
-                if tenant not in self.queues:
+                if tenant not in queues:
                     continue  # dropped from the rotation (queue empty)
-                self.deficit[tenant] = min(self.deficit[tenant], 1.0)
-            self.active.rotate(-1)
+                deficits[tenant] = min(deficits[tenant], 1.0)
+            active.rotate(-1)
         return out
 
     def _reservations(self, now: float, out: Decisions) -> dict[str, str]:
-        """Resources (other than slots) reserved for due jobs that cannot start now."""
-        heads = sorted(q[0] for q in self.queues.values() if q and q[0].due <= now)
+        """Resources (other than slots) reserved for due jobs that cannot start now: in due
+        order, each blocked due head reserves what it wants unless an earlier one holds any
+        of it. (Only blocked heads can reserve, and blocking does not depend on the order,
+        so they are found first and only they are sorted.)"""
+        blocking = self.sem.blocking
+        blocked = []
+        for q in self.queues.values():
+            job = q[0]
+            if job.due <= now:
+                wanted = [n for n in job.needs if n[0] != SLOTS]
+                if blocking(wanted) is not None:
+                    blocked.append((job, wanted))
         reserved: dict[str, str] = {}
-        for job in heads:
-            wanted = [n for n in job.needs if n[0] != SLOTS]
+        if not blocked:
+            return reserved
+        blocked.sort(key=lambda pair: pair[0])
+        for job, wanted in blocked:
             if any(name in reserved for name, _ in wanted):
                 continue
-            if self.sem.blocking(wanted) is not None:
-                for name, _ in wanted:
-                    reserved[name] = job.id
+            for name, _ in wanted:
+                reserved[name] = job.id
         return reserved
 
     def _turn(
@@ -437,7 +507,7 @@ class AdmissionCore:
                 del self.jobs[job.id]
                 deficit -= 1
                 admitted += 1
-                append(Admit(job, holds, tuple([k for k, _, _ in keys]) if keys else ()))
+                append(Admit(job, holds, rates.names(keys) if keys else ()))
                 continue
             if gate is None:
                 gate = self._gate(job, now, reserved)
@@ -498,6 +568,7 @@ class AdmissionCore:
 
 
 _HAS_ALL: dict[tuple[Need, ...], bool] = {}
+_new_admit = tuple.__new__  # Admit without NamedTuple's Python-level __new__ (hot path)
 _NEEDS_CACHE: dict[tuple[str, tuple[str, ...], str | None, bool], tuple[Need, ...]] = {}
 
 

@@ -304,3 +304,61 @@ def test_remove_reprioritize_and_drop_tenants() -> None:
     core.enqueue(job(9, "z"))
     assert sorted(core.drop_tenants(["z"])) == ["j0"]
     assert len(core) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(TENANTS),
+            st.sampled_from(KINDS),
+            st.integers(-20, 20),
+            st.sampled_from([None, "gpu", "*"]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    limits_st,
+    st.dictionaries(st.sampled_from(TENANTS), st.sampled_from([0.5, 1.0, 2.0, 3.0])),
+    st.integers(1, 6),
+    st.sampled_from([None, "tenant:a", "kind:monk"]),
+    st.lists(st.integers(1, 7), min_size=1, max_size=6),
+)
+def test_inline_turns_decide_exactly_as_the_general_turn(
+    specs: list[tuple[str, str, int, str | None]],
+    limits: list[Limit],
+    weights: dict[str, float],
+    slots: int,
+    pause: str | None,
+    budgets: list[int],
+) -> None:
+    """The hot path (a turn worth one admission taken inline) is an optimisation only: the
+    same admissions in the same order, the same gates and wake-up, round after round."""
+    cores = []
+    for inline in (True, False):
+        core = AdmissionCore(POLICY, limits, {SLOTS: slots, "kind:monk": 2, "gpu": 1}, weights)
+        core.inline_turns = inline
+        if pause:
+            core.paused.add(pause)
+        for i, (tenant, kind, priority, special) in enumerate(specs):
+            exclusive = special if special == "*" else None
+            resources = [special] if special == "gpu" else []
+            needs = needs_for(kind, resources, exclusive, kind == "monk")
+            core.enqueue(job(i, tenant, kind, priority=priority, needs=needs))
+        cores.append(core)
+    now = 0.0
+    for round_no, budget in enumerate(budgets * 3):
+        got = [core.decide(now, max_admits=budget) for core in cores]
+        fast, ref = got
+        assert [(a.job.id, a.holds, a.rate_keys) for a in fast.admitted] == [
+            (a.job.id, a.holds, a.rate_keys) for a in ref.admitted
+        ]
+        assert fast.gates == ref.gates and fast.wake_at == ref.wake_at
+        for core, d in zip(cores, got, strict=True):
+            for a in d.admitted[: round_no % 3]:
+                core.sem.release(a.holds)
+        if round_no == len(budgets) and pause:
+            for core in cores:
+                core.paused.discard(pause)
+        now += 0.7
+    assert cores[0].deficit == cores[1].deficit and list(cores[0].active) == list(cores[1].active)
