@@ -44,12 +44,14 @@ from agents.core.admission import (
     needs_for,
 )
 from agents.deadletter import dead_letter, decode_all
-from agents.rows import DispatchJob
+from agents.intake import ready_records
+from agents.rows import DispatchJob, ReadyJob
 from streams.events import AdmissionDecision, Dispatch, JobReady, encode
 from streams.kafka import Record, partition_for
 
 log = logging.getLogger("jobstream.admission")
 IDLE_POLL_S = 1.0
+SENDS_IN_FLIGHT = 4  # rounds whose dispatches may wait for the broker behind the next round
 
 
 async def dispatch_records(
@@ -126,6 +128,11 @@ class Admission:
         self.delayed: list[tuple[float, str, QueuedRow]] = []
         self.delayed_ids: set[str] = set()
         self._depth_at = 0.0
+        self.sending: list[asyncio.Future[None]] = []  # rounds' sends, oldest first
+        # jobs taken without the topic since ownership was last confirmed unchanged: if it
+        # changed meanwhile, they are published after all (their new owner may have loaded
+        # the tenant's ready jobs before they were committed)
+        self.taken_locally: dict[str, ReadyJob] = {}
         self._depth_seen: set[tuple[str, str]] = set()
 
     # -- inputs ----------------------------------------------------------------------------
@@ -186,6 +193,48 @@ class Admission:
         self.wake.set()
         return added
 
+    async def take_local(self, jobs: Sequence[ReadyJob]) -> list[ReadyJob]:
+        """Queue here, without the ``jobs.ready`` hop, the ready jobs of tenants this
+        process owns now (its assignment known and unchanged since the last round took it
+        in); return the others, for the topic. A job taken here just before a rebalance is
+        dropped by the next round with the rest of the tenant, and its new owner loads it
+        from PostgreSQL, as it loads every ready job of the tenants it is given."""
+        assigned = self.assigned()
+        if not assigned or assigned != self.owned:
+            return list(jobs)
+        mine = [j for j in jobs if partition_for(j.tenant.encode(), self.partitions) in assigned]
+        if not mine:
+            return list(jobs)
+        rows = [
+            QueuedRow(
+                j.id,
+                j.tenant,
+                j.kind,
+                j.priority,
+                j.size,
+                j.ready_at,
+                j.resources or [],
+                j.exclusive,
+                j.run_after,
+            )
+            for j in mine
+            if j.ready_at is not None
+        ]
+        unread = [j.id for j in mine if j.ready_at is None]
+        if unread:
+            store = await self.ctx.store()
+
+            async def load() -> list[QueuedRow]:
+                async with store.tx() as conn:
+                    return await admstore.load_ready(conn, unread)
+
+            rows += await retrying("admission load", load)
+        self.enqueue(rows, time.time())
+        self.wake.set()
+        taken = {j.id for j in mine}
+        self.taken_locally.update((j.id, j) for j in jobs if j.id in taken)
+        return [j for j in jobs if j.id not in taken]
+
     def owns(self, tenant: str) -> bool:
         return self.owned is None or partition_for(tenant.encode(), self.partitions) in self.owned
 
@@ -220,6 +269,8 @@ class Admission:
                     await asyncio.sleep(0.5)
         finally:
             listener.cancel()
+            if self.sending:  # stopping: let the last rounds' sends finish (briefly)
+                await asyncio.wait(list(self.sending), timeout=5.0)
 
     async def _listen(self) -> None:
         """Wake on ``NOTIFY jobstream`` (capacity released, controls changed) from any process."""
@@ -349,12 +400,45 @@ class Admission:
             tags = {"tenant": job.tenant, "kind": job.kind}
             self.ctx.metrics.count("admissions", tags)
             self.ctx.metrics.observe("admission_wait_ms", decision.waited_s * 1000, tags)
-        await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
-        await retrying("dispatch confirm", lambda: store.confirm_dispatch(jobs))
+        await self._send(records, jobs)
         for job in jobs:
             self.gates_written.pop(job.id, None)
         self.admitted += len(jobs)
         return len(jobs)
+
+    async def _send(self, records: list[Record], jobs: list[DispatchJob]) -> None:
+        """Produce a round's dispatches and decisions, then mark the dispatches confirmed,
+        behind the round: the next round decides while these wait for the broker and
+        PostgreSQL (one after another, in round order, at most ``SENDS_IN_FLIGHT``).
+        The jobs are already ``dispatched`` in PostgreSQL: if this process dies first, the
+        reconciler re-sends what was never confirmed, and workers fence by attempt."""
+        store = await self.ctx.store()
+        previous = self.sending[-1] if self.sending else None
+
+        async def send() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
+            await retrying("dispatch confirm", lambda: store.confirm_dispatch(jobs))
+
+        task = asyncio.ensure_future(send())
+        self.sending.append(task)
+        task.add_done_callback(self._sent)
+        while len(self.sending) > SENDS_IN_FLIGHT:
+            await asyncio.wait([self.sending[0]])
+
+    def _sent(self, task: asyncio.Future[None]) -> None:
+        self.sending.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "admission: sending dispatches failed (the reconciler re-sends them): %r",
+                task.exception(),
+            )
+
+    async def flush(self) -> None:
+        """Wait until every round's dispatches are sent and confirmed."""
+        while self.sending:
+            await asyncio.wait(list(self.sending))
 
     async def _write_gates(self, d: Decisions) -> None:
         changed = []
@@ -380,6 +464,7 @@ class Admission:
         if assigned is None:
             return
         changed = assigned != self.owned
+        taken, self.taken_locally = self.taken_locally, {}
         if not changed and now < self.next_resync:
             return
         if changed:
@@ -389,6 +474,11 @@ class Admission:
                 if partition_for(t.encode(), self.partitions) in assigned
             ]
             dropped = self.core.drop_tenants(keep)
+            lost = [taken[i] for i in dropped if i in taken]
+            if lost:
+                await retrying(
+                    "hand over", lambda: self.ctx.producer.aproduce(ready_records(self.ctx, lost))
+                )
             if dropped or self.owned is not None:
                 log.info(
                     "admission: partitions %s (was %s); handed over %d queued jobs",

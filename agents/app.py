@@ -1,10 +1,12 @@
 """The faust-streaming application: the scheduler's stream agents wired to their topics.
 
 Agents (one consumer group, ``settings.app_id``):
-- ``intake``       jobs.independent → PostgreSQL → jobs.ready
+- ``intake``       jobs.independent → PostgreSQL → admission
 - ``dependencies`` jobs.dependent + jobs.events (co-partitioned by group) → PostgreSQL
-                   (submissions, guarded transitions, dependency decisions) → jobs.ready
-- ``admission``    jobs.ready → PostgreSQL (ready → dispatched) → jobs.dispatch
+                   (submissions, guarded transitions, dependency decisions) → admission
+- ``admission``    ready jobs → PostgreSQL (ready → dispatched) → jobs.dispatch. A ready job
+                   whose tenant this process owns is handed over in-process; the others go
+                   through jobs.ready (keyed by tenant) to their owner.
 - ``heartbeats``   workers.heartbeat → PostgreSQL (workers table, job progress)
 - ``control``      jobs.control → PostgreSQL (pauses, limits, priorities, cancel, retry)
 - ``telemetry``    telemetry.hosts (Telegraf) → PostgreSQL host_load → the brake
@@ -75,6 +77,10 @@ async def handle_safely(
 def build_app(ctx: Context) -> faust.App:
     s = ctx.settings
     brokers = [f"kafka://{h.strip()}" for h in s.require_kafka().split(",") if h.strip()]
+    # faust makes a data directory even for in-memory tables (mkdir without parents): keep
+    # it out of the working directory
+    datadir = Path(tempfile.gettempdir()) / "jobstream-faust"
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         s.app_id,
         broker=brokers,
@@ -89,8 +95,7 @@ def build_app(ctx: Context) -> faust.App:
         producer_linger=0.001,
         broker_credentials=faust_credentials(s.kafka_config),
         store="memory://",
-        # faust makes a data directory even for in-memory tables; not in the working directory
-        datadir=str(Path(tempfile.gettempdir()) / "jobstream-faust" / "{conf.name}-data"),
+        datadir=str(datadir / "{conf.name}-data"),
     )
 
     def topic(*logical: str) -> Any:
@@ -123,6 +128,7 @@ def build_app(ctx: Context) -> faust.App:
         return {tp.partition for tp in tps if tp.topic == ready_topic}
 
     admission = Admission(ctx, assigned)
+    ctx.local_ready = admission.take_local
     batch_agent(topic("jobs.independent"), "intake", handle_submissions)
     batch_agent(topic("jobs.dependent", "jobs.events"), "dependencies", handle_dependent)
     batch_agent(topic("jobs.ready"), "admission", admission.handle_ready)

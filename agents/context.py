@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from agents.errors import StoreUnavailable
 from agents.metrics import Metrics, process_tags
 from agents.pools import ensure_pool_topics, pool_of
+from agents.rows import ReadyJob
 from agents.settings import Settings
 from agents.store import PostgresJobStore
 from streams.errors import DeliveryFailed, KafkaUnavailable
@@ -47,6 +48,9 @@ class Context:
     _pools_known: set[str] = field(default_factory=set)
     process: str = "scheduler"  # the ``process`` tag of this process's metrics
     _metrics: Metrics | None = None
+    # the admission owner in this process, when there is one: takes the ready jobs of the
+    # tenants it owns without the ``jobs.ready`` hop, returns the others (``forward_ready``)
+    local_ready: Callable[[Sequence[ReadyJob]], Awaitable[list[ReadyJob]]] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:

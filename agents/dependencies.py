@@ -4,7 +4,8 @@ Both topics are keyed by the dependency group and co-partitioned (``topics.yaml`
 owner sees a group's submissions and its completions, in order. Per batch, one transaction
 persists new jobs and lifecycle events, loads the affected part of the graph and lets the pure
 core (``agents.core.deps``) decide: release, fail (transitively, naming the root cause) or wait
-(the gate shown by ``jobstream why``). Released jobs and retries go to ``jobs.ready``.
+(the gate shown by ``jobstream why``). Released jobs and retries go to their tenant's
+admission owner (``forward_ready``: in-process when it is this one, else ``jobs.ready``).
 
 Invariants:
 - Arrival order does not matter, and duplicated or reordered completions change nothing

@@ -50,10 +50,18 @@ def ready_records(ctx: Context, jobs: Sequence[ReadyJob]) -> list[Record]:
 
 
 async def forward_ready(ctx: Context, jobs: Sequence[ReadyJob]) -> int:
-    """Publish ``job.ready`` for each job (keyed by tenant) and wait for the broker."""
-    records = ready_records(ctx, jobs)
-    await retrying("forward ready", lambda: ctx.producer.aproduce(records))
-    return len(records)
+    """Hand each ready job to its tenant's admission owner: this process's own when it owns
+    the tenant now (no hop: the job is already ``ready`` in PostgreSQL, where any owner
+    finds it again), else ``job.ready`` on ``jobs.ready`` (keyed by tenant), confirmed by
+    the broker."""
+    rest = await ctx.local_ready(jobs) if ctx.local_ready is not None and jobs else jobs
+    if rest:
+        records = ready_records(ctx, rest)
+        await retrying("forward ready", lambda: ctx.producer.aproduce(records))
+        ctx.metrics.count("ready_handoffs", {"path": "topic"}, n=len(rest))
+    if len(rest) < len(jobs):
+        ctx.metrics.count("ready_handoffs", {"path": "local"}, n=len(jobs) - len(rest))
+    return len(jobs)
 
 
 def _check_kind(ctx: Context, job: JobSpec) -> None:

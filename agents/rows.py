@@ -24,7 +24,11 @@ def states(values: Sequence[str]) -> list[str]:
     return [str(s) for s in values]
 
 
-READY_COLS = sql.SQL("id, tenant, kind, extract(epoch from submitted_at)::float8 AS submitted_at")
+READY_COLS = sql.SQL(
+    "id, tenant, kind, extract(epoch from submitted_at)::float8 AS submitted_at, priority, "
+    "size, extract(epoch from ready_at)::float8, resources, exclusive, "
+    "extract(epoch from run_after)::float8"
+)
 DISPATCH_COLS = sql.SQL(
     "id, attempt, tenant, kind, args, timeout_s, extract(epoch from submitted_at)::float8, "
     "extract(epoch from dispatched_at)::float8, group_key"
@@ -45,10 +49,19 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class ReadyJob:
+    """A job that became ready. Read with ``READY_COLS`` it also carries what admission
+    queues it by (``ready_at`` set), so an owner in the same process needs no read."""
+
     id: str
     tenant: str
     kind: str
     submitted_at: float
+    priority: int = 0
+    size: int = 0
+    ready_at: float | None = None
+    resources: list[str] | None = None
+    exclusive: str | None = None
+    run_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,8 +136,18 @@ class Run:
                 ).fetchone() or (0,)
                 conn.rollback()
                 progress.update(task, completed=done)
+                self.check_alive()
                 time.sleep(0.1)
         return time.monotonic() - start
+
+    def check_alive(self) -> None:
+        """Fail now, with its log's tail, if a started process died of an error (exit code
+        above 0; processes a scenario kills or stops exit by signal or with 0)."""
+        for n, p in enumerate(self.procs):
+            if p.poll() is not None and p.returncode > 0:
+                logs = sorted(Path(f"/tmp/{self.name}").glob(f"{n}-*.log"))
+                tail = logs[0].read_text(errors="replace")[-3000:] if logs else ""
+                raise RuntimeError(f"process {p.args!r} exited with {p.returncode}:\n{tail}")
 
     def __exit__(
         self,

@@ -17,6 +17,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -175,6 +176,11 @@ class _Batch:
             )
 
 
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
 class ConfirmedProducer:
     """A confluent-kafka producer whose sends return once the broker confirmed them.
 
@@ -184,6 +190,9 @@ class ConfirmedProducer:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self._producer = Producer(dict(config))
+        self._flush_soon = False
+        self._ready: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        self._ready_lock = threading.Lock()
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-producer-poll", daemon=True)
         self._poller.start()
@@ -203,17 +212,54 @@ class ConfirmedProducer:
         batch.check()
 
     async def aproduce(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
-        """Produce and wait for every confirmation without blocking the event loop."""
+        """Produce and wait for every confirmation without blocking the event loop.
+
+        Cheap per call (hot in the worker and the agents): one future and one timer, the
+        sender woken once per loop turn for all calls of that turn, and the loop woken once
+        for all batches confirmed by one delivery pass (not once per batch)."""
         if not records:
             return
         loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        batch = self._send(records, lambda: loop.call_soon_threadsafe(done.set))
+        fut: asyncio.Future[None] = loop.create_future()
+        batch = _Batch(len(records), partial(self._confirmed, loop, fut))
+        for rec in records:
+            self._produce_one(rec, batch.on_delivery)
+        if not self._flush_soon:
+            self._flush_soon = True
+            loop.call_soon(self._flush_now)
+        timer = loop.call_later(timeout_s, _expire, fut)
         try:
-            await asyncio.wait_for(done.wait(), timeout_s)
+            await fut
         except TimeoutError:
             raise batch.unconfirmed(timeout_s) from None
+        finally:
+            timer.cancel()
         batch.check()
+
+    def _flush_now(self) -> None:
+        self._flush_soon = False
+        self._producer.flush(0)  # wake the sender: do not wait for linger.ms
+
+    def _confirmed(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+        """A batch is confirmed (any thread): resolve its future on its loop, waking the
+        loop once for every batch confirmed before it runs."""
+        with self._ready_lock:
+            waiting = self._ready.setdefault(loop, [])
+            waiting.append(fut)
+            first = len(waiting) == 1
+        if first:
+            try:
+                loop.call_soon_threadsafe(self._resolve, loop)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                with self._ready_lock:
+                    self._ready.pop(loop, None)
+
+    def _resolve(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._ready_lock:
+            futures = self._ready.pop(loop, [])
+        for fut in futures:
+            if not fut.done():
+                fut.set_result(None)
 
     def _send(self, records: Sequence[Record], on_done: Callable[[], object]) -> _Batch:
         batch = _Batch(len(records), on_done)

@@ -207,6 +207,15 @@ def test_dependent_runs_only_after_its_dependencies(
     report = row(dsn, "report")
     for dep in ("nomos", "monk"):
         assert report["started_at"] >= row(dsn, dep)["finished_at"]  # type: ignore[operator]
+    # the scheduler owns every tenant here: the job its completions released went straight
+    # to admission in the same process, never through jobs.ready
+    on_ready = [
+        decode(m.value()).job_id
+        for m in read_topic(
+            settings.require_kafka(), settings.topic_prefix + "jobs.ready", expect=10**6, timeout=4
+        )
+    ]
+    assert "report" not in on_ready
 
 
 def test_killing_the_scheduler_mid_run_loses_no_job(
