@@ -267,7 +267,16 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Admi
             count[k] = count.get(k, 0) + 1
         accepted.append(c)
     dispatched: list[Dispatched] = []
-    if accepted:
+    if not accepted:
+        return AdmitResult(dispatched, refused)
+    holds = [(c.id, n, a) for c in accepted for n, a in c.holds]
+    sums: dict[str, int] = defaultdict(int)
+    for _, n, a in holds:
+        sums[n] += a
+    used_names = sorted(sums)
+    log = [(k, now) for c in accepted for k, _, _ in c.rate_keys]
+    # the writes depend on nothing they return: one round trip (pipeline mode) for all
+    async with conn.pipeline():
         cur = await conn.execute(
             q(
                 """
@@ -281,26 +290,20 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Admi
             ),
             ([c.id for c in accepted],),
         )
-        dispatched = [Dispatched(DispatchJob(*r[:-3]), *r[-3:]) for r in await cur.fetchall()]
-        holds = [(c.id, n, a) for c in accepted for n, a in c.holds]
         await conn.execute(
             "INSERT INTO job_holds (job_id, name, amount) "
             "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])",
             ([h[0] for h in holds], [h[1] for h in holds], [h[2] for h in holds]),
         )
-        sums: dict[str, int] = defaultdict(int)
-        for _, n, a in holds:
-            sums[n] += a
-        used_names = sorted(sums)
         await conn.execute(
             "UPDATE semaphores s SET used = s.used + v.amount "
             "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
             (used_names, [sums[n] for n in used_names]),
         )
-        log = [(k, now) for c in accepted for k, _, _ in c.rate_keys]
         if log:
             await conn.execute(
                 "INSERT INTO rate_log (key, at) SELECT * FROM unnest(%s::text[], %s::float8[])",
                 ([k for k, _ in log], [t for _, t in log]),
             )
+    dispatched = [Dispatched(DispatchJob(*r[:-3]), *r[-3:]) for r in await cur.fetchall()]
     return AdmitResult(dispatched, refused)
