@@ -140,15 +140,16 @@ async def release_holds(conn: Conn, job_ids: Sequence[str]) -> int:
     for name, amount in rows:
         sums[name] += amount
     names = sorted(sums)
-    await conn.execute(
-        "SELECT name FROM semaphores WHERE name = ANY(%s) ORDER BY name FOR UPDATE", (names,)
-    )
-    await conn.execute(
-        "UPDATE semaphores s SET used = greatest(0, s.used - v.amount) "
-        "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
-        (names, [sums[n] for n in names]),
-    )
-    await notify(conn, "release")
+    async with conn.pipeline():  # lock in name order, update, announce: one round trip
+        await conn.execute(
+            "SELECT name FROM semaphores WHERE name = ANY(%s) ORDER BY name FOR UPDATE", (names,)
+        )
+        await conn.execute(
+            "UPDATE semaphores s SET used = greatest(0, s.used - v.amount) "
+            "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
+            (names, [sums[n] for n in names]),
+        )
+        await notify(conn, "release")
     return len(rows)
 
 

@@ -135,14 +135,16 @@ async def apply_lifecycle(
             terminal.append(ev.job_id)
         elif state == "ready":
             retry.append(ReadyJob(ev.job_id, row[2], row[3], row[4]))
-    if history:
-        await conn.execute(
-            "INSERT INTO job_history (job_id, attempt, event, detail) "
-            "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
-            [list(col) for col in zip(*history, strict=True)],
-        )
-    # an attempt ended (terminal, or back to ready for a retry): give back what it held
-    await release_holds(conn, [*terminal, *(r.id for r in retry)])
+    # the history goes out with the release's first statement (pipeline: one round trip)
+    async with conn.pipeline():
+        if history:
+            await conn.execute(
+                "INSERT INTO job_history (job_id, attempt, event, detail) "
+                "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
+                [list(col) for col in zip(*history, strict=True)],
+            )
+        # an attempt ended (terminal, or back to ready for a retry): give back what it held
+        await release_holds(conn, [*terminal, *(r.id for r in retry)])
     return terminal, retry
 
 
@@ -364,19 +366,17 @@ async def apply_decisions(conn: Conn, decisions: Sequence[Release | Fail | Wait]
     if released:
         cur = await conn.execute(
             q(
-                """UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(),
-                    updated_at = now()
-                WHERE id = ANY(%s) AND state = 'waiting' RETURNING {cols}""",
+                """WITH r AS (
+                    UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(),
+                        updated_at = now()
+                    WHERE id = ANY(%s) AND state = 'waiting' RETURNING *),
+                h AS (INSERT INTO job_history (job_id, event) SELECT id, 'unlocked' FROM r)
+                SELECT {cols} FROM r""",
                 cols=READY_COLS,
             ),
             (released,),
         )
         ready = [ReadyJob(*r) for r in await cur.fetchall()]
-        if ready:
-            await conn.execute(
-                "INSERT INTO job_history (job_id, event) SELECT unnest(%s::text[]), 'unlocked'",
-                ([r.id for r in ready],),
-            )
     if failed:
         await conn.execute(
             """
