@@ -310,7 +310,7 @@ class Admission:
             if self.delayed:
                 await self._write_gates(self._delayed_gates(now))
             return False
-        async with store.tx() as conn:
+        async with store.tx(pipeline=True) as conn:
             snap = await admstore.semaphore_snapshot(conn)
         sem = self.core.sem
         sem.capacity = {name: cap for name, (cap, _) in snap.items()}
@@ -363,7 +363,7 @@ class Admission:
         ]
 
         async def tx() -> admstore.AdmitResult:
-            async with store.tx() as conn:
+            async with store.tx(pipeline=True) as conn:
                 return await admstore.admit(conn, candidates, now)
 
         res = await retrying("admission transaction", tx)

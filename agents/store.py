@@ -98,11 +98,19 @@ class PostgresJobStore:
         await self.close()
 
     @asynccontextmanager
-    async def tx(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def tx(self, *, pipeline: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """One transaction on a pooled connection. ``pipeline``: in pipeline mode, so BEGIN
+        travels with the first statement and COMMIT with the last writes (a transaction of
+        one query is one round trip, not three); for the hot paths, whose statements are
+        single queries (no COPY, no multi-statement scripts)."""
         try:
             async with self._pool.connection() as conn:
-                async with conn.transaction():
-                    yield conn
+                if pipeline:
+                    async with conn.pipeline(), conn.transaction():
+                        yield conn
+                else:
+                    async with conn.transaction():
+                        yield conn
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"PostgreSQL: {exc}") from None
 
@@ -137,7 +145,7 @@ class PostgresJobStore:
         attempt."""
         if not batch:
             return []
-        async with self.tx() as conn:
+        async with self.tx(pipeline=True) as conn:
             await insert_jobs(conn, batch)
             return await ready_among(conn, [a.job.id for a in batch])
 
@@ -154,7 +162,7 @@ class PostgresJobStore:
         """The dependency stage's transaction: persist submissions and lifecycle events, settle
         the affected part of the graph, and return (jobs to forward as ready, submissions of
         this batch rejected as impossible)."""
-        async with self.tx() as conn:
+        async with self.tx(pipeline=True) as conn:
             inserted = await insert_jobs(conn, accepted)
             terminal, retry = await apply_lifecycle(conn, events, backoff)
             changed = inserted + terminal
@@ -270,7 +278,7 @@ class PostgresJobStore:
     async def confirm_dispatch(self, jobs: Sequence[DispatchJob]) -> None:
         if not jobs:
             return
-        async with self.tx() as conn:
+        async with self.tx(pipeline=True) as conn:
             await conn.execute(
                 """
                 UPDATE jobs j SET dispatch_confirmed = true
