@@ -137,9 +137,12 @@ async def run_attempt(
     kill_grace_s: float,
     handle: AttemptHandle | None = None,
     pool: PyPool | None = None,
+    progress_dir: Path | None = None,
 ) -> Outcome:
     """Run one attempt: a command as a subprocess, or a Python entry point in a warm pool
-    member (a one-off child interpreter without a pool)."""
+    member (a one-off child interpreter without a pool). The progress file goes next to the
+    log and is removed at the end, or into ``progress_dir``, whose owner sweeps it (the
+    worker, once per heartbeat: no unlink per job)."""
     start = time.monotonic()
     h = handle or AttemptHandle()
     if kind is None:
@@ -155,7 +158,11 @@ async def run_attempt(
         path.parent.mkdir(parents=True, exist_ok=True)
         if len(_MADE_DIRS) < 100_000:
             _MADE_DIRS.add(path.parent)
-    h.progress_file = path.with_suffix(".progress")
+    h.progress_file = (
+        path.with_suffix(".progress")
+        if progress_dir is None
+        else progress_dir / f"{path.stem}.progress"
+    )
     # nokill kinds are never killed for liveness: no timeout (a cancel still stops them)
     limit_s = None if kind.nokill else (d.timeout_s or kind.timeout_s)
     job_env = {
@@ -174,10 +181,11 @@ async def run_attempt(
             argv, d, job_env, kind, path, h, limit_s, kill_grace_s
         )
     duration = time.monotonic() - start
-    try:
-        h.progress_file.unlink(missing_ok=True)
-    except OSError:
-        pass
+    if progress_dir is None:
+        try:
+            h.progress_file.unlink(missing_ok=True)
+        except OSError:
+            pass
     if error is not None:
         return Outcome(False, None, error, duration, str(path), False)
     if reason is not None:

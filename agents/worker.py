@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -37,6 +38,7 @@ import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -92,6 +94,10 @@ def _due(value: bytes | None) -> float:
     return float("inf") if d.due is None else d.due
 
 
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:120]
+
+
 class Worker:
     def __init__(
         self,
@@ -118,6 +124,8 @@ class Worker:
         self.cancelled: OrderedDict[str, str] = OrderedDict()
         self.handed_back = 0
         self.pypool = PyPool(self.slots)
+        # running jobs' progress files, swept once per heartbeat (``_sweep_progress``)
+        self.progress_dir = Path(s.log_dir) / ".progress" / _file_safe(self.id)
         self.tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
         self.running: dict[str, asyncio.Task[None]] = {}
         self.backlog: deque[_Buffered] = deque()
@@ -184,6 +192,7 @@ class Worker:
         s = self.ctx.settings
         pools = pools_served(s, self.labels)
         await ensure_pool_topics(s, self.ctx.registry, pools, set())
+        self.progress_dir.mkdir(parents=True, exist_ok=True)
 
         def on_assign(_consumer: Any, partitions: list[TopicPartition]) -> None:
             log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
@@ -218,6 +227,7 @@ class Worker:
             await asyncio.get_running_loop().run_in_executor(self._control_pool, self.control.close)
             self._pool.shutdown(wait=False)
             self._control_pool.shutdown(wait=False)
+            shutil.rmtree(self.progress_dir, ignore_errors=True)
 
     def _buffer(self, msgs: list[Any]) -> None:
         for m in msgs:
@@ -403,6 +413,7 @@ class Worker:
                 kill_grace_s=s.kill_grace_s,
                 handle=handle,
                 pool=self.pypool,
+                progress_dir=self.progress_dir,
             )
             if d.job_id in self.cancelled and not outcome.ok:
                 self._finished_metrics(d, outcome, "cancelled")
@@ -534,7 +545,25 @@ class Worker:
         self.tracker.finished((m.topic, m.partition), m.offset)
         return True
 
+    def _sweep_progress(self) -> None:
+        """Remove progress files of attempts no longer running here (one directory scan
+        per heartbeat instead of an unlink per job)."""
+        live = {h.progress_file.name for h in self.handles.values() if h.progress_file}
+        try:
+            with os.scandir(self.progress_dir) as entries:
+                for entry in entries:
+                    if entry.name not in live:
+                        try:
+                            os.unlink(entry.path)
+                        except FileNotFoundError:
+                            pass
+        except FileNotFoundError:
+            self.progress_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # never a reason to miss a beat
+            log.warning("progress files: %s", exc)
+
     async def _heartbeat(self, state: HeartbeatState = "running") -> None:
+        self._sweep_progress()
         progress = {}
         for job, h in list(self.handles.items()):
             value = h.progress()

@@ -108,7 +108,7 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
 
 
 COMPARED = ["throughput", "latency", "dag", "fairness", "ratelimit", "scale"]
-ALONE = ["unlock", "admission", "workers", "metrics", "queries", "chaos", "soak"]
+ALONE = ["unlock", "admission", "workers", "metrics", "queries", "chaos", "soak", "restarts"]
 
 # full size (the benchmark issue) and the CI-sized form (--small)
 SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -175,6 +175,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=120.0, help="soak: jobs submitted per s")
     parser.add_argument("--faults", type=int, default=100, help="chaos: faults to inject")
     parser.add_argument("--rows", type=int, default=1_000_000, help="queries: jobs in the db")
+    parser.add_argument("--outage", type=float, default=5.0, help="restarts: seconds down")
+    parser.add_argument(
+        "--restart-rate",
+        dest="rate_restarts",
+        type=float,
+        default=40.0,
+        help="restarts: jobs submitted per s",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.scenario in COMPARED:
@@ -187,6 +195,10 @@ def main() -> None:
         from bench.soak import run as run_soak
 
         result = run_soak(args.minutes, args.rate, show=not args.json)
+    elif args.scenario == "restarts":
+        from bench.restarts import run as run_restarts
+
+        result = run_restarts(args.outage, args.rate_restarts, args.trials, show=not args.json)
     elif args.scenario == "chaos":
         from bench.chaos import run as run_chaos
 

@@ -35,14 +35,14 @@ ADMIN_DSN = os.environ.get("JOBSTREAM_BENCH_PG", "postgresql://postgres@127.0.0.
 
 
 @contextmanager
-def fresh_database(name: str) -> Iterator[str]:
+def fresh_database(name: str, admin_dsn: str = ADMIN_DSN) -> Iterator[str]:
     """A new, empty database for one run (its DSN), dropped afterwards."""
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        yield psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name)
+        yield psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
     finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
@@ -66,8 +66,11 @@ def stop_process(p: subprocess.Popen[bytes], grace_s: float = 30) -> None:
 
 
 class Run:
-    def __init__(self, **settings: str) -> None:
-        self.bootstrap = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+    def __init__(
+        self, *, bootstrap: str | None = None, admin_dsn: str = ADMIN_DSN, **settings: str
+    ) -> None:
+        self.bootstrap = bootstrap or os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+        self.admin_dsn = admin_dsn
         self.name = f"bench{uuid.uuid4().hex[:8]}"
         self.settings = settings
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -77,7 +80,7 @@ class Run:
         self.env: dict[str, str] = {}
 
     def __enter__(self) -> Run:
-        self.dsn = self._stack.enter_context(fresh_database(self.name))
+        self.dsn = self._stack.enter_context(fresh_database(self.name, self.admin_dsn))
         self.registry = load_topics(prefix=self.name + ".")
         apply_topics(self.registry, self.bootstrap)
         env = {

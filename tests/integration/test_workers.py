@@ -398,6 +398,9 @@ def test_labelled_kinds_run_only_on_workers_that_carry_the_labels_and_python_job
     assert job(ws, "g")["worker"] == gpu_id and pinned.exists()
     assert json.loads(py_out.read_text()) == {"value": 'ü " x'}
     assert 0 < float(midway) < 1  # from the job, through the heartbeat, into the store
+    # progress files are swept by the heartbeats once their jobs end, and a stopped
+    # worker leaves no progress directory behind
+    assert not list((Path(ws.log_dir) / ".progress").glob("*/*.progress"))
     assert job(ws, "py")["p"] == pytest.approx(1.0)  # a finished job is complete
     bad = job(ws, "pyb")
     assert bad["attempt"] == 2 and "RuntimeError: boom" in str(bad["error"])

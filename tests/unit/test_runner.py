@@ -128,6 +128,39 @@ async def test_nokill_kinds_have_no_timeout(tmp_path: Path) -> None:
     assert o.ok, o.error
 
 
+async def test_progress_file_is_removed_after_the_attempt_unless_its_directory_is_swept(
+    tmp_path: Path,
+) -> None:
+    kind = KindConfig(
+        command=[
+            "python3",
+            "-c",
+            "import os; open(os.environ['JOBSTREAM_PROGRESS_FILE'], 'w').write('0.5')",
+        ]
+    )
+    h = AttemptHandle()
+    o = await run_attempt(
+        dispatch("p"), kind, log_dir=str(tmp_path / "logs"), kill_grace_s=1, handle=h
+    )
+    assert o.ok, o.error
+    assert h.progress_file is not None and not h.progress_file.exists()
+    swept = tmp_path / "progress"
+    swept.mkdir()
+    h2 = AttemptHandle()
+    o = await run_attempt(
+        dispatch("p", job_id="j2"),
+        kind,
+        log_dir=str(tmp_path / "logs"),
+        kill_grace_s=1,
+        handle=h2,
+        progress_dir=swept,
+    )
+    assert o.ok, o.error
+    # left for the owner of the directory (the worker sweeps it once per heartbeat)
+    assert h2.progress_file is not None and h2.progress_file.parent == swept
+    assert h2.progress_file.read_text() == "0.5"
+
+
 def test_pools_follow_labels_and_local_kinds() -> None:
     s = load_settings(
         {},
