@@ -82,12 +82,13 @@ def throughput(
 ) -> dict[str, Any]:
     """The whole pipeline (scheduler + ``workers``); ``extra`` settings (e.g. metrics)."""
     with Run(heartbeat_interval_s="1", kinds=json.dumps(KINDS), **(extra or {})) as run:
-        run.start("scheduler")
+        scheduler = run.start("scheduler")
         procs = [run.start("worker", "--slots", str(slots)) for _ in range(workers)]
         _wait_workers(run, workers)
         time.sleep(4)  # the worker group settles (partitions assigned); not measured
         idle_per_s = idle_cpu_per_s(procs)
         cpu0 = sum(cpu_s(p.pid) for p in procs)
+        sched0 = cpu_s(scheduler.pid)
         assert run.registry is not None
         with JobPublisher(run.bootstrap, registry=run.registry) as pub:
             start = time.monotonic()
@@ -95,8 +96,11 @@ def throughput(
             run.wait_finished(jobs, show, what=f"{kind}, {workers} worker(s)")
             elapsed = time.monotonic() - start
         cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
+        sched = cpu_s(scheduler.pid) - sched0
         (ok,) = run.query("SELECT count(*) FROM jobs WHERE state = 'succeeded'")[0]
-    return result(kind, workers, slots, jobs, int(ok), elapsed, cpu, idle_per_s)
+    out = result(kind, workers, slots, jobs, int(ok), elapsed, cpu, idle_per_s)
+    out["scheduler_cpu_us_per_job"] = round(sched / jobs * 1e6, 1)
+    return out
 
 
 def worker_only(workers: int, jobs: int, slots: int, kind: str, show: bool) -> dict[str, Any]:
