@@ -48,6 +48,18 @@ def fresh_database(name: str, admin_dsn: str = ADMIN_DSN) -> Iterator[str]:
             )
 
 
+def service(script: str, action: str, **env: str) -> None:
+    """Run one of the repository's service scripts (``scripts/<script> start|stop``), e.g. on
+    a port of its own: ``service("postgres.sh", "start", PG_PORT="15434")``."""
+    subprocess.run(
+        [str(ROOT / "scripts" / script), action],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of one process (not its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

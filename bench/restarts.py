@@ -16,9 +16,7 @@ plus the invariant checker's verdict over the whole run (nothing lost, nothing t
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import threading
 import time
 from typing import Any
@@ -26,7 +24,8 @@ from typing import Any
 from rich.progress import Progress
 
 from agents.invariants import check
-from bench.harness import ROOT, Run
+from bench.harness import Run
+from bench.harness import service as run_script
 from bench.workers import _wait_workers
 from streams.errors import DeliveryFailed
 from streams.events import JobSpec
@@ -44,13 +43,7 @@ SCRIPTS = {
 
 def service(name: str, action: str) -> None:
     script, env = SCRIPTS[name]
-    subprocess.run(
-        [str(ROOT / "scripts" / script), action],
-        env={**os.environ, **env},
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script(script, action, **env)
 
 
 class Feeder(threading.Thread):

@@ -6,8 +6,6 @@ shared services of the rest of the suite are never disturbed."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,25 +18,16 @@ from psycopg import sql
 from agents.invariants import check
 from agents.settings import Settings
 from agents.store import PostgresJobStore
+from bench.harness import service
 from streams.events import JobSpec
 from streams.kafka import apply_topics, wait_for_broker
 from streams.publisher import JobPublisher
 from streams.topics import load_topics
 from tests.conftest import settings_env, test_settings
-from tests.helpers import ROOT, eventually, running
+from tests.helpers import eventually, running
 
 pytestmark = pytest.mark.timeout(420)
 PG_PORT, KAFKA_PORT = "15433", "19192"
-
-
-def service(script: str, action: str, **env: str) -> None:
-    subprocess.run(
-        [str(ROOT / "scripts" / script), action],
-        env={**os.environ, **env},
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")
