@@ -224,33 +224,40 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Admi
     """The admission transaction (see the module's invariants). ``now`` is the admission
     time recorded in the window log, the same value the core decided with."""
     ids = [c.id for c in candidates]
-    cur = await conn.execute(
-        "SELECT id FROM jobs WHERE id = ANY(%s) AND state = 'ready' ORDER BY id FOR UPDATE",
-        (ids,),
-    )
-    ready = {r[0] for r in await cur.fetchall()}
-    live = [c for c in candidates if c.id in ready]
-    names = sorted({n for c in live for n, _ in c.holds})
-    cur = await conn.execute(
-        "SELECT name, capacity, used FROM semaphores WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
-        (names,),
-    )
-    free = {name: cap - used for name, cap, used in await cur.fetchall()}
-    limits = {k: (n, w) for c in live for k, n, w in c.rate_keys}
+    names = sorted({n for c in candidates for n, _ in c.holds})
+    limits = {k: (n, w) for c in candidates for k, n, w in c.rate_keys}
     keys = sorted(limits)
+    # the locks and reads in one round trip (pipeline), taken in a fixed order: the jobs
+    # (by id), the semaphores (by name), the window keys (by key); for every candidate,
+    # which covers the ones still ready
+    count_cur = None
+    async with conn.pipeline():
+        jobs_cur = await conn.execute(
+            "SELECT id FROM jobs WHERE id = ANY(%s) AND state = 'ready' ORDER BY id FOR UPDATE",
+            (ids,),
+        )
+        sem_cur = await conn.execute(
+            "SELECT name, capacity, used FROM semaphores WHERE name = ANY(%s) "
+            "ORDER BY name FOR UPDATE",
+            (names,),
+        )
+        if keys:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(k, 7041)) "
+                "FROM unnest(%s::text[]) AS k ORDER BY k",
+                (keys,),
+            )
+            count_cur = await conn.execute(
+                "SELECT k.key, count(r.at) FROM unnest(%s::text[], %s::float8[]) AS k(key, w) "
+                "LEFT JOIN rate_log r ON r.key = k.key AND r.at > %s - k.w GROUP BY k.key",
+                (keys, [limits[k][1] for k in keys], now),
+            )
+    ready = {r[0] for r in await jobs_cur.fetchall()}
+    live = [c for c in candidates if c.id in ready]
+    free = {name: cap - used for name, cap, used in await sem_cur.fetchall()}
     count: dict[str, int] = {}
-    if keys:
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(k, 7041)) "
-            "FROM unnest(%s::text[]) AS k ORDER BY k",
-            (keys,),
-        )
-        cur = await conn.execute(
-            "SELECT k.key, count(r.at) FROM unnest(%s::text[], %s::float8[]) AS k(key, w) "
-            "LEFT JOIN rate_log r ON r.key = k.key AND r.at > %s - k.w GROUP BY k.key",
-            (keys, [limits[k][1] for k in keys], now),
-        )
-        count = {k: n for k, n in await cur.fetchall()}
+    if count_cur is not None:
+        count = {k: n for k, n in await count_cur.fetchall()}
     accepted: list[Candidate] = []
     refused: dict[str, Gate] = {}
     for c in live:
