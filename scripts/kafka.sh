@@ -46,6 +46,10 @@ start() {
   if [[ -f "$RUN/pid" ]] && kill -0 "$(cat "$RUN/pid")" 2>/dev/null && answers; then
     log "already running on 127.0.0.1:$KAFKA_PORT (pid $(cat "$RUN/pid"))"; return
   fi
+  if answers; then  # e.g. started from another checkout: a second broker could not bind
+    log "a broker already answers on 127.0.0.1:$KAFKA_PORT (not started here); using it"
+    return
+  fi
   fetch
   mkdir -p "$RUN"
   cat >"$RUN/server.properties" <<PROPS
