@@ -332,8 +332,9 @@ def test_inline_turns_decide_exactly_as_the_general_turn(
     pause: str | None,
     budgets: list[int],
 ) -> None:
-    """The hot path (a turn worth one admission taken inline) is an optimisation only: the
-    same admissions in the same order, the same gates and wake-up, round after round."""
+    """The hot paths (a turn worth one admission taken inline; no scan for reservations
+    when no kind of need queued is blocked) are optimisations only: the same admissions in
+    the same order, the same gates and wake-up, round after round."""
     cores = []
     for inline in (True, False):
         core = AdmissionCore(POLICY, limits, {SLOTS: slots, "kind:monk": 2, "gpu": 1}, weights)
