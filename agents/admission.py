@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from agents import admstore
-from agents.admstore import Candidate, QueuedRow
+from agents.admstore import Candidate
 from agents.context import Context, RawMessage, retrying
 from agents.core.admission import (
     AdmissionCore,
@@ -45,7 +45,7 @@ from agents.core.admission import (
 )
 from agents.deadletter import dead_letter, decode_all
 from agents.intake import ready_records
-from agents.rows import DispatchJob, ReadyJob
+from agents.rows import DispatchJob, QueuedRow, ReadyJob
 from streams.events import AdmissionDecision, Dispatch, JobReady, encode
 from streams.kafka import Record, partition_for
 
@@ -182,14 +182,7 @@ class Admission:
         ids = list(dict.fromkeys(ev.job_id for ev in ready))
         if not ids:
             return 0
-        store = await ctx.store()
-
-        async def load() -> list[QueuedRow]:
-            async with store.tx() as conn:
-                return await admstore.load_ready(conn, ids)
-
-        rows = await retrying("admission load", load)
-        added = self.enqueue(rows, time.time())
+        added = self.enqueue(await self._load_ready(ids), time.time())
         self.wake.set()
         return added
 
@@ -205,35 +198,25 @@ class Admission:
         mine = [j for j in jobs if partition_for(j.tenant.encode(), self.partitions) in assigned]
         if not mine:
             return list(jobs)
-        rows = [
-            QueuedRow(
-                j.id,
-                j.tenant,
-                j.kind,
-                j.priority,
-                j.size,
-                j.ready_at,
-                j.resources or [],
-                j.exclusive,
-                j.run_after,
-            )
-            for j in mine
-            if j.ready_at is not None
-        ]
-        unread = [j.id for j in mine if j.ready_at is None]
+        rows = [r for j in mine if (r := j.queued_row()) is not None]
+        unread = [j.id for j in mine if j.ready_at is None]  # e.g. retries: read them
         if unread:
-            store = await self.ctx.store()
-
-            async def load() -> list[QueuedRow]:
-                async with store.tx() as conn:
-                    return await admstore.load_ready(conn, unread)
-
-            rows += await retrying("admission load", load)
+            rows += await self._load_ready(unread)
         self.enqueue(rows, time.time())
         self.wake.set()
+        self.taken_locally.update((j.id, j) for j in mine)
         taken = {j.id for j in mine}
-        self.taken_locally.update((j.id, j) for j in jobs if j.id in taken)
         return [j for j in jobs if j.id not in taken]
+
+    async def _load_ready(self, ids: Sequence[str]) -> list[QueuedRow]:
+        """The rows of these jobs that are still ready."""
+        store = await self.ctx.store()
+
+        async def load() -> list[QueuedRow]:
+            async with store.tx() as conn:
+                return await admstore.load_ready(conn, ids)
+
+        return await retrying("admission load", load)
 
     def owns(self, tenant: str) -> bool:
         return self.owned is None or partition_for(tenant.encode(), self.partitions) in self.owned
@@ -434,11 +417,6 @@ class Admission:
                 "admission: sending dispatches failed (the reconciler re-sends them): %r",
                 task.exception(),
             )
-
-    async def flush(self) -> None:
-        """Wait until every round's dispatches are sent and confirmed."""
-        while self.sending:
-            await asyncio.wait(list(self.sending))
 
     async def _write_gates(self, d: Decisions) -> None:
         changed = []

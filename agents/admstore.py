@@ -22,37 +22,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import psycopg
-from psycopg import sql
 
 from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Gate, Limit, Need
-from agents.rows import DISPATCH_COLS, DispatchJob, q
+from agents.rows import DISPATCH_COLS, QUEUED_COLS, DispatchJob, QueuedRow, q
 
 Conn = psycopg.AsyncConnection[Any]
 CHANNEL = "jobstream"
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedRow:
-    id: str
-    tenant: str
-    kind: str
-    priority: int
-    size: int
-    ready_at: float
-    resources: list[str]
-    exclusive: str | None
-    run_after: float | None = None  # a retry's backoff ends then
-
-
-_QUEUED_COLS = sql.SQL(
-    "id, tenant, kind, priority, size, extract(epoch from ready_at)::float8, resources, "
-    "exclusive, extract(epoch from run_after)::float8"
-)
-
-
 async def load_ready(conn: Conn, ids: Sequence[str]) -> list[QueuedRow]:
     cur = await conn.execute(
-        q("SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'ready'", cols=_QUEUED_COLS),
+        q("SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'ready'", cols=QUEUED_COLS),
         (list(ids),),
     )
     return [QueuedRow(*r) for r in await cur.fetchall()]
@@ -69,7 +49,7 @@ async def load_ready_of(conn: Conn, tenants: Sequence[str]) -> list[QueuedRow]:
     cur = await conn.execute(
         q(
             "SELECT {cols} FROM jobs WHERE tenant = ANY(%s) AND state = 'ready'",
-            cols=_QUEUED_COLS,
+            cols=QUEUED_COLS,
         ),
         (list(tenants),),
     )

@@ -24,10 +24,14 @@ def states(values: Sequence[str]) -> list[str]:
     return [str(s) for s in values]
 
 
-READY_COLS = sql.SQL(
-    "id, tenant, kind, extract(epoch from submitted_at)::float8 AS submitted_at, priority, "
-    "size, extract(epoch from ready_at)::float8, resources, exclusive, "
+# what admission queues a job by (``QueuedRow`` after id, tenant, kind)
+_QUEUE_FIELDS = (
+    "priority, size, extract(epoch from ready_at)::float8, resources, exclusive, "
     "extract(epoch from run_after)::float8"
+)
+QUEUED_COLS = sql.SQL("id, tenant, kind, " + _QUEUE_FIELDS)
+READY_COLS = sql.SQL(
+    "id, tenant, kind, extract(epoch from submitted_at)::float8 AS submitted_at, " + _QUEUE_FIELDS
 )
 DISPATCH_COLS = sql.SQL(
     "id, attempt, tenant, kind, args, timeout_s, extract(epoch from submitted_at)::float8, "
@@ -48,6 +52,21 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuedRow:
+    """A ready job as admission queues it (``QUEUED_COLS``)."""
+
+    id: str
+    tenant: str
+    kind: str
+    priority: int
+    size: int
+    ready_at: float
+    resources: list[str]
+    exclusive: str | None
+    run_after: float | None = None  # a retry's backoff ends then
+
+
+@dataclass(frozen=True, slots=True)
 class ReadyJob:
     """A job that became ready. Read with ``READY_COLS`` it also carries what admission
     queues it by (``ready_at`` set), so an owner in the same process needs no read."""
@@ -62,6 +81,22 @@ class ReadyJob:
     resources: list[str] | None = None
     exclusive: str | None = None
     run_after: float | None = None
+
+    def queued_row(self) -> QueuedRow | None:
+        """The row admission queues, if this was read with ``READY_COLS``."""
+        if self.ready_at is None:
+            return None
+        return QueuedRow(
+            self.id,
+            self.tenant,
+            self.kind,
+            self.priority,
+            self.size,
+            self.ready_at,
+            self.resources or [],
+            self.exclusive,
+            self.run_after,
+        )
 
 
 @dataclass(frozen=True, slots=True)

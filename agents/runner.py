@@ -46,11 +46,16 @@ class Outcome:
     retryable: bool
 
 
+def file_safe(name: str) -> str:
+    """``name`` with every character outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
+    return _SAFE.sub("_", name)
+
+
 def log_path_for(log_dir: str, d: Dispatch) -> Path:
     """``<log_dir>/<tenant>/<job id, made file-safe>-<hash>.<attempt>.log``."""
     digest = hashlib.sha256(d.job_id.encode()).hexdigest()[:10]
-    name = f"{_SAFE.sub('_', d.job_id)[:80]}-{digest}.{d.attempt}.log"
-    return Path(log_dir) / _SAFE.sub("_", d.tenant) / name
+    name = f"{file_safe(d.job_id)[:80]}-{digest}.{d.attempt}.log"
+    return Path(log_dir) / file_safe(d.tenant) / name
 
 
 def tail(path: Path | str, limit: int = 400) -> str | None:

@@ -49,7 +49,7 @@ from agents.core.offsets import OffsetTracker, next_to_start
 from agents.deadletter import dead_letter
 from agents.pools import ensure_pool_topics, pools_served, worker_labels
 from agents.pypool import PyPool
-from agents.runner import AttemptHandle, Outcome, run_attempt
+from agents.runner import AttemptHandle, Outcome, file_safe, run_attempt
 from streams.errors import InvalidEvent
 from streams.events import (
     Control,
@@ -94,10 +94,6 @@ def _due(value: bytes | None) -> float:
     return float("inf") if d.due is None else d.due
 
 
-def _file_safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:120]
-
-
 class Worker:
     def __init__(
         self,
@@ -125,7 +121,7 @@ class Worker:
         self.handed_back = 0
         self.pypool = PyPool(self.slots)
         # running jobs' progress files, swept once per heartbeat (``_sweep_progress``)
-        self.progress_dir = Path(s.log_dir) / ".progress" / _file_safe(self.id)
+        self.progress_dir = Path(s.log_dir) / ".progress" / file_safe(self.id)[:120]
         self.tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
         self.running: dict[str, asyncio.Task[None]] = {}
         self.backlog: deque[_Buffered] = deque()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +25,10 @@ from psycopg import sql
 from rich.progress import Progress
 
 from agents.settings import load_settings
+from streams.errors import DeliveryFailed
+from streams.events import JobSpec
 from streams.kafka import apply_topics
+from streams.publisher import JobPublisher
 from streams.topics import TopicRegistry, load_topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +79,39 @@ def stop_process(p: subprocess.Popen[bytes], grace_s: float = 30) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+
+
+class Feeder(threading.Thread):
+    """Submits ``rate`` jobs per second (``make(i)`` is job i) until ``stop()``: every 50 ms
+    the jobs due by then, in one batch. A batch the broker does not confirm (it is away) is
+    sent again with the jobs due since, as an upstream service would: the same ids, which
+    intake accepts once."""
+
+    def __init__(self, run: Run, rate: float, make: Callable[[int], JobSpec]) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.registry = run.bootstrap, run.registry
+        self.rate, self.make = rate, make
+        self.sent = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with JobPublisher(self.bootstrap, registry=self.registry, linger_ms=5) as pub:
+            start = time.monotonic()
+            while not self.halt.is_set():
+                due = int((time.monotonic() - start) * self.rate)
+                if due > self.sent:
+                    try:
+                        pub.submit_many((self.make(i) for i in range(self.sent, due)), 5.0)
+                        self.sent = due
+                    except DeliveryFailed:
+                        pass  # the broker is away: these jobs again, with the next ones
+                self.halt.wait(0.05)
+
+    def stop(self) -> int:
+        """Stop submitting; the number of jobs submitted (all confirmed)."""
+        self.halt.set()
+        self.join(60)
+        return self.sent
 
 
 class Run:

@@ -3,9 +3,10 @@ broker is stopped and restarted under load.
 
 A scheduler and a worker (8 slots) run on their own PostgreSQL (15434) and broker (19193),
 started here with the repository's scripts and stopped afterwards, so the shared services
-are never disturbed. A feeder submits short jobs at a steady rate (retrying a submission
-while the broker is away, as an upstream service would). After a steady stretch, one service
-is stopped for ``outage_s`` and started again; measured from the moment it answers again:
+are never disturbed. A feeder (``bench.harness.Feeder``) submits short jobs at a steady rate,
+sending a batch again while the broker is away, as an upstream service would. After a
+steady stretch, one service is stopped for ``outage_s`` and started again; measured from the
+moment it answers again:
 - ``first_completion_s``: until the next job finishes;
 - ``back_to_rate_s``: until completions per second are back to 90 % of the rate before the
   outage (the backlog of the outage drains faster than that rate);
@@ -17,19 +18,16 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 import time
 from typing import Any
 
 from rich.progress import Progress
 
 from agents.invariants import check
-from bench.harness import Run
+from bench.harness import Feeder, Run
 from bench.harness import service as run_script
 from bench.workers import _wait_workers
-from streams.errors import DeliveryFailed
 from streams.events import JobSpec
-from streams.publisher import JobPublisher
 
 PG_PORT, KAFKA_PORT = "15434", "19193"
 ADMIN_DSN = f"postgresql://postgres@127.0.0.1:{PG_PORT}/postgres"
@@ -46,37 +44,6 @@ def service(name: str, action: str) -> None:
     run_script(script, action, **env)
 
 
-class Feeder(threading.Thread):
-    """Submits ``rate`` jobs per second until stopped; a submission the broker does not
-    confirm is sent again (same id: idempotent) until it is."""
-
-    def __init__(self, run: Run, rate: float) -> None:
-        super().__init__(daemon=True)
-        self.pub = JobPublisher(run.bootstrap, registry=run.registry)
-        self.rate = rate
-        self.sent = 0
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        start = time.monotonic()
-        while not self.halt.is_set():
-            due = start + self.sent / self.rate
-            if (wait := due - time.monotonic()) > 0:
-                time.sleep(wait)
-            job = JobSpec(id=f"r{self.sent}", tenant=f"t{self.sent % 3}", kind="short")
-            try:
-                self.pub.submit(job, timeout_s=5.0)
-                self.sent += 1
-            except DeliveryFailed:
-                continue  # the broker is away: the same job again
-
-    def stop(self) -> int:
-        self.halt.set()
-        self.join(60)
-        self.pub.close()
-        return self.sent
-
-
 def outage(target: str, outage_s: float, rate: float, show: bool) -> dict[str, Any]:
     settings = {
         "kinds": json.dumps(KINDS),
@@ -90,7 +57,7 @@ def outage(target: str, outage_s: float, rate: float, show: bool) -> dict[str, A
         run.start("scheduler")
         run.start("worker", "--slots", "8")
         _wait_workers(run, 1)
-        feeder = Feeder(run, rate)
+        feeder = Feeder(run, rate, lambda i: JobSpec(id=f"r{i}", tenant=f"t{i % 3}", kind="short"))
         feeder.start()
         time.sleep(10)  # steady state
         stopped_at = time.time()

@@ -10,17 +10,15 @@ the first minute (warm-up), and the backlog not growing over the second half.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.progress import Progress
 
-from bench.harness import Run
+from bench.harness import Feeder, Run
 from bench.workers import KINDS, _wait_workers
 from streams.events import JobSpec
-from streams.publisher import JobPublisher
 
 
 def rss_mb(pid: int) -> float:
@@ -38,23 +36,7 @@ def run(minutes: float, rate: float, show: bool) -> dict[str, Any]:
         _wait_workers(run, 2)
         time.sleep(4)
         assert run.registry is not None
-        stop = threading.Event()
-        sent = [0]
-
-        def feed() -> None:
-            with JobPublisher(run.bootstrap, registry=run.registry, linger_ms=5) as pub:
-                start = time.monotonic()
-                while not stop.is_set():
-                    due = int((time.monotonic() - start) * rate)
-                    if due > sent[0]:
-                        pub.submit_many(
-                            JobSpec(id=f"s{i}", tenant=f"t{i % 8}", kind="pynoop")
-                            for i in range(sent[0], due)
-                        )
-                        sent[0] = due
-                    stop.wait(0.05)
-
-        feeder = threading.Thread(target=feed, daemon=True)
+        feeder = Feeder(run, rate, lambda i: JobSpec(id=f"s{i}", tenant=f"t{i % 8}", kind="pynoop"))
         feeder.start()
         began = time.monotonic()
         last_done = 0
@@ -71,15 +53,14 @@ def run(minutes: float, rate: float, show: bool) -> dict[str, Any]:
                         "t": round(time.monotonic() - began, 1),
                         "scheduler_mb": round(rss_mb(sched.pid), 1),
                         "workers_mb": round(sum(rss_mb(w.pid) for w in workers), 1),
-                        "backlog": int(sent[0] - done),
+                        "backlog": int(feeder.sent - done),
                         "unfinished_accepted": int(accepted - done),
                         "jobs_per_s": round((done - last_done) / 5, 1),
                     }
                 )
                 last_done = done
                 progress.update(task, completed=time.monotonic() - began)
-        stop.set()
-        feeder.join(10)
+        submitted = feeder.stop()
     warm = next((s for s in samples if s["t"] >= 60), samples[len(samples) // 4])
     end = samples[-1]
     half = samples[len(samples) // 2 :]
@@ -88,7 +69,7 @@ def run(minutes: float, rate: float, show: bool) -> dict[str, Any]:
         "scenario": "soak",
         "minutes": minutes,
         "rate_per_s": rate,
-        "submitted": sent[0],
+        "submitted": submitted,
         "mean_jobs_per_s": round(sum(s["jobs_per_s"] for s in samples) / len(samples), 1),
         "scheduler_mb": {"after_warmup": warm["scheduler_mb"], "end": end["scheduler_mb"]},
         "workers_mb": {"after_warmup": warm["workers_mb"], "end": end["workers_mb"]},

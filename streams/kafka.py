@@ -207,6 +207,7 @@ class ConfirmedProducer:
             return
         done = threading.Event()
         batch = self._send(records, done.set)
+        self._producer.flush(0)  # wake the sender: do not wait for linger.ms
         if not done.wait(timeout_s):
             raise batch.unconfirmed(timeout_s)
         batch.check()
@@ -221,9 +222,7 @@ class ConfirmedProducer:
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        batch = _Batch(len(records), partial(self._confirmed, loop, fut))
-        for rec in records:
-            self._produce_one(rec, batch.on_delivery)
+        batch = self._send(records, partial(self._confirmed, loop, fut))
         if not self._flush_soon:
             self._flush_soon = True
             loop.call_soon(self._flush_now)
@@ -238,7 +237,7 @@ class ConfirmedProducer:
 
     def _flush_now(self) -> None:
         self._flush_soon = False
-        self._producer.flush(0)  # wake the sender: do not wait for linger.ms
+        self._producer.flush(0)  # wake the sender once for this loop turn's sends
 
     def _confirmed(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
         """A batch is confirmed (any thread): resolve its future on its loop, waking the
@@ -262,10 +261,10 @@ class ConfirmedProducer:
                 fut.set_result(None)
 
     def _send(self, records: Sequence[Record], on_done: Callable[[], object]) -> _Batch:
+        """Produce ``records``; ``on_done`` runs after the last delivery report."""
         batch = _Batch(len(records), on_done)
         for rec in records:
             self._produce_one(rec, batch.on_delivery)
-        self._producer.flush(0)  # wake the sender: do not wait for linger.ms
         return batch
 
     def _produce_one(self, rec: Record, on_delivery: Any) -> None:

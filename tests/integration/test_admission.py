@@ -98,7 +98,7 @@ def test_semaphore_pause_resume_priority_and_why(
             cli("pause", "--tenant", "paused-co", "--reason", "maintenance", env=env).returncode
             == 0
         )
-        publisher.submit(job("first", seconds="5"))
+        publisher.submit(job("first", seconds="8"))  # outlasts the CLI calls under load
         eventually(lambda: states(dsn, ["first"]).get("first") == "running", 60, what="first runs")
         publisher.submit(job("low"))
         publisher.submit(job("high"))

@@ -338,7 +338,7 @@ def test_inline_turns_decide_exactly_as_the_general_turn(
     cores = []
     for inline in (True, False):
         core = AdmissionCore(POLICY, limits, {SLOTS: slots, "kind:monk": 2, "gpu": 1}, weights)
-        core.inline_turns = inline
+        core.shortcuts = inline
         if pause:
             core.paused.add(pause)
         for i, (tenant, kind, priority, special) in enumerate(specs):
