@@ -8,9 +8,9 @@ point or args are unusable.
 ``python -m agents.pycall --serve``: a warm pool member (``agents.pypool``). It reads one
 request per line on stdin (entry point, args, log file, environment, working directory),
 runs it with fds 1 and 2 pointed at the job's log file, and answers one line on its private
-copy of the original stdout: ``{"rc": 0|1|2}``. Imports stay loaded between jobs, so a job
-costs a pipe round trip instead of an interpreter start. The worker kills a member whose job
-times out or is cancelled and starts a fresh one.
+copy of the original stdout: the exit code (``0``, ``1`` or ``2``) and a newline. Imports
+stay loaded between jobs, so a job costs a pipe round trip instead of an interpreter start.
+The worker kills a member whose job times out or is cancelled and starts a fresh one.
 
 A job reports progress with :func:`report_progress`.
 """
@@ -92,7 +92,7 @@ def serve() -> int:
             sys.stdout.flush()
             sys.stderr.flush()
         os.chdir(base_cwd)
-        reply.write(json.dumps({"rc": rc}) + "\n")
+        reply.write(f"{rc}\n")
     return 0
 
 

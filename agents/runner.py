@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ from streams.events import Dispatch
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-_MADE_DIRS: set[Path] = set()  # log directories known to exist (one mkdir per tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +53,21 @@ def file_safe(name: str) -> str:
 
 def log_path_for(log_dir: str, d: Dispatch) -> Path:
     """``<log_dir>/<tenant>/<job id, made file-safe>-<hash>.<attempt>.log``."""
+    return Path(_log_path(log_dir, d))
+
+
+def _log_path(log_dir: str, d: Dispatch) -> str:
+    """:func:`log_path_for` as a string (hot: once per job, no path objects)."""
     digest = hashlib.sha256(d.job_id.encode()).hexdigest()[:10]
-    name = f"{file_safe(d.job_id)[:80]}-{digest}.{d.attempt}.log"
-    return Path(log_dir) / file_safe(d.tenant) / name
+    return f"{_tenant_dir(log_dir, d.tenant)}/{file_safe(d.job_id)[:80]}-{digest}.{d.attempt}.log"
+
+
+@lru_cache(maxsize=4096)
+def _tenant_dir(log_dir: str, tenant: str) -> str:
+    """A tenant's log directory, created on first use."""
+    path = os.path.join(log_dir, file_safe(tenant))
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def tail(path: Path | str, limit: int = 400) -> str | None:
@@ -82,21 +94,34 @@ class AttemptHandle:
     group, as FOSSology does), resume it (SIGCONT). Paused time does not count against the
     timeout. Safe to call before the process exists or after it ended."""
 
+    __slots__ = (
+        "proc",
+        "started",
+        "stopped",
+        "reason",
+        "paused_since",
+        "paused_total",
+        "progress_path",
+        "_waiter",
+    )
+
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.started = asyncio.Event()  # set once the process (or pool member) runs it
-        self.stop = asyncio.Event()
+        self.stopped = False  # cancel() was called; ``reason`` says why
         self.reason = ""
         self.paused_since: float | None = None
         self.paused_total = 0.0
-        self.progress_file: Path | None = None
+        self.progress_path: str | None = None  # where the job may report its progress
+        self._waiter: asyncio.Future[None] | None = None
 
     def cancel(self, reason: str) -> None:
-        if not self.stop.is_set():
+        if not self.stopped:
             self.reason = reason
-            self.stop.set()
+            self.stopped = True
         if self.paused_since is not None:  # a stopped process cannot handle SIGTERM
             self.resume()
+        _wake(self._waiter)
 
     def pause(self) -> bool:
         if self.proc is None or self.proc.returncode is not None or self.paused_since is not None:
@@ -113,6 +138,10 @@ class AttemptHandle:
         if self.proc is not None and self.proc.returncode is None:
             _signal_group(self.proc, signal.SIGCONT)
         return True
+
+    @property
+    def progress_file(self) -> Path | None:
+        return None if self.progress_path is None else Path(self.progress_path)
 
     def progress(self) -> float | None:
         """What the job last wrote to ``$JOBSTREAM_PROGRESS_FILE`` (0..1), if anything."""
@@ -158,16 +187,14 @@ async def run_attempt(
         argv = argv_for(kind, d)
     except TemplateError as exc:
         return Outcome(False, None, str(exc), 0.0, None, False)
-    path = log_path_for(log_dir, d)
-    if path.parent not in _MADE_DIRS:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if len(_MADE_DIRS) < 100_000:
-            _MADE_DIRS.add(path.parent)
-    h.progress_file = (
-        path.with_suffix(".progress")
+    path = _log_path(log_dir, d)
+    stem = path[path.rindex("/") + 1 : -len(".log")]
+    progress = (
+        f"{path[: -len('.log')]}.progress"
         if progress_dir is None
-        else progress_dir / f"{path.stem}.progress"
+        else f"{progress_dir}/{stem}.progress"
     )
+    h.progress_path = progress
     # nokill kinds are never killed for liveness: no timeout (a cancel still stops them)
     limit_s = None if kind.nokill else (d.timeout_s or kind.timeout_s)
     job_env = {
@@ -175,7 +202,7 @@ async def run_attempt(
         "JOBSTREAM_JOB_ID": d.job_id,
         "JOBSTREAM_ATTEMPT": str(d.attempt),
         "JOBSTREAM_TENANT": d.tenant,
-        "JOBSTREAM_PROGRESS_FILE": str(h.progress_file),
+        "JOBSTREAM_PROGRESS_FILE": progress,
     }
     if kind.entrypoint is not None and pool is not None:
         rc, reason, error = await _run_pooled(
@@ -188,20 +215,20 @@ async def run_attempt(
     duration = time.monotonic() - start
     if progress_dir is None:
         try:
-            h.progress_file.unlink(missing_ok=True)
+            os.unlink(progress)
         except OSError:
             pass
     if error is not None:
-        return Outcome(False, None, error, duration, str(path), False)
+        return Outcome(False, None, error, duration, path, False)
     if reason is not None:
-        return Outcome(False, rc, reason, duration, str(path), not h.stop.is_set())
+        return Outcome(False, rc, reason, duration, path, not h.stopped)
     if rc == 0:
-        return Outcome(True, 0, "", duration, str(path), False)
+        return Outcome(True, 0, "", duration, path, False)
     end = tail(path)
     msg = f"exit code {rc}" + (f": {end}" if end else "")
     # an entry point that cannot be imported or called (pycall's exit 2) will not get better
     unusable = kind.entrypoint is not None and rc == 2
-    return Outcome(False, rc, msg, duration, str(path), not unusable)
+    return Outcome(False, rc, msg, duration, path, not unusable)
 
 
 async def _run_process(
@@ -209,7 +236,7 @@ async def _run_process(
     d: Dispatch,
     job_env: dict[str, str],
     kind: KindConfig,
-    path: Path,
+    path: str,
     h: AttemptHandle,
     limit_s: float | None,
     kill_grace_s: float,
@@ -220,34 +247,35 @@ async def _run_process(
     if kind.entrypoint is not None:
         stdin_data = json.dumps(d.args, ensure_ascii=False).encode()
         env["PYTHONPATH"] = python_path(kind.env)
-    with path.open("ab") as log:
+    # the child gets its own copy of the log's descriptor; the worker keeps none open
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin_data is not None else asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            cwd=kind.cwd,
+            start_new_session=True,
+        )
+    except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+        return None, None, f"cannot start {argv[0]!r}: {exc.strerror}"
+    finally:
+        os.close(log)
+    h.proc = proc
+    h.started.set()
+    if stdin_data is not None and proc.stdin is not None:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE
-                if stdin_data is not None
-                else asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                cwd=kind.cwd,
-                start_new_session=True,
-            )
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
-            return None, None, f"cannot start {argv[0]!r}: {exc.strerror}"
-        h.proc = proc
-        h.started.set()
-        if stdin_data is not None and proc.stdin is not None:
-            try:
-                proc.stdin.write(stdin_data)
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            finally:
-                proc.stdin.close()
-        reason = await _wait(asyncio.ensure_future(proc.wait()), h, limit_s)
-        if reason is not None:
-            await stop_group(proc, h, kill_grace_s)
+            proc.stdin.write(stdin_data)
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            proc.stdin.close()
+    reason = await _wait(asyncio.ensure_future(proc.wait()), h, limit_s)
+    if reason is not None:
+        await stop_group(proc, h, kill_grace_s)
     return proc.returncode, reason, None
 
 
@@ -257,7 +285,7 @@ async def _run_pooled(
     d: Dispatch,
     job_env: dict[str, str],
     cwd: str | None,
-    path: Path,
+    path: str,
     h: AttemptHandle,
     limit_s: float | None,
     kill_grace_s: float,
@@ -267,16 +295,8 @@ async def _run_pooled(
     h.started.set()
     healthy = False
     try:
-        reply = asyncio.ensure_future(
-            member.call(
-                {
-                    "entrypoint": entrypoint,
-                    "args": d.args,
-                    "log": str(path),
-                    "env": job_env,
-                    "cwd": cwd,
-                }
-            )
+        reply = member.call(
+            {"entrypoint": entrypoint, "args": d.args, "log": path, "env": job_env, "cwd": cwd}
         )
         reason = await _wait(reply, h, limit_s)
         if reason is not None:
@@ -310,30 +330,42 @@ def python_path(kind_env: dict[str, str]) -> str:
     return os.pathsep.join(x for x in (_PROJECT_ROOT, extra) if x)
 
 
+def _wake(fut: asyncio.Future[Any] | None, _: object = None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
 async def _wait(done: asyncio.Future[Any], h: AttemptHandle, limit_s: float | None) -> str | None:
     """Wait for ``done`` (the process ended, the pool member answered); the reason to stop
-    the attempt instead (timeout, not counting paused time; cancel), or None."""
-    stopper = asyncio.ensure_future(h.stop.wait())
+    the attempt instead (timeout, not counting paused time; cancel), or None.
+
+    One future per wake-up, woken by ``done``, by ``h.cancel`` or by a timer (no helper
+    tasks: this runs once per job)."""
+    loop = asyncio.get_running_loop()
     began = time.monotonic()
-    try:
-        while True:
-            left = None
-            if limit_s is not None:
-                paused = h.paused_total + (
-                    time.monotonic() - h.paused_since if h.paused_since is not None else 0.0
-                )
-                left = limit_s - (time.monotonic() - began - paused)
-                if left <= 0 and h.paused_since is None:
-                    return f"timed out after {limit_s:g} s"
-                left = max(0.05, min(left, 1.0)) if h.paused_since is None else 1.0
-            finished, _ = await asyncio.wait(
-                [done, stopper], timeout=left, return_when=asyncio.FIRST_COMPLETED
+    while True:
+        if done.done():
+            return None
+        if h.stopped:
+            return h.reason or "cancelled"
+        left = None
+        if limit_s is not None:
+            paused = h.paused_total + (
+                time.monotonic() - h.paused_since if h.paused_since is not None else 0.0
             )
-            if done in finished:
-                return None
-            if stopper in finished:
-                return h.reason or "cancelled"
-    finally:
-        stopper.cancel()
-        if not done.done():
-            done.cancel()
+            left = limit_s - (time.monotonic() - began - paused)
+            if left <= 0 and h.paused_since is None:
+                return f"timed out after {limit_s:g} s"
+            left = max(0.05, min(left, 1.0)) if h.paused_since is None else 1.0
+        waiter: asyncio.Future[None] = loop.create_future()
+        h._waiter = waiter
+        wake = partial(_wake, waiter)
+        done.add_done_callback(wake)
+        timer = None if left is None else loop.call_later(left, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            h._waiter = None
+            done.remove_done_callback(wake)
+            if timer is not None:
+                timer.cancel()

@@ -46,7 +46,9 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from agents.context import Context, RawMessage, retrying
 from agents.core.offsets import OffsetTracker, next_to_start
+from agents.core.pacing import Pacer
 from agents.deadletter import dead_letter
+from agents.outbox import Outbox
 from agents.pools import ensure_pool_topics, pools_served, worker_labels
 from agents.pypool import PyPool
 from agents.runner import AttemptHandle, Outcome, file_safe, run_attempt
@@ -94,6 +96,11 @@ def _due(value: bytes | None) -> float:
     return float("inf") if d.due is None else d.due
 
 
+def _settle(fut: asyncio.Future[bool] | None, value: bool) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(value)
+
+
 class Worker:
     def __init__(
         self,
@@ -120,10 +127,16 @@ class Worker:
         self.cancelled: OrderedDict[str, str] = OrderedDict()
         self.handed_back = 0
         self.pypool = PyPool(self.slots)
+        self._events_topic = ctx.topic("jobs.events")
         # running jobs' progress files, swept once per heartbeat (``_sweep_progress``)
         self.progress_dir = Path(s.log_dir) / ".progress" / file_safe(self.id)[:120]
         self.tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
         self.running: dict[str, asyncio.Task[None]] = {}
+        self._publishing = 0  # jobs in ``running`` whose process ended: only reporting left
+        # job events and offset commits go out batched by load (agents.core.pacing)
+        burst = max(1.0, s.worker_sends_per_s / 10)
+        self.events = Outbox(ctx.producer, Pacer(s.worker_sends_per_s, burst))
+        self._commit_pacer = Pacer(s.worker_sends_per_s, burst)
         self.backlog: deque[_Buffered] = deque()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.assigned = asyncio.Event()
@@ -131,7 +144,7 @@ class Worker:
         self.aborting = asyncio.Event()
         self.completed = 0
         self._paused = False
-        self._slot_freed = asyncio.Event()
+        self._slot_waiter: asyncio.Future[bool] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         cfg = client_config(s.require_kafka(), s.kafka_config)
@@ -151,6 +164,7 @@ class Worker:
                 # later: its jobs' retries (same key, same partition) must reach a live worker
                 "session.timeout.ms": session_ms,
                 "heartbeat.interval.ms": max(500, session_ms // 4),
+                "on_commit": self._on_commit,
             }
         )
         self.consumer = Consumer(cfg)
@@ -173,7 +187,9 @@ class Worker:
 
     @property
     def free(self) -> int:
-        return self.slots - len(self.running)
+        """Slots not running a process (a job whose process ended while its outcome is being
+        reported does not hold one)."""
+        return self.slots - len(self.running) + self._publishing
 
     def topics(self) -> list[str]:
         """``jobs.dispatch`` and the dispatch topic of every pool this worker serves."""
@@ -211,12 +227,14 @@ class Worker:
                     await self._set_paused(False)
                 self._buffer(await self._call(self._fetch, room))
                 self._start_backlog()
-                await self._commit()
+                # commits: paced, after starts (``_commit_soon_as_paced``); synchronous only
+                # on revoke, drain and exit
             await self._drain()
         finally:
             beat.cancel()
             controls.cancel()
             await self.pypool.close()
+            await self.events.close()
             await self._heartbeat("stopped")
             await self._commit()
             await self._call(self.consumer.close)
@@ -282,14 +300,8 @@ class Worker:
         costs ~0.8 s before messages flow again after the resume (measured), so the
         partitions are paused only when the buffer reaches ``BUFFER_ROUNDS`` × slots (a
         capacity factor beyond what one worker should hold)."""
-        self._slot_freed.clear()
-        try:
-            await asyncio.wait_for(self._slot_freed.wait(), 0.05)
-        except TimeoutError:
-            pass
-        if self.free > 0:
-            await self._commit()
-            return
+        if await self._slot_freed_within(0.05) or self.free > 0:
+            return  # the main loop tops the buffer up
         limit = BUFFER_ROUNDS * self.slots
         if len(self.backlog) >= limit and not self._paused:
             await self._set_paused(True)
@@ -298,7 +310,18 @@ class Worker:
         # partitions assigned by a rebalance while paused are not paused: what they deliver
         # is buffered like the rest (never dropped)
         self._buffer(await self._call(self.consumer.consume, max(1, limit - len(self.backlog)), 0))
-        await self._commit()
+
+    async def _slot_freed_within(self, timeout_s: float) -> bool:
+        """Wait until a job frees its slot, at most ``timeout_s``: True when one did."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._slot_waiter = fut
+        timer = loop.call_later(timeout_s, _settle, fut, False)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._slot_waiter = None
 
     async def _set_paused(self, paused: bool) -> None:
         assignment = await self._call(self.consumer.assignment)
@@ -309,20 +332,42 @@ class Worker:
         self._paused = paused
 
     _commit_soon = False
+    _recommit = False  # an asynchronous commit failed: the next one sends every position
+
+    def _on_commit(self, err: Any, _partitions: Any) -> None:
+        """The broker's answer to a commit (consumer thread)."""
+        if err is not None:
+            log.warning("commit failed (the next one resends every position): %s", err)
+            self._recommit = True
 
     def _commit_positions(self, consumer: Any, *, asynchronous: bool) -> None:
         """Commit what the tracker allows (a failed commit is retried by the next one)."""
-        positions = self.tracker.commit_positions()
+        recommit, self._recommit = self._recommit, False
+        positions = self.tracker.commit_positions(everything=recommit)
         if not positions:
             return
         offsets = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
         try:
             consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as exc:
-            log.warning("commit failed (will be retried with the next one): %s", exc)
+            log.warning("commit failed (the next one resends every position): %s", exc)
+            self._recommit = True
 
     def _commit_sync(self, consumer: Any) -> None:
         self._commit_positions(consumer, asynchronous=False)
+
+    def _commit_soon_as_paced(self) -> None:
+        """One commit for every start until it goes: at once while the pacer has tokens,
+        else when it has one again (a commit request costs what a produce does)."""
+        if self._commit_soon:
+            return
+        self._commit_soon = True
+        loop = asyncio.get_running_loop()
+        wait = self._commit_pacer.wait(time.monotonic())
+        if wait > 0:
+            loop.call_later(wait, self._commit_now)
+        else:
+            loop.call_soon(self._commit_now)
 
     def _commit_now(self) -> None:
         """Queue an asynchronous commit on the consumer's thread (errors surface in the next
@@ -330,6 +375,7 @@ class Worker:
         event loop: a consumer call waits while the consumer thread sits in ``poll`` (up to
         its 50 ms timeout, measured), which stalled every job's start by ~50 ms."""
         self._commit_soon = False
+        self._commit_pacer.take(time.monotonic())
         self._background.add(
             t := asyncio.ensure_future(
                 self._call(self._commit_positions, self.consumer, asynchronous=True)
@@ -351,6 +397,7 @@ class Worker:
         key = (d.job_id, d.attempt)
         if key in self.seen or d.job_id in self.running or d.job_id in self.cancelled:
             self.tracker.finished(tp, msg.offset)
+            self._commit_soon_as_paced()
             return
         self.seen[key] = None
         waited = time.time() - d.dispatched_at
@@ -376,19 +423,21 @@ class Worker:
         finally:
             self.running.pop(f"\x00bad:{msg.topic}:{msg.partition}:{msg.offset}", None)
             self.tracker.finished((msg.topic, msg.partition), msg.offset)
+            self._commit_soon_as_paced()
 
     def _event_record(self, d: Dispatch, event: Any) -> Record:
-        return Record(self.ctx.topic("jobs.events"), encode(event), (d.group or d.job_id).encode())
+        return Record(self._events_topic, encode(event), (d.group or d.job_id).encode())
 
     async def _execute(self, msg: RawMessage, d: Dispatch) -> None:
         s = self.ctx.settings
-        produce = self.ctx.producer.aproduce
+        send = self.events.send
         tp = (msg.topic, msg.partition)
         handle = self.handles[d.job_id]
         committed = False
+        publishing = False
         try:
             started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
-            await retrying("publish started", lambda: produce([self._event_record(d, started)]))
+            await retrying("publish started", lambda: send(self._event_record(d, started)))
             # from here the heartbeat monitor owns the attempt: the dispatch is done for Kafka,
             # and committed now (not at the next loop turn): a worker killed between its
             # start and the commit has its dispatch redelivered and run again, and only the
@@ -396,12 +445,11 @@ class Worker:
             self.tracker.finished(tp, msg.offset)
             committed = True
             m = self.ctx.metrics
-            tags = {"kind": d.kind, "tenant": d.tenant}
-            m.observe("start_latency_ms", max(0.0, (started.at - d.submitted_at) * 1000), tags)
-            m.observe("dispatch_to_start_ms", max(0.0, (started.at - d.dispatched_at) * 1000))
-            if not self._commit_soon:  # one commit for every start of this loop turn
-                self._commit_soon = True
-                asyncio.get_running_loop().call_soon(self._commit_now)
+            if m.enabled:
+                tags = {"kind": d.kind, "tenant": d.tenant}
+                m.observe("start_latency_ms", max(0.0, (started.at - d.submitted_at) * 1000), tags)
+                m.observe("dispatch_to_start_ms", max(0.0, (started.at - d.dispatched_at) * 1000))
+            self._commit_soon_as_paced()
             outcome: Outcome = await run_attempt(
                 d,
                 s.kinds.get(d.kind),
@@ -414,20 +462,30 @@ class Worker:
             if d.job_id in self.cancelled and not outcome.ok:
                 self._finished_metrics(d, outcome, "cancelled")
                 return  # the job.cancelled event is the authority; nothing to report
+            # the process is done: its slot is free while the outcome is reported
+            publishing = True
+            self._publishing += 1
+            self._slot_done()
             handed_back = self.aborting.is_set() and not outcome.ok
             event = self._outcome_event(d, outcome, handed_back=handed_back)
-            await retrying("publish outcome", lambda: produce([self._event_record(d, event)]))
+            await retrying("publish outcome", lambda: send(self._event_record(d, event)))
             self.completed += 1
             result = "succeeded" if outcome.ok else "handed_back" if handed_back else "failed"
             self._finished_metrics(d, outcome, result)
         finally:
             if not committed:
                 self.tracker.finished(tp, msg.offset)
+            if publishing:
+                self._publishing -= 1
             self.running.pop(d.job_id, None)
             self.handles.pop(d.job_id, None)
             self.kinds_of.pop(d.job_id, None)
-            self._start_backlog()
-            self._slot_freed.set()
+            if not publishing:
+                self._slot_done()
+
+    def _slot_done(self) -> None:
+        self._start_backlog()
+        _settle(self._slot_waiter, True)
 
     def _finished_metrics(self, d: Dispatch, outcome: Outcome, result: str) -> None:
         m = self.ctx.metrics
@@ -544,7 +602,7 @@ class Worker:
     def _sweep_progress(self) -> None:
         """Remove progress files of attempts no longer running here (one directory scan
         per heartbeat instead of an unlink per job)."""
-        live = {h.progress_file.name for h in self.handles.values() if h.progress_file}
+        live = {os.path.basename(h.progress_path) for h in self.handles.values() if h.progress_path}
         try:
             with os.scandir(self.progress_dir) as entries:
                 for entry in entries:
@@ -611,7 +669,8 @@ class Worker:
             return 0
         total = 0
         for tp in self.consumer.position(assignment):
-            _, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+            # cached: the high watermark the last fetch brought (no request per partition)
+            _, high = self.consumer.get_watermark_offsets(tp, cached=True)
             if tp.offset >= 0 and high >= 0:
                 total += max(0, high - tp.offset)
         return total

@@ -46,15 +46,16 @@ class OffsetTracker(Generic[K]):
         """Drop a partition (revoked in a rebalance)."""
         self._parts.pop(tp, None)
 
-    def commit_positions(self) -> dict[K, int]:
+    def commit_positions(self, everything: bool = False) -> dict[K, int]:
         """Positions (next offset to read) that may be committed now, for partitions whose
-        position moved since the last call."""
+        position moved since the last call (``everything``: for every partition with one,
+        e.g. after a commit failed)."""
         out: dict[K, int] = {}
         for tp, p in self._parts.items():
             while p.pending and p.pending[0] in p.finished:
                 p.finished.discard(heapq.heappop(p.pending))
             position = p.pending[0] if p.pending else p.highest + 1
-            if position > 0 and (p.committable is None or position > p.committable):
+            if position > 0 and (everything or p.committable is None or position > p.committable):
                 p.committable = position
                 out[tp] = position
         return out

@@ -1,0 +1,87 @@
+"""Confirmed sends batched by load: each caller waits for its own record's confirmation, and
+records queued while the pacer holds go out together in one produce batch.
+
+Invariants:
+- ``send`` returns a future that resolves once the broker confirmed that record, or fails
+  with the batch's error (the caller retries; a record is never reported sent unconfirmed).
+- A record queued while no send is pending goes out in the same loop turn when the pacer
+  has a token (light load: no added latency); otherwise within the pacer's wait, together
+  with everything queued meanwhile (``agents.core.pacing``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+
+from agents.core.pacing import Pacer
+from streams.kafka import ConfirmedProducer, Record
+
+
+class Outbox:
+    def __init__(self, producer: ConfirmedProducer, pacer: Pacer, timeout_s: float = 30.0) -> None:
+        self.producer = producer
+        self.pacer = pacer
+        self.timeout_s = timeout_s
+        self.batches = 0  # sends made (a send = one produce batch)
+        self.records = 0
+        self._queued: list[Record] = []
+        self._waiting: list[asyncio.Future[None]] = []
+        self._scheduled = False
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def send(self, record: Record) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queued.append(record)
+        self._waiting.append(fut)
+        if not self._scheduled:
+            self._scheduled = True
+            wait = self.pacer.wait(time.monotonic())
+            if wait <= 0:
+                loop.call_soon(self._flush)  # with the rest of this loop turn's records
+            else:
+                loop.call_later(wait, self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._queued:
+            return
+        now = time.monotonic()
+        if not self.pacer.take(now):  # a token went elsewhere meanwhile: wait for the next
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self.pacer.wait(now), self._flush)
+            return
+        records, waiting = self._queued, self._waiting
+        self._queued, self._waiting = [], []
+        self.batches += 1
+        self.records += len(records)
+        task = asyncio.ensure_future(self.producer.aproduce(records, self.timeout_s))
+        self._inflight.add(task)
+        task.add_done_callback(partial(self._settle, waiting))
+
+    def _settle(self, waiting: list[asyncio.Future[None]], task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        exc = None if not task.cancelled() else asyncio.CancelledError()
+        if exc is None:
+            exc = task.exception()
+        for fut in waiting:
+            if fut.done():
+                continue
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+    async def close(self) -> None:
+        """Send what is queued now and wait for every send in flight."""
+        if self._queued:
+            records, waiting = self._queued, self._waiting
+            self._queued, self._waiting = [], []
+            task = asyncio.ensure_future(self.producer.aproduce(records, self.timeout_s))
+            task.add_done_callback(partial(self._settle, waiting))
+            self._inflight.add(task)
+        if self._inflight:
+            await asyncio.wait(list(self._inflight))
