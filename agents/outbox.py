@@ -64,9 +64,9 @@ class Outbox:
 
     def _settle(self, waiting: list[asyncio.Future[None]], task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        exc = None if not task.cancelled() else asyncio.CancelledError()
-        if exc is None:
-            exc = task.exception()
+        exc: BaseException | None = (
+            asyncio.CancelledError() if task.cancelled() else task.exception()
+        )
         for fut in waiting:
             if fut.done():
                 continue
