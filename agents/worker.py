@@ -127,6 +127,7 @@ class Worker:
         self.cancelled: OrderedDict[str, str] = OrderedDict()
         self.handed_back = 0
         self.pypool = PyPool(self.slots)
+        self._fetch_at = max(1, self.slots // 2)  # room in the buffer that triggers a fetch
         self._events_topic = ctx.topic("jobs.events")
         # running jobs' progress files, swept once per heartbeat (``_sweep_progress``)
         self.progress_dir = Path(s.log_dir) / ".progress" / file_safe(self.id)[:120]
@@ -219,8 +220,10 @@ class Worker:
         controls = asyncio.create_task(self._controls())
         try:
             while not self.stopping.is_set():
-                room = self.slots - len(self.backlog)  # prefetch at most one round
-                if room <= 0:
+                # prefetch at most one round, and fetch once half a round has room (one
+                # consumer call per several jobs under load, at once when idle)
+                room = self.slots - len(self.backlog)
+                if room < self._fetch_at:
                     await self._when_full()
                     continue
                 if self._paused:
@@ -292,14 +295,14 @@ class Worker:
             self._take(msg)
 
     async def _when_full(self) -> None:
-        """Every slot is busy and a round is buffered. Wait a moment for a slot; if none
-        frees, keep consuming (the group keeps this member and rebalances are served) and
-        buffer what arrives: admission's capacity (``capacity_factor`` × the slots of all
-        workers) bounds what can be outstanding, and the buffer starts earliest-due first,
-        so an urgent dispatch that lands here waits for the next free slot only. Pausing
-        costs ~0.8 s before messages flow again after the resume (measured), so the
-        partitions are paused only when the buffer reaches ``BUFFER_ROUNDS`` × slots (a
-        capacity factor beyond what one worker should hold)."""
+        """Every slot is busy and (at least half) a round is buffered. Wait a moment for a
+        slot; if none frees, keep consuming (the group keeps this member and rebalances are
+        served) and buffer what arrives: admission's capacity (``capacity_factor`` × the
+        slots of all workers) bounds what can be outstanding, and the buffer starts
+        earliest-due first, so an urgent dispatch that lands here waits for the next free
+        slot only. Pausing costs ~0.8 s before messages flow again after the resume
+        (measured), so the partitions are paused only when the buffer reaches
+        ``BUFFER_ROUNDS`` × slots (a capacity factor beyond what one worker should hold)."""
         if await self._slot_freed_within(0.05) or self.free > 0:
             return  # the main loop tops the buffer up
         limit = BUFFER_ROUNDS * self.slots
