@@ -106,31 +106,28 @@ async def notify(conn: Conn, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
 
-async def release_holds(conn: Conn, job_ids: Sequence[str]) -> int:
-    """Give back what these jobs hold (exactly once: the rows are deleted); announce it."""
+async def release_holds(conn: Conn, job_ids: Sequence[str]) -> None:
+    """Give back what these jobs hold (exactly once: the rows are deleted) and announce it
+    when anything was given back. Two statements and no result to read, so a pipeline
+    carries them with the caller's other statements: the semaphores are locked in name order
+    first (as admission locks them: no deadlock), then the holds are deleted, the counts
+    lowered and the admission processes notified in one statement."""
     if not job_ids:
-        return 0
-    cur = await conn.execute(
-        "DELETE FROM job_holds WHERE job_id = ANY(%s) RETURNING name, amount", (list(job_ids),)
+        return
+    ids = list(job_ids)
+    await conn.execute(
+        "SELECT name FROM semaphores WHERE name IN "
+        "(SELECT name FROM job_holds WHERE job_id = ANY(%s)) ORDER BY name FOR UPDATE",
+        (ids,),
     )
-    rows = await cur.fetchall()
-    if not rows:
-        return 0
-    sums: dict[str, int] = defaultdict(int)
-    for name, amount in rows:
-        sums[name] += amount
-    names = sorted(sums)
-    async with conn.pipeline():  # lock in name order, update, announce: one round trip
-        await conn.execute(
-            "SELECT name FROM semaphores WHERE name = ANY(%s) ORDER BY name FOR UPDATE", (names,)
-        )
-        await conn.execute(
-            "UPDATE semaphores s SET used = greatest(0, s.used - v.amount) "
-            "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
-            (names, [sums[n] for n in names]),
-        )
-        await notify(conn, "release")
-    return len(rows)
+    await conn.execute(
+        """WITH d AS (DELETE FROM job_holds WHERE job_id = ANY(%s) RETURNING name, amount),
+           v AS (SELECT name, sum(amount)::int AS amount FROM d GROUP BY name),
+           u AS (UPDATE semaphores s SET used = greatest(0, s.used - v.amount)
+                 FROM v WHERE s.name = v.name RETURNING s.name)
+           SELECT pg_notify(%s, 'release') FROM (SELECT 1 FROM u LIMIT 1) AS released""",
+        (ids, CHANNEL),
+    )
 
 
 async def controls(conn: Conn) -> tuple[set[str], list[Limit]]:

@@ -135,16 +135,16 @@ async def apply_lifecycle(
             terminal.append(ev.job_id)
         elif state == "ready":
             retry.append(ReadyJob(ev.job_id, row[2], row[3], row[4]))
-    # the history goes out with the release's first statement (pipeline: one round trip)
-    async with conn.pipeline():
-        if history:
-            await conn.execute(
-                "INSERT INTO job_history (job_id, attempt, event, detail) "
-                "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
-                [list(col) for col in zip(*history, strict=True)],
-            )
-        # an attempt ended (terminal, or back to ready for a retry): give back what it held
-        await release_holds(conn, [*terminal, *(r.id for r in retry)])
+    # history and release return nothing: queued, they travel with the caller's next read
+    # (``settle_batch``: the working set; a pipeline, so one round trip for all of them)
+    if history:
+        await conn.execute(
+            "INSERT INTO job_history (job_id, attempt, event, detail) "
+            "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
+            [list(col) for col in zip(*history, strict=True)],
+        )
+    # an attempt ended (terminal, or back to ready for a retry): give back what it held
+    await release_holds(conn, [*terminal, *(r.id for r in retry)])
     return terminal, retry
 
 
@@ -321,7 +321,7 @@ def _detail(ev: JobEvent) -> dict[str, Any]:
 
 async def load_working_set(conn: Conn, changed: Sequence[str]) -> list[Node]:
     """``changed`` jobs, their waiting dependents transitively (with their edges), and every
-    job those wait on (as leaves: state, tenant and root cause)."""
+    job those wait on (as leaves: state, tenant and root cause), in one statement."""
     if not changed:
         return []
     cur = await conn.execute(
@@ -331,40 +331,47 @@ async def load_working_set(conn: Conn, changed: Sequence[str]) -> list[Node]:
             UNION
             SELECT d.job_id FROM job_deps d JOIN down ON d.dep_id = down.id
             JOIN jobs w ON w.id = d.job_id AND w.state = 'waiting'
+        ),
+        nodes AS (
+            SELECT j.id, j.state, extract(epoch from j.accepted_at)::float8 AS at,
+                   j.root_cause, j.tenant,
+                   coalesce(array_agg(d.dep_id ORDER BY d.dep_id)
+                            FILTER (WHERE d.dep_id IS NOT NULL), '{}') AS deps,
+                   coalesce(array_agg(d.needs ORDER BY d.dep_id)
+                            FILTER (WHERE d.dep_id IS NOT NULL), '{}') AS needs
+            FROM jobs j LEFT JOIN job_deps d ON d.job_id = j.id AND j.state = 'waiting'
+            WHERE j.id IN (SELECT id FROM down)
+            GROUP BY j.id
         )
-        SELECT j.id, j.state, extract(epoch from j.accepted_at)::float8, j.root_cause, j.tenant,
-               coalesce(array_agg(d.dep_id ORDER BY d.dep_id) FILTER (WHERE d.dep_id IS NOT NULL),
-                        '{}'),
-               coalesce(array_agg(d.needs ORDER BY d.dep_id) FILTER (WHERE d.dep_id IS NOT NULL),
-                        '{}')
-        FROM jobs j LEFT JOIN job_deps d ON d.job_id = j.id AND j.state = 'waiting'
-        WHERE j.id IN (SELECT id FROM down)
-        GROUP BY j.id
+        SELECT id, state, at, root_cause, tenant, deps, needs, false FROM nodes
+        UNION ALL
+        SELECT l.id, l.state, 0::float8, l.root_cause, l.tenant, '{}', '{}', true
+        FROM jobs l
+        WHERE l.id IN (SELECT unnest(deps) FROM nodes) AND l.id NOT IN (SELECT id FROM nodes)
         """,
         (list(changed),),
     )
-    nodes: dict[str, Node] = {}
-    for jid, state, at, root, tenant, deps, needs in await cur.fetchall():
-        edges = tuple(Edge(d, Needs(n)) for d, n in zip(deps, needs, strict=True))
-        nodes[jid] = Node(jid, state, edges, at, root, tenant)
-    leaves = sorted({e.dep for n in nodes.values() for e in n.edges} - set(nodes))
-    if leaves:
-        cur = await conn.execute(
-            "SELECT id, state, root_cause, tenant FROM jobs WHERE id = ANY(%s)", (leaves,)
-        )
-        for jid, state, root, tenant in await cur.fetchall():
-            nodes[jid] = Node(jid, state, (), 0.0, root, tenant)
-    return list(nodes.values())
+    nodes: list[Node] = []
+    for jid, state, at, root, tenant, deps, needs, leaf in await cur.fetchall():
+        edges = () if leaf else tuple(Edge(d, Needs(n)) for d, n in zip(deps, needs, strict=True))
+        nodes.append(Node(jid, state, edges, at, root, tenant))
+    return nodes
 
 
-async def apply_decisions(conn: Conn, decisions: Sequence[Release | Fail | Wait]) -> list[ReadyJob]:
-    """Write decisions guarded by ``state = 'waiting'``; return the jobs released now."""
+async def apply_decisions(
+    conn: Conn,
+    decisions: Sequence[Release | Fail | Wait],
+    ready_of: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> list[ReadyJob]:
+    """Write decisions guarded by ``state = 'waiting'``; return the jobs released now, and
+    with ``ready_of`` (ids, dependents of) also :func:`ready_among` those, read in the same
+    round trip (every statement is queued before the first result is read)."""
     released = [d.job for d in decisions if isinstance(d, Release)]
     failed = [d for d in decisions if isinstance(d, Fail)]
     waits = [d for d in decisions if isinstance(d, Wait)]
-    ready: list[ReadyJob] = []
+    unlocked = None
     if released:
-        cur = await conn.execute(
+        unlocked = await conn.execute(
             q(
                 """WITH r AS (
                     UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(),
@@ -376,7 +383,6 @@ async def apply_decisions(conn: Conn, decisions: Sequence[Release | Fail | Wait]
             ),
             (released,),
         )
-        ready = [ReadyJob(*r) for r in await cur.fetchall()]
     if failed:
         await conn.execute(
             """
@@ -399,6 +405,10 @@ async def apply_decisions(conn: Conn, decisions: Sequence[Release | Fail | Wait]
             WHERE j.id = w.id AND j.state = 'waiting' AND j.gate IS DISTINCT FROM w.gate""",
             ([w.job for w in waits], [w.gate for w in waits]),
         )
+    also = await _ready_among(conn, *ready_of) if ready_of else None
+    ready = [ReadyJob(*r) for r in await unlocked.fetchall()] if unlocked is not None else []
+    if also is not None:
+        ready += [ReadyJob(*r) for r in await also.fetchall()]
     return ready
 
 
@@ -407,9 +417,16 @@ async def ready_among(
 ) -> list[ReadyJob]:
     """Jobs among ``ids`` or the dependents of ``dependents_of`` that are ready: after a replay
     they may have been released without being forwarded."""
+    cur = await _ready_among(conn, ids, dependents_of)
+    return [] if cur is None else [ReadyJob(*r) for r in await cur.fetchall()]
+
+
+async def _ready_among(
+    conn: Conn, ids: Sequence[str], dependents_of: Sequence[str] = ()
+) -> psycopg.AsyncCursor[Any] | None:
     if not ids and not dependents_of:
-        return []
-    cur = await conn.execute(
+        return None
+    return await conn.execute(
         q(
             """SELECT {cols} FROM jobs WHERE state = 'ready' AND (id = ANY(%s)
            OR id IN (SELECT job_id FROM job_deps WHERE dep_id = ANY(%s)))""",
@@ -417,4 +434,3 @@ async def ready_among(
         ),
         (list(ids), list(dependents_of)),
     )
-    return [ReadyJob(*r) for r in await cur.fetchall()]

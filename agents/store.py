@@ -168,10 +168,12 @@ class PostgresJobStore:
             changed = inserted + terminal
             nodes = await load_working_set(conn, changed)
             decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(changed, now, grace_s)
-            released = await apply_decisions(conn, decisions)
             finished = [e.job_id for e in events if not isinstance(e, JobStarted)]
-            again = await ready_among(conn, [a.job.id for a in accepted], finished)
-        ready = list({r.id: r for r in (*released, *retry, *again)}.values())
+            # released now, and (after a replay) released before but maybe never forwarded
+            released = await apply_decisions(
+                conn, decisions, ready_of=([a.job.id for a in accepted], finished)
+            )
+        ready = list({r.id: r for r in (*released, *retry)}.values())
         new = set(inserted)
         rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
         return ready, rejected
