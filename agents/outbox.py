@@ -3,7 +3,9 @@ records queued while the pacer holds go out together in one produce batch.
 
 Invariants:
 - ``send`` returns a future that resolves once the broker confirmed that record, or fails
-  with the batch's error (the caller retries; a record is never reported sent unconfirmed).
+  with that record's error, or the batch's when the batch as a whole was not confirmed in
+  time (the caller retries; a record is never reported sent unconfirmed, and one bad record
+  does not fail the records batched with it).
 - A record queued while no send is pending goes out in the same loop turn when the pacer
   has a token (light load: no added latency); otherwise within the pacer's wait, together
   with everything queued meanwhile (``agents.core.pacing``).
@@ -16,6 +18,7 @@ import time
 from functools import partial
 
 from agents.core.pacing import Pacer
+from streams.errors import DeliveryFailed
 from streams.kafka import ConfirmedProducer, Record
 
 
@@ -29,7 +32,7 @@ class Outbox:
         self._queued: list[Record] = []
         self._waiting: list[asyncio.Future[None]] = []
         self._scheduled = False
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[dict[int, str]]] = set()
 
     def send(self, record: Record) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -58,30 +61,36 @@ class Outbox:
         self._queued, self._waiting = [], []
         self.batches += 1
         self.records += len(records)
-        task = asyncio.ensure_future(self.producer.aproduce(records, self.timeout_s))
+        self._start(records, waiting)
+
+    def _start(self, records: list[Record], waiting: list[asyncio.Future[None]]) -> None:
+        task = asyncio.ensure_future(self.producer.aproduce_each(records, self.timeout_s))
         self._inflight.add(task)
         task.add_done_callback(partial(self._settle, waiting))
 
-    def _settle(self, waiting: list[asyncio.Future[None]], task: asyncio.Task[None]) -> None:
+    def _settle(
+        self, waiting: list[asyncio.Future[None]], task: asyncio.Task[dict[int, str]]
+    ) -> None:
         self._inflight.discard(task)
         exc: BaseException | None = (
             asyncio.CancelledError() if task.cancelled() else task.exception()
         )
-        for fut in waiting:
+        failed = {} if exc is not None else task.result()
+        for i, fut in enumerate(waiting):
             if fut.done():
                 continue
-            if exc is None:
-                fut.set_result(None)
-            else:
+            if exc is not None:
                 fut.set_exception(exc)
+            elif i in failed:
+                fut.set_exception(DeliveryFailed(f"not delivered: {failed[i]}"))
+            else:
+                fut.set_result(None)
 
     async def close(self) -> None:
         """Send what is queued now and wait for every send in flight."""
         if self._queued:
             records, waiting = self._queued, self._waiting
             self._queued, self._waiting = [], []
-            task = asyncio.ensure_future(self.producer.aproduce(records, self.timeout_s))
-            task.add_done_callback(partial(self._settle, waiting))
-            self._inflight.add(task)
+            self._start(records, waiting)
         if self._inflight:
             await asyncio.wait(list(self._inflight))

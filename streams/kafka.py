@@ -145,20 +145,25 @@ def apply_topics(
 
 
 class _Batch:
-    """Counts delivery reports of one batch; ``on_done`` runs (on the poll thread) after the
-    last one."""
+    """Counts delivery reports of one batch and keeps each failed record's error by its index
+    in the batch; ``on_done`` runs (on the poll thread) after the last report."""
 
     def __init__(self, size: int, on_done: Callable[[], object]) -> None:
         self.size = size
         self.remaining = size
-        self.errors: list[str] = []
+        self.failed: dict[int, str] = {}
         self._on_done = on_done
         self._lock = threading.Lock()
 
-    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+    def on_delivery(self, index: int, err: KafkaError | None, _msg: Any) -> None:
+        self.settle(index, None if err is None else str(err))
+
+    def settle(self, index: int, error: str | None) -> None:
+        """Record ``index``'s outcome (``error``: why it failed); the last one runs
+        ``on_done``."""
         with self._lock:
-            if err is not None:
-                self.errors.append(str(err))
+            if error is not None:
+                self.failed[index] = error
             self.remaining -= 1
             last = self.remaining == 0
         if last:
@@ -170,10 +175,9 @@ class _Batch:
         )
 
     def check(self) -> None:
-        if self.errors:
-            raise DeliveryFailed(
-                f"{len(self.errors)} of {self.size} messages failed: {self.errors[0]}"
-            )
+        if self.failed:
+            first = self.failed[min(self.failed)]
+            raise DeliveryFailed(f"{len(self.failed)} of {self.size} messages failed: {first}")
 
 
 def _expire(fut: asyncio.Future[None]) -> None:
@@ -213,13 +217,28 @@ class ConfirmedProducer:
         batch.check()
 
     async def aproduce(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
-        """Produce and wait for every confirmation without blocking the event loop.
+        """Produce and wait for every confirmation without blocking the event loop; raises
+        :class:`DeliveryFailed` when any record failed or was not confirmed in time.
 
         Cheap per call (hot in the worker and the agents): one future and one timer, the
         sender woken once per loop turn for all calls of that turn, and the loop woken once
         for all batches confirmed by one delivery pass (not once per batch)."""
+        batch = await self._confirmed_batch(records, timeout_s)
+        if batch is not None:
+            batch.check()
+
+    async def aproduce_each(
+        self, records: Sequence[Record], timeout_s: float = 30.0
+    ) -> dict[int, str]:
+        """Like :meth:`aproduce`, but a record's own failure does not fail the others: the
+        error of each failed record by its index (empty: all confirmed). Raises
+        :class:`DeliveryFailed` only when the batch was not confirmed in time."""
+        batch = await self._confirmed_batch(records, timeout_s)
+        return {} if batch is None else dict(batch.failed)
+
+    async def _confirmed_batch(self, records: Sequence[Record], timeout_s: float) -> _Batch | None:
         if not records:
-            return
+            return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         batch = self._send(records, partial(self._confirmed, loop, fut))
@@ -233,7 +252,7 @@ class ConfirmedProducer:
             raise batch.unconfirmed(timeout_s) from None
         finally:
             timer.cancel()
-        batch.check()
+        return batch
 
     def _flush_now(self) -> None:
         self._flush_soon = False
@@ -263,8 +282,11 @@ class ConfirmedProducer:
     def _send(self, records: Sequence[Record], on_done: Callable[[], object]) -> _Batch:
         """Produce ``records``; ``on_done`` runs after the last delivery report."""
         batch = _Batch(len(records), on_done)
-        for rec in records:
-            self._produce_one(rec, batch.on_delivery)
+        for i, rec in enumerate(records):
+            try:
+                self._produce_one(rec, partial(batch.on_delivery, i))
+            except DeliveryFailed as exc:  # refused at once (e.g. no such partition)
+                batch.settle(i, str(exc))
         return batch
 
     def _produce_one(self, rec: Record, on_delivery: Any) -> None:

@@ -43,6 +43,16 @@ def test_partitions_are_independent_and_forget_drops_one() -> None:
     assert t.commit_positions() == {}
 
 
+def test_after_a_failed_commit_every_position_is_sent_again() -> None:
+    t = OffsetTracker()
+    for tp, off in (("a", 3), ("b", 7)):
+        t.started(tp, off)
+        t.finished(tp, off)
+    assert t.commit_positions() == {"a": 4, "b": 8}
+    assert t.commit_positions() == {}  # nothing moved: nothing to send
+    assert t.commit_positions(everything=True) == {"a": 4, "b": 8}
+
+
 buffers = st.lists(
     st.tuples(st.integers(0, 3), st.one_of(st.floats(0, 100), st.just(float("inf")))),
     min_size=1,

@@ -1,0 +1,60 @@
+"""The worker's outbox on a real broker: records sent while the pacer holds go out together,
+each caller learns its own record's fate, and everything confirmed is on the topic."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agents.core.pacing import Pacer
+from agents.outbox import Outbox
+from streams.errors import DeliveryFailed
+from streams.kafka import ConfirmedProducer, Record, producer_config
+from streams.topics import TopicRegistry
+from tests.helpers import read_topic
+
+
+async def test_records_queued_while_paced_share_one_send(
+    kafka_bootstrap: str, registry: TopicRegistry
+) -> None:
+    topic = registry.name("jobs.events")
+    producer = ConfirmedProducer(producer_config(kafka_bootstrap))
+    producer.produce_confirmed([Record(topic, b"warm", b"w")])  # connected, metadata known
+    box = Outbox(producer, Pacer(rate_per_s=2, burst=1))  # one send, then one per 500 ms
+    try:
+        await box.send(Record(topic, b"first", b"k0"))  # a token: goes at once, alone
+        assert (box.batches, box.records) == (1, 1)
+        # the next 60 arrive over several loop turns while the pacer holds: one send
+        waiting = []
+        for i in range(60):
+            waiting.append(box.send(Record(topic, f"r{i}".encode(), f"k{i % 7}".encode())))
+            if i % 10 == 9:
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*waiting)
+        assert (box.batches, box.records) == (2, 61)
+    finally:
+        await box.close()
+        producer.close()
+    values = {m.value() for m in read_topic(kafka_bootstrap, topic, expect=62)}
+    assert values == {b"warm", b"first", *(f"r{i}".encode() for i in range(60))}
+
+
+async def test_a_bad_record_fails_alone(kafka_bootstrap: str, registry: TopicRegistry) -> None:
+    topic = registry.name("jobs.events")
+    producer = ConfirmedProducer(producer_config(kafka_bootstrap))
+    box = Outbox(producer, Pacer(rate_per_s=100, burst=1))
+    try:
+        await box.send(Record(topic, b"warm", b"w"))  # metadata known: partition 999 is refused
+        good = [box.send(Record(topic, f"g{i}".encode(), b"k")) for i in range(5)]
+        bad = box.send(Record(topic, b"bad", b"k", partition=999))
+        more = [box.send(Record(topic, f"h{i}".encode(), b"k")) for i in range(5)]
+        await asyncio.gather(*good, *more)
+        with pytest.raises(DeliveryFailed):
+            await bad
+        assert box.batches == 2  # the bad record travelled with the good ones
+    finally:
+        await box.close()
+        producer.close()
+    values = {m.value() for m in read_topic(kafka_bootstrap, topic, expect=11)}
+    assert b"bad" not in values and len(values) == 11
