@@ -8,12 +8,18 @@ Invariants:
   partition); admission's capacity bounds how many can be outstanding, and past
   ``BUFFER_ROUNDS`` × slots buffered the worker pauses its partitions while it keeps
   serving rebalances. Free/total slots go out in heartbeats.
-- Kafka owns a dispatch until its job starts, the heartbeat monitor after: an offset is
-  committed (``OffsetTracker``) once the broker confirmed the job's ``job.started`` event (or
-  the dispatch was skipped or dead-lettered). A worker that dies before a start leaves the
-  dispatch to be redelivered to another worker; one that dies after falls silent, and the
+- Kafka owns a dispatch until its job's start is on the broker, the heartbeat monitor
+  after: an offset is committed (``OffsetTracker``) once the broker confirmed the job's
+  ``job.started`` event (or the dispatch was skipped or dead-lettered). The job runs while
+  that event is on its way; its outcome is sent only after it. A worker that dies before the
+  confirmation has the dispatch redelivered to another worker (run again as the same
+  attempt: completion stays single by attempt); one that dies after falls silent, and the
   monitor (``agents.monitor``) retries its running jobs as a new attempt. A late report from
   the old attempt is fenced off by the attempt number.
+- Job events and offset commits are paced (``agents.core.pacing``): at once under light
+  load, batched at ``worker_sends_per_s`` under load; each job still waits for its own
+  record's confirmation (``agents.outbox``). A slot is held until the job's process ends,
+  not until its outcome is confirmed.
 - A dispatch for an attempt this process already ran is not run twice; a job cancelled on
   ``jobs.control`` is not started, and is stopped when running (nothing is reported for it:
   the ``job.cancelled`` event is the authority).
@@ -38,6 +44,7 @@ import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -434,25 +441,26 @@ class Worker:
     async def _execute(self, msg: RawMessage, d: Dispatch) -> None:
         s = self.ctx.settings
         send = self.events.send
-        tp = (msg.topic, msg.partition)
         handle = self.handles[d.job_id]
-        committed = False
         publishing = False
+        started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
+        # the start goes to the broker while the job runs (it may wait for the pacer); once
+        # it is confirmed the heartbeat monitor owns the attempt and the dispatch's offset is
+        # committed (``_start_confirmed``). A worker killed before that commit has its
+        # dispatch redelivered and run again, and only the attempt number keeps the second
+        # run from completing the job twice.
+        confirm = asyncio.ensure_future(
+            retrying("publish started", lambda: send(self._event_record(d, started)))
+        )
+        confirm.add_done_callback(
+            partial(self._start_confirmed, (msg.topic, msg.partition), msg.offset)
+        )
         try:
-            started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
-            await retrying("publish started", lambda: send(self._event_record(d, started)))
-            # from here the heartbeat monitor owns the attempt: the dispatch is done for Kafka,
-            # and committed now (not at the next loop turn): a worker killed between its
-            # start and the commit has its dispatch redelivered and run again, and only the
-            # attempt number keeps the second run from completing the job twice
-            self.tracker.finished(tp, msg.offset)
-            committed = True
             m = self.ctx.metrics
             if m.enabled:
                 tags = {"kind": d.kind, "tenant": d.tenant}
                 m.observe("start_latency_ms", max(0.0, (started.at - d.submitted_at) * 1000), tags)
                 m.observe("dispatch_to_start_ms", max(0.0, (started.at - d.dispatched_at) * 1000))
-            self._commit_soon_as_paced()
             outcome: Outcome = await run_attempt(
                 d,
                 s.kinds.get(d.kind),
@@ -471,13 +479,14 @@ class Worker:
             self._slot_done()
             handed_back = self.aborting.is_set() and not outcome.ok
             event = self._outcome_event(d, outcome, handed_back=handed_back)
+            await confirm  # the start is on the broker before its outcome is sent
             await retrying("publish outcome", lambda: send(self._event_record(d, event)))
             self.completed += 1
             result = "succeeded" if outcome.ok else "handed_back" if handed_back else "failed"
             self._finished_metrics(d, outcome, result)
         finally:
-            if not committed:
-                self.tracker.finished(tp, msg.offset)
+            if not confirm.done() and not publishing:
+                confirm.cancel()  # stopped before the job ran to its end (an abort)
             if publishing:
                 self._publishing -= 1
             self.running.pop(d.job_id, None)
@@ -485,6 +494,16 @@ class Worker:
             self.kinds_of.pop(d.job_id, None)
             if not publishing:
                 self._slot_done()
+
+    def _start_confirmed(
+        self, tp: tuple[str, int], offset: int, confirm: asyncio.Future[Any]
+    ) -> None:
+        """The start reached the broker (or its send was given up): the dispatch is done for
+        Kafka; commit soon (paced)."""
+        self.tracker.finished(tp, offset)
+        self._commit_soon_as_paced()
+        if not confirm.cancelled():
+            confirm.exception()  # retrieved: the outcome path reports it
 
     def _slot_done(self) -> None:
         self._start_backlog()
