@@ -14,12 +14,18 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from functools import partial
 
+from agents.context import TRANSIENT
 from agents.core.pacing import Pacer
 from streams.errors import DeliveryFailed
 from streams.kafka import ConfirmedProducer, Record
+
+log = logging.getLogger("jobstream.outbox")
+FIRST_RETRY_S = 0.2
+MAX_RETRY_S = 15.0
 
 
 class Outbox:
@@ -47,6 +53,44 @@ class Outbox:
             else:
                 loop.call_later(wait, self._flush)
         return fut
+
+    def deliver(self, record: Record, what: str) -> asyncio.Future[None]:
+        """:meth:`send` until the broker has the record: a send that fails for a transient
+        reason (the broker away, no confirmation in time) is sent again with backoff, as
+        ``agents.context.retrying`` does, without a task per record (hot: every job's
+        events). Cancel the future to give up."""
+        out: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._attempt(record, what, out, 0.0)
+        return out
+
+    def _attempt(self, record: Record, what: str, out: asyncio.Future[None], delay: float) -> None:
+        if not out.done():
+            self.send(record).add_done_callback(partial(self._tried, record, what, out, delay))
+
+    def _tried(
+        self,
+        record: Record,
+        what: str,
+        out: asyncio.Future[None],
+        delay: float,
+        sent: asyncio.Future[None],
+    ) -> None:
+        if out.done():  # given up by the caller
+            if not sent.cancelled():
+                sent.exception()  # retrieved
+            return
+        exc = asyncio.CancelledError() if sent.cancelled() else sent.exception()
+        if exc is None:
+            if delay:
+                log.warning("%s: delivered after retrying", what)
+            out.set_result(None)
+        elif isinstance(exc, TRANSIENT):
+            if not delay:
+                log.warning("%s: %s; retrying with backoff", what, exc)
+            wait = min(MAX_RETRY_S, delay * 2) if delay else FIRST_RETRY_S
+            asyncio.get_running_loop().call_later(wait, self._attempt, record, what, out, wait)
+        else:
+            out.set_exception(exc)
 
     def _flush(self) -> None:
         self._scheduled = False

@@ -51,7 +51,7 @@ from typing import Any, Literal
 import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
-from agents.context import Context, RawMessage, retrying
+from agents.context import Context, RawMessage
 from agents.core.offsets import OffsetTracker, next_to_start
 from agents.core.pacing import Pacer
 from agents.deadletter import dead_letter
@@ -440,7 +440,7 @@ class Worker:
 
     async def _execute(self, msg: RawMessage, d: Dispatch) -> None:
         s = self.ctx.settings
-        send = self.events.send
+        deliver = self.events.deliver
         handle = self.handles[d.job_id]
         publishing = False
         started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
@@ -449,9 +449,7 @@ class Worker:
         # committed (``_start_confirmed``). A worker killed before that commit has its
         # dispatch redelivered and run again, and only the attempt number keeps the second
         # run from completing the job twice.
-        confirm = asyncio.ensure_future(
-            retrying("publish started", lambda: send(self._event_record(d, started)))
-        )
+        confirm = deliver(self._event_record(d, started), "publish started")
         confirm.add_done_callback(
             partial(self._start_confirmed, (msg.topic, msg.partition), msg.offset)
         )
@@ -480,7 +478,7 @@ class Worker:
             handed_back = self.aborting.is_set() and not outcome.ok
             event = self._outcome_event(d, outcome, handed_back=handed_back)
             await confirm  # the start is on the broker before its outcome is sent
-            await retrying("publish outcome", lambda: send(self._event_record(d, event)))
+            await deliver(self._event_record(d, event), "publish outcome")
             self.completed += 1
             result = "succeeded" if outcome.ok else "handed_back" if handed_back else "failed"
             self._finished_metrics(d, outcome, result)
