@@ -669,6 +669,8 @@ class Worker:
                 running=len(beat.running),
                 load=beat.load,
                 draining=state != "running",
+                event_sends=self.events.batches,  # cumulative: sends ≤ events when batched
+                events_sent=self.events.records,
             )
             m.count("heartbeats_sent", {"worker": self.id})
             if state == "running":

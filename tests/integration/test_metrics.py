@@ -123,6 +123,10 @@ def test_a_workload_is_counted_exactly_and_every_dashboard_panel_has_data(
     assert total(influx, "dead_letters") == 1
     assert total(influx, "admission_denials", "WHERE \"gate\" = 'rate_limit'") >= 1
     assert total(influx, "job_events", "WHERE \"type\" = 'succeeded'") == 22
+    # the worker's job events: each sent once (24 attempts: a start and an outcome each, the
+    # last beat may predate the last few), in at most as many sends as events
+    (w,) = influx.query('SELECT last("events_sent") AS n, last("event_sends") AS s FROM "worker"')
+    assert 0 < float(str(w["s"])) <= float(str(w["n"])) <= 48
     for title, query in dashboard_queries():
         q = query.replace("$timeFilter", "time > now() - 1h").replace("$__interval", "1s")
         assert influx.query(q), f"panel {title!r} has no data: {q}"
