@@ -79,7 +79,10 @@ class Outbox:
             if not sent.cancelled():
                 sent.exception()  # retrieved
             return
-        exc = asyncio.CancelledError() if sent.cancelled() else sent.exception()
+        if sent.cancelled():  # the loop is closing
+            out.cancel()
+            return
+        exc = sent.exception()
         if exc is None:
             if delay:
                 log.warning("%s: delivered after retrying", what)
@@ -116,9 +119,11 @@ class Outbox:
         self, waiting: list[asyncio.Future[None]], task: asyncio.Task[dict[int, str]]
     ) -> None:
         self._inflight.discard(task)
-        exc: BaseException | None = (
-            asyncio.CancelledError() if task.cancelled() else task.exception()
-        )
+        if task.cancelled():  # the loop is closing
+            for fut in waiting:
+                fut.cancel()
+            return
+        exc = task.exception()
         failed = {} if exc is not None else task.result()
         for i, fut in enumerate(waiting):
             if fut.done():
