@@ -293,8 +293,10 @@ class Admission:
             if self.delayed:
                 await self._write_gates(self._delayed_gates(now))
             return False
+        self.ctx.tracer.mark("round")
         async with store.tx(pipeline=True) as conn:
             snap = await admstore.semaphore_snapshot(conn)
+        self.ctx.tracer.mark("snapshot")
         sem = self.core.sem
         sem.capacity = {name: cap for name, (cap, _) in snap.items()}
         sem.used = {name: used for name, (_, used) in snap.items()}
@@ -350,6 +352,8 @@ class Admission:
                 return await admstore.admit(conn, candidates, now)
 
         res = await retrying("admission transaction", tx)
+        if self.ctx.tracer.on:
+            self.ctx.tracer.mark("admitted", *(x.job.id for x in res.dispatched))
         by_id = {a.job.id: a for a in d.admitted}
         stale_keys: set[str] = set()
         for job_id, gate in res.refused.items():
@@ -401,7 +405,12 @@ class Admission:
         async def send() -> None:
             if previous is not None:
                 await asyncio.wait([previous])
+            tracer = self.ctx.tracer
+            if tracer.on:
+                tracer.mark("send", *(j.id for j in jobs))
             await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
+            if tracer.on:
+                tracer.mark("produced", *(j.id for j in jobs))
             await retrying("dispatch confirm", lambda: store.confirm_dispatch(jobs))
 
         task = asyncio.ensure_future(send())

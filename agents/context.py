@@ -19,6 +19,7 @@ from agents.pools import ensure_pool_topics, pool_of
 from agents.rows import ReadyJob
 from agents.settings import Settings
 from agents.store import PostgresJobStore
+from agents.trace import Tracer
 from streams.errors import DeliveryFailed, KafkaUnavailable
 from streams.kafka import ConfirmedProducer, producer_config
 from streams.topics import TopicRegistry, load_topics
@@ -48,6 +49,7 @@ class Context:
     _pools_known: set[str] = field(default_factory=set)
     process: str = "scheduler"  # the ``process`` tag of this process's metrics
     _metrics: Metrics | None = None
+    _tracer: Tracer | None = None
     # the admission owner in this process, when there is one: takes the ready jobs of the
     # tenants it owns without the ``jobs.ready`` hop, returns the others (``forward_ready``)
     local_ready: Callable[[Sequence[ReadyJob]], Awaitable[list[ReadyJob]]] | None = None
@@ -77,6 +79,13 @@ class Context:
                 )
             )
         return self._producer
+
+    @property
+    def tracer(self) -> Tracer:
+        """Per-job stage timestamps (``trace_file``); a no-op unless set."""
+        if self._tracer is None:
+            self._tracer = Tracer(self.settings.trace_file)
+        return self._tracer
 
     @property
     def metrics(self) -> Metrics:

@@ -53,6 +53,8 @@ async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
         ctx, [m for m in messages if m.topic != submissions_topic], EventOrRejected
     )
     events = [e for e in decoded if not isinstance(e, JobRejected)]
+    if ctx.tracer.on:
+        ctx.tracer.mark("event_in", *(e.job_id for e in events if not isinstance(e, JobStarted)))
     await dead_letter(ctx, [*rejected, *bad])
     store = await ctx.store()
     ready, impossible = await retrying(
@@ -68,6 +70,8 @@ async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
     )
     m = ctx.metrics
     now = time.time()
+    if ready and ctx.tracer.on:
+        ctx.tracer.mark("ready", *(r.id for r in ready), at=now)
     finished_at = 0.0
     for e in events:
         tags = {"type": _EVENT_NAMES[type(e)]}

@@ -117,6 +117,7 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     admission_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     admission_resync_s: Annotated[float, Meta(gt=0)] = 15.0
     log_level: str = "WARNING"
+    trace_file: str | None = None  # per-job stage timestamps (agents.trace); off when unset
     worker_labels: Annotated[list[Annotated[str, Meta(pattern=LABEL)]], Meta(max_length=6)] = (
         msgspec.field(default_factory=list)
     )

@@ -263,6 +263,8 @@ class Worker:
             )
             self.tracker.started((raw.topic, raw.partition), raw.offset)
             self.backlog.append(raw)
+            if self.ctx.tracer.on:
+                self.ctx.tracer.mark("fetched", (raw.key or b"-").decode(errors="replace"))
 
     def _fetch(self, room: int) -> list[Any]:
         """Up to ``room`` messages, returning as soon as one is there. ``consume(n, timeout)``
@@ -449,6 +451,7 @@ class Worker:
         # committed (``_start_confirmed``). A worker killed before that commit has its
         # dispatch redelivered and run again, and only the attempt number keeps the second
         # run from completing the job twice.
+        self.ctx.tracer.mark("started", d.job_id, at=started.at)
         confirm = deliver(self._event_record(d, started), "publish started")
         confirm.add_done_callback(
             partial(self._start_confirmed, (msg.topic, msg.partition), msg.offset)
@@ -478,7 +481,9 @@ class Worker:
             handed_back = self.aborting.is_set() and not outcome.ok
             event = self._outcome_event(d, outcome, handed_back=handed_back)
             await confirm  # the start is on the broker before its outcome is sent
+            self.ctx.tracer.mark("finished", d.job_id, at=event.at)
             await deliver(self._event_record(d, event), "publish outcome")
+            self.ctx.tracer.mark("outcome_confirmed", d.job_id)
             self.completed += 1
             result = "succeeded" if outcome.ok else "handed_back" if handed_back else "failed"
             self._finished_metrics(d, outcome, result)

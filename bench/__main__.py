@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,14 @@ def pct(values: list[float], q: int) -> float | None:
     return None if p is None else round(p, 2)
 
 
-def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str, Any]:
+def dag(
+    uploads: int, slots: int, show: bool, interval: float = 0.0, trace: bool = False
+) -> dict[str, Any]:
+    """``trace``: the processes record per-job stage timestamps (``agents.trace``) and the
+    result carries the unlock path stage by stage (``unlock_trace_ms``)."""
     total = uploads * 9
-    with Run() as run:
+    trace_file = Path(tempfile.mkdtemp(prefix="jobstream-trace-")) / "stages.log"
+    with Run(**({"trace_file": str(trace_file)} if trace else {})) as run:
         run.start("scheduler")
         run.start("worker", "--slots", str(slots))
         time.sleep(8)  # consumer groups join; not what is measured
@@ -84,7 +91,14 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
         (wf_done,) = run.query(
             "SELECT count(*) FROM jobs WHERE id LIKE '%%-report' AND state = 'succeeded'"
         )[0]
-    return {
+        released_by = dict(
+            run.query(
+                """SELECT DISTINCT ON (d.job_id) d.job_id, d.dep_id
+                   FROM job_deps d JOIN jobs dj ON dj.id = d.dep_id
+                   ORDER BY d.job_id, dj.finished_at DESC"""
+            )
+        )
+    out = {
         "scenario": "dag",
         "uploads": uploads,
         "jobs": total,
@@ -105,6 +119,12 @@ def dag(uploads: int, slots: int, show: bool, interval: float = 0.0) -> dict[str
             for i, name in enumerate(["to_ready", "to_dispatched", "to_started"])
         },
     }
+    if trace:
+        from bench.trace import unlock_stages
+
+        out["unlock_trace_ms"] = unlock_stages(trace_file, released_by)
+    shutil.rmtree(trace_file.parent, ignore_errors=True)
+    return out
 
 
 COMPARED = ["throughput", "latency", "dag", "fairness", "ratelimit", "scale"]
@@ -165,6 +185,11 @@ def main() -> None:
         default=0.0,
         help="seconds between workflows (0: all at once, i.e. saturation)",
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="dag/unlock: per-job stage timestamps, the unlock path stage by stage",
+    )
     parser.add_argument("--jobs", type=int, default=100_000, help="admission: queued jobs")
     parser.add_argument("--tenants", type=int, default=1000, help="admission: tenants")
     parser.add_argument("--jobs-per-run", type=int, default=2000, help="workers: no-op jobs")
@@ -218,7 +243,9 @@ def main() -> None:
             args.jobs_per_run, args.slots, args.lost_after, args.trials, show=not args.json
         )
     else:
-        result = dag(args.uploads, args.slots, show=not args.json, interval=args.interval)
+        result = dag(
+            args.uploads, args.slots, show=not args.json, interval=args.interval, trace=args.trace
+        )
     if args.plot:
         from bench.plots import plot
 
