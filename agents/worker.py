@@ -10,10 +10,10 @@ Invariants:
   serving rebalances. Free/total slots go out in heartbeats.
 - Kafka owns a dispatch until its job's start is on the broker, the heartbeat monitor
   after: an offset is committed (``OffsetTracker``) once the broker confirmed the job's
-  ``job.started`` event (or the dispatch was skipped or dead-lettered). The job runs while
-  that event is on its way; its outcome is sent only after it. A worker that dies before the
-  confirmation has the dispatch redelivered to another worker (run again as the same
-  attempt: completion stays single by attempt); one that dies after falls silent, and the
+  ``job.started`` event (or the dispatch was skipped or dead-lettered); the job runs once
+  that confirmation is in. A worker that dies between the start and the commit has the
+  dispatch redelivered to another worker (run again as the same attempt: completion stays
+  single by attempt); one that dies after falls silent, and the
   monitor (``agents.monitor``) retries its running jobs as a new attempt. A late report from
   the old attempt is fenced off by the attempt number.
 - Job events and offset commits are paced (``agents.core.pacing``): at once under light
@@ -446,17 +446,20 @@ class Worker:
         handle = self.handles[d.job_id]
         publishing = False
         started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
-        # the start goes to the broker while the job runs (it may wait for the pacer); once
-        # it is confirmed the heartbeat monitor owns the attempt and the dispatch's offset is
-        # committed (``_start_confirmed``). A worker killed before that commit has its
-        # dispatch redelivered and run again, and only the attempt number keeps the second
-        # run from completing the job twice.
+        # once the start is confirmed the heartbeat monitor owns the attempt and the
+        # dispatch's offset is committed (``_start_confirmed``); the job runs after that. A
+        # worker killed before the commit has its dispatch redelivered and run again, and
+        # only the attempt number keeps the second run from completing the job twice.
+        # (Running the job while its start is on its way doubled a flooded worker's
+        # throughput but lengthened the light-load unlock path in every A/B: see
+        # docs/performance.md, session 6.)
         self.ctx.tracer.mark("started", d.job_id, at=started.at)
         confirm = deliver(self._event_record(d, started), "publish started")
         confirm.add_done_callback(
             partial(self._start_confirmed, (msg.topic, msg.partition), msg.offset)
         )
         try:
+            await confirm
             m = self.ctx.metrics
             if m.enabled:
                 tags = {"kind": d.kind, "tenant": d.tenant}
@@ -480,7 +483,6 @@ class Worker:
             self._slot_done()
             handed_back = self.aborting.is_set() and not outcome.ok
             event = self._outcome_event(d, outcome, handed_back=handed_back)
-            await confirm  # the start is on the broker before its outcome is sent
             self.ctx.tracer.mark("finished", d.job_id, at=event.at)
             await deliver(self._event_record(d, event), "publish outcome")
             self.ctx.tracer.mark("outcome_confirmed", d.job_id)
