@@ -38,14 +38,20 @@ class Outbox:
         self._queued: list[Record] = []
         self._waiting: list[asyncio.Future[None]] = []
         self._scheduled = False
+        self._urgent = False
         self._inflight: set[asyncio.Task[dict[int, str]]] = set()
 
-    def send(self, record: Record) -> asyncio.Future[None]:
+    def send(self, record: Record, *, urgent: bool = False) -> asyncio.Future[None]:
+        """Queue ``record``; ``urgent``: goes with this loop turn's send whatever the pacer
+        says (and takes everything queued along), for records something waits on."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._queued.append(record)
         self._waiting.append(fut)
-        if not self._scheduled:
+        if urgent and not self._urgent:
+            self._urgent = True
+            loop.call_soon(self._flush)
+        elif not self._scheduled:
             self._scheduled = True
             wait = self.pacer.wait(time.monotonic())
             if wait <= 0:
@@ -54,18 +60,22 @@ class Outbox:
                 loop.call_later(wait, self._flush)
         return fut
 
-    def deliver(self, record: Record, what: str) -> asyncio.Future[None]:
+    def deliver(self, record: Record, what: str, *, urgent: bool = False) -> asyncio.Future[None]:
         """:meth:`send` until the broker has the record: a send that fails for a transient
         reason (the broker away, no confirmation in time) is sent again with backoff, as
         ``agents.context.retrying`` does, without a task per record (hot: every job's
         events). Cancel the future to give up."""
         out: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._attempt(record, what, out, 0.0)
+        self._attempt(record, what, out, 0.0, urgent)
         return out
 
-    def _attempt(self, record: Record, what: str, out: asyncio.Future[None], delay: float) -> None:
+    def _attempt(
+        self, record: Record, what: str, out: asyncio.Future[None], delay: float, urgent: bool
+    ) -> None:
         if not out.done():
-            self.send(record).add_done_callback(partial(self._tried, record, what, out, delay))
+            self.send(record, urgent=urgent).add_done_callback(
+                partial(self._tried, record, what, out, delay, urgent)
+            )
 
     def _tried(
         self,
@@ -73,6 +83,7 @@ class Outbox:
         what: str,
         out: asyncio.Future[None],
         delay: float,
+        urgent: bool,
         sent: asyncio.Future[None],
     ) -> None:
         if out.done():  # given up by the caller
@@ -91,16 +102,22 @@ class Outbox:
             if not delay:
                 log.warning("%s: %s; retrying with backoff", what, exc)
             wait = min(MAX_RETRY_S, delay * 2) if delay else FIRST_RETRY_S
-            asyncio.get_running_loop().call_later(wait, self._attempt, record, what, out, wait)
+            asyncio.get_running_loop().call_later(
+                wait, self._attempt, record, what, out, wait, urgent
+            )
         else:
             out.set_exception(exc)
 
     def _flush(self) -> None:
-        self._scheduled = False
+        urgent, self._urgent = self._urgent, False
+        if not urgent:
+            self._scheduled = False
         if not self._queued:
             return
         now = time.monotonic()
-        if not self.pacer.take(now):  # a token went elsewhere meanwhile: wait for the next
+        if urgent:
+            self.pacer.take(now)  # counts against the rate when a token is there
+        elif not self.pacer.take(now):  # a token went elsewhere meanwhile: wait for the next
             self._scheduled = True
             asyncio.get_running_loop().call_later(self.pacer.wait(now), self._flush)
             return

@@ -454,7 +454,8 @@ class Worker:
         # throughput but lengthened the light-load unlock path in every A/B: see
         # docs/performance.md, session 6.)
         self.ctx.tracer.mark("started", d.job_id, at=started.at)
-        confirm = deliver(self._event_record(d, started), "publish started")
+        # urgent: a slot waits on it (the outcome and the commits wait for the pacer)
+        confirm = deliver(self._event_record(d, started), "publish started", urgent=True)
         confirm.add_done_callback(
             partial(self._start_confirmed, (msg.topic, msg.partition), msg.offset)
         )

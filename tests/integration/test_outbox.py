@@ -4,6 +4,7 @@ each caller learns its own record's fate, and everything confirmed is on the top
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -21,7 +22,7 @@ async def test_records_queued_while_paced_share_one_send(
     topic = registry.name("jobs.events")
     producer = ConfirmedProducer(producer_config(kafka_bootstrap))
     producer.produce_confirmed([Record(topic, b"warm", b"w")])  # connected, metadata known
-    box = Outbox(producer, Pacer(rate_per_s=2, burst=1))  # one send, then one per 500 ms
+    box = Outbox(producer, Pacer(rate_per_s=0.5, burst=1))  # one send, then one per 2 s
     try:
         await box.send(Record(topic, b"first", b"k0"))  # a token: goes at once, alone
         assert (box.batches, box.records) == (1, 1)
@@ -33,11 +34,17 @@ async def test_records_queued_while_paced_share_one_send(
                 await asyncio.sleep(0.01)
         await asyncio.gather(*waiting)
         assert (box.batches, box.records) == (2, 61)
+        # an urgent record does not wait for the pacer, which would hold it ~2 s now
+        assert box.pacer.wait(time.monotonic()) > 1.0
+        t0 = time.monotonic()
+        await box.send(Record(topic, b"urgent", b"u"), urgent=True)
+        assert time.monotonic() - t0 < 1.0
+        assert (box.batches, box.records) == (3, 62)
     finally:
         await box.close()
         producer.close()
-    values = {m.value() for m in read_topic(kafka_bootstrap, topic, expect=62)}
-    assert values == {b"warm", b"first", *(f"r{i}".encode() for i in range(60))}
+    values = {m.value() for m in read_topic(kafka_bootstrap, topic, expect=63)}
+    assert values == {b"warm", b"first", b"urgent", *(f"r{i}".encode() for i in range(60))}
 
 
 async def test_a_bad_record_fails_alone(kafka_bootstrap: str, registry: TopicRegistry) -> None:
