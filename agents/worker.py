@@ -16,10 +16,10 @@ Invariants:
   single by attempt); one that dies after falls silent, and the
   monitor (``agents.monitor``) retries its running jobs as a new attempt. A late report from
   the old attempt is fenced off by the attempt number.
-- Job events and offset commits are paced (``agents.core.pacing``): at once under light
-  load, batched at ``worker_sends_per_s`` under load; each job still waits for its own
-  record's confirmation (``agents.outbox``). A slot is held until the job's process ends,
-  not until its outcome is confirmed.
+- Outcome events and offset commits are paced (``agents.core.pacing``): at once under
+  light load, batched at ``worker_sends_per_s`` under load; a start is urgent (its slot
+  waits for it). Each job waits for its own record's confirmation (``agents.outbox``). A
+  slot is held until the job's process ends, not until its outcome is confirmed.
 - A dispatch for an attempt this process already ran is not run twice; a job cancelled on
   ``jobs.control`` is not started, and is stopped when running (nothing is reported for it:
   the ``job.cancelled`` event is the authority).
