@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
+from confluent_kafka.admin import AdminClient
 from psycopg import sql
 from rich.progress import Progress
 
@@ -213,3 +214,18 @@ class Run:
         for p in self.procs:
             stop_process(p, 30)
         self._stack.close()
+        drop_topics(self.bootstrap, self.name + ".")
+
+
+def drop_topics(bootstrap: str, prefix: str) -> None:
+    """Delete a run's topics: a broker that keeps every run's partitions gets slower over a
+    session (and takes minutes to start with thousands), which biases whatever runs later
+    in an interleaved comparison. Best effort: a failure only leaves the topics behind."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
+        if names:
+            for fut in admin.delete_topics(names, operation_timeout=30).values():
+                fut.result(timeout=60)
+    except Exception as exc:  # clean-up must not fail the measurement
+        print(f"bench: could not delete the topics {prefix}*: {exc}", file=sys.stderr)
