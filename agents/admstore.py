@@ -265,11 +265,17 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Admi
         cur = await conn.execute(
             q(
                 """
-            UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
-                gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
-                updated_at = now()
-            WHERE id = ANY(%s) AND state = 'ready'
-            RETURNING {cols}, priority, size, extract(epoch from ready_at)::float8
+            WITH d AS (
+                UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
+                    gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
+                    updated_at = now()
+                WHERE id = ANY(%s) AND state = 'ready'
+                RETURNING *),
+            -- the history row goes with the state change: a worker's start, applied before
+            -- the dispatch's confirmation is recorded, still comes after it
+            h AS (INSERT INTO job_history (job_id, attempt, event)
+                  SELECT id, attempt, 'dispatched' FROM d)
+            SELECT {cols}, priority, size, extract(epoch from ready_at)::float8 FROM d
             """,
                 cols=DISPATCH_COLS,
             ),

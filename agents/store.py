@@ -289,11 +289,6 @@ class PostgresJobStore:
                 """,
                 ([j.id for j in jobs], [j.attempt for j in jobs]),
             )
-            await conn.execute(
-                "INSERT INTO job_history (job_id, attempt, event) "
-                "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[])",
-                ([j.id for j in jobs], [j.attempt for j in jobs], ["dispatched"] * len(jobs)),
-            )
 
     async def record_heartbeats(
         self, beats: Sequence[Any], *, capacity_factor: float = 1.0, lost_after_s: float = 15.0
