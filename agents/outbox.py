@@ -121,13 +121,14 @@ class Outbox:
             self._scheduled = True
             asyncio.get_running_loop().call_later(self.pacer.wait(now), self._flush)
             return
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        """Everything queued, as one produce batch."""
         records, waiting = self._queued, self._waiting
         self._queued, self._waiting = [], []
         self.batches += 1
         self.records += len(records)
-        self._start(records, waiting)
-
-    def _start(self, records: list[Record], waiting: list[asyncio.Future[None]]) -> None:
         task = asyncio.ensure_future(self.producer.aproduce_each(records, self.timeout_s))
         self._inflight.add(task)
         task.add_done_callback(partial(self._settle, waiting))
@@ -155,8 +156,6 @@ class Outbox:
     async def close(self) -> None:
         """Send what is queued now and wait for every send in flight."""
         if self._queued:
-            records, waiting = self._queued, self._waiting
-            self._queued, self._waiting = [], []
-            self._start(records, waiting)
+            self._send_queued()
         if self._inflight:
             await asyncio.wait(list(self._inflight))

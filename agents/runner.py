@@ -51,13 +51,9 @@ def file_safe(name: str) -> str:
     return _SAFE.sub("_", name)
 
 
-def log_path_for(log_dir: str, d: Dispatch) -> Path:
-    """``<log_dir>/<tenant>/<job id, made file-safe>-<hash>.<attempt>.log``."""
-    return Path(_log_path(log_dir, d))
-
-
-def _log_path(log_dir: str, d: Dispatch) -> str:
-    """:func:`log_path_for` as a string (hot: once per job, no path objects)."""
+def log_path(log_dir: str, d: Dispatch) -> str:
+    """``<log_dir>/<tenant>/<job id, made file-safe>-<hash>.<attempt>.log`` (a string: hot,
+    once per job)."""
     digest = hashlib.sha256(d.job_id.encode()).hexdigest()[:10]
     return f"{_tenant_dir(log_dir, d.tenant)}/{file_safe(d.job_id)[:80]}-{digest}.{d.attempt}.log"
 
@@ -187,7 +183,7 @@ async def run_attempt(
         argv = argv_for(kind, d)
     except TemplateError as exc:
         return Outcome(False, None, str(exc), 0.0, None, False)
-    path = _log_path(log_dir, d)
+    path = log_path(log_dir, d)
     stem = path[path.rindex("/") + 1 : -len(".log")]
     progress = (
         f"{path[: -len('.log')]}.progress"
