@@ -63,8 +63,11 @@ class Context:
         if self._store is None:
             async with self._lock:
                 if self._store is None:
+                    # every connection opened at start: one opened on demand costs a
+                    # handshake on the path of the batch that needed it
+                    size = self.settings.db_pool_size
                     store = PostgresJobStore(
-                        self.settings.require_database(), max_size=self.settings.db_pool_size
+                        self.settings.require_database(), min_size=size, max_size=size
                     )
                     await store.open()
                     self._store = store
@@ -75,7 +78,7 @@ class Context:
         if self._producer is None:
             self._producer = ConfirmedProducer(
                 producer_config(
-                    self.settings.require_kafka(), self.settings.kafka_config, linger_ms=1
+                    self.settings.require_kafka(), self.settings.kafka_config, linger_ms=0
                 )
             )
         return self._producer
