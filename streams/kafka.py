@@ -282,12 +282,49 @@ class ConfirmedProducer:
     def _send(self, records: Sequence[Record], on_done: Callable[[], object]) -> _Batch:
         """Produce ``records``; ``on_done`` runs after the last delivery report."""
         batch = _Batch(len(records), on_done)
+        if len(records) > 1 and all(r.headers is None and r.partition is None for r in records):
+            by_topic: dict[str, list[int]] = {}
+            for i, rec in enumerate(records):
+                by_topic.setdefault(rec.topic, []).append(i)
+            for topic, idx in by_topic.items():
+                self._produce_batch(topic, records, idx, batch)
+            return batch
         for i, rec in enumerate(records):
             try:
                 self._produce_one(rec, partial(batch.on_delivery, i))
             except DeliveryFailed as exc:  # refused at once (e.g. no such partition)
                 batch.settle(i, str(exc))
         return batch
+
+    def _produce_batch(
+        self, topic: str, records: Sequence[Record], idx: list[int], batch: _Batch
+    ) -> None:
+        """Records of one topic handed over in one call: librdkafka has them all before its
+        sender wakes (with ``linger.ms`` 0, records produced one by one leave in several
+        requests, one per wake-up). Keyed records land where ``produce`` puts them (checked);
+        this call ignores a per-record partition and headers, so records with either go one
+        by one."""
+        msgs = [
+            {
+                "value": records[i].value,
+                "key": records[i].key,
+                "callback": partial(batch.on_delivery, i),
+            }
+            for i in idx
+        ]
+        while True:
+            try:
+                self._producer.produce_batch(topic, msgs)
+                break
+            except BufferError:
+                time.sleep(0.005)
+            except KafkaException as exc:
+                for i in idx:
+                    batch.settle(i, f"cannot produce to {topic}: {exc}")
+                return
+        for i, m in zip(idx, msgs, strict=True):
+            if "_error" in m:  # refused at once (e.g. no such partition)
+                batch.settle(i, f"cannot produce to {topic}: {m['_error']}")
 
     def _produce_one(self, rec: Record, on_delivery: Any) -> None:
         while True:

@@ -11,7 +11,7 @@ import pytest
 from agents.core.pacing import Pacer
 from agents.outbox import Outbox
 from streams.errors import DeliveryFailed
-from streams.kafka import ConfirmedProducer, Record, producer_config
+from streams.kafka import ConfirmedProducer, Record, partition_for, producer_config
 from streams.topics import TopicRegistry
 from tests.helpers import read_topic
 
@@ -65,3 +65,30 @@ async def test_a_bad_record_fails_alone(kafka_bootstrap: str, registry: TopicReg
         producer.close()
     values = {m.value() for m in read_topic(kafka_bootstrap, topic, expect=11)}
     assert b"bad" not in values and len(values) == 11
+
+
+async def test_a_batch_lands_where_one_by_one_would(
+    kafka_bootstrap: str, registry: TopicRegistry
+) -> None:
+    """Records without headers or a set partition go to librdkafka in one call per topic
+    (``produce_batch``); keyed ones must still land on their key's partition (the keyed
+    ownership of jobs.events and jobs.dependent depends on it), the others as set."""
+    events, dependent = registry.name("jobs.events"), registry.name("jobs.dependent")
+    parts = registry["jobs.events"].partitions
+    assert parts > 1
+    producer = ConfirmedProducer(producer_config(kafka_bootstrap))
+    keys = [f"group-{i}".encode() for i in range(40)]
+    try:
+        await producer.aproduce(
+            [Record(events, b"batched", k) for k in keys]
+            + [Record(dependent, b"batched", k) for k in keys[:5]]
+        )
+        # with a header: one by one, on the same partitions
+        await producer.aproduce([Record(events, b"single", k, headers=[("h", b"1")]) for k in keys])
+    finally:
+        producer.close()
+    got = list(read_topic(kafka_bootstrap, events, expect=80))
+    assert len(got) == 80
+    for m in got:
+        assert m.partition() == partition_for(m.key(), parts), m.key()
+    assert {m.key() for m in got if m.value() == b"batched"} == set(keys)
