@@ -304,7 +304,7 @@ class ConfirmedProducer:
         requests, one per wake-up). Keyed records land where ``produce`` puts them (checked);
         this call ignores a per-record partition and headers, so records with either go one
         by one."""
-        msgs = [
+        msgs: list[dict[str, Any]] = [
             {
                 "value": records[i].value,
                 "key": records[i].key,
