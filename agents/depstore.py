@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -27,136 +28,125 @@ from agents.rows import READY_COLS, RETURN_STATE, Accepted, ReadyJob, q, states
 from streams.events import JobCancelled, JobEvent, JobFailed, JobStarted, JobSucceeded
 
 Conn = psycopg.AsyncConnection[Any]
+Cursor = psycopg.AsyncCursor[Any]
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
-async def insert_jobs(conn: Conn, batch: Sequence[Accepted]) -> list[str]:
-    """Insert new jobs and their edges; return the ids inserted now (not replays)."""
-    if not batch:
-        return []
-    inserted: list[str] = []
-    async with conn.cursor() as cur:
-        for a in batch:
-            j = a.job
-            waits = bool(j.depends_on or j.order_key)
-            await cur.execute(
-                """
-                INSERT INTO jobs (id, tenant, kind, group_key, args, priority, size, depends_on,
-                    labels, resources, timeout_s, max_attempts, state, gate, submitted_at,
-                    ready_at, origin_topic, origin_partition, origin_offset, trigger, order_key,
-                    workflow_id, exclusive)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s),
-                    CASE WHEN %s THEN NULL ELSE now() END, %s, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (id) DO NOTHING
-                RETURNING id
-                """,
-                (
-                    j.id,
-                    j.tenant,
-                    j.kind,
-                    j.group,
-                    Jsonb(j.args),
-                    j.priority,
-                    j.size,
-                    list(j.depends_on),
-                    list(j.labels),
-                    list(j.resources),
-                    j.timeout_s,
-                    a.max_attempts,
-                    "waiting" if waits else "ready",
-                    "dependency" if waits else None,
-                    a.submitted_at,
-                    waits,
-                    *a.origin,
-                    j.trigger,
-                    j.order_key,
-                    a.workflow_id,
-                    j.exclusive,
-                ),
-            )
-            if await cur.fetchone() is None:
-                continue  # a replay: the job exists, its edges too
-            inserted.append(j.id)
-            needs = Needs.DONE if j.trigger == "all_done" else Needs.SUCCESS
-            edges = [(j.id, d, str(needs), "depends_on") for d in dict.fromkeys(j.depends_on)]
-            if j.order_key:
-                await cur.execute(
-                    "SELECT id FROM jobs WHERE tenant = %s AND order_key = %s AND id <> %s "
-                    "ORDER BY seq DESC LIMIT 1",
-                    (j.tenant, j.order_key, j.id),
-                )
-                prev = await cur.fetchone()
-                if prev is not None and prev[0] not in j.depends_on:
-                    edges.append((j.id, prev[0], "done", "order"))
-            if edges:
-                await cur.executemany(
-                    "INSERT INTO job_deps (job_id, dep_id, needs, kind) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    edges,
-                )
-    if inserted:
-        await conn.execute(
-            "INSERT INTO job_history (job_id, event, detail) SELECT id, 'accepted', "
-            "jsonb_build_object('state', state) FROM jobs WHERE id = ANY(%s)",
-            (inserted,),
-        )
-        # dependencies are read FOR SHARE: a concurrent completion waits for this commit
+_INSERT_JOB = """
+WITH ins AS (
+    INSERT INTO jobs (id, tenant, kind, group_key, args, priority, size, depends_on, labels,
+        resources, timeout_s, max_attempts, state, gate, submitted_at, ready_at, origin_topic,
+        origin_partition, origin_offset, trigger, order_key, workflow_id, exclusive)
+    VALUES (%(id)s, %(tenant)s, %(kind)s, %(group)s, %(args)s, %(priority)s, %(size)s,
+        %(deps)s, %(labels)s, %(resources)s, %(timeout)s, %(max_attempts)s, %(state)s,
+        %(gate)s, to_timestamp(%(submitted)s), CASE WHEN %(waits)s THEN NULL ELSE now() END,
+        %(topic)s, %(partition)s, %(offset)s, %(trigger)s, %(order_key)s, %(workflow)s,
+        %(exclusive)s)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, state),
+deps AS (
+    INSERT INTO job_deps (job_id, dep_id, needs, kind)
+    SELECT ins.id, d.dep, %(needs)s, 'depends_on'
+    FROM ins, (SELECT DISTINCT unnest(%(deps)s::text[]) AS dep) AS d
+    ON CONFLICT DO NOTHING),
+-- strict order: the key's latest job before this one (inserted by an earlier statement)
+prev AS (
+    INSERT INTO job_deps (job_id, dep_id, needs, kind)
+    SELECT ins.id, p.id, 'done', 'order'
+    FROM ins, LATERAL (SELECT id FROM jobs WHERE tenant = %(tenant)s
+                       AND order_key = %(order_key)s ORDER BY seq DESC LIMIT 1) AS p
+    WHERE p.id <> ALL(%(deps)s::text[])
+    ON CONFLICT DO NOTHING),
+hist AS (
+    INSERT INTO job_history (job_id, event, detail)
+    SELECT id, 'accepted', jsonb_build_object('state', state) FROM ins)
+SELECT id FROM ins
+"""
+
+
+async def queue_inserts(conn: Conn, batch: Sequence[Accepted]) -> list[Cursor]:
+    """Queue the insertion of new jobs with their edges and history (one statement each,
+    nothing happens for a replay: the job exists, its edges too); read with
+    :func:`read_inserted`. The batch's dependencies are then read ``FOR SHARE``: a concurrent
+    completion waits for this commit."""
+    cursors: list[Cursor] = []
+    for a in batch:
+        j = a.job
+        waits = bool(j.depends_on or j.order_key)
+        topic, partition, offset = a.origin
+        params = {
+            "id": j.id,
+            "tenant": j.tenant,
+            "kind": j.kind,
+            "group": j.group,
+            "args": Jsonb(j.args),
+            "priority": j.priority,
+            "size": j.size,
+            "deps": list(j.depends_on),
+            "labels": list(j.labels),
+            "resources": list(j.resources),
+            "timeout": j.timeout_s,
+            "max_attempts": a.max_attempts,
+            "state": "waiting" if waits else "ready",
+            "gate": "dependency" if waits else None,
+            "submitted": a.submitted_at,
+            "waits": waits,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "trigger": j.trigger,
+            "order_key": j.order_key,
+            "workflow": a.workflow_id,
+            "exclusive": j.exclusive,
+            "needs": str(Needs.DONE if j.trigger == "all_done" else Needs.SUCCESS),
+        }
+        cursors.append(await conn.execute(_INSERT_JOB, params))
+    if batch:
         await conn.execute(
             "SELECT 1 FROM jobs WHERE id IN (SELECT dep_id FROM job_deps WHERE job_id = ANY(%s))"
             " FOR SHARE",
-            (inserted,),
+            ([a.job.id for a in batch],),
         )
-    return inserted
+    return cursors
 
 
-async def apply_lifecycle(
+async def read_inserted(batch: Sequence[Accepted], cursors: Sequence[Cursor]) -> list[str]:
+    """The ids inserted now (not replays), from :func:`queue_inserts`."""
+    return [
+        a.job.id for a, cur in zip(batch, cursors, strict=True) if await cur.fetchone() is not None
+    ]
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A lifecycle statement in the pipeline: the events it applies, read after the sync."""
+
+    idx: list[int]
+    cur: Cursor
+    bulk: bool
+
+
+@dataclass(slots=True)
+class Ended:
+    """What a batch's lifecycle events did: attempts that ended (terminal, or back to ready
+    for a retry) and the history rows to write."""
+
+    terminal: list[str]
+    retry: list[ReadyJob]
+    history: list[tuple[str, int, str, Jsonb]]
+
+
+async def queue_lifecycle(
     conn: Conn, events: Sequence[JobEvent], backoff: Mapping[str, tuple[float, float]] | None = None
-) -> tuple[list[str], list[ReadyJob]]:
-    """Apply events in order; return (jobs that became terminal, jobs back to ready).
-    ``backoff``: kind → (base, cap) seconds; a retried attempt n waits min(cap, base·2^(n-1))
-    unless its failure was not the job's (``backoff=False``: a lost worker, a hand-back)."""
-    terminal: list[str] = []
-    retry: list[ReadyJob] = []
-    history: list[tuple[str, int, str, Jsonb]] = []
-    rows = await _apply_all(conn, events, backoff or {})
-    for ev, row in zip(events, rows, strict=True):
-        if row is None:
-            continue
-        state, attempt = row[0], getattr(ev, "attempt", row[1])
-        history.append(
-            (
-                ev.job_id,
-                attempt,
-                "started" if isinstance(ev, JobStarted) else state,
-                Jsonb(_detail(ev)),
-            )
-        )
-        if state in TERMINAL_STATES:
-            terminal.append(ev.job_id)
-        elif state == "ready":
-            retry.append(ReadyJob(ev.job_id, row[2], row[3], row[4]))
-    # history and release return nothing: queued, they travel with the caller's next read
-    # (``settle_batch``: the working set; a pipeline, so one round trip for all of them)
-    if history:
-        await conn.execute(
-            "INSERT INTO job_history (job_id, attempt, event, detail) "
-            "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
-            [list(col) for col in zip(*history, strict=True)],
-        )
-    # an attempt ended (terminal, or back to ready for a retry): give back what it held
-    await release_holds(conn, [*terminal, *(r.id for r in retry)])
-    return terminal, retry
-
-
-async def _apply_all(
-    conn: Conn, events: Sequence[JobEvent], backoff: Mapping[str, tuple[float, float]]
-) -> list[tuple[Any, ...] | None]:
-    """Each event's resulting row (state, attempt, tenant, kind, submitted_at) or None when
-    it changed nothing. A job's events apply in their order; events of different jobs are
-    independent, so the batch goes in generations (a job's first event, its second, …) and
-    the starts and successes of a generation each take one set-based UPDATE (the bulk of a
-    batch: one statement instead of one per event)."""
-    rows: list[tuple[Any, ...] | None] = [None] * len(events)
+) -> list[_Queued]:
+    """Queue every event's guarded transition (read with :func:`read_lifecycle`). A job's
+    events apply in their order; events of different jobs are independent, so the batch goes
+    in generations (a job's first event, its second, …) and the starts and successes of a
+    generation each take one set-based UPDATE (the bulk of a batch: one statement instead of
+    one per event). ``backoff``: kind → (base, cap) seconds; a retried attempt n waits
+    min(cap, base·2^(n-1)) unless its failure was not the job's (``backoff=False``: a lost
+    worker, a hand-back)."""
+    queued: list[_Queued] = []
     seen: dict[str, int] = {}
     generations: dict[int, list[int]] = {}
     for i, ev in enumerate(events):
@@ -170,18 +160,53 @@ async def _apply_all(
             if kind in bulk:
                 bulk[kind].append(i)
             else:
-                rows[i] = await _apply_one(conn, events[i], backoff)
+                queued.append(_Queued([i], await _apply_one(conn, events[i], backoff or {}), False))
         for kind, idx in bulk.items():
             if idx:
-                by_id = await _apply_bulk(conn, kind, [events[i] for i in idx])
-                for i in idx:
-                    rows[i] = by_id.get(events[i].job_id)
-    return rows
+                cur = await _apply_bulk(conn, kind, [events[i] for i in idx])
+                queued.append(_Queued(idx, cur, True))
+    return queued
 
 
-async def _apply_bulk(
-    conn: Conn, kind: type, events: Sequence[JobEvent]
-) -> dict[str, tuple[Any, ...]]:
+async def read_lifecycle(events: Sequence[JobEvent], queued: Sequence[_Queued]) -> Ended:
+    """Each event's resulting row (state, attempt, tenant, kind, submitted_at), or none when
+    it changed nothing (a duplicate, a stale attempt), summed up."""
+    rows: list[tuple[Any, ...] | None] = [None] * len(events)
+    for qd in queued:
+        if qd.bulk:
+            by_id = {r[0]: tuple(r[1:]) for r in await qd.cur.fetchall()}
+            for i in qd.idx:
+                rows[i] = by_id.get(events[i].job_id)
+        else:
+            rows[qd.idx[0]] = await qd.cur.fetchone()
+    ended = Ended([], [], [])
+    for ev, row in zip(events, rows, strict=True):
+        if row is None:
+            continue
+        state, attempt = row[0], getattr(ev, "attempt", row[1])
+        started = isinstance(ev, JobStarted)
+        ended.history.append(
+            (ev.job_id, attempt, "started" if started else state, Jsonb(_detail(ev)))
+        )
+        if state in TERMINAL_STATES:
+            ended.terminal.append(ev.job_id)
+        elif state == "ready":
+            ended.retry.append(ReadyJob(ev.job_id, row[2], row[3], row[4]))
+    return ended
+
+
+async def queue_ended(conn: Conn, ended: Ended) -> None:
+    """The history rows, and what the ended attempts held given back (nothing to read)."""
+    if ended.history:
+        await conn.execute(
+            "INSERT INTO job_history (job_id, attempt, event, detail) "
+            "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
+            [list(col) for col in zip(*ended.history, strict=True)],
+        )
+    await release_holds(conn, [*ended.terminal, *(r.id for r in ended.retry)])
+
+
+async def _apply_bulk(conn: Conn, kind: type, events: Sequence[JobEvent]) -> Cursor:
     """Starts or successes of distinct jobs in one statement; rows locked in id order."""
     evs = sorted(events, key=lambda e: e.job_id)
     ids = [e.job_id for e in evs]
@@ -223,12 +248,12 @@ async def _apply_bulk(
                 states(FINISHED_FROM),
             ),
         )
-    return {r[0]: tuple(r[1:]) for r in await cur.fetchall()}
+    return cur
 
 
 async def _apply_one(
     conn: Conn, ev: JobEvent, backoff: Mapping[str, tuple[float, float]]
-) -> tuple[Any, ...] | None:
+) -> Cursor:
     if isinstance(ev, JobStarted):
         cur = await conn.execute(
             q(
@@ -305,8 +330,8 @@ async def _apply_one(
             (ev.at, ev.reason or "cancelled", ev.job_id, states(CANCEL_FROM)),
         )
     else:  # pragma: no cover - the union is exhaustive
-        return None
-    return await cur.fetchone()
+        raise TypeError(f"not a lifecycle event: {ev!r}")
+    return cur
 
 
 def _detail(ev: JobEvent) -> dict[str, Any]:
@@ -322,9 +347,14 @@ def _detail(ev: JobEvent) -> dict[str, Any]:
 async def load_working_set(conn: Conn, changed: Sequence[str]) -> list[Node]:
     """``changed`` jobs, their waiting dependents transitively (with their edges), and every
     job those wait on (as leaves: state, tenant and root cause), in one statement."""
+    return await read_working_set(await queue_working_set(conn, changed))
+
+
+async def queue_working_set(conn: Conn, changed: Sequence[str]) -> Cursor | None:
+    """Queue :func:`load_working_set`'s statement; read with :func:`read_working_set`."""
     if not changed:
-        return []
-    cur = await conn.execute(
+        return None
+    return await conn.execute(
         """
         WITH RECURSIVE down(id) AS (
             SELECT unnest(%s::text[])
@@ -351,6 +381,11 @@ async def load_working_set(conn: Conn, changed: Sequence[str]) -> list[Node]:
         """,
         (list(changed),),
     )
+
+
+async def read_working_set(cur: Cursor | None) -> list[Node]:
+    if cur is None:
+        return []
     nodes: list[Node] = []
     for jid, state, at, root, tenant, deps, needs, leaf in await cur.fetchall():
         edges = () if leaf else tuple(Edge(d, Needs(n)) for d, n in zip(deps, needs, strict=True))
@@ -366,22 +401,34 @@ async def apply_decisions(
     """Write decisions guarded by ``state = 'waiting'``; return the jobs released now, and
     with ``ready_of`` (ids, dependents of) also :func:`ready_among` those, read in the same
     round trip (every statement is queued before the first result is read)."""
+    return await read_ready(await queue_decisions(conn, decisions, ready_of))
+
+
+async def queue_decisions(
+    conn: Conn,
+    decisions: Sequence[Release | Fail | Wait],
+    ready_of: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> list[Cursor]:
+    """Queue :func:`apply_decisions`'s statements; :func:`read_ready` reads what they
+    return, also after the transaction's COMMIT went in the same round trip."""
     released = [d.job for d in decisions if isinstance(d, Release)]
     failed = [d for d in decisions if isinstance(d, Fail)]
     waits = [d for d in decisions if isinstance(d, Wait)]
-    unlocked = None
+    reads: list[Cursor] = []
     if released:
-        unlocked = await conn.execute(
-            q(
-                """WITH r AS (
-                    UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(),
-                        updated_at = now()
-                    WHERE id = ANY(%s) AND state = 'waiting' RETURNING *),
-                h AS (INSERT INTO job_history (job_id, event) SELECT id, 'unlocked' FROM r)
-                SELECT {cols} FROM r""",
-                cols=READY_COLS,
-            ),
-            (released,),
+        reads.append(
+            await conn.execute(
+                q(
+                    """WITH r AS (
+                        UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(),
+                            updated_at = now()
+                        WHERE id = ANY(%s) AND state = 'waiting' RETURNING *),
+                    h AS (INSERT INTO job_history (job_id, event) SELECT id, 'unlocked' FROM r)
+                    SELECT {cols} FROM r""",
+                    cols=READY_COLS,
+                ),
+                (released,),
+            )
         )
     if failed:
         await conn.execute(
@@ -405,11 +452,19 @@ async def apply_decisions(
             WHERE j.id = w.id AND j.state = 'waiting' AND j.gate IS DISTINCT FROM w.gate""",
             ([w.job for w in waits], [w.gate for w in waits]),
         )
-    also = await _ready_among(conn, *ready_of) if ready_of else None
-    ready = [ReadyJob(*r) for r in await unlocked.fetchall()] if unlocked is not None else []
-    if also is not None:
-        ready += [ReadyJob(*r) for r in await also.fetchall()]
-    return ready
+    if ready_of and (also := await _ready_among(conn, *ready_of)) is not None:
+        reads.append(also)
+    return reads
+
+
+async def read_ready(cursors: Sequence[Cursor]) -> list[ReadyJob]:
+    """The ready jobs the queued reads return (a job at most once)."""
+    ready: dict[str, ReadyJob] = {}
+    for cur in cursors:
+        for r in await cur.fetchall():
+            job = ReadyJob(*r)
+            ready.setdefault(job.id, job)
+    return list(ready.values())
 
 
 async def ready_among(

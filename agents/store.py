@@ -27,10 +27,16 @@ from agents.core.brake import HostSample, Thresholds
 from agents.core.deps import DependencyIndex, Fail
 from agents.depstore import (
     apply_decisions,
-    apply_lifecycle,
-    insert_jobs,
     load_working_set,
-    ready_among,
+    queue_decisions,
+    queue_ended,
+    queue_inserts,
+    queue_lifecycle,
+    queue_working_set,
+    read_inserted,
+    read_lifecycle,
+    read_ready,
+    read_working_set,
 )
 from agents.errors import StoreUnavailable
 from agents.rows import (
@@ -98,6 +104,17 @@ class PostgresJobStore:
         await self.close()
 
     @asynccontextmanager
+    async def pipelined(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection in pipeline mode, for a caller that opens its transaction
+        itself and reads results after COMMIT went out with its last statements (one round
+        trip fewer than reading first)."""
+        try:
+            async with self._pool.connection() as conn, conn.pipeline():
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"PostgreSQL: {exc}") from None
+
+    @asynccontextmanager
     async def tx(self, *, pipeline: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """One transaction on a pooled connection. ``pipeline``: in pipeline mode, so BEGIN
         travels with the first statement and COMMIT with the last writes (a transaction of
@@ -142,12 +159,14 @@ class PostgresJobStore:
     async def accept(self, batch: Sequence[Accepted]) -> list[ReadyJob]:
         """Persist independent jobs (idempotent on id) and return every job of the batch that
         is ready and not yet dispatched, including ones accepted by an earlier, replayed
-        attempt."""
+        attempt. One round trip: the inserts, the read and COMMIT travel together."""
         if not batch:
             return []
-        async with self.tx(pipeline=True) as conn:
-            await insert_jobs(conn, batch)
-            return await ready_among(conn, [a.job.id for a in batch])
+        async with self.pipelined() as conn:
+            async with conn.transaction():
+                await queue_inserts(conn, batch)
+                ready = await queue_decisions(conn, [], ready_of=([a.job.id for a in batch], []))
+            return await read_ready(ready)
 
     async def settle_batch(
         self,
@@ -161,19 +180,36 @@ class PostgresJobStore:
     ) -> tuple[list[ReadyJob], list[Fail]]:
         """The dependency stage's transaction: persist submissions and lifecycle events, settle
         the affected part of the graph, and return (jobs to forward as ready, submissions of
-        this batch rejected as impossible)."""
-        async with self.tx(pipeline=True) as conn:
-            inserted = await insert_jobs(conn, accepted)
-            terminal, retry = await apply_lifecycle(conn, events, backoff)
-            changed = inserted + terminal
-            nodes = await load_working_set(conn, changed)
-            decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(changed, now, grace_s)
-            finished = [e.job_id for e in events if not isinstance(e, JobStarted)]
-            # released now, and (after a replay) released before but maybe never forwarded
-            released = await apply_decisions(
-                conn, decisions, ready_of=([a.job.id for a in accepted], finished)
-            )
-        ready = list({r.id: r for r in (*released, *retry)}.values())
+        this batch rejected as impossible).
+
+        Two round trips, whatever the batch: (1) the inserts, the guarded transitions and the
+        working set around every job they may have changed; the core decides; (2) history,
+        released holds, the decisions, the replay check and COMMIT, read after the commit."""
+        finished = [e.job_id for e in events if not isinstance(e, JobStarted)]
+        async with self.pipelined() as conn:
+            async with conn.transaction():
+                inserts = await queue_inserts(conn, accepted)
+                lifecycle = await queue_lifecycle(conn, events, backoff)
+                # a superset of what changes (a duplicate changes nothing): read with the
+                # rest, the transitions above already applied
+                around = await queue_working_set(
+                    conn, list(dict.fromkeys([*(a.job.id for a in accepted), *finished]))
+                )
+                inserted = await read_inserted(accepted, inserts)
+                ended = await read_lifecycle(events, lifecycle)
+                nodes = await read_working_set(around)
+                changed = inserted + ended.terminal
+                decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(
+                    changed, now, grace_s
+                )
+                await queue_ended(conn, ended)
+                # released now, and (after a replay) released before but maybe never forwarded
+                reads = await queue_decisions(
+                    conn, decisions, ready_of=([a.job.id for a in accepted], finished)
+                )
+            # COMMIT went out with the statements above: their results come in one trip
+            released = await read_ready(reads)
+        ready = list({r.id: r for r in (*released, *ended.retry)}.values())
         new = set(inserted)
         rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
         return ready, rejected
