@@ -294,7 +294,7 @@ class Admission:
                 await self._write_gates(self._delayed_gates(now))
             return False
         self.ctx.tracer.mark("round")
-        async with store.tx(pipeline=True) as conn:
+        async with store.autocommit() as conn:
             snap = await admstore.semaphore_snapshot(conn)
         self.ctx.tracer.mark("snapshot")
         sem = self.core.sem
@@ -348,8 +348,10 @@ class Admission:
         ]
 
         async def tx() -> admstore.AdmitResult:
-            async with store.tx(pipeline=True) as conn:
-                return await admstore.admit(conn, candidates, now)
+            async with store.pipelined() as conn:
+                async with conn.transaction():
+                    pending = await admstore.admit(conn, candidates, now)
+                return await pending.result()  # COMMIT went out with the writes
 
         res = await retrying("admission transaction", tx)
         if self.ctx.tracer.on:

@@ -197,38 +197,53 @@ class AdmitResult:
     refused: dict[str, Gate]
 
 
-async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> AdmitResult:
-    """The admission transaction (see the module's invariants). ``now`` is the admission
-    time recorded in the window log, the same value the core decided with."""
+@dataclass(slots=True)
+class PendingAdmit:
+    """The admission transaction's writes, queued: :meth:`result` reads what they returned
+    (after COMMIT went out with them: one round trip for the writes and the commit)."""
+
+    cursor: psycopg.AsyncCursor[Any] | None
+    refused: dict[str, Gate]
+
+    async def result(self) -> AdmitResult:
+        if self.cursor is None:
+            return AdmitResult([], self.refused)
+        rows = await self.cursor.fetchall()
+        return AdmitResult([Dispatched(DispatchJob(*r[:-3]), *r[-3:]) for r in rows], self.refused)
+
+
+async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> PendingAdmit:
+    """The admission transaction (see the module's invariants), on a connection in pipeline
+    mode inside the caller's transaction: the locks and reads take one round trip, the writes
+    are queued for the caller's COMMIT. ``now`` is the admission time recorded in the window
+    log, the same value the core decided with."""
     ids = [c.id for c in candidates]
     names = sorted({n for c in candidates for n, _ in c.holds})
     limits = {k: (n, w) for c in candidates for k, n, w in c.rate_keys}
     keys = sorted(limits)
-    # the locks and reads in one round trip (pipeline), taken in a fixed order: the jobs
-    # (by id), the semaphores (by name), the window keys (by key); for every candidate,
-    # which covers the ones still ready
+    # the locks and reads queued together (the first read takes them in one round trip),
+    # taken in a fixed order: the jobs (by id), the semaphores (by name), the window keys
+    # (by key); for every candidate, which covers the ones still ready
     count_cur = None
-    async with conn.pipeline():
-        jobs_cur = await conn.execute(
-            "SELECT id FROM jobs WHERE id = ANY(%s) AND state = 'ready' ORDER BY id FOR UPDATE",
-            (ids,),
+    jobs_cur = await conn.execute(
+        "SELECT id FROM jobs WHERE id = ANY(%s) AND state = 'ready' ORDER BY id FOR UPDATE",
+        (ids,),
+    )
+    sem_cur = await conn.execute(
+        "SELECT name, capacity, used FROM semaphores WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
+        (names,),
+    )
+    if keys:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 7041)) "
+            "FROM unnest(%s::text[]) AS k ORDER BY k",
+            (keys,),
         )
-        sem_cur = await conn.execute(
-            "SELECT name, capacity, used FROM semaphores WHERE name = ANY(%s) "
-            "ORDER BY name FOR UPDATE",
-            (names,),
+        count_cur = await conn.execute(
+            "SELECT k.key, count(r.at) FROM unnest(%s::text[], %s::float8[]) AS k(key, w) "
+            "LEFT JOIN rate_log r ON r.key = k.key AND r.at > %s - k.w GROUP BY k.key",
+            (keys, [limits[k][1] for k in keys], now),
         )
-        if keys:
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(k, 7041)) "
-                "FROM unnest(%s::text[]) AS k ORDER BY k",
-                (keys,),
-            )
-            count_cur = await conn.execute(
-                "SELECT k.key, count(r.at) FROM unnest(%s::text[], %s::float8[]) AS k(key, w) "
-                "LEFT JOIN rate_log r ON r.key = k.key AND r.at > %s - k.w GROUP BY k.key",
-                (keys, [limits[k][1] for k in keys], now),
-            )
     ready = {r[0] for r in await jobs_cur.fetchall()}
     live = [c for c in candidates if c.id in ready]
     free = {name: cap - used for name, cap, used in await sem_cur.fetchall()}
@@ -251,50 +266,47 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Admi
         for k, _, _ in c.rate_keys:
             count[k] = count.get(k, 0) + 1
         accepted.append(c)
-    dispatched: list[Dispatched] = []
     if not accepted:
-        return AdmitResult(dispatched, refused)
+        return PendingAdmit(None, refused)
     holds = [(c.id, n, a) for c in accepted for n, a in c.holds]
     sums: dict[str, int] = defaultdict(int)
     for _, n, a in holds:
         sums[n] += a
     used_names = sorted(sums)
     log = [(k, now) for c in accepted for k, _, _ in c.rate_keys]
-    # the writes depend on nothing they return: one round trip (pipeline mode) for all
-    async with conn.pipeline():
-        cur = await conn.execute(
-            q(
-                """
-            WITH d AS (
-                UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
-                    gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
-                    updated_at = now()
-                WHERE id = ANY(%s) AND state = 'ready'
-                RETURNING *),
-            -- the history row goes with the state change: a worker's start, applied before
-            -- the dispatch's confirmation is recorded, still comes after it
-            h AS (INSERT INTO job_history (job_id, attempt, event)
-                  SELECT id, attempt, 'dispatched' FROM d)
-            SELECT {cols}, priority, size, extract(epoch from ready_at)::float8 FROM d
-            """,
-                cols=DISPATCH_COLS,
-            ),
-            ([c.id for c in accepted],),
-        )
+    # the writes depend on nothing they return: queued, they go with the caller's COMMIT
+    cur = await conn.execute(
+        q(
+            """
+        WITH d AS (
+            UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
+                gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
+                updated_at = now()
+            WHERE id = ANY(%s) AND state = 'ready'
+            RETURNING *),
+        -- the history row goes with the state change: a worker's start, applied before
+        -- the dispatch's confirmation is recorded, still comes after it
+        h AS (INSERT INTO job_history (job_id, attempt, event)
+              SELECT id, attempt, 'dispatched' FROM d)
+        SELECT {cols}, priority, size, extract(epoch from ready_at)::float8 FROM d
+        """,
+            cols=DISPATCH_COLS,
+        ),
+        ([c.id for c in accepted],),
+    )
+    await conn.execute(
+        "INSERT INTO job_holds (job_id, name, amount) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])",
+        ([h[0] for h in holds], [h[1] for h in holds], [h[2] for h in holds]),
+    )
+    await conn.execute(
+        "UPDATE semaphores s SET used = s.used + v.amount "
+        "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
+        (used_names, [sums[n] for n in used_names]),
+    )
+    if log:
         await conn.execute(
-            "INSERT INTO job_holds (job_id, name, amount) "
-            "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])",
-            ([h[0] for h in holds], [h[1] for h in holds], [h[2] for h in holds]),
+            "INSERT INTO rate_log (key, at) SELECT * FROM unnest(%s::text[], %s::float8[])",
+            ([k for k, _ in log], [t for _, t in log]),
         )
-        await conn.execute(
-            "UPDATE semaphores s SET used = s.used + v.amount "
-            "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
-            (used_names, [sums[n] for n in used_names]),
-        )
-        if log:
-            await conn.execute(
-                "INSERT INTO rate_log (key, at) SELECT * FROM unnest(%s::text[], %s::float8[])",
-                ([k for k, _ in log], [t for _, t in log]),
-            )
-    dispatched = [Dispatched(DispatchJob(*r[:-3]), *r[-3:]) for r in await cur.fetchall()]
-    return AdmitResult(dispatched, refused)
+    return PendingAdmit(cur, refused)

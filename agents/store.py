@@ -115,6 +115,20 @@ class PostgresJobStore:
             raise StoreUnavailable(f"PostgreSQL: {exc}") from None
 
     @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection whose statements commit each on its own: a lone statement goes
+        without BEGIN and COMMIT (one command for the server, not three)."""
+        try:
+            async with self._pool.connection() as conn:
+                await conn.set_autocommit(True)
+                try:
+                    yield conn
+                finally:
+                    await conn.set_autocommit(False)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"PostgreSQL: {exc}") from None
+
+    @asynccontextmanager
     async def tx(self, *, pipeline: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """One transaction on a pooled connection. ``pipeline``: in pipeline mode, so BEGIN
         travels with the first statement and COMMIT with the last writes (a transaction of
@@ -316,7 +330,7 @@ class PostgresJobStore:
     async def confirm_dispatch(self, jobs: Sequence[DispatchJob]) -> None:
         if not jobs:
             return
-        async with self.tx(pipeline=True) as conn:
+        async with self.autocommit() as conn:  # one statement
             await conn.execute(
                 """
                 UPDATE jobs j SET dispatch_confirmed = true
