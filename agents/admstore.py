@@ -274,7 +274,8 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Pend
         sums[n] += a
     used_names = sorted(sums)
     log = [(k, now) for c in accepted for k, _, _ in c.rate_keys]
-    # the writes depend on nothing they return: queued, they go with the caller's COMMIT
+    # the writes, one statement (the semaphores are locked above), queued: they go with
+    # the caller's COMMIT
     cur = await conn.execute(
         q(
             """
@@ -287,26 +288,27 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Pend
         -- the history row goes with the state change: a worker's start, applied before
         -- the dispatch's confirmation is recorded, still comes after it
         h AS (INSERT INTO job_history (job_id, attempt, event)
-              SELECT id, attempt, 'dispatched' FROM d)
+              SELECT id, attempt, 'dispatched' FROM d),
+        held AS (INSERT INTO job_holds (job_id, name, amount)
+                 SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])),
+        used AS (UPDATE semaphores s SET used = s.used + v.amount
+                 FROM unnest(%s::text[], %s::int[]) AS v(name, amount)
+                 WHERE s.name = v.name),
+        logged AS (INSERT INTO rate_log (key, at)
+                   SELECT * FROM unnest(%s::text[], %s::float8[]))
         SELECT {cols}, priority, size, extract(epoch from ready_at)::float8 FROM d
         """,
             cols=DISPATCH_COLS,
         ),
-        ([c.id for c in accepted],),
+        (
+            [c.id for c in accepted],
+            [h[0] for h in holds],
+            [h[1] for h in holds],
+            [h[2] for h in holds],
+            used_names,
+            [sums[n] for n in used_names],
+            [k for k, _ in log],
+            [t for _, t in log],
+        ),
     )
-    await conn.execute(
-        "INSERT INTO job_holds (job_id, name, amount) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])",
-        ([h[0] for h in holds], [h[1] for h in holds], [h[2] for h in holds]),
-    )
-    await conn.execute(
-        "UPDATE semaphores s SET used = s.used + v.amount "
-        "FROM unnest(%s::text[], %s::int[]) AS v(name, amount) WHERE s.name = v.name",
-        (used_names, [sums[n] for n in used_names]),
-    )
-    if log:
-        await conn.execute(
-            "INSERT INTO rate_log (key, at) SELECT * FROM unnest(%s::text[], %s::float8[])",
-            ([k for k, _ in log], [t for _, t in log]),
-        )
     return PendingAdmit(cur, refused)

@@ -172,22 +172,25 @@ async def read_lifecycle(events: Sequence[JobEvent], queued: Sequence[_Queued]) 
     """Each event's resulting row (state, attempt, tenant, kind, submitted_at), or none when
     it changed nothing (a duplicate, a stale attempt), summed up."""
     rows: list[tuple[Any, ...] | None] = [None] * len(events)
+    bulk: set[int] = set()  # their statement wrote their history rows
     for qd in queued:
         if qd.bulk:
             by_id = {r[0]: tuple(r[1:]) for r in await qd.cur.fetchall()}
             for i in qd.idx:
                 rows[i] = by_id.get(events[i].job_id)
+            bulk.update(qd.idx)
         else:
             rows[qd.idx[0]] = await qd.cur.fetchone()
     ended = Ended([], [], [])
-    for ev, row in zip(events, rows, strict=True):
+    for i, (ev, row) in enumerate(zip(events, rows, strict=True)):
         if row is None:
             continue
         state, attempt = row[0], getattr(ev, "attempt", row[1])
-        started = isinstance(ev, JobStarted)
-        ended.history.append(
-            (ev.job_id, attempt, "started" if started else state, Jsonb(_detail(ev)))
-        )
+        if i not in bulk:
+            started = isinstance(ev, JobStarted)
+            ended.history.append(
+                (ev.job_id, attempt, "started" if started else state, Jsonb(_detail(ev)))
+            )
         if state in TERMINAL_STATES:
             ended.terminal.append(ev.job_id)
         elif state == "ready":
@@ -207,7 +210,8 @@ async def queue_ended(conn: Conn, ended: Ended) -> None:
 
 
 async def _apply_bulk(conn: Conn, kind: type, events: Sequence[JobEvent]) -> Cursor:
-    """Starts or successes of distinct jobs in one statement; rows locked in id order."""
+    """Starts or successes of distinct jobs, with their history rows, in one statement; rows
+    locked in id order."""
     evs = sorted(events, key=lambda e: e.job_id)
     ids = [e.job_id for e in evs]
     attempts = [getattr(e, "attempt", 0) for e in evs]
@@ -215,28 +219,38 @@ async def _apply_bulk(conn: Conn, kind: type, events: Sequence[JobEvent]) -> Cur
     workers = [getattr(e, "worker", None) for e in evs]
     if kind is JobStarted:
         cur = await conn.execute(
-            """UPDATE jobs j SET state = 'running', started_at = to_timestamp(v.at),
-                   worker = v.worker, updated_at = now()
-               FROM unnest(%s::text[], %s::int[], %s::float8[], %s::text[])
-                    AS v(id, attempt, at, worker)
-               WHERE j.id = v.id AND j.attempt = v.attempt AND j.state = ANY(%s)
-               RETURNING j.id, j.state, j.attempt, j.tenant, j.kind,
-                         extract(epoch from j.submitted_at)::float8""",
+            """WITH u AS (
+                UPDATE jobs j SET state = 'running', started_at = to_timestamp(v.at),
+                    worker = v.worker, updated_at = now()
+                FROM unnest(%s::text[], %s::int[], %s::float8[], %s::text[])
+                     AS v(id, attempt, at, worker)
+                WHERE j.id = v.id AND j.attempt = v.attempt AND j.state = ANY(%s)
+                RETURNING j.id, j.state, j.attempt, j.tenant, j.kind,
+                          extract(epoch from j.submitted_at)::float8 AS submitted, v.worker),
+            h AS (INSERT INTO job_history (job_id, attempt, event, detail)
+                  SELECT id, attempt, 'started', jsonb_build_object('worker', worker) FROM u)
+            SELECT id, state, attempt, tenant, kind, submitted FROM u""",
             (ids, attempts, at, workers, states(STARTED_FROM)),
         )
     else:
         succeeded = [e for e in evs if isinstance(e, JobSucceeded)]
         cur = await conn.execute(
-            """UPDATE jobs j SET state = 'succeeded', finished_at = to_timestamp(v.at),
-                   started_at = coalesce(j.started_at, to_timestamp(v.at - v.duration)),
-                   worker = v.worker, exit_code = v.rc, log_path = v.log, error = NULL,
-                   gate = NULL, progress = 1, updated_at = now()
-               FROM unnest(%s::text[], %s::int[], %s::float8[], %s::float8[], %s::text[],
-                           %s::int[], %s::text[])
-                    AS v(id, attempt, at, duration, worker, rc, log)
-               WHERE j.id = v.id AND j.attempt = v.attempt AND j.state = ANY(%s)
-               RETURNING j.id, j.state, j.attempt, j.tenant, j.kind,
-                         extract(epoch from j.submitted_at)::float8""",
+            """WITH u AS (
+                UPDATE jobs j SET state = 'succeeded', finished_at = to_timestamp(v.at),
+                    started_at = coalesce(j.started_at, to_timestamp(v.at - v.duration)),
+                    worker = v.worker, exit_code = v.rc, log_path = v.log, error = NULL,
+                    gate = NULL, progress = 1, updated_at = now()
+                FROM unnest(%s::text[], %s::int[], %s::float8[], %s::float8[], %s::text[],
+                            %s::int[], %s::text[])
+                     AS v(id, attempt, at, duration, worker, rc, log)
+                WHERE j.id = v.id AND j.attempt = v.attempt AND j.state = ANY(%s)
+                RETURNING j.id, j.state, j.attempt, j.tenant, j.kind,
+                          extract(epoch from j.submitted_at)::float8 AS submitted, v.worker,
+                          v.duration),
+            h AS (INSERT INTO job_history (job_id, attempt, event, detail)
+                  SELECT id, attempt, 'succeeded',
+                         jsonb_build_object('worker', worker, 'duration_s', duration) FROM u)
+            SELECT id, state, attempt, tenant, kind, submitted FROM u""",
             (
                 ids,
                 attempts,
@@ -416,6 +430,9 @@ async def queue_decisions(
     waits = [d for d in decisions if isinstance(d, Wait)]
     reads: list[Cursor] = []
     if released:
+        ids, deps_of = ready_of or ((), ())
+        # with the jobs already ready among ``ready_of`` (the statement's snapshot predates
+        # its own release, so none comes twice)
         reads.append(
             await conn.execute(
                 q(
@@ -424,12 +441,16 @@ async def queue_decisions(
                             updated_at = now()
                         WHERE id = ANY(%s) AND state = 'waiting' RETURNING *),
                     h AS (INSERT INTO job_history (job_id, event) SELECT id, 'unlocked' FROM r)
-                    SELECT {cols} FROM r""",
+                    SELECT {cols} FROM r
+                    UNION ALL
+                    SELECT {cols} FROM jobs WHERE state = 'ready' AND (id = ANY(%s)
+                        OR id IN (SELECT job_id FROM job_deps WHERE dep_id = ANY(%s)))""",
                     cols=READY_COLS,
                 ),
-                (released,),
+                (released, list(ids), list(deps_of)),
             )
         )
+        ready_of = None
     if failed:
         await conn.execute(
             """
