@@ -63,11 +63,12 @@ class Context:
         if self._store is None:
             async with self._lock:
                 if self._store is None:
-                    # every connection opened at start: one opened on demand costs a
-                    # handshake on the path of the batch that needed it
+                    # every connection opened (and warmed) at start: one opened on demand
+                    # costs a handshake and cold catalog caches on the path of the batch
+                    # that needed it
                     size = self.settings.db_pool_size
                     store = PostgresJobStore(
-                        self.settings.require_database(), min_size=size, max_size=size
+                        self.settings.require_database(), min_size=size, max_size=size, warm=True
                     )
                     await store.open()
                     self._store = store
