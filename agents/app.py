@@ -46,6 +46,7 @@ from agents.monitor import Monitor
 from agents.outcomes import handle_heartbeats
 from agents.statuspage import StatusPage
 from agents.telemetry import handle_telemetry
+from streams.events import event_type
 
 log = logging.getLogger("jobstream.app")
 Handler = Callable[[Context, Sequence[RawMessage]], Awaitable[int]]
@@ -72,6 +73,11 @@ async def handle_safely(
                 "%s: message %s[%d]@%d dead-lettered", name, msg.topic, msg.partition, msg.offset
             )
             await dead_letter(ctx, [(msg, f"internal error in {name}: {exc!r}"[:2000])])
+
+
+def only_starts(events: list[Any]) -> bool:
+    """Every buffered event is a job start (nothing waits on it: it may wait for company)."""
+    return all(event_type(e.message.value) == "job.started" for e in events)
 
 
 def build_app(ctx: Context) -> faust.App:
@@ -107,10 +113,18 @@ def build_app(ctx: Context) -> faust.App:
             key_serializer="raw",
         )
 
-    def batch_agent(channel: Any, name: str, handler: Handler) -> None:
+    def batch_agent(
+        channel: Any,
+        name: str,
+        handler: Handler,
+        hold: Callable[[list[Any]], bool] | None = None,
+        hold_s: float = 0.0,
+    ) -> None:
         async def agent(stream: Any) -> None:
             noack = stream.noack()
-            async for events in take_available(noack, s.batch_size, linger_s=s.batch_wait_s):
+            async for events in take_available(
+                noack, s.batch_size, linger_s=s.batch_wait_s, hold=hold, hold_s=hold_s
+            ):
                 await handle_safely(ctx, name, handler, [_raw(e) for e in events])
                 for e in events:
                     await noack.ack(e)
@@ -130,7 +144,13 @@ def build_app(ctx: Context) -> faust.App:
     admission = Admission(ctx, assigned)
     ctx.local_ready = admission.take_local
     batch_agent(topic("jobs.independent"), "intake", handle_submissions)
-    batch_agent(topic("jobs.dependent", "jobs.events"), "dependencies", handle_dependent)
+    batch_agent(
+        topic("jobs.dependent", "jobs.events"),
+        "dependencies",
+        handle_dependent,
+        hold=only_starts,
+        hold_s=s.start_hold_s,
+    )
     batch_agent(topic("jobs.ready"), "admission", admission.handle_ready)
     batch_agent(topic("workers.heartbeat"), "heartbeats", handle_heartbeats)
     batch_agent(topic("jobs.control"), "control", handle_control)

@@ -14,17 +14,26 @@ buffered (the stream's drainer waits beyond that: backpressure).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 
 async def take_available(
-    stream: Any, max_: int, *, linger_s: float = 0.0
+    stream: Any,
+    max_: int,
+    *,
+    linger_s: float = 0.0,
+    hold: Callable[[list[Any]], bool] | None = None,
+    hold_s: float = 0.0,
 ) -> AsyncIterator[list[Any]]:
     """Yield lists of faust events from ``stream`` (a ``noack()`` stream) as they arrive.
 
     ``linger_s`` > 0 waits that long after the first event for more (fewer, larger
-    batches at the cost of latency); 0 hands over at once."""
+    batches at the cost of latency); 0 hands over at once. ``hold``: while it says so of
+    what is buffered, wait up to ``hold_s`` (from the first event) for more, handing over
+    as soon as it no longer does (events that may wait, e.g. job starts, wait for the
+    events that may not)."""
     buffer: list[Any] = []
     arrived = asyncio.Event()
     room = asyncio.Event()
@@ -49,6 +58,16 @@ async def take_available(
             await stream.wait_for_stopped(arrived, timeout=1.0)
             if not buffer:
                 continue
+            if hold is not None and hold_s > 0:
+                deadline = time.monotonic() + hold_s
+                while len(buffer) < max_ and hold(buffer):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    arrived.clear()
+                    if await stream.wait_for_stopped(arrived, timeout=left):
+                        break
+                arrived.set()  # whatever is buffered now is handed over below
             if linger_s and len(buffer) < max_:
                 await asyncio.sleep(linger_s)
             else:

@@ -93,6 +93,9 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     allow_cross_tenant_deps: bool = False
     batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 500
     batch_wait_s: Annotated[float, Meta(ge=0, le=5)] = 0.0
+    # a batch of job starts alone waits this long for more events: a short job's outcome
+    # then shares its start's transaction instead of waiting behind it
+    start_hold_s: Annotated[float, Meta(ge=0, le=1)] = 0.005
     reconcile_interval_s: Annotated[float, Meta(gt=0)] = 15.0
     reconcile_after_s: Annotated[float, Meta(gt=0)] = 10.0
     worker_slots: Annotated[int, Meta(ge=1, le=1024)] = 4

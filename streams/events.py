@@ -333,6 +333,24 @@ def decode(
     return event
 
 
+class _Tag(Struct, frozen=True):
+    type: str = ""
+
+
+_tag_decoder = msgspec.json.Decoder(_Tag)
+
+
+def event_type(raw: bytes | None) -> str | None:
+    """The ``type`` tag of an encoded event without decoding the rest (None: not an event
+    this can read; :func:`decode` says why)."""
+    if not raw:
+        return None
+    try:
+        return _tag_decoder.decode(raw).type or None
+    except (msgspec.DecodeError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
 def submission_schema() -> dict[str, Any]:
     """The JSON Schema of a ``job.submitted`` event, for publishers in other languages."""
     schema: dict[str, Any] = msgspec.json.schema(JobSubmitted)

@@ -300,3 +300,30 @@ def test_replayed_events_change_nothing(
     after = row(dsn, "once")
     for key in ("state", "attempt", "started_at", "finished_at", "worker", "error"):
         assert after[key] == before[key], key
+
+
+def test_a_short_jobs_start_and_outcome_share_one_transaction(
+    settings: Settings, publisher: JobPublisher, tmp_path: Path
+) -> None:
+    """The dependency agent holds a batch of starts alone (``start_hold_s``) for more events:
+    a job that ends within the hold has its start and its outcome applied by one transaction
+    (their history rows carry that transaction's time), and both are still recorded."""
+    held = msgspec.structs.replace(settings, start_hold_s=1.0)
+    marker = tmp_path / "quick.txt"
+    with running(settings_env(held), tmp_path):
+        publisher.submit(
+            JobSpec(id="quick", tenant="acme", kind="touch", args={"path": str(marker)})
+        )
+        dsn = settings.require_database()
+        eventually(lambda: states(dsn, ["quick"]).get("quick") == "succeeded", 90, what="quick")
+    with psycopg.connect(dsn) as conn:
+        history = dict(
+            conn.execute(
+                "SELECT event, at FROM job_history WHERE job_id = 'quick' "
+                "AND event IN ('started', 'succeeded')"
+            ).fetchall()
+        )
+    assert set(history) == {"started", "succeeded"}
+    assert history["started"] == history["succeeded"]
+    r = row(dsn, "quick")
+    assert r["started_at"] is not None and r["finished_at"] >= r["started_at"]  # type: ignore[operator]

@@ -20,6 +20,7 @@ from streams.events import (
     WorkerHeartbeat,
     decode,
     encode,
+    event_type,
     submission_schema,
 )
 
@@ -62,6 +63,13 @@ def test_round_trip_of_every_event_type() -> None:
     ]
     for ev in events:
         assert decode(encode(ev)) == ev
+        # the tag alone, as the dependency agent reads it to hold starts
+        assert event_type(encode(ev)) == type(ev).__struct_config__.tag
+
+
+@pytest.mark.parametrize("raw", [None, b"", b"{", b"[1]", b'{"v": 1}', b'{"type": 3}', b"\xff"])
+def test_the_tag_of_something_not_an_event_is_none(raw: bytes | None) -> None:
+    assert event_type(raw) is None
 
 
 @pytest.mark.parametrize(
