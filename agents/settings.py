@@ -103,6 +103,7 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     heartbeat_interval_s: Annotated[float, Meta(gt=0)] = 3.0
     # a worker's Kafka sends (job events, offset commits) per second before they batch
     worker_sends_per_s: Annotated[float, Meta(ge=1, le=100_000)] = 100.0
+    worker_start_sends_per_s: Annotated[float, Meta(ge=1, le=1_000_000)] = 500.0
     kill_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     drain_grace_s: Annotated[float, Meta(ge=0)] = 30.0
     log_dir: str = "var/logs"

@@ -144,6 +144,11 @@ class Worker:
         # job events and offset commits go out batched by load (agents.core.pacing)
         burst = max(1.0, s.worker_sends_per_s / 10)
         self.events = Outbox(ctx.producer, Pacer(s.worker_sends_per_s, burst))
+        # starts: at once while the job rate is below ``worker_start_sends_per_s``, then
+        # the starts of one short interval share a request (a slot waits at most that long)
+        self.starts = Outbox(
+            ctx.producer, Pacer(s.worker_start_sends_per_s, float(self.slots))
+        )
         self._commit_pacer = Pacer(s.worker_sends_per_s, burst)
         self.backlog: deque[_Buffered] = deque()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -244,6 +249,7 @@ class Worker:
             beat.cancel()
             controls.cancel()
             await self.pypool.close()
+            await self.starts.close()
             await self.events.close()
             await self._heartbeat("stopped")
             await self._commit()
@@ -454,8 +460,8 @@ class Worker:
         # throughput but lengthened the light-load unlock path in every A/B: see
         # docs/performance.md, session 6.)
         self.ctx.tracer.mark("started", d.job_id, at=started.at)
-        # urgent: a slot waits on it (the outcome and the commits wait for the pacer)
-        confirm = deliver(self._event_record(d, started), "publish started", urgent=True)
+        # a slot waits on it: its own pacer, far faster than the outcomes' and commits'
+        confirm = self.starts.deliver(self._event_record(d, started), "publish started")
         confirm.add_done_callback(
             partial(self._start_confirmed, (msg.topic, msg.partition), msg.offset)
         )
@@ -677,8 +683,9 @@ class Worker:
                 running=len(beat.running),
                 load=beat.load,
                 draining=state != "running",
-                event_sends=self.events.batches,  # cumulative: sends ≤ events when batched
-                events_sent=self.events.records,
+                # cumulative: sends ≤ events when batched
+                event_sends=self.events.batches + self.starts.batches,
+                events_sent=self.events.records + self.starts.records,
             )
             m.count("heartbeats_sent", {"worker": self.id})
             if state == "running":
