@@ -121,8 +121,8 @@ class PostgresJobStore:
     def __init__(
         self, dsn: str, *, min_size: int = 1, max_size: int = 4, warm: bool = False
     ) -> None:
-        """``warm``: connections plan against the hot tables when they open (long-running
-        agents, so their first batches do not pay for it)."""
+        """``warm``: connections are readied for the hot statements when they open
+        (:func:`warm_connection`; long-running agents, so their first batches do not pay)."""
         self.dsn = dsn
         self._pool = AsyncConnectionPool(
             dsn,
