@@ -146,9 +146,7 @@ class Worker:
         self.events = Outbox(ctx.producer, Pacer(s.worker_sends_per_s, burst))
         # starts: at once while the job rate is below ``worker_start_sends_per_s``, then
         # the starts of one short interval share a request (a slot waits at most that long)
-        self.starts = Outbox(
-            ctx.producer, Pacer(s.worker_start_sends_per_s, float(self.slots))
-        )
+        self.starts = Outbox(ctx.producer, Pacer(s.worker_start_sends_per_s, float(self.slots)))
         self._commit_pacer = Pacer(s.worker_sends_per_s, burst)
         self.backlog: deque[_Buffered] = deque()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
