@@ -128,9 +128,10 @@ def dag(
         },
     }
     if trace:
-        from bench.trace import unlock_stages
+        from bench.trace import slowest, unlock_stages
 
         out["unlock_trace_ms"] = unlock_stages(trace_file, released_by)
+        out["slowest_unlocks_ms"] = slowest(trace_file, released_by)
     shutil.rmtree(trace_file.parent, ignore_errors=True)
     return out
 

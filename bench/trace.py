@@ -54,11 +54,11 @@ def _next(times: list[float], after: float) -> float | None:
     return times[i] if i < len(times) else None
 
 
-def unlock_stages(path: Path, released_by: dict[str, str]) -> dict[str, Any]:
-    """p50/p90/p99 (ms) of each stage over the dependents in ``released_by`` (dependent →
-    the dependency that finished last)."""
+def per_unlock(path: Path, released_by: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Each dependent's stage durations (ms) on its unlock path (``released_by``: dependent →
+    the dependency that finished last); a stage whose marks are missing is left out."""
     jobs, plain = read(path)
-    samples: dict[str, list[float]] = defaultdict(list)
+    out: dict[str, dict[str, float]] = {}
     for dep_id, dep_of in released_by.items():
         j, x = jobs.get(dep_id, {}), jobs.get(dep_of, {})
         t = {f"x.{k}": v for k, v in x.items()} | j
@@ -66,11 +66,23 @@ def unlock_stages(path: Path, released_by: dict[str, str]) -> dict[str, Any]:
             t["round"] = r
             if (s := _next(plain["snapshot"], r)) is not None:
                 t["snapshot"] = s
+        stages: dict[str, float] = {}
         for name, a, b in STAGES:
             a_key = f"x.{a}" if a in ("finished", "outcome_confirmed", "event_in") else a
             b_key = f"x.{b}" if b in ("outcome_confirmed", "event_in") else b
             if a_key in t and b_key in t:
-                samples[name].append((t[b_key] - t[a_key]) * 1000)
+                stages[name] = (t[b_key] - t[a_key]) * 1000
+        out[dep_id] = stages
+    return out
+
+
+def unlock_stages(path: Path, released_by: dict[str, str]) -> dict[str, Any]:
+    """p50/p90/p99 (ms) of each stage over the dependents in ``released_by`` (dependent →
+    the dependency that finished last)."""
+    samples: dict[str, list[float]] = defaultdict(list)
+    for stages in per_unlock(path, released_by).values():
+        for name, ms in stages.items():
+            samples[name].append(ms)
     return {
         name: {
             "p50": _r(pct(samples[name], 50)),
@@ -80,6 +92,21 @@ def unlock_stages(path: Path, released_by: dict[str, str]) -> dict[str, Any]:
         }
         for name, _, _ in STAGES
     }
+
+
+def slowest(path: Path, released_by: dict[str, str], n: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` slowest unlocks with their stages (ms): where a tail comes from (a cold
+    start, a stalled broker, a busy agent) is rarely where the median goes."""
+    rows = sorted(
+        per_unlock(path, released_by).items(),
+        key=lambda kv: kv[1].get("unlock", 0.0),
+        reverse=True,
+    )
+    return [
+        {"job": job, **{name: _r(ms) for name, ms in stages.items()}}
+        for job, stages in rows[:n]
+        if "unlock" in stages
+    ]
 
 
 def _r(v: float | None) -> float | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agents.trace import Tracer
-from bench.trace import unlock_stages
+from bench.trace import slowest, unlock_stages
 
 
 def test_stage_lines_and_the_unlock_path_read_from_them(tmp_path: Path) -> None:
@@ -43,3 +43,9 @@ def test_stage_lines_and_the_unlock_path_read_from_them(tmp_path: Path) -> None:
         "to_start": 0.5,
         "unlock": 20.5,
     }
+    # the tail, job by job: the slowest unlock first, with its stages
+    worker.mark("finished", "dep2", at=200.000)
+    worker.mark("started", "slow", at=200.050)
+    worst = slowest(path, {"job": "dep", "slow": "dep2"}, n=1)
+    assert worst == [{"job": "slow", "unlock": 50.0}]
+    assert [w["job"] for w in slowest(path, {"job": "dep", "slow": "dep2"})] == ["slow", "job"]
