@@ -75,9 +75,9 @@ async def handle_safely(
             await dead_letter(ctx, [(msg, f"internal error in {name}: {exc!r}"[:2000])])
 
 
-def only_starts(events: list[Any]) -> bool:
-    """Every buffered event is a job start (nothing waits on it: it may wait for company)."""
-    return all(event_type(e.message.value) == "job.started" for e in events)
+def is_start(event: Any) -> bool:
+    """A job start: nothing waits on it, so it may wait for company."""
+    return event_type(event.message.value) == "job.started"
 
 
 def build_app(ctx: Context) -> faust.App:
@@ -117,7 +117,7 @@ def build_app(ctx: Context) -> faust.App:
         channel: Any,
         name: str,
         handler: Handler,
-        hold: Callable[[list[Any]], bool] | None = None,
+        hold: Callable[[Any], bool] | None = None,
         hold_s: float = 0.0,
     ) -> None:
         async def agent(stream: Any) -> None:
@@ -148,7 +148,7 @@ def build_app(ctx: Context) -> faust.App:
         topic("jobs.dependent", "jobs.events"),
         "dependencies",
         handle_dependent,
-        hold=only_starts,
+        hold=is_start,
         hold_s=s.start_hold_s,
     )
     batch_agent(topic("jobs.ready"), "admission", admission.handle_ready)

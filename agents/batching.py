@@ -24,16 +24,16 @@ async def take_available(
     max_: int,
     *,
     linger_s: float = 0.0,
-    hold: Callable[[list[Any]], bool] | None = None,
+    hold: Callable[[Any], bool] | None = None,
     hold_s: float = 0.0,
 ) -> AsyncIterator[list[Any]]:
     """Yield lists of faust events from ``stream`` (a ``noack()`` stream) as they arrive.
 
     ``linger_s`` > 0 waits that long after the first event for more (fewer, larger
-    batches at the cost of latency); 0 hands over at once. ``hold``: while it says so of
-    what is buffered, wait up to ``hold_s`` (from the first event) for more, handing over
-    as soon as it no longer does (events that may wait, e.g. job starts, wait for the
-    events that may not)."""
+    batches at the cost of latency); 0 hands over at once. ``hold``: whether an event may
+    wait; while every buffered one may, wait up to ``hold_s`` for more, handing over as soon
+    as one arrives that may not (e.g. job starts wait for the outcomes that follow them).
+    Each event is asked once."""
     buffer: list[Any] = []
     arrived = asyncio.Event()
     room = asyncio.Event()
@@ -60,9 +60,12 @@ async def take_available(
                 continue
             if hold is not None and hold_s > 0:
                 deadline = time.monotonic() + hold_s
-                while len(buffer) < max_ and hold(buffer):
+                asked = 0  # buffered events known to be able to wait
+                while len(buffer) < max_:
+                    while asked < len(buffer) and hold(buffer[asked]):
+                        asked += 1
                     left = deadline - time.monotonic()
-                    if left <= 0:
+                    if asked < len(buffer) or left <= 0:
                         break
                     arrived.clear()
                     if await stream.wait_for_stopped(arrived, timeout=left):

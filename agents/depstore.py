@@ -119,11 +119,13 @@ async def read_inserted(batch: Sequence[Accepted], cursors: Sequence[Cursor]) ->
 
 @dataclass(slots=True)
 class _Queued:
-    """A lifecycle statement in the pipeline: the events it applies, read after the sync."""
+    """A lifecycle statement in the pipeline, read after the sync: the events it applies,
+    and the one event when it is not a bulk statement (a bulk one writes its history rows
+    itself)."""
 
     idx: list[int]
     cur: Cursor
-    bulk: bool
+    single: JobFailed | JobCancelled | None = None
 
 
 @dataclass(slots=True)
@@ -156,15 +158,15 @@ async def queue_lifecycle(
     for g in sorted(generations):
         bulk: dict[type, list[int]] = {JobStarted: [], JobSucceeded: []}
         for i in generations[g]:
-            kind = type(events[i])
-            if kind in bulk:
-                bulk[kind].append(i)
+            ev = events[i]
+            if isinstance(ev, (JobFailed, JobCancelled)):
+                queued.append(_Queued([i], await _apply_one(conn, ev, backoff or {}), ev))
             else:
-                queued.append(_Queued([i], await _apply_one(conn, events[i], backoff or {}), False))
+                bulk[type(ev)].append(i)
         for kind, idx in bulk.items():
             if idx:
                 cur = await _apply_bulk(conn, kind, [events[i] for i in idx])
-                queued.append(_Queued(idx, cur, True))
+                queued.append(_Queued(idx, cur))
     return queued
 
 
@@ -172,25 +174,21 @@ async def read_lifecycle(events: Sequence[JobEvent], queued: Sequence[_Queued]) 
     """Each event's resulting row (state, attempt, tenant, kind, submitted_at), or none when
     it changed nothing (a duplicate, a stale attempt), summed up."""
     rows: list[tuple[Any, ...] | None] = [None] * len(events)
-    bulk: set[int] = set()  # their statement wrote their history rows
+    ended = Ended([], [], [])
     for qd in queued:
-        if qd.bulk:
+        one = qd.single
+        if one is None:
             by_id = {r[0]: tuple(r[1:]) for r in await qd.cur.fetchall()}
             for i in qd.idx:
                 rows[i] = by_id.get(events[i].job_id)
-            bulk.update(qd.idx)
-        else:
-            rows[qd.idx[0]] = await qd.cur.fetchone()
-    ended = Ended([], [], [])
-    for i, (ev, row) in enumerate(zip(events, rows, strict=True)):
+        elif (row := await qd.cur.fetchone()) is not None:
+            rows[qd.idx[0]] = row
+            attempt = getattr(one, "attempt", row[1])
+            ended.history.append((one.job_id, attempt, row[0], Jsonb(_detail(one))))
+    for ev, row in zip(events, rows, strict=True):
         if row is None:
             continue
-        state, attempt = row[0], getattr(ev, "attempt", row[1])
-        if i not in bulk:
-            started = isinstance(ev, JobStarted)
-            ended.history.append(
-                (ev.job_id, attempt, "started" if started else state, Jsonb(_detail(ev)))
-            )
+        state = row[0]
         if state in TERMINAL_STATES:
             ended.terminal.append(ev.job_id)
         elif state == "ready":
@@ -266,39 +264,10 @@ async def _apply_bulk(conn: Conn, kind: type, events: Sequence[JobEvent]) -> Cur
 
 
 async def _apply_one(
-    conn: Conn, ev: JobEvent, backoff: Mapping[str, tuple[float, float]]
+    conn: Conn, ev: JobFailed | JobCancelled, backoff: Mapping[str, tuple[float, float]]
 ) -> Cursor:
-    if isinstance(ev, JobStarted):
-        cur = await conn.execute(
-            q(
-                """UPDATE jobs SET state = 'running', started_at = to_timestamp(%s), worker = %s,
-                updated_at = now()
-            WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
-                ret=RETURN_STATE,
-            ),
-            (ev.at, ev.worker, ev.job_id, ev.attempt, states(STARTED_FROM)),
-        )
-    elif isinstance(ev, JobSucceeded):
-        cur = await conn.execute(
-            q(
-                """UPDATE jobs SET state = 'succeeded', finished_at = to_timestamp(%s),
-                started_at = coalesce(started_at, to_timestamp(%s)), worker = %s, exit_code = %s,
-                log_path = %s, error = NULL, gate = NULL, progress = 1, updated_at = now()
-            WHERE id = %s AND attempt = %s AND state = ANY(%s) {ret}""",
-                ret=RETURN_STATE,
-            ),
-            (
-                ev.at,
-                ev.at - ev.duration_s,
-                ev.worker,
-                ev.exit_code,
-                ev.log_path,
-                ev.job_id,
-                ev.attempt,
-                states(FINISHED_FROM),
-            ),
-        )
-    elif isinstance(ev, JobFailed):
+    """A failure or a cancellation (starts and successes go in bulk: :func:`_apply_bulk`)."""
+    if isinstance(ev, JobFailed):
         cur = await conn.execute(
             q(
                 """UPDATE jobs SET
@@ -333,7 +302,7 @@ async def _apply_one(
                 "from": states(FINISHED_FROM),
             },
         )
-    elif isinstance(ev, JobCancelled):
+    else:
         cur = await conn.execute(
             q(
                 """UPDATE jobs SET state = 'cancelled', finished_at = to_timestamp(%s), error = %s,
@@ -343,18 +312,12 @@ async def _apply_one(
             ),
             (ev.at, ev.reason or "cancelled", ev.job_id, states(CANCEL_FROM)),
         )
-    else:  # pragma: no cover - the union is exhaustive
-        raise TypeError(f"not a lifecycle event: {ev!r}")
     return cur
 
 
-def _detail(ev: JobEvent) -> dict[str, Any]:
+def _detail(ev: JobFailed | JobCancelled) -> dict[str, Any]:
     if isinstance(ev, JobFailed):
         return {"worker": ev.worker, "error": ev.error[:500], "exit_code": ev.exit_code}
-    if isinstance(ev, JobSucceeded):
-        return {"worker": ev.worker, "duration_s": ev.duration_s}
-    if isinstance(ev, JobStarted):
-        return {"worker": ev.worker}
     return {"reason": ev.reason}
 
 
@@ -407,14 +370,25 @@ async def read_working_set(cur: Cursor | None) -> list[Node]:
     return nodes
 
 
+# the jobs among some ids, or among the dependents of others, that are ready: after a replay
+# they may have been released without being forwarded
+_READY_AMONG = """SELECT {cols} FROM jobs WHERE state = 'ready' AND (id = ANY(%s)
+    OR id IN (SELECT job_id FROM job_deps WHERE dep_id = ANY(%s)))"""
+_UNLOCK = """WITH r AS (
+        UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(), updated_at = now()
+        WHERE id = ANY(%s) AND state = 'waiting' RETURNING *),
+    h AS (INSERT INTO job_history (job_id, event) SELECT id, 'unlocked' FROM r)
+    SELECT {cols} FROM r"""
+
+
 async def apply_decisions(
     conn: Conn,
     decisions: Sequence[Release | Fail | Wait],
     ready_of: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> list[ReadyJob]:
     """Write decisions guarded by ``state = 'waiting'``; return the jobs released now, and
-    with ``ready_of`` (ids, dependents of) also :func:`ready_among` those, read in the same
-    round trip (every statement is queued before the first result is read)."""
+    with ``ready_of`` (ids, dependents of) also the jobs already ready among those, read in
+    the same round trip (every statement is queued before the first result is read)."""
     return await read_ready(await queue_decisions(conn, decisions, ready_of))
 
 
@@ -428,29 +402,16 @@ async def queue_decisions(
     released = [d.job for d in decisions if isinstance(d, Release)]
     failed = [d for d in decisions if isinstance(d, Fail)]
     waits = [d for d in decisions if isinstance(d, Wait)]
+    ids, deps_of = ready_of or ((), ())
+    among = (list(ids), list(deps_of)) if ids or deps_of else None
     reads: list[Cursor] = []
     if released:
-        ids, deps_of = ready_of or ((), ())
-        # with the jobs already ready among ``ready_of`` (the statement's snapshot predates
-        # its own release, so none comes twice)
-        reads.append(
-            await conn.execute(
-                q(
-                    """WITH r AS (
-                        UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(),
-                            updated_at = now()
-                        WHERE id = ANY(%s) AND state = 'waiting' RETURNING *),
-                    h AS (INSERT INTO job_history (job_id, event) SELECT id, 'unlocked' FROM r)
-                    SELECT {cols} FROM r
-                    UNION ALL
-                    SELECT {cols} FROM jobs WHERE state = 'ready' AND (id = ANY(%s)
-                        OR id IN (SELECT job_id FROM job_deps WHERE dep_id = ANY(%s)))""",
-                    cols=READY_COLS,
-                ),
-                (released, list(ids), list(deps_of)),
-            )
-        )
-        ready_of = None
+        # with the jobs already ready among ``ready_of`` in the same statement (its snapshot
+        # predates its own release, so none comes twice)
+        text = _UNLOCK if among is None else _UNLOCK + "\nUNION ALL\n" + _READY_AMONG
+        reads.append(await conn.execute(q(text, cols=READY_COLS), (released, *(among or ()))))
+    elif among is not None:
+        reads.append(await conn.execute(q(_READY_AMONG, cols=READY_COLS), among))
     if failed:
         await conn.execute(
             """
@@ -473,40 +434,9 @@ async def queue_decisions(
             WHERE j.id = w.id AND j.state = 'waiting' AND j.gate IS DISTINCT FROM w.gate""",
             ([w.job for w in waits], [w.gate for w in waits]),
         )
-    if ready_of and (also := await _ready_among(conn, *ready_of)) is not None:
-        reads.append(also)
     return reads
 
 
 async def read_ready(cursors: Sequence[Cursor]) -> list[ReadyJob]:
-    """The ready jobs the queued reads return (a job at most once)."""
-    ready: dict[str, ReadyJob] = {}
-    for cur in cursors:
-        for r in await cur.fetchall():
-            job = ReadyJob(*r)
-            ready.setdefault(job.id, job)
-    return list(ready.values())
-
-
-async def ready_among(
-    conn: Conn, ids: Sequence[str], dependents_of: Sequence[str] = ()
-) -> list[ReadyJob]:
-    """Jobs among ``ids`` or the dependents of ``dependents_of`` that are ready: after a replay
-    they may have been released without being forwarded."""
-    cur = await _ready_among(conn, ids, dependents_of)
-    return [] if cur is None else [ReadyJob(*r) for r in await cur.fetchall()]
-
-
-async def _ready_among(
-    conn: Conn, ids: Sequence[str], dependents_of: Sequence[str] = ()
-) -> psycopg.AsyncCursor[Any] | None:
-    if not ids and not dependents_of:
-        return None
-    return await conn.execute(
-        q(
-            """SELECT {cols} FROM jobs WHERE state = 'ready' AND (id = ANY(%s)
-           OR id IN (SELECT job_id FROM job_deps WHERE dep_id = ANY(%s)))""",
-            cols=READY_COLS,
-        ),
-        (list(ids), list(dependents_of)),
-    )
+    """The ready jobs the queued reads return."""
+    return [ReadyJob(*r) for cur in cursors for r in await cur.fetchall()]

@@ -60,22 +60,18 @@ class Outbox:
                 loop.call_later(wait, self._flush)
         return fut
 
-    def deliver(self, record: Record, what: str, *, urgent: bool = False) -> asyncio.Future[None]:
+    def deliver(self, record: Record, what: str) -> asyncio.Future[None]:
         """:meth:`send` until the broker has the record: a send that fails for a transient
         reason (the broker away, no confirmation in time) is sent again with backoff, as
         ``agents.context.retrying`` does, without a task per record (hot: every job's
         events). Cancel the future to give up."""
         out: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._attempt(record, what, out, 0.0, urgent)
+        self._attempt(record, what, out, 0.0)
         return out
 
-    def _attempt(
-        self, record: Record, what: str, out: asyncio.Future[None], delay: float, urgent: bool
-    ) -> None:
+    def _attempt(self, record: Record, what: str, out: asyncio.Future[None], delay: float) -> None:
         if not out.done():
-            self.send(record, urgent=urgent).add_done_callback(
-                partial(self._tried, record, what, out, delay, urgent)
-            )
+            self.send(record).add_done_callback(partial(self._tried, record, what, out, delay))
 
     def _tried(
         self,
@@ -83,7 +79,6 @@ class Outbox:
         what: str,
         out: asyncio.Future[None],
         delay: float,
-        urgent: bool,
         sent: asyncio.Future[None],
     ) -> None:
         if out.done():  # given up by the caller
@@ -102,9 +97,7 @@ class Outbox:
             if not delay:
                 log.warning("%s: %s; retrying with backoff", what, exc)
             wait = min(MAX_RETRY_S, delay * 2) if delay else FIRST_RETRY_S
-            asyncio.get_running_loop().call_later(
-                wait, self._attempt, record, what, out, wait, urgent
-            )
+            asyncio.get_running_loop().call_later(wait, self._attempt, record, what, out, wait)
         else:
             out.set_exception(exc)
 

@@ -17,9 +17,10 @@ Invariants:
   monitor (``agents.monitor``) retries its running jobs as a new attempt. A late report from
   the old attempt is fenced off by the attempt number.
 - Outcome events and offset commits are paced (``agents.core.pacing``): at once under
-  light load, batched at ``worker_sends_per_s`` under load; a start is urgent (its slot
-  waits for it). Each job waits for its own record's confirmation (``agents.outbox``). A
-  slot is held until the job's process ends, not until its outcome is confirmed.
+  light load, batched at ``worker_sends_per_s`` under load; starts have their own, faster
+  pacer (``worker_start_sends_per_s``, a burst of one per slot: its slot waits for it). Each
+  job waits for its own record's confirmation (``agents.outbox``). A slot is held until the
+  job's process ends, not until its outcome is confirmed.
 - A dispatch for an attempt this process already ran is not run twice; a job cancelled on
   ``jobs.control`` is not started, and is stopped when running (nothing is reported for it:
   the ``job.cancelled`` event is the authority).

@@ -61,8 +61,8 @@ def dag(
     """``trace``: the processes record per-job stage timestamps (``agents.trace``) and the
     result carries the unlock path stage by stage (``unlock_trace_ms``)."""
     total = uploads * 9
-    trace_file = Path(tempfile.mkdtemp(prefix="jobstream-trace-")) / "stages.log"
-    with Run(**({"trace_file": str(trace_file)} if trace else {})) as run:
+    trace_file = Path(tempfile.mkdtemp(prefix="jobstream-trace-")) / "stages.log" if trace else None
+    with Run(**({"trace_file": str(trace_file)} if trace_file else {})) as run:
         run.start("scheduler")
         run.start("worker", "--slots", str(slots))
         time.sleep(8)  # consumer groups join; not what is measured
@@ -98,12 +98,17 @@ def dag(
         (wf_done,) = run.query(
             "SELECT count(*) FROM jobs WHERE id LIKE '%%-report' AND state = 'succeeded'"
         )[0]
-        released_by = dict(
-            run.query(
-                """SELECT DISTINCT ON (d.job_id) d.job_id, d.dep_id
-                   FROM job_deps d JOIN jobs dj ON dj.id = d.dep_id
-                   ORDER BY d.job_id, dj.finished_at DESC"""
+        # the trace's unlock paths: each dependent and the dependency that finished last
+        released_by = (
+            dict(
+                run.query(
+                    """SELECT DISTINCT ON (d.job_id) d.job_id, d.dep_id
+                       FROM job_deps d JOIN jobs dj ON dj.id = d.dep_id
+                       ORDER BY d.job_id, dj.finished_at DESC"""
+                )
             )
+            if trace_file is not None
+            else {}
         )
     out = {
         "scenario": "dag",
@@ -127,12 +132,12 @@ def dag(
             for i, name in enumerate(["to_ready", "to_dispatched", "to_started"])
         },
     }
-    if trace:
+    if trace_file is not None:
         from bench.trace import slowest, unlock_stages
 
         out["unlock_trace_ms"] = unlock_stages(trace_file, released_by)
         out["slowest_unlocks_ms"] = slowest(trace_file, released_by)
-    shutil.rmtree(trace_file.parent, ignore_errors=True)
+        shutil.rmtree(trace_file.parent, ignore_errors=True)
     return out
 
 

@@ -303,7 +303,8 @@ class ConfirmedProducer:
         sender wakes (with ``linger.ms`` 0, records produced one by one leave in several
         requests, one per wake-up). Keyed records land where ``produce`` puts them (checked);
         this call ignores a per-record partition and headers, so records with either go one
-        by one."""
+        by one. It reports a full local queue per record (checked: no ``BufferError``), and
+        those records go one by one too, waiting for room as :meth:`_produce_one` does."""
         msgs: list[dict[str, Any]] = [
             {
                 "value": records[i].value,
@@ -312,19 +313,23 @@ class ConfirmedProducer:
             }
             for i in idx
         ]
-        while True:
-            try:
-                self._producer.produce_batch(topic, msgs)
-                break
-            except BufferError:
-                time.sleep(0.005)
-            except KafkaException as exc:
-                for i in idx:
-                    batch.settle(i, f"cannot produce to {topic}: {exc}")
-                return
+        try:
+            self._producer.produce_batch(topic, msgs)
+        except KafkaException as exc:  # nothing was queued
+            for i in idx:
+                batch.settle(i, f"cannot produce to {topic}: {exc}")
+            return
         for i, m in zip(idx, msgs, strict=True):
-            if "_error" in m:  # refused at once (e.g. no such partition)
-                batch.settle(i, f"cannot produce to {topic}: {m['_error']}")
+            err = m.get("_error")
+            if err is None:
+                continue
+            if isinstance(err, KafkaError) and err.code() == KafkaError._QUEUE_FULL:
+                try:
+                    self._produce_one(records[i], partial(batch.on_delivery, i))
+                except DeliveryFailed as exc:
+                    batch.settle(i, str(exc))
+            else:  # refused at once (e.g. no such partition)
+                batch.settle(i, f"cannot produce to {topic}: {err}")
 
     def _produce_one(self, rec: Record, on_delivery: Any) -> None:
         while True:

@@ -92,3 +92,23 @@ async def test_a_batch_lands_where_one_by_one_would(
     for m in got:
         assert m.partition() == partition_for(m.key(), parts), m.key()
     assert {m.key() for m in got if m.value() == b"batched"} == set(keys)
+
+
+async def test_a_batch_larger_than_the_local_queue_is_all_sent(
+    kafka_bootstrap: str, registry: TopicRegistry
+) -> None:
+    """``produce_batch`` refuses what does not fit librdkafka's queue record by record: those
+    records wait for room like single sends, they do not fail."""
+    topic = registry.name("jobs.events")
+    producer = ConfirmedProducer(
+        producer_config(kafka_bootstrap, {"queue.buffering.max.messages": 5})
+    )
+    try:
+        failed = await producer.aproduce_each(
+            [Record(topic, f"q{i}".encode(), f"k{i}".encode()) for i in range(40)]
+        )
+    finally:
+        producer.close()
+    assert failed == {}
+    got = {m.value() for m in read_topic(kafka_bootstrap, topic, expect=40)}
+    assert got == {f"q{i}".encode() for i in range(40)}
