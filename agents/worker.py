@@ -44,12 +44,10 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from agents.context import Context, RawMessage
@@ -80,28 +78,38 @@ CANCELLED_MEMORY = 100_000
 HeartbeatState = Literal["running", "draining", "stopped"]
 
 
-@dataclass(frozen=True, slots=True)
-class _Buffered(RawMessage):
-    """A dispatch waiting for a slot, with admission's due time (the start order)."""
+class _Buffered:
+    """A dispatch waiting for a slot: where it came from, decoded once on arrival (or why it
+    cannot be), and admission's due time (the start order; unreadable: last)."""
 
-    due: float = float("inf")
+    __slots__ = ("topic", "partition", "offset", "key", "value", "dispatch", "error", "due")
 
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        max_bytes: int,
+    ) -> None:
+        self.topic, self.partition, self.offset, self.key, self.value = (
+            topic,
+            partition,
+            offset,
+            key,
+            value,
+        )
+        self.dispatch: Dispatch | None = None
+        self.error = ""
+        try:
+            self.dispatch = decode(value, Dispatch, max_bytes=max_bytes)
+        except InvalidEvent as exc:  # ``_take`` dead-letters it with this reason
+            self.error = str(exc)
+        self.due = float("inf") if self.dispatch is None else self.dispatch.due or float("inf")
 
-class _Due(msgspec.Struct):
-    due: float | None = None
-
-
-_due_decoder = msgspec.json.Decoder(_Due)
-
-
-def _due(value: bytes | None) -> float:
-    """A dispatch's due time, read without decoding the rest (unreadable: last; ``_take``
-    rejects it with the reason)."""
-    try:
-        d = _due_decoder.decode(value or b"")
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return float("inf")
-    return float("inf") if d.due is None else d.due
+    def raw(self) -> RawMessage:
+        return RawMessage(self.topic, self.partition, self.offset, self.key, self.value)
 
 
 def _settle(fut: asyncio.Future[bool] | None, value: bool) -> None:
@@ -159,6 +167,7 @@ class Worker:
         self._slot_waiter: asyncio.Future[bool] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
+        self._consumer_busy = 0  # consumer calls on their way in ``_pool``
         cfg = client_config(s.require_kafka(), s.kafka_config)
         session_ms = int(min(1_800_000, max(6_000, s.worker_lost_after_s * 1000)))  # broker bounds
         cfg.update(
@@ -195,7 +204,21 @@ class Worker:
     # -- consumer calls run on one dedicated thread ----------------------------------
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kw))
+        self._consumer_busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, lambda: fn(*args, **kw)
+            )
+        finally:
+            self._consumer_busy -= 1
+
+    def _ready_messages(self, room: int) -> list[Any]:
+        """What librdkafka already holds, taken on the loop thread without waiting, when the
+        consumer thread is idle (a call beside a running ``poll`` would wait for it). Under
+        load this is nearly every fetch, and it spares a thread hand-off per fetch."""
+        if self._consumer_busy:
+            return []
+        return self.consumer.consume(num_messages=room, timeout=0)
 
     @property
     def free(self) -> int:
@@ -239,7 +262,7 @@ class Worker:
                     continue
                 if self._paused:
                     await self._set_paused(False)
-                self._buffer(await self._call(self._fetch, room))
+                self._buffer(self._ready_messages(room) or await self._call(self._fetch, room))
                 self._start_backlog()
                 # commits: paced, after starts (``_commit_soon_as_paced``); synchronous only
                 # on revoke, drain and exit
@@ -259,16 +282,16 @@ class Worker:
             shutil.rmtree(self.progress_dir, ignore_errors=True)
 
     def _buffer(self, msgs: list[Any]) -> None:
+        max_bytes = self.ctx.settings.max_payload_bytes
+        tracing = self.ctx.tracer.on
         for m in msgs:
             if m.error():
                 log.warning("consumer error: %s", m.error())
                 continue
-            raw = _Buffered(
-                m.topic(), m.partition(), m.offset(), m.key(), m.value(), _due(m.value())
-            )
+            raw = _Buffered(m.topic(), m.partition(), m.offset(), m.key(), m.value(), max_bytes)
             self.tracker.started((raw.topic, raw.partition), raw.offset)
             self.backlog.append(raw)
-            if self.ctx.tracer.on:
+            if tracing:
                 self.ctx.tracer.mark("fetched", (raw.key or b"-").decode(errors="replace"))
 
     def _fetch(self, room: int) -> list[Any]:
@@ -387,12 +410,16 @@ class Worker:
             loop.call_soon(self._commit_now)
 
     def _commit_now(self) -> None:
-        """Queue an asynchronous commit on the consumer's thread (errors surface in the next
-        synchronous ``_commit``, which also covers what this one may miss). Not from the
-        event loop: a consumer call waits while the consumer thread sits in ``poll`` (up to
-        its 50 ms timeout, measured), which stalled every job's start by ~50 ms."""
+        """Queue an asynchronous commit (errors surface in the next synchronous ``_commit``,
+        which also covers what this one may miss): on the loop thread when the consumer
+        thread is idle, else on the consumer's thread. Never beside a running consumer call:
+        it waits while the consumer thread sits in ``poll`` (up to its 50 ms timeout,
+        measured), which stalled every job's start by ~50 ms."""
         self._commit_soon = False
         self._commit_pacer.take(time.monotonic())
+        if not self._consumer_busy:  # queued by librdkafka: does not wait for the broker
+            self._commit_positions(self.consumer, asynchronous=True)
+            return
         self._background.add(
             t := asyncio.ensure_future(
                 self._call(self._commit_positions, self.consumer, asynchronous=True)
@@ -403,12 +430,11 @@ class Worker:
     async def _commit(self) -> None:
         await self._call(self._commit_sync, self.consumer)
 
-    def _take(self, msg: RawMessage) -> None:
+    def _take(self, msg: _Buffered) -> None:
         tp = (msg.topic, msg.partition)
-        try:
-            d = decode(msg.value, Dispatch, max_bytes=self.ctx.settings.max_payload_bytes)
-        except InvalidEvent as exc:
-            task = asyncio.create_task(self._reject(msg, str(exc)))
+        d = msg.dispatch
+        if d is None:
+            task = asyncio.create_task(self._reject(msg.raw(), msg.error))
             self.running[f"\x00bad:{msg.topic}:{msg.partition}:{msg.offset}"] = task
             return
         key = (d.job_id, d.attempt)
@@ -445,7 +471,7 @@ class Worker:
     def _event_record(self, d: Dispatch, event: Any) -> Record:
         return Record(self._events_topic, encode(event), (d.group or d.job_id).encode())
 
-    async def _execute(self, msg: RawMessage, d: Dispatch) -> None:
+    async def _execute(self, msg: _Buffered, d: Dispatch) -> None:
         s = self.ctx.settings
         deliver = self.events.deliver
         handle = self.handles[d.job_id]
@@ -458,7 +484,9 @@ class Worker:
         # (Running the job while its start is on its way doubled a flooded worker's
         # throughput but lengthened the light-load unlock path in every A/B: see
         # docs/performance.md, session 6.)
-        self.ctx.tracer.mark("started", d.job_id, at=started.at)
+        tracer = self.ctx.tracer
+        if tracer.on:
+            tracer.mark("started", d.job_id, at=started.at)
         # a slot waits on it: its own pacer, far faster than the outcomes' and commits'
         confirm = self.starts.deliver(self._event_record(d, started), "publish started")
         confirm.add_done_callback(
@@ -489,9 +517,11 @@ class Worker:
             self._slot_done()
             handed_back = self.aborting.is_set() and not outcome.ok
             event = self._outcome_event(d, outcome, handed_back=handed_back)
-            self.ctx.tracer.mark("finished", d.job_id, at=event.at)
+            if tracer.on:
+                tracer.mark("finished", d.job_id, at=event.at)
             await deliver(self._event_record(d, event), "publish outcome")
-            self.ctx.tracer.mark("outcome_confirmed", d.job_id)
+            if tracer.on:
+                tracer.mark("outcome_confirmed", d.job_id)
             self.completed += 1
             result = "succeeded" if outcome.ok else "handed_back" if handed_back else "failed"
             self._finished_metrics(d, outcome, result)
@@ -626,7 +656,7 @@ class Worker:
             if handle.resume():
                 log.warning("resumed job %s (SIGCONT)", job)
 
-    def _is_dispatch_of(self, m: RawMessage, job: str) -> bool:
+    def _is_dispatch_of(self, m: _Buffered, job: str) -> bool:
         if m.key != job.encode():
             return False
         self.tracker.finished((m.topic, m.partition), m.offset)
