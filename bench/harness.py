@@ -21,14 +21,13 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
-from confluent_kafka.admin import AdminClient
 from psycopg import sql
 from rich.progress import Progress
 
 from agents.settings import load_settings
 from streams.errors import DeliveryFailed
 from streams.events import JobSpec
-from streams.kafka import apply_topics
+from streams.kafka import apply_topics, delete_topics
 from streams.publisher import JobPublisher
 from streams.topics import TopicRegistry, load_topics
 
@@ -218,14 +217,10 @@ class Run:
 
 
 def drop_topics(bootstrap: str, prefix: str) -> None:
-    """Delete a run's topics: a broker that keeps every run's partitions gets slower over a
-    session (and takes minutes to start with thousands), which biases whatever runs later
-    in an interleaved comparison. Best effort: a failure only leaves the topics behind."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    """Delete a run's topics (a broker that keeps every run's partitions gets slower over a
+    session, which biases whatever runs later in an interleaved comparison). Best effort: a
+    failure only leaves the topics behind."""
     try:
-        names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
-        if names:
-            for fut in admin.delete_topics(names, operation_timeout=30).values():
-                fut.result(timeout=60)
+        delete_topics(bootstrap, prefix)
     except Exception as exc:  # clean-up must not fail the measurement
         print(f"bench: could not delete the topics {prefix}*: {exc}", file=sys.stderr)

@@ -80,6 +80,23 @@ def wait_for_broker(
     raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s ({last})")
 
 
+def delete_topics(
+    bootstrap: str, prefix: str, extra: Mapping[str, Any] | None = None, timeout_s: float = 60.0
+) -> list[str]:
+    """Delete every topic whose name starts with ``prefix`` (a test's or a bench run's own
+    topics: a broker that keeps every run's partitions slows down and takes minutes to start
+    with thousands). Returns the names deleted; raises ``KafkaException`` when the broker
+    refuses or does not answer."""
+    if not prefix:
+        raise ValueError("refusing to delete topics without a prefix")
+    admin = AdminClient(client_config(bootstrap, extra))
+    names = sorted(t for t in admin.list_topics(timeout=timeout_s).topics if t.startswith(prefix))
+    if names:
+        for fut in admin.delete_topics(names, operation_timeout=timeout_s).values():
+            fut.result(timeout=timeout_s)
+    return names
+
+
 @dataclass(frozen=True)
 class TopicReport:
     created: list[str]

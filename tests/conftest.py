@@ -17,6 +17,7 @@ import os
 import urllib.parse
 import urllib.request
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from psycopg import sql
 
 from agents.settings import Settings, load_settings
 from agents.store import PostgresJobStore
-from streams.kafka import apply_topics, wait_for_broker
+from streams.kafka import apply_topics, delete_topics, wait_for_broker
 from streams.publisher import JobPublisher
 from streams.topics import TopicRegistry, load_topics
 
@@ -105,10 +106,17 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def registry(kafka_bootstrap: str, prefix: str) -> TopicRegistry:
+def registry(kafka_bootstrap: str, prefix: str) -> Iterator[TopicRegistry]:
+    """The test's topics, deleted after it with every other topic of its prefix (pool topics,
+    faust's ``<app id>-…`` topics): a broker that keeps every test's partitions slows down
+    over a day of runs and takes minutes to start."""
     reg = load_topics(prefix=prefix)
     apply_topics(reg, kafka_bootstrap)
-    return reg
+    yield reg
+    try:
+        delete_topics(kafka_bootstrap, prefix.rstrip("."))
+    except Exception as exc:  # clean-up only: never the test's verdict
+        warnings.warn(f"topics {prefix}* not deleted: {exc}", stacklevel=1)
 
 
 KINDS = {
