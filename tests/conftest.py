@@ -1,7 +1,8 @@
 """Test harness: real Kafka and PostgreSQL, isolated per test.
 
 - Kafka: ``JOBSTREAM_KAFKA_BOOTSTRAP_TEST`` (``make test`` starts a KRaft broker on
-  127.0.0.1:19092 with scripts/kafka.sh). Each test gets its own topic prefix and group ids.
+  127.0.0.1:19092 with scripts/kafka.sh). Each test gets its own topic prefix and group ids;
+  its topics are deleted after it.
 - PostgreSQL: ``JOBSTREAM_TEST_PG`` (``make test`` starts one on 127.0.0.1:15432). Each test
   gets its own database, cloned from a migrated template.
 - InfluxDB 1.6 (the Telegraf stand-in): ``JOBSTREAM_TEST_INFLUX`` (``make test`` starts one
