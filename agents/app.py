@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import time
@@ -40,6 +41,7 @@ from agents.context import Context, RawMessage, retrying
 from agents.control import handle_control
 from agents.deadletter import dead_letter
 from agents.dependencies import handle_dependent
+from agents.heap import freeze_startup_heap
 from agents.intake import forward_ready, handle_submissions
 from agents.kafkaauth import faust_credentials
 from agents.monitor import Monitor
@@ -174,6 +176,16 @@ def build_app(ctx: Context) -> faust.App:
     async def liveness_monitor() -> None:
         await monitor.run()
 
+    @app.task  # type: ignore[untyped-decorator]
+    async def settle_heap() -> None:
+        # once the agents own partitions, the clients' and agents' long-lived state exists
+        for _ in range(120):
+            if assigned():
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2.0)
+        freeze_startup_heap("partitions assigned")
+
     @app.timer(s.reconcile_interval_s, name="reconcile")  # type: ignore[untyped-decorator]
     async def reconcile() -> None:
         try:
@@ -231,5 +243,6 @@ class _Worker(faust.Worker):
 def run_scheduler(ctx: Context) -> None:
     """Run the agents until SIGTERM/SIGINT (faust's worker handles the signals)."""
     app = build_app(ctx)
+    freeze_startup_heap("the app built")
     worker = _Worker(app, loglevel=ctx.settings.log_level, quiet=True)
     worker.execute_from_commandline()

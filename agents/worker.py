@@ -54,6 +54,7 @@ from agents.context import Context, RawMessage
 from agents.core.offsets import OffsetTracker, next_to_start
 from agents.core.pacing import Pacer
 from agents.deadletter import dead_letter
+from agents.heap import freeze_startup_heap
 from agents.outbox import Outbox
 from agents.pools import ensure_pool_topics, pools_served, worker_labels
 from agents.pypool import PyPool
@@ -795,8 +796,17 @@ async def run_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop, abort)
+    freeze_startup_heap("the worker built")
+
+    async def settle_heap() -> None:
+        await worker.assigned.wait()
+        await asyncio.sleep(1.0)  # the clients' state after the first assignment
+        freeze_startup_heap("partitions assigned")
+
+    settling = asyncio.create_task(settle_heap())
     try:
         await worker.run()
     finally:
+        settling.cancel()
         await ctx.close()
     return 0
