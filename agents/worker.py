@@ -248,7 +248,11 @@ class Worker:
                 loop.call_soon_threadsafe(self.assigned.set)
 
         await self._call(
-            self.consumer.subscribe, self.topics(), on_assign=on_assign, on_revoke=self._on_revoke
+            self.consumer.subscribe,
+            self.topics(),
+            on_assign=on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         await self._assign_control()
         beat = asyncio.create_task(self._heartbeats())
@@ -310,13 +314,29 @@ class Worker:
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
-        lost = {(tp.topic, tp.partition) for tp in partitions}
-        # commit what started here before the partitions move (runs on the consumer thread)
+        # commit what started here before the partitions move (the coordinator is there:
+        # a revoke is a rebalance it runs; one round trip on whichever thread consumed)
         self._commit_sync(consumer)
-        for tp in lost:
+        self._drop_partitions(partitions)
+
+    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        """The group went on without this member (its session timed out, e.g. the broker
+        was away): the partitions may be owned elsewhere already, so nothing is committed.
+        A synchronous commit here waited for a coordinator that was not there, a minute a
+        time, and blocked the event loop when the loop thread had consumed (measured: a
+        worker stalled for good after a broker restart). What started here and was not
+        committed is redelivered to the next owner and fenced by attempt."""
+        log.warning(
+            "lost %s (session timed out)", [f"{tp.topic}[{tp.partition}]" for tp in partitions]
+        )
+        self._drop_partitions(partitions)
+
+    def _drop_partitions(self, partitions: list[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        for tp in gone:
             self.tracker.forget(tp)
-        # buffered, unstarted dispatches of a revoked partition belong to its next owner
-        self.backlog = deque(m for m in self.backlog if (m.topic, m.partition) not in lost)
+        # buffered, unstarted dispatches of a partition that moved belong to its next owner
+        self.backlog = deque(m for m in self.backlog if (m.topic, m.partition) not in gone)
 
     def _start_backlog(self) -> None:
         """Start buffered dispatches while slots are free, earliest due first across
