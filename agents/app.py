@@ -25,7 +25,6 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import tempfile
 import time
@@ -41,7 +40,7 @@ from agents.context import Context, RawMessage, retrying
 from agents.control import handle_control
 from agents.deadletter import dead_letter
 from agents.dependencies import handle_dependent
-from agents.heap import freeze_startup_heap
+from agents.heap import freeze_once_assigned, freeze_startup_heap
 from agents.intake import forward_ready, handle_submissions
 from agents.kafkaauth import faust_credentials
 from agents.monitor import Monitor
@@ -178,13 +177,7 @@ def build_app(ctx: Context) -> faust.App:
 
     @app.task  # type: ignore[untyped-decorator]
     async def settle_heap() -> None:
-        # once the agents own partitions, the clients' and agents' long-lived state exists
-        for _ in range(120):
-            if assigned():
-                break
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(2.0)
-        freeze_startup_heap("partitions assigned")
+        await freeze_once_assigned(assigned)
 
     @app.timer(s.reconcile_interval_s, name="reconcile")  # type: ignore[untyped-decorator]
     async def reconcile() -> None:

@@ -16,12 +16,15 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("jobstream.heap")
 MAX_FREEZES = 3
+POLL_S = 0.5
 _freezes = 0
 
 
@@ -42,3 +45,18 @@ def freeze_startup_heap(stage: str) -> None:
         gc.get_freeze_count(),
         (time.perf_counter() - began) * 1000,
     )
+
+
+async def freeze_once_assigned(
+    assigned: Callable[[], object], settle_s: float = 2.0, limit_s: float = 60.0
+) -> None:
+    """Freeze again once ``assigned()`` is true (the process owns partitions: its clients'
+    and agents' long-lived state exists) and ``settle_s`` more have passed; after
+    ``limit_s`` without an assignment, freeze anyway. Run as a task in a long-running
+    process."""
+    for _ in range(int(limit_s / POLL_S)):  # the scheduler's assignment can only be polled
+        if assigned():
+            break
+        await asyncio.sleep(POLL_S)
+    await asyncio.sleep(settle_s)
+    freeze_startup_heap("partitions assigned")

@@ -54,7 +54,7 @@ from agents.context import Context, RawMessage
 from agents.core.offsets import OffsetTracker, next_to_start
 from agents.core.pacing import Pacer
 from agents.deadletter import dead_letter
-from agents.heap import freeze_startup_heap
+from agents.heap import freeze_once_assigned, freeze_startup_heap
 from agents.outbox import Outbox
 from agents.pools import ensure_pool_topics, pools_served, worker_labels
 from agents.pypool import PyPool
@@ -321,11 +321,10 @@ class Worker:
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         """The group went on without this member (its session timed out, e.g. the broker
-        was away): the partitions may be owned elsewhere already, so nothing is committed.
-        A synchronous commit here waited for a coordinator that was not there, a minute a
-        time, and blocked the event loop when the loop thread had consumed (measured: a
-        worker stalled for good after a broker restart). What started here and was not
-        committed is redelivered to the next owner and fenced by attempt."""
+        was away): the partitions may be owned elsewhere already, so nothing is committed
+        (a synchronous commit would wait for a coordinator that is not there, and block the
+        event loop when the loop thread consumed). What started here and was not committed
+        is redelivered to the next owner and fenced by attempt."""
         log.warning(
             "lost %s (session timed out)", [f"{tp.topic}[{tp.partition}]" for tp in partitions]
         )
@@ -817,13 +816,7 @@ async def run_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop, abort)
     freeze_startup_heap("the worker built")
-
-    async def settle_heap() -> None:
-        await worker.assigned.wait()
-        await asyncio.sleep(1.0)  # the clients' state after the first assignment
-        freeze_startup_heap("partitions assigned")
-
-    settling = asyncio.create_task(settle_heap())
+    settling = asyncio.create_task(freeze_once_assigned(worker.assigned.is_set))
     try:
         await worker.run()
     finally:

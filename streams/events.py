@@ -12,7 +12,6 @@ Invariants:
 
 from __future__ import annotations
 
-import inspect
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -354,24 +353,8 @@ def event_type(raw: bytes | None) -> str | None:
 
 def submission_schema() -> dict[str, Any]:
     """The JSON Schema of a ``job.submitted`` event, for publishers in other languages."""
-    schema: dict[str, Any] = _clean_descriptions(msgspec.json.schema(JobSubmitted))
+    schema: dict[str, Any] = msgspec.json.schema(JobSubmitted)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://jobstream.dev/schema/job-submitted.v1.json"
     schema["title"] = "jobstream job.submitted event, version 1"
     return schema
-
-
-def _clean_descriptions(node: Any) -> Any:
-    """Descriptions (class docstrings) with their indentation removed, as
-    ``inspect.cleandoc`` does: msgspec 0.23 cleans them, earlier versions did not, and the
-    published schema must not depend on which one generated it."""
-    if isinstance(node, dict):
-        return {
-            k: inspect.cleandoc(v)
-            if k == "description" and isinstance(v, str)
-            else _clean_descriptions(v)
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_clean_descriptions(v) for v in node]
-    return node

@@ -3,6 +3,7 @@ still collected, and the number of freezes is bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import Iterator
@@ -56,3 +57,13 @@ def test_freezes_stop_after_the_start_up_stages(fresh_heap: None) -> None:
     del late
     gc.collect()
     assert probe() is None
+
+
+async def test_the_second_freeze_waits_for_the_assignment(fresh_heap: None) -> None:
+    owned = [False]
+    task = asyncio.create_task(heap.freeze_once_assigned(lambda: owned[0], settle_s=0.0))
+    await asyncio.sleep(2 * heap.POLL_S)
+    assert heap._freezes == 0  # no partitions yet: nothing frozen
+    owned[0] = True
+    await asyncio.wait_for(task, 5)
+    assert heap._freezes == 1
