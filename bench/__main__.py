@@ -4,6 +4,8 @@ Side by side with Celery and procrastinate (``bench/compare.py``; ``--small`` fo
 form, ``--systems`` to pick): ``throughput``, ``latency``, ``dag``, ``fairness``,
 ``ratelimit``, ``scale``. jobstream alone: ``unlock`` (dependency-unlock latency with the
 time per stage), ``admission``, ``workers``, ``metrics``, ``queries``, ``chaos``, ``soak``.
+``floor``: the least the unlock path and a worker's job cost with the design's building
+blocks and none of jobstream's logic, side by side with jobstream (``bench/floor.py``).
 
 ``unlock``: FOSSology-shaped workflows on real services.
 
@@ -142,7 +144,17 @@ def dag(
 
 
 COMPARED = ["throughput", "latency", "dag", "fairness", "ratelimit", "scale"]
-ALONE = ["unlock", "admission", "workers", "metrics", "queries", "chaos", "soak", "restarts"]
+ALONE = [
+    "unlock",
+    "admission",
+    "workers",
+    "metrics",
+    "queries",
+    "chaos",
+    "soak",
+    "restarts",
+    "floor",
+]
 
 # full size (the benchmark issue) and the CI-sized form (--small)
 SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -209,7 +221,7 @@ def main() -> None:
     parser.add_argument("--jobs-per-run", type=int, default=2000, help="workers: no-op jobs")
     parser.add_argument("--lost-after", type=float, default=6.0, help="workers: silence (s)")
     parser.add_argument("--trials", type=int, default=3, help="workers: recovery trials")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (metrics: 3)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (metrics, floor: 3)")
     parser.add_argument("--minutes", type=float, default=5.0, help="soak: duration")
     parser.add_argument("--rate", type=float, default=120.0, help="soak: jobs submitted per s")
     parser.add_argument("--faults", type=int, default=100, help="chaos: faults to inject")
@@ -250,6 +262,10 @@ def main() -> None:
         from bench.metrics import run as run_metrics
 
         result = run_metrics(args.jobs_per_run, args.rounds or 3, show=not args.json)
+    elif args.scenario == "floor":
+        from bench.floor import run as run_floor
+
+        result = run_floor(args.rounds or 3, show=not args.json)
     elif args.scenario == "workers":
         from bench.workers import run as run_workers
 
