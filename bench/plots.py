@@ -15,6 +15,7 @@ COLOURS = {
     "jobstream-fifo": "#9ecae1",
     "celery": "#2ca02c",
     "procrastinate": "#ff7f0e",
+    "floor": "#7f7f7f",
 }
 
 
@@ -140,6 +141,30 @@ def plot(result: dict[str, Any], path: Path) -> None:
             "decisions/s",
             f"admission core, {js.get('queued', 0):,} queued",
         )
+    elif scenario == "floor":
+        w, u = result["worker"], result["unlock"]
+        _bars(
+            left,
+            {"jobstream": w["jobstream_us_per_job_median"], "floor": w["floor_us_per_job_median"]},
+            "worker CPU µs per pooled no-op (median of rounds)",
+            "worker: jobstream vs the bare loop",
+        )
+        left.axhline(w["target_us_per_job"], color="red", linestyle="--", label="target")
+        left.legend()
+        names = ["jobstream p50", "floor p50", "jobstream p99", "floor p99"]
+        values = [
+            u["jobstream_p50_ms_median"],
+            u["floor_p50_ms_median"],
+            u["jobstream_p99_ms_median"],
+            u["floor_p99_ms_median"],
+        ]
+        bars = right.bar(names, values, color=[COLOURS["jobstream"], COLOURS["floor"]] * 2)
+        right.bar_label(bars, fmt="%g")
+        right.axhline(u["target_ms"]["p50"], color="red", linestyle="--", label="target p50")
+        right.axhline(u["target_ms"]["p99"], color="red", linestyle=":", label="target p99")
+        right.set_ylabel("ms (median of rounds)")
+        right.set_title("dependency unlock: jobstream vs the bare chain")
+        right.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
