@@ -151,19 +151,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
         )
         left.axhline(w["target_us_per_job"], color="red", linestyle="--", label="target")
         left.legend()
+        # p99 once warm: jobstream after its first 5 workflows, the floor after its warm-up
         names = ["jobstream p50", "floor p50", "jobstream p99", "floor p99"]
         values = [
             u["jobstream_p50_ms_median"],
             u["floor_p50_ms_median"],
-            u["jobstream_p99_ms_median"],
-            u["floor_p99_ms_median"],
+            u["jobstream_p99_warm_ms_median"],
+            u["floor_p99_warm_ms_median"],
         ]
         bars = right.bar(names, values, color=[COLOURS["jobstream"], COLOURS["floor"]] * 2)
         right.bar_label(bars, fmt="%g")
         right.axhline(u["target_ms"]["p50"], color="red", linestyle="--", label="target p50")
         right.axhline(u["target_ms"]["p99"], color="red", linestyle=":", label="target p99")
         right.set_ylabel("ms (median of rounds)")
-        right.set_title("dependency unlock: jobstream vs the bare chain")
+        right.set_title("unlock, p99 once warm: jobstream vs the bare chain")
         right.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
