@@ -40,9 +40,9 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from rich.progress import Progress
 
-from bench.harness import ROOT, Run, cpu_s, stop_process
+from bench.harness import ROOT, Run, stop_process
 from streams.events import Dispatch, JobStarted, JobSucceeded, decode, encode
-from streams.kafka import ConfirmedProducer, Record, client_config, producer_config
+from streams.kafka import client_config, producer_config
 
 FLOOD_JOBS = 12_000
 SLOTS = 8
@@ -196,16 +196,11 @@ def starter_role(bootstrap: str, dispatch_topic: str, group: str, out: str) -> N
 # -- the two comparisons -------------------------------------------------------------------
 
 
-def _idle_cpu_per_s(pid: int, seconds: float = 2.0) -> float:
-    c0, t0 = cpu_s(pid), time.monotonic()
-    time.sleep(seconds)
-    return (cpu_s(pid) - c0) / (time.monotonic() - t0)
-
-
 def worker_floor(show: bool, jobs: int = FLOOD_JOBS) -> dict[str, Any]:
-    """The bare worker loop under the worker-alone flood: CPU per job, idle subtracted.
-    ``logs_written``: the jobs' log files (each job ran in a pool interpreter)."""
-    from bench.workers import result
+    """The bare worker loop under the worker-alone run's flood (``bench.workers.flood``): CPU
+    per job, idle subtracted. ``logs_written``: the jobs' log files (each job ran in a pool
+    interpreter)."""
+    from bench.workers import flood, result
 
     with Run() as run:
         assert run.registry is not None
@@ -214,55 +209,14 @@ def worker_floor(show: bool, jobs: int = FLOOD_JOBS) -> dict[str, Any]:
         logs.mkdir(parents=True)
         group = f"{run.name}.floor"
         role = _role(run, "worker", run.bootstrap, dispatch, events, group, str(logs))
-        counter = Consumer(
-            {
-                "bootstrap.servers": run.bootstrap,
-                "group.id": f"{run.name}.count",
-                "auto.offset.reset": "earliest",
-            }
+        done, elapsed, cpu, idle = flood(
+            run, [role], jobs, "pynoop", "floor: bare worker loop", show
         )
-        counter.subscribe([events])
-        time.sleep(8)  # the loop joins its group and starts its interpreters; not measured
-        idle = _idle_cpu_per_s(role.pid)
-        cpu0 = cpu_s(role.pid)
-        now = time.time()
-        records = [
-            Record(dispatch, encode(_noop_dispatch(f"w{i}", now)), f"w{i}".encode())
-            for i in range(jobs)
-        ]
-        producer = ConfirmedProducer(producer_config(run.bootstrap, {}, linger_ms=5))
-        start = time.monotonic()
-        producer.produce_confirmed(records, 60)
-        producer.close()
-        done = 0
-        with Progress(disable=not show) as progress:
-            task = progress.add_task("floor: bare worker loop", total=jobs)
-            while done < jobs and time.monotonic() - start < 300:
-                for m in counter.consume(1000, 0.2):
-                    if not m.error() and b'"job.succeeded"' in (m.value() or b""):
-                        done += 1
-                progress.update(task, completed=done)
-        elapsed = time.monotonic() - start
-        counter.close()
-        cpu = cpu_s(role.pid) - cpu0
         written = sum(1 for _ in logs.iterdir())
     out = result("pynoop", 1, SLOTS, jobs, done, elapsed, cpu, idle)
     out["kind"] = "floor: bare worker loop"
     out["logs_written"] = written
     return out
-
-
-def _noop_dispatch(job: str, now: float) -> Dispatch:
-    return Dispatch(
-        job_id=job,
-        attempt=1,
-        tenant="acme",
-        kind="pynoop",
-        args={},
-        timeout_s=None,
-        submitted_at=now,
-        dispatched_at=now,
-    )
 
 
 def _role(run: Run, role: str, *args: str) -> subprocess.Popen[bytes]:

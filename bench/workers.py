@@ -107,56 +107,68 @@ def worker_only(workers: int, jobs: int, slots: int, kind: str, show: bool) -> d
     """The workers alone: dispatches produced straight to ``jobs.dispatch`` (no scheduler),
     outcomes counted on ``jobs.events``. Isolates the worker's throughput and CPU per job."""
     with Run(heartbeat_interval_s="1", kinds=json.dumps(KINDS)) as run:
-        assert run.registry is not None
         procs = [run.start("worker", "--slots", str(slots)) for _ in range(workers)]
-        events = Consumer(
-            {
-                "bootstrap.servers": run.bootstrap,
-                "group.id": f"{run.name}.count",
-                "auto.offset.reset": "earliest",
-            }
+        done, elapsed, cpu, idle_per_s = flood(
+            run, procs, jobs, kind, f"{kind}, {workers} worker(s), no scheduler", show
         )
-        events.subscribe([run.registry.name("jobs.events")])
-        time.sleep(8)  # workers join their group; not measured
-        idle_per_s = idle_cpu_per_s(procs)
-        cpu0 = sum(cpu_s(p.pid) for p in procs)
-        now = time.time()
-        topic = run.registry.name("jobs.dispatch")
-        records = [
-            Record(
-                topic,
-                encode(
-                    Dispatch(
-                        job_id=f"w{i}",
-                        attempt=1,
-                        tenant="acme",
-                        kind=kind,
-                        args={},
-                        timeout_s=None,
-                        submitted_at=now,
-                        dispatched_at=now,
-                    )
-                ),
-                f"w{i}".encode(),
-            )
-            for i in range(jobs)
-        ]
-        producer = ConfirmedProducer(producer_config(run.bootstrap, {}, linger_ms=5))
-        start = time.monotonic()
-        producer.produce_confirmed(records, 60)
-        producer.close()
-        done = 0
-        with Progress(disable=not show) as progress:
-            task = progress.add_task(f"{kind}, {workers} worker(s), no scheduler", total=jobs)
-            while done < jobs and time.monotonic() - start < 300:
-                for m in events.consume(1000, 0.2):
-                    if not m.error() and b'"job.succeeded"' in (m.value() or b""):
-                        done += 1
-                progress.update(task, completed=done)
-        elapsed = time.monotonic() - start
-        events.close()
-        cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
     return result(kind, workers, slots, jobs, done, elapsed, cpu, idle_per_s)
+
+
+def flood(
+    run: Run, procs: list[subprocess.Popen[bytes]], jobs: int, kind: str, what: str, show: bool
+) -> tuple[int, float, float, float]:
+    """``jobs`` dispatches of ``kind`` produced at once straight to ``jobs.dispatch`` for
+    ``procs`` (started, joining their group), outcomes counted on ``jobs.events``: (jobs
+    succeeded, seconds, CPU seconds of ``procs`` meanwhile, their idle CPU per second)."""
+    assert run.registry is not None
+    events = Consumer(
+        {
+            "bootstrap.servers": run.bootstrap,
+            "group.id": f"{run.name}.count",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    events.subscribe([run.registry.name("jobs.events")])
+    time.sleep(8)  # the consumers join their groups; not measured
+    idle_per_s = idle_cpu_per_s(procs)
+    cpu0 = sum(cpu_s(p.pid) for p in procs)
+    now = time.time()
+    topic = run.registry.name("jobs.dispatch")
+    records = [
+        Record(
+            topic,
+            encode(
+                Dispatch(
+                    job_id=f"w{i}",
+                    attempt=1,
+                    tenant="acme",
+                    kind=kind,
+                    args={},
+                    timeout_s=None,
+                    submitted_at=now,
+                    dispatched_at=now,
+                )
+            ),
+            f"w{i}".encode(),
+        )
+        for i in range(jobs)
+    ]
+    producer = ConfirmedProducer(producer_config(run.bootstrap, {}, linger_ms=5))
+    start = time.monotonic()
+    producer.produce_confirmed(records, 60)
+    producer.close()
+    done = 0
+    with Progress(disable=not show) as progress:
+        task = progress.add_task(what, total=jobs)
+        while done < jobs and time.monotonic() - start < 300:
+            for m in events.consume(1000, 0.2):
+                if not m.error() and b'"job.succeeded"' in (m.value() or b""):
+                    done += 1
+            progress.update(task, completed=done)
+    elapsed = time.monotonic() - start
+    events.close()
+    cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
+    return done, elapsed, cpu, idle_per_s
 
 
 def recovery(lost_after_s: float, trials: int, show: bool) -> dict[str, Any]:
