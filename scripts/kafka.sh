@@ -10,6 +10,8 @@
 #   KAFKA_PORT        client port on 127.0.0.1 (default 19092); the controller uses KAFKA_PORT+1
 #   JOBSTREAM_CACHE   where jars are kept between runs (default ~/.cache/jobstream)
 #   JOBSTREAM_RUN     where data, logs and the pid file live (default .services/ in the repo)
+#   KAFKA_GC_OPTS     extra JVM options for the broker (e.g. -XX:MaxGCPauseMillis=20); its
+#                     collector's pauses are logged to gc.log beside server.log
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -86,7 +88,8 @@ logger.kafka.name = kafka
 logger.kafka.level = INFO
 PROPS
   local cp="$LIBS/*"
-  local jvm=(-Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
+  local jvm=(-Xms256m -Xmx768m -XX:+UseG1GC ${KAFKA_GC_OPTS:-} -Djava.awt.headless=true
+             "-Xlog:gc:file=$RUN/gc.log:uptime:filecount=2,filesize=10m"
              -Dlog4j2.configurationFile="$RUN/log4j2.properties" -Dlog4j.configurationFile="$RUN/log4j2.properties")
   if [[ ! -f "$RUN/data/meta.properties" ]]; then
     local cluster
