@@ -81,28 +81,38 @@ def is_start(event: Any) -> bool:
     return event_type(event.message.value) == "job.started"
 
 
-def build_app(ctx: Context) -> faust.App:
-    s = ctx.settings
-    brokers = [f"kafka://{h.strip()}" for h in s.require_kafka().split(",") if h.strip()]
+def faust_app(app_id: str, bootstrap: str, **conf: Any) -> faust.App:
+    """A faust app as the scheduler runs it: raw bytes in and out, topics made by
+    ``jobstream topics apply`` (never declared), no web server, in-memory tables; ``conf``
+    adds to or overrides that (the scheduler's commit cadence and credentials)."""
+    brokers = [f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()]
     # faust makes a data directory even for in-memory tables (mkdir without parents): keep
     # it out of the working directory
     datadir = Path(tempfile.gettempdir()) / "jobstream-faust"
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    settings: dict[str, Any] = {
+        "broker": brokers,
+        "value_serializer": "raw",
+        "key_serializer": "raw",
+        "web_enabled": False,
+        "topic_allow_declare": False,
+        "topic_disable_leader": True,
+        "consumer_auto_offset_reset": "earliest",
+        "store": "memory://",
+        "datadir": str(datadir / "{conf.name}-data"),
+    }
+    return faust.App(app_id, **{**settings, **conf})
+
+
+def build_app(ctx: Context) -> faust.App:
+    s = ctx.settings
+    app = faust_app(
         s.app_id,
-        broker=brokers,
-        value_serializer="raw",
-        key_serializer="raw",
-        web_enabled=False,
-        topic_allow_declare=False,
-        topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
+        s.require_kafka(),
         broker_commit_every=s.batch_size,
         broker_commit_interval=0.5,
         producer_linger=0.001,
         broker_credentials=faust_credentials(s.kafka_config),
-        store="memory://",
-        datadir=str(datadir / "{conf.name}-data"),
     )
 
     def topic(*logical: str) -> Any:

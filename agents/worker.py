@@ -77,6 +77,15 @@ BUFFER_ROUNDS = 4  # buffered dispatches beyond which a full worker pauses its p
 CONTROL_LOOKBACK_S = 60.0  # a cancel sent just before this worker started still counts
 CANCELLED_MEMORY = 100_000
 HeartbeatState = Literal["running", "draining", "stopped"]
+# how a worker consumes ``jobs.dispatch`` (also the floor's bare loop, bench/floor.py):
+# offsets committed by the worker once a start is confirmed, partitions moved one at a time,
+# and a fetch answered within 10 ms when nothing is there
+DISPATCH_CONSUMER: dict[str, Any] = {
+    "enable.auto.commit": False,
+    "auto.offset.reset": "earliest",
+    "partition.assignment.strategy": "cooperative-sticky",
+    "fetch.wait.max.ms": 10,
+}
 
 
 class _Buffered:
@@ -173,15 +182,12 @@ class Worker:
         session_ms = int(min(1_800_000, max(6_000, s.worker_lost_after_s * 1000)))  # broker bounds
         cfg.update(
             {
+                **DISPATCH_CONSUMER,
                 "group.id": f"{s.app_id}.workers",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
                 "client.id": self.id,
-                "partition.assignment.strategy": "cooperative-sticky",
                 # also the rebalance timeout: how long a join can wait for a member that
                 # does not answer; the consumer thread polls every 50 ms even when full
                 "max.poll.interval.ms": 30_000,
-                "fetch.wait.max.ms": 10,
                 # a dead worker's partitions move when the monitor declares it lost, not 45 s
                 # later: its jobs' retries (same key, same partition) must reach a live worker
                 "session.timeout.ms": session_ms,

@@ -31,16 +31,16 @@ import os
 import select
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
 from typing import Any
 
+import psycopg
 from confluent_kafka import Consumer, Producer
 from rich.progress import Progress
 
-from bench.harness import ROOT, Run, stop_process
+from bench.harness import ROOT, Run
 from streams.events import Dispatch, JobStarted, JobSucceeded, decode, encode
 from streams.kafka import client_config, producer_config
 
@@ -50,19 +50,11 @@ UNLOCKS = 320
 UNLOCK_RATE = 32.0  # per second: bench unlock's light load (320 unlocks in ~10 s)
 
 
-def _consumer(bootstrap: str, group: str, **extra: Any) -> Consumer:
-    """The worker's consumer settings (agents.worker) that bear on cost and latency."""
-    return Consumer(
-        {
-            **client_config(bootstrap, {}),
-            "group.id": group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
-            "fetch.wait.max.ms": 10,
-            **extra,
-        }
-    )
+def _consumer(bootstrap: str, group: str) -> Consumer:
+    """A consumer of dispatches as the worker makes it (``DISPATCH_CONSUMER``)."""
+    from agents.worker import DISPATCH_CONSUMER
+
+    return Consumer({**client_config(bootstrap, {}), **DISPATCH_CONSUMER, "group.id": group})
 
 
 # -- roles (subprocesses) ------------------------------------------------------------------
@@ -146,32 +138,20 @@ def scheduler_role(
 ) -> None:
     """A faust agent: completion → one durable transaction → dispatch (runs until killed)."""
     import faust
-    import psycopg
 
-    app = faust.App(
-        app_id,
-        broker=[f"kafka://{bootstrap}"],
-        value_serializer="raw",
-        key_serializer="raw",
-        web_enabled=False,
-        topic_allow_declare=False,
-        topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
-        store="memory://",
-        datadir=tempfile.mkdtemp(prefix="jobstream-floor-faust-"),
-    )
+    from agents.app import faust_app
+
+    app = faust_app(app_id, bootstrap)
     completions = app.topic(events_topic, value_type=bytes, key_type=bytes)
     producer = Producer(producer_config(bootstrap, {}, linger_ms=0))
-    conn: list[Any] = []
 
     @app.agent(completions)
     async def unlock(stream: Any) -> None:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         async for value in stream:
-            if not conn:
-                conn.append(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
             body = json.loads(value)
             # the least durable record: one statement, committed (fsync) in its round trip
-            await conn[0].execute(
+            await conn.execute(
                 "UPDATE floor_jobs SET state = 'succeeded', at = now() WHERE id = %s",
                 (body["id"],),
             )
@@ -208,7 +188,7 @@ def worker_floor(show: bool, jobs: int = FLOOD_JOBS) -> dict[str, Any]:
         logs = Path(f"/tmp/{run.name}/floor-job-logs")
         logs.mkdir(parents=True)
         group = f"{run.name}.floor"
-        role = _role(run, "worker", run.bootstrap, dispatch, events, group, str(logs))
+        role = run.spawn("bench.floor", "worker", run.bootstrap, dispatch, events, group, str(logs))
         done, elapsed, cpu, idle = flood(
             run, [role], jobs, "pynoop", "floor: bare worker loop", show
         )
@@ -219,21 +199,6 @@ def worker_floor(show: bool, jobs: int = FLOOD_JOBS) -> dict[str, Any]:
     return out
 
 
-def _role(run: Run, role: str, *args: str) -> subprocess.Popen[bytes]:
-    logs = Path(f"/tmp/{run.name}")
-    logs.mkdir(parents=True, exist_ok=True)
-    with (logs / f"floor-{role}.log").open("ab") as out:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "bench.floor", role, *args],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    run.procs.append(p)  # stopped with the run
-    return p
-
-
 def unlock_floor(unlocks: int, rate: float, show: bool) -> dict[str, Any]:
     """The bare unlock chain at ``rate`` unlocks per second: latency p50/p99."""
     from bench.__main__ import pct
@@ -242,7 +207,7 @@ def unlock_floor(unlocks: int, rate: float, show: bool) -> dict[str, Any]:
         assert run.registry is not None
         events, dispatch = run.registry.name("jobs.events"), run.registry.name("jobs.dispatch")
         ids = [f"f{i}" for i in range(unlocks)]
-        with __import__("psycopg").connect(run.dsn, autocommit=True) as conn:
+        with psycopg.connect(run.dsn, autocommit=True) as conn:
             conn.execute(
                 "CREATE TABLE floor_jobs (id text PRIMARY KEY, state text NOT NULL, at timestamptz)"
             )
@@ -253,8 +218,10 @@ def unlock_floor(unlocks: int, rate: float, show: bool) -> dict[str, Any]:
         out = Path(f"/tmp/{run.name}/floor-unlocks.txt")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.touch()
-        _role(run, "scheduler", run.bootstrap, events, dispatch, run.dsn, f"{run.name}-floor")
-        _role(run, "starter", run.bootstrap, dispatch, f"{run.name}.starter", str(out))
+        app_id = f"{run.name}-floor"
+        run.spawn("bench.floor", "scheduler", run.bootstrap, events, dispatch, run.dsn, app_id)
+        starters = f"{run.name}.starter"
+        run.spawn("bench.floor", "starter", run.bootstrap, dispatch, starters, str(out))
         producer = Producer(producer_config(run.bootstrap, {}, linger_ms=0))
         _warm(producer, events, run.registry["jobs.events"].partitions, out)
         before = len(out.read_text().splitlines())
@@ -277,8 +244,6 @@ def unlock_floor(unlocks: int, rate: float, show: bool) -> dict[str, Any]:
                 time.sleep(0.1)
         samples = [float(x) for x in out.read_text().splitlines()[before:]]
         (durable,) = run.query("SELECT count(*) FROM floor_jobs WHERE state = 'succeeded'")[0]
-        for p in run.procs:
-            stop_process(p, 10)
     return {
         "unlocks": unlocks,
         "rate_per_s": rate,

@@ -159,11 +159,18 @@ class Run:
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start ``jobstream ARGS`` (``env``: extra variables for this process); its output
         goes to ``/tmp/<run>/<n>-<command>.log``."""
+        return self.spawn("agents.cli", *args, env=env)
+
+    def spawn(
+        self, module: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``python -m MODULE ARGS`` in the run's environment, stopped with the run; its
+        output goes to ``/tmp/<run>/<n>-<first arg>.log``."""
         logs = Path(f"/tmp/{self.name}")
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"{len(self.procs)}-{args[0]}.log").open("ab") as out:
             p = subprocess.Popen(
-                [sys.executable, "-m", "agents.cli", *args],
+                [sys.executable, "-m", module, *args],
                 env={**self.env, **(env or {})},
                 cwd=ROOT,
                 stdout=out,
