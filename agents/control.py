@@ -1,5 +1,5 @@
 """Operator controls from ``jobs.control``: pause/resume, priority, run-time rate limits,
-cancel and retry of jobs.
+cancel and retry of jobs (applied in order and exactly once: ``agents.ctlstore``).
 
 Each command is applied durably in PostgreSQL (``pauses``, ``rate_limits``, ``jobs.priority``)
 and announced with ``NOTIFY`` in the same transaction, so every admission process (whichever
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 from agents import admstore
 from agents.context import Context, RawMessage, retrying
+from agents.ctlstore import JobCommand
 from agents.deadletter import Rejected, dead_letter
 from agents.intake import forward_ready
 from streams.errors import InvalidEvent
@@ -113,40 +115,65 @@ async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
 
 
 async def _job_commands(ctx: Context, cmds: Sequence[tuple[RawMessage, Control]]) -> list[Rejected]:
-    """Cancel: a ``job.cancelled`` event on ``jobs.events`` (keyed by the job's group, so the
-    dependency agent applies it in order with the job's other events and fails or runs its
-    dependents per trigger rule); workers read the command itself and stop the process.
-    Retry: the job and the dependents it failed get another go. Unknown jobs are rejected."""
+    """Cancels and retries, applied in PostgreSQL in their order on the topic and exactly
+    once (``agents.ctlstore``); dependents follow their trigger rule or wait again. Then each
+    cancel is announced (``job.cancelled`` on ``jobs.events``, keyed by the job's group) and,
+    when an attempt was in flight, aimed at that attempt on ``jobs.control`` (workers stop it;
+    a cancel without an attempt never reaches a process: replayed later, it could stop a
+    retried attempt). Unknown jobs are rejected."""
     store = await ctx.store()
     s = ctx.settings
     routes = await retrying("look up jobs", lambda: store.job_route([c.name for _, c in cmds]))
     bad: list[Rejected] = []
-    cancels: list[Record] = []
-    retries: list[Control] = []
+    todo: list[JobCommand] = []
     for msg, c in cmds:
         if c.name not in routes:
             bad.append((msg, f"{c.action}: no job {c.name!r}"))
-        elif c.action == "cancel":
-            group = routes[c.name][0]
-            event = JobCancelled(job_id=c.name, at=c.at or time.time(), reason=c.reason)
-            cancels.append(
-                Record(ctx.topic("jobs.events"), encode(event), (group or c.name).encode())
+            continue
+        action: Literal["cancel", "retry"] = "cancel" if c.action == "cancel" else "retry"
+        todo.append(
+            JobCommand(
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                action,
+                c.name,
+                attempt=c.attempt,
+                reason=c.reason,
+                by=c.by,
+                at=c.at,
             )
-        else:
-            retries.append(c)
-    if cancels:
-        await retrying("publish cancels", lambda: ctx.producer.aproduce(cancels))
-    if retries:
-        by = ", ".join(sorted({c.by for c in retries if c.by}))[:200]
-        _, ready = await retrying(
-            "retry jobs",
-            lambda: store.retry_jobs(
-                [c.name for c in retries],
-                now=time.time(),
-                grace_s=s.dependency_grace_s,
-                allow_cross_tenant=s.allow_cross_tenant_deps,
-                by=by,
-            ),
         )
-        await forward_ready(ctx, ready)
+    if not todo:
+        return bad
+    applied = await retrying(
+        "cancel and retry jobs",
+        lambda: store.apply_job_commands(
+            todo,
+            now=time.time(),
+            grace_s=s.dependency_grace_s,
+            allow_cross_tenant=s.allow_cross_tenant_deps,
+        ),
+    )
+    reasons = {c.job: c.reason for c in todo if c.action == "cancel"}
+    records: list[Record] = []
+    for x in applied.cancelled:
+        event = JobCancelled(
+            job_id=x.job, at=time.time(), reason=reasons.get(x.job, ""), attempt=x.attempt
+        )
+        records.append(Record(ctx.topic("jobs.events"), encode(event), (x.group or x.job).encode()))
+        if x.attempt is not None:
+            stop = Control(
+                action="cancel",
+                scope="job",
+                name=x.job,
+                attempt=x.attempt,
+                reason=reasons.get(x.job, ""),
+                by="scheduler",
+                at=time.time(),
+            )
+            records.append(Record(ctx.topic("jobs.control"), encode(stop), x.job.encode()))
+    if records:
+        await retrying("announce cancels", lambda: ctx.producer.aproduce(records))
+    await forward_ready(ctx, applied.ready)
     return bad

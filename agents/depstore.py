@@ -4,7 +4,8 @@ transaction.
 
 Invariants:
 - Inserting is idempotent on job id; edges are stored once (``job_deps``).
-- Lifecycle events are guarded by state and attempt (``agents.core.lifecycle``).
+- Lifecycle events are guarded by state and attempt (``agents.core.lifecycle``);
+  ``job.cancelled`` is an announcement (the control stage applied it: ``agents.ctlstore``).
 - Dependency rows are read ``FOR SHARE`` when a dependent is inserted and a finishing job's
   row is updated before its dependents are read, so a dependent inserted concurrently with its
   dependency's completion is seen by one side or the other (no lost wake-up); the reconciler
@@ -23,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from agents.admstore import release_holds
 from agents.core.deps import Edge, Fail, Needs, Node, Release, Wait
-from agents.core.lifecycle import CANCEL_FROM, FINISHED_FROM, STARTED_FROM
+from agents.core.lifecycle import FINISHED_FROM, STARTED_FROM
 from agents.rows import READY_COLS, RETURN_STATE, Accepted, ReadyJob, q, states
 from streams.events import JobCancelled, JobEvent, JobFailed, JobStarted, JobSucceeded
 
@@ -125,7 +126,7 @@ class _Queued:
 
     idx: list[int]
     cur: Cursor
-    single: JobFailed | JobCancelled | None = None
+    single: JobFailed | None = None
 
 
 @dataclass(slots=True)
@@ -152,6 +153,8 @@ async def queue_lifecycle(
     seen: dict[str, int] = {}
     generations: dict[int, list[int]] = {}
     for i, ev in enumerate(events):
+        if isinstance(ev, JobCancelled):
+            continue  # an announcement: the control stage applied the cancel
         g = seen.get(ev.job_id, 0)
         seen[ev.job_id] = g + 1
         generations.setdefault(g, []).append(i)
@@ -159,8 +162,8 @@ async def queue_lifecycle(
         bulk: dict[type, list[int]] = {JobStarted: [], JobSucceeded: []}
         for i in generations[g]:
             ev = events[i]
-            if isinstance(ev, (JobFailed, JobCancelled)):
-                queued.append(_Queued([i], await _apply_one(conn, ev, backoff or {}), ev))
+            if isinstance(ev, JobFailed):
+                queued.append(_Queued([i], await _apply_failed(conn, ev, backoff or {}), ev))
             else:
                 bulk[type(ev)].append(i)
         for kind, idx in bulk.items():
@@ -263,62 +266,48 @@ async def _apply_bulk(conn: Conn, kind: type, events: Sequence[JobEvent]) -> Cur
     return cur
 
 
-async def _apply_one(
-    conn: Conn, ev: JobFailed | JobCancelled, backoff: Mapping[str, tuple[float, float]]
+async def _apply_failed(
+    conn: Conn, ev: JobFailed, backoff: Mapping[str, tuple[float, float]]
 ) -> Cursor:
-    """A failure or a cancellation (starts and successes go in bulk: :func:`_apply_bulk`)."""
-    if isinstance(ev, JobFailed):
-        cur = await conn.execute(
-            q(
-                """UPDATE jobs SET
-                state = CASE WHEN %(r)s AND attempt < max_attempts + %(x)s
-                             THEN 'ready' ELSE 'failed' END,
-                gate = CASE WHEN %(r)s AND attempt < max_attempts + %(x)s THEN 'retry' END,
-                run_after = CASE WHEN %(r)s AND %(b)s AND attempt < max_attempts + %(x)s
-                    THEN now() + make_interval(secs => least(
-                        coalesce((%(bo)s::jsonb -> kind ->> 1)::float8, 300),
-                        coalesce((%(bo)s::jsonb -> kind ->> 0)::float8, 1)
-                            * power(2, least(attempt, 30) - 1)))
-                    END,
-                max_attempts = max_attempts + %(x)s,
-                ready_at = now(), finished_at = to_timestamp(%(at)s), worker = %(w)s,
-                exit_code = %(rc)s, error = %(err)s, log_path = %(log)s, progress = NULL,
-                updated_at = now()
-            WHERE id = %(id)s AND attempt = %(a)s AND state = ANY(%(from)s) {ret}""",
-                ret=RETURN_STATE,
-            ),
-            {
-                "r": ev.retryable,
-                "x": 0 if ev.counts else 1,
-                "b": ev.backoff,
-                "bo": Jsonb(backoff),
-                "at": ev.at,
-                "w": ev.worker,
-                "rc": ev.exit_code,
-                "err": ev.error[:4000],
-                "log": ev.log_path,
-                "id": ev.job_id,
-                "a": ev.attempt,
-                "from": states(FINISHED_FROM),
-            },
-        )
-    else:
-        cur = await conn.execute(
-            q(
-                """UPDATE jobs SET state = 'cancelled', finished_at = to_timestamp(%s), error = %s,
-                gate = NULL, updated_at = now()
-            WHERE id = %s AND state = ANY(%s) {ret}""",
-                ret=RETURN_STATE,
-            ),
-            (ev.at, ev.reason or "cancelled", ev.job_id, states(CANCEL_FROM)),
-        )
-    return cur
+    """A failure (starts and successes go in bulk: :func:`_apply_bulk`)."""
+    return await conn.execute(
+        q(
+            """UPDATE jobs SET
+            state = CASE WHEN %(r)s AND attempt < max_attempts + %(x)s
+                         THEN 'ready' ELSE 'failed' END,
+            gate = CASE WHEN %(r)s AND attempt < max_attempts + %(x)s THEN 'retry' END,
+            run_after = CASE WHEN %(r)s AND %(b)s AND attempt < max_attempts + %(x)s
+                THEN now() + make_interval(secs => least(
+                    coalesce((%(bo)s::jsonb -> kind ->> 1)::float8, 300),
+                    coalesce((%(bo)s::jsonb -> kind ->> 0)::float8, 1)
+                        * power(2, least(attempt, 30) - 1)))
+                END,
+            max_attempts = max_attempts + %(x)s,
+            ready_at = now(), finished_at = to_timestamp(%(at)s), worker = %(w)s,
+            exit_code = %(rc)s, error = %(err)s, log_path = %(log)s, progress = NULL,
+            updated_at = now()
+        WHERE id = %(id)s AND attempt = %(a)s AND state = ANY(%(from)s) {ret}""",
+            ret=RETURN_STATE,
+        ),
+        {
+            "r": ev.retryable,
+            "x": 0 if ev.counts else 1,
+            "b": ev.backoff,
+            "bo": Jsonb(backoff),
+            "at": ev.at,
+            "w": ev.worker,
+            "rc": ev.exit_code,
+            "err": ev.error[:4000],
+            "log": ev.log_path,
+            "id": ev.job_id,
+            "a": ev.attempt,
+            "from": states(FINISHED_FROM),
+        },
+    )
 
 
-def _detail(ev: JobFailed | JobCancelled) -> dict[str, Any]:
-    if isinstance(ev, JobFailed):
-        return {"worker": ev.worker, "error": ev.error[:500], "exit_code": ev.exit_code}
-    return {"reason": ev.reason}
+def _detail(ev: JobFailed) -> dict[str, Any]:
+    return {"worker": ev.worker, "error": ev.error[:500], "exit_code": ev.exit_code}
 
 
 async def load_working_set(conn: Conn, changed: Sequence[str]) -> list[Node]:

@@ -26,6 +26,7 @@ from agents.admstore import refresh_capacity
 from agents.core import brake as brake_core
 from agents.core.brake import HostSample, Thresholds
 from agents.core.deps import DependencyIndex, Fail
+from agents.ctlstore import Applied, JobCommand, apply_commands
 from agents.depstore import (
     apply_decisions,
     load_working_set,
@@ -300,44 +301,16 @@ class PostgresJobStore:
             decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(ids, now, grace_s)
             return await apply_decisions(conn, decisions)
 
-    async def retry_jobs(
-        self, ids: Sequence[str], *, now: float, grace_s: float, allow_cross_tenant: bool, by: str
-    ) -> tuple[list[str], list[ReadyJob]]:
-        """``jobstream retry``: failed or cancelled jobs get one more attempt (their attempt
-        budget grows if it is used up), dependents that failed because of them wait again,
-        and all of them are settled like new submissions. Returns (jobs retried, jobs now
-        ready)."""
+    async def apply_job_commands(
+        self, cmds: Sequence[JobCommand], *, now: float, grace_s: float, allow_cross_tenant: bool
+    ) -> Applied:
+        """Cancels and retries from ``jobs.control``, in order and exactly once, with their
+        dependents settled (``agents.ctlstore``): what was cancelled (and which attempt was
+        in flight), what was retried, and the jobs now ready."""
         async with self.tx() as conn:
-            cur = await conn.execute(
-                """UPDATE jobs SET state = 'waiting', max_attempts = greatest(max_attempts,
-                       attempt + 1), error = NULL, root_cause = NULL, gate = NULL,
-                       run_after = NULL, finished_at = NULL, exit_code = NULL, progress = NULL,
-                       updated_at = now()
-                   WHERE id = ANY(%s) AND state IN ('failed', 'cancelled') RETURNING id""",
-                (list(ids),),
+            return await apply_commands(
+                conn, cmds, now=now, grace_s=grace_s, allow_cross_tenant=allow_cross_tenant
             )
-            retried = [r[0] for r in await cur.fetchall()]
-            if not retried:
-                return [], []
-            # dependents failed by these roots without ever running wait for them again
-            cur = await conn.execute(
-                """UPDATE jobs SET state = 'waiting', error = NULL, root_cause = NULL, gate = NULL,
-                       finished_at = NULL, updated_at = now()
-                   WHERE root_cause = ANY(%s) AND state IN ('failed', 'cancelled') AND attempt = 0
-                   RETURNING id""",
-                (retried,),
-            )
-            again = [r[0] for r in await cur.fetchall()]
-            await conn.execute(
-                "INSERT INTO job_history (job_id, event, detail) SELECT id, 'retry', "
-                "jsonb_build_object('by', %s::text) FROM unnest(%s::text[]) AS id",
-                (by, [*retried, *again]),
-            )
-            changed = [*retried, *again]
-            nodes = await load_working_set(conn, changed)
-            decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(changed, now, grace_s)
-            released = await apply_decisions(conn, decisions)
-            return retried, released
 
     async def job_route(self, ids: Sequence[str]) -> dict[str, tuple[str | None, str]]:
         """job id → (group key, state) for the jobs that exist among ``ids``."""

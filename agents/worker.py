@@ -77,6 +77,9 @@ BUFFER_ROUNDS = 4  # buffered dispatches beyond which a full worker pauses its p
 CONTROL_LOOKBACK_S = 60.0  # a cancel sent just before this worker started still counts
 CANCELLED_MEMORY = 100_000
 HeartbeatState = Literal["running", "draining", "stopped"]
+Attempt = tuple[
+    str, int
+]  # (job id, attempt); a rejected dispatch: ("\x00bad:topic:partition", offset)
 # how a worker consumes ``jobs.dispatch`` (also the floor's bare loop, bench/floor.py):
 # offsets committed by the worker once a start is confirmed, partitions moved one at a time,
 # and a fetch answered within 10 ms when nothing is there
@@ -148,9 +151,12 @@ class Worker:
         self.host = socket.gethostname()
         self.labels = worker_labels(s, labels)
         self.since = time.time()
-        self.handles: dict[str, AttemptHandle] = {}
-        self.kinds_of: dict[str, str] = {}
-        self.cancelled: OrderedDict[str, str] = OrderedDict()
+        # per attempt: a job's attempts are different runs (a cancel, a pause, a fence aims
+        # at one of them), and one job has at most one attempt here (``attempt_of``)
+        self.handles: dict[Attempt, AttemptHandle] = {}
+        self.kinds_of: dict[Attempt, str] = {}
+        self.attempt_of: dict[str, int] = {}
+        self.cancelled: OrderedDict[Attempt, str] = OrderedDict()
         self.handed_back = 0
         self.pypool = PyPool(self.slots)
         self._fetch_at = max(1, self.slots // 2)  # room in the buffer that triggers a fetch
@@ -158,7 +164,7 @@ class Worker:
         # running jobs' progress files, swept once per heartbeat (``_sweep_progress``)
         self.progress_dir = Path(s.log_dir) / ".progress" / file_safe(self.id)[:120]
         self.tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
-        self.running: dict[str, asyncio.Task[None]] = {}
+        self.running: dict[Attempt, asyncio.Task[None]] = {}
         self._publishing = 0  # jobs in ``running`` whose process ended: only reporting left
         # job events and offset commits go out batched by load (agents.core.pacing)
         burst = max(1.0, s.worker_sends_per_s / 10)
@@ -460,14 +466,22 @@ class Worker:
         tp = (msg.topic, msg.partition)
         d = msg.dispatch
         if d is None:
-            task = asyncio.create_task(self._reject(msg.raw(), msg.error))
-            self.running[f"\x00bad:{msg.topic}:{msg.partition}:{msg.offset}"] = task
+            bad = (f"\x00bad:{msg.topic}:{msg.partition}", msg.offset)
+            self.running[bad] = asyncio.create_task(self._reject(msg.raw(), msg.error, bad))
             return
         key = (d.job_id, d.attempt)
-        if key in self.seen or d.job_id in self.running or d.job_id in self.cancelled:
+        here = self.attempt_of.get(d.job_id)
+        if key in self.seen or key in self.cancelled or (here is not None and here > d.attempt):
+            # run here already, cancelled, or superseded by the attempt running here
             self.tracker.finished(tp, msg.offset)
             self._commit_soon_as_paced()
             return
+        if here is not None:
+            # an older attempt of this job still runs here (e.g. a redelivered dispatch run
+            # again after a worker died before its commit, then the monitor's retry): the
+            # job moved on, so the old run is stopped (its report would be fenced off) and
+            # the new attempt runs
+            self._supersede((d.job_id, here), d.attempt)
         self.seen[key] = None
         waited = time.time() - d.dispatched_at
         if waited > 1.0:
@@ -482,15 +496,28 @@ class Worker:
             )
         while len(self.seen) > 100_000:
             self.seen.popitem(last=False)
-        self.handles[d.job_id] = AttemptHandle()
-        self.kinds_of[d.job_id] = d.kind
-        self.running[d.job_id] = asyncio.create_task(self._execute(msg, d))
+        self.handles[key] = AttemptHandle()
+        self.kinds_of[key] = d.kind
+        self.attempt_of[d.job_id] = d.attempt
+        self.running[key] = asyncio.create_task(self._execute(msg, d))
 
-    async def _reject(self, msg: RawMessage, reason: str) -> None:
+    def _supersede(self, old: Attempt, attempt: int) -> None:
+        self._remember_cancel(old, f"superseded by attempt {attempt}")
+        handle = self.handles.get(old)
+        if handle is not None:
+            log.warning("job %s attempt %d superseded by attempt %d: stopped", *old, attempt)
+            handle.cancel(f"superseded by attempt {attempt}")
+
+    def _remember_cancel(self, key: Attempt, reason: str) -> None:
+        self.cancelled[key] = reason
+        while len(self.cancelled) > CANCELLED_MEMORY:
+            self.cancelled.popitem(last=False)
+
+    async def _reject(self, msg: RawMessage, reason: str, key: Attempt) -> None:
         try:
             await dead_letter(self.ctx, [(msg, reason)])
         finally:
-            self.running.pop(f"\x00bad:{msg.topic}:{msg.partition}:{msg.offset}", None)
+            self.running.pop(key, None)
             self.tracker.finished((msg.topic, msg.partition), msg.offset)
             self._commit_soon_as_paced()
 
@@ -500,7 +527,8 @@ class Worker:
     async def _execute(self, msg: _Buffered, d: Dispatch) -> None:
         s = self.ctx.settings
         deliver = self.events.deliver
-        handle = self.handles[d.job_id]
+        key = (d.job_id, d.attempt)
+        handle = self.handles[key]
         publishing = False
         started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
         # once the start is confirmed the heartbeat monitor owns the attempt and the
@@ -525,16 +553,24 @@ class Worker:
                 tags = {"kind": d.kind, "tenant": d.tenant}
                 m.observe("start_latency_ms", max(0.0, (started.at - d.submitted_at) * 1000), tags)
                 m.observe("dispatch_to_start_ms", max(0.0, (started.at - d.dispatched_at) * 1000))
-            outcome: Outcome = await run_attempt(
-                d,
-                s.kinds.get(d.kind),
-                log_dir=s.log_dir,
-                kill_grace_s=s.kill_grace_s,
-                handle=handle,
-                pool=self.pypool,
-                progress_dir=self.progress_dir,
-            )
-            if d.job_id in self.cancelled and not outcome.ok:
+            try:
+                outcome: Outcome = await run_attempt(
+                    d,
+                    s.kinds.get(d.kind),
+                    log_dir=s.log_dir,
+                    kill_grace_s=s.kill_grace_s,
+                    handle=handle,
+                    pool=self.pypool,
+                    progress_dir=self.progress_dir,
+                )
+            except Exception as exc:
+                # the start is on the broker: whatever went wrong here, the attempt must end
+                # with a report, or it stays ``running`` while this worker lives on
+                log.exception("job %s attempt %d: the worker could not run it", *key)
+                outcome = Outcome(
+                    False, None, f"worker {self.id} could not run the job: {exc!r}", 0.0, None, True
+                )
+            if key in self.cancelled and not outcome.ok:
                 self._finished_metrics(d, outcome, "cancelled")
                 return  # the job.cancelled event is the authority; nothing to report
             # the process is done: its slot is free while the outcome is reported
@@ -556,9 +592,11 @@ class Worker:
                 confirm.cancel()  # stopped before the job ran to its end (an abort)
             if publishing:
                 self._publishing -= 1
-            self.running.pop(d.job_id, None)
-            self.handles.pop(d.job_id, None)
-            self.kinds_of.pop(d.job_id, None)
+            self.running.pop(key, None)
+            self.handles.pop(key, None)
+            self.kinds_of.pop(key, None)
+            if self.attempt_of.get(d.job_id) == d.attempt:
+                del self.attempt_of[d.job_id]
             if not publishing:
                 self._slot_done()
 
@@ -663,27 +701,39 @@ class Worker:
                 self.apply_control(cmd)
 
     def apply_control(self, cmd: Control) -> None:
+        """Cancel one attempt (only a cancel that names it: the control agent resolves an
+        operator's cancel to the attempt then in flight), pause or resume the attempt of a
+        job that runs here."""
         if cmd.scope != "job" or not cmd.name:
             return
         job = cmd.name
-        handle = self.handles.get(job)
         if cmd.action == "cancel":
-            self.cancelled[job] = cmd.reason
-            while len(self.cancelled) > CANCELLED_MEMORY:
-                self.cancelled.popitem(last=False)
-            self.backlog = deque(m for m in self.backlog if not self._is_dispatch_of(m, job))
+            if cmd.attempt is None:
+                return
+            key = (job, cmd.attempt)
+            self._remember_cancel(key, cmd.reason)
+            self.backlog = deque(m for m in self.backlog if not self._is_dispatch_of(m, key))
+            handle = self.handles.get(key)
             if handle is not None:
-                log.warning("cancelling job %s: %s", job, cmd.reason or "no reason given")
+                log.warning("cancelling job %s attempt %d: %s", *key, cmd.reason or "no reason")
                 handle.cancel(f"cancelled: {cmd.reason}" if cmd.reason else "cancelled")
-        elif cmd.action == "pause" and handle is not None:
+            return
+        here = self.attempt_of.get(job)
+        if here is None or (cmd.attempt is not None and cmd.attempt != here):
+            return
+        handle = self.handles.get((job, here))
+        if handle is None:
+            return
+        if cmd.action == "pause":
             if handle.pause():
                 log.warning("paused job %s (SIGSTOP)", job)
-        elif cmd.action == "resume" and handle is not None:
+        elif cmd.action == "resume":
             if handle.resume():
                 log.warning("resumed job %s (SIGCONT)", job)
 
-    def _is_dispatch_of(self, m: _Buffered, job: str) -> bool:
-        if m.key != job.encode():
+    def _is_dispatch_of(self, m: _Buffered, key: Attempt) -> bool:
+        d = m.dispatch
+        if d is None or (d.job_id, d.attempt) != key:
             return False
         self.tracker.finished((m.topic, m.partition), m.offset)
         return True
@@ -708,7 +758,7 @@ class Worker:
     async def _heartbeat(self, state: HeartbeatState = "running") -> None:
         self._sweep_progress()
         progress = {}
-        for job, h in list(self.handles.items()):
+        for (job, _), h in list(self.handles.items()):
             value = h.progress()
             if value is not None:
                 progress[job] = value
@@ -717,7 +767,7 @@ class Worker:
             host=self.host,
             slots_total=self.slots,
             slots_free=max(0, self.free),
-            running=sorted(k for k in self.running if not k.startswith("\x00")),
+            running=sorted(job for job, _ in self.running if not job.startswith("\x00")),
             at=time.time(),
             state=state,
             labels=sorted(self.labels),
@@ -786,8 +836,8 @@ class Worker:
             await self._commit()
         self.aborting.set()
         # past the grace: hand back what may be killed; nokill jobs run on until a 2nd signal
-        for job, handle in list(self.handles.items()):
-            kind = s.kinds.get(self.kinds_of.get(job, ""))
+        for key, handle in list(self.handles.items()):
+            kind = s.kinds.get(self.kinds_of.get(key, ""))
             if kind is None or not kind.nokill or self._abort_now:
                 handle.cancel("handed back")
         while self.running:

@@ -153,9 +153,14 @@ class JobFailed(_Event, tag="job.failed", frozen=True):
 
 
 class JobCancelled(_Event, tag="job.cancelled", frozen=True):
+    """Announces a cancel the control agent applied in PostgreSQL: the job's state changed
+    there, in order with the retries on ``jobs.control``; this event changes nothing."""
+
     job_id: JobId
     at: Epoch
     reason: Annotated[str, Meta(max_length=4000)] = ""
+    # the attempt that was in flight (dispatched or running) when it was cancelled, if any
+    attempt: Annotated[int, Meta(ge=1)] | None = None
 
 
 class WorkerHeartbeat(_Event, tag="worker.heartbeat", frozen=True):
@@ -189,6 +194,10 @@ class Control(_Event, tag="control", frozen=True):
     reason: Annotated[str, Meta(max_length=1000)] = ""
     by: Annotated[str, Meta(max_length=200)] = ""
     at: Epoch = 0.0
+    # cancel, pause, resume of one attempt: what workers act on. The control agent turns a
+    # cancel without it into one with the attempt then in flight (workers ignore cancels
+    # without it: a replayed cancel must never stop a later attempt)
+    attempt: Annotated[int, Meta(ge=1)] | None = None
 
 
 class AdmissionDecision(_Event, tag="admission.decision", frozen=True):

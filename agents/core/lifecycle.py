@@ -13,6 +13,8 @@ Invariants (property-tested):
   late report from a superseded attempt cannot complete a retried job.
 - A handed-back attempt (``Failed(counts=False)``) raises the job's attempt budget by one, so
   the number of counted attempts never exceeds ``max_attempts``.
+- A cancel aimed at attempt n changes the job only while attempt n is dispatched or
+  running, so a cancel replayed after a retry cannot cancel the retried job.
 - Applying the same event twice is the same as applying it once (idempotence), which is what
   makes at-least-once delivery safe. The PostgreSQL guards in ``agents.store`` are the same
   table expressed as ``UPDATE … WHERE state = ANY(…) AND attempt = …``.
@@ -41,6 +43,9 @@ ACTIVE = frozenset({State.DISPATCHED, State.RUNNING})
 STARTED_FROM = (State.DISPATCHED,)
 FINISHED_FROM = (State.DISPATCHED, State.RUNNING)
 CANCEL_FROM = (State.WAITING, State.READY, State.DISPATCHED, State.RUNNING)
+# a cancel aimed at one attempt applies only while that attempt is in flight: replayed after
+# a retry (the job waiting or ready again, or on a later attempt) it changes nothing
+CANCEL_ATTEMPT_FROM = (State.DISPATCHED, State.RUNNING)
 DISPATCH_FROM = (State.READY,)
 
 
@@ -75,7 +80,7 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class Cancelled:
-    pass
+    attempt: int | None = None  # None: whatever the job does now; n: only attempt n in flight
 
 
 Event = Dispatched | Started | Succeeded | Failed | Cancelled
@@ -105,7 +110,10 @@ def apply(job: Job, event: Event) -> Job:
                 limit = job.max_attempts + (0 if c else 1)
                 nxt = State.READY if r and job.attempt < limit else State.FAILED
                 return Job(nxt, job.attempt, limit)
-        case Cancelled():
+        case Cancelled(attempt=None):
             if s in CANCEL_FROM:
+                return Job(State.CANCELLED, job.attempt, job.max_attempts)
+        case Cancelled(attempt=a):
+            if s in CANCEL_ATTEMPT_FROM and a == job.attempt:
                 return Job(State.CANCELLED, job.attempt, job.max_attempts)
     return job

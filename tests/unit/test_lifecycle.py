@@ -25,6 +25,7 @@ events = st.one_of(
     st.builds(Succeeded, attempts),
     st.builds(Failed, attempts, st.booleans(), st.booleans()),
     st.just(Cancelled()),
+    st.builds(Cancelled, attempts),
 )
 jobs = st.builds(Job, st.sampled_from(list(State)), attempts, st.integers(1, 4))
 
@@ -107,3 +108,29 @@ def test_handed_back_attempts_are_not_counted(
             assert not retryable or counted == max_attempts
         else:
             assert job.state == State.READY and counted < max_attempts
+
+
+@given(jobs, attempts)
+def test_a_cancel_of_an_attempt_applies_only_while_it_is_in_flight(job: Job, attempt: int) -> None:
+    after = apply(job, Cancelled(attempt))
+    in_flight = job.state in (State.DISPATCHED, State.RUNNING) and job.attempt == attempt
+    assert (after.state == State.CANCELLED and job.state not in TERMINAL) == in_flight
+    if not in_flight:
+        assert after == job
+
+
+@given(st.integers(1, 4), st.lists(events, max_size=10))
+def test_a_cancel_replayed_after_a_retry_cancels_nothing(n: int, evs: list[Event]) -> None:
+    """Attempt n running is cancelled; a retry puts the job back (waiting, then ready and a
+    later attempt): the same cancel, replayed at any point after that, changes nothing."""
+    cancel = Cancelled(n)
+    job = apply(Job(State.RUNNING, n, 5), cancel)
+    assert job.state == State.CANCELLED
+    job = Job(State.READY, n, 5)  # ``jobstream retry``
+    for e in [*evs, Dispatched()]:
+        before = job
+        job = apply(job, cancel)
+        assert job == before
+        job = apply(job, e)
+        if job.attempt > n and isinstance(e, Dispatched):
+            break
