@@ -27,6 +27,7 @@ from streams.events import (
     JobSpec,
     JobSubmitted,
     Submission,
+    WorkflowSubmitted,
     decode,
     encode,
 )
@@ -72,6 +73,19 @@ def _check_kind(ctx: Context, job: JobSpec) -> None:
         )
 
 
+def _check_member_sizes(ctx: Context, flow: WorkflowSubmitted) -> None:
+    """Each job of a workflow within the per-job limit, as if submitted alone: its dispatch
+    must be runnable by a worker (who rejects dispatches over the limit)."""
+    limit = ctx.settings.max_payload_bytes
+    for job in flow.jobs:
+        size = len(encode(JobSubmitted(job=job, submitted_at=flow.submitted_at)))
+        if size > limit:
+            raise InvalidEvent(
+                f"job {job.id} of workflow {flow.id} is {size} bytes, over the limit of "
+                f"{limit} bytes for one job"
+            )
+
+
 def accept_submissions(
     ctx: Context, messages: Sequence[RawMessage], *, dependent: bool
 ) -> tuple[list[Accepted], list[Rejected], dict[str, RawMessage]]:
@@ -94,6 +108,7 @@ def accept_submissions(
                 if not dependent:
                     raise InvalidEvent("a workflow must be published on jobs.dependent")
                 jobs, workflow = event.jobs, event.id
+                _check_member_sizes(ctx, event)
             for job in jobs:
                 _check_kind(ctx, job)
                 if not dependent and (job.depends_on or job.order_key):

@@ -6,7 +6,8 @@ Every scheduler process runs it; a PostgreSQL advisory lock lets one of them act
 A tick (at most every second) declares workers lost after ``worker_lost_after_s`` without a
 heartbeat (their slots leave the capacity), then publishes ``job.failed`` (retryable, no
 backoff, counted) for the current attempt of every running job whose worker is lost or has
-restarted since the job started. The dependency agent applies it like any failure: the job
+restarted since the job started, or stopped without reporting it (after the same bound,
+so its last outcomes can arrive first). The dependency agent applies it like any failure: the job
 goes back to ready (or fails after its last attempt) and its holds are released.
 
 Invariants:
@@ -111,6 +112,8 @@ class Monitor:
     def _record(self, o: Orphan) -> Record:
         if o.worker_state == "lost":
             why = f"worker {o.worker} lost: no heartbeat for {o.silent_s:.0f} s"
+        elif o.worker_state == "stopped":
+            why = f"worker {o.worker} stopped without reporting this attempt"
         else:
             why = f"worker {o.worker} restarted while running this attempt"
         event = JobFailed(

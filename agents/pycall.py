@@ -74,7 +74,11 @@ def serve() -> int:
     base_cwd = os.getcwd()
     for line in requests:
         req = json.loads(line)
-        fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except FileNotFoundError:  # the log directory went away since first use
+            os.makedirs(os.path.dirname(req["log"]), exist_ok=True)
+            fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(fd, 1)

@@ -6,7 +6,8 @@ Invariants:
 - The child runs in its own process group, so a timeout or cancel reaches its children too.
 - ``run_attempt`` always returns an outcome (never raises for a bad job): a missing argument
   or command is a non-retryable failure, a non-zero exit or a timeout a retryable one, a
-  cancel a non-retryable one.
+  cancel a non-retryable one, a log that cannot be written (a full disk, a file where the
+  directory goes) a retryable one; a log directory removed since first use is made again.
 - A Python entry point runs in its own child interpreter (``agents.pycall``), with the job's
   args as JSON on stdin: a job that hangs, crashes or leaks cannot touch the worker loop, and
   timeouts, cancel and SIGSTOP/SIGCONT work the same as for commands.
@@ -60,10 +61,20 @@ def log_path(log_dir: str, d: Dispatch) -> str:
 
 @lru_cache(maxsize=4096)
 def _tenant_dir(log_dir: str, tenant: str) -> str:
-    """A tenant's log directory, created on first use."""
-    path = os.path.join(log_dir, file_safe(tenant))
-    os.makedirs(path, exist_ok=True)
-    return path
+    """A tenant's log directory (made by whoever opens a log in it and finds it missing)."""
+    return os.path.join(log_dir, file_safe(tenant))
+
+
+def open_log(path: str) -> int:
+    """A descriptor appending to the job's log; its directory is made again when it went
+    away since first use (a clean-up, a reaper). Other errors (a full or read-only disk, a
+    file where the directory goes) raise ``OSError``: :func:`run_attempt` reports them."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, flags, 0o644)
 
 
 def tail(path: Path | str, limit: int = 400) -> str | None:
@@ -200,13 +211,19 @@ async def run_attempt(
         "JOBSTREAM_TENANT": d.tenant,
         "JOBSTREAM_PROGRESS_FILE": progress,
     }
-    if kind.entrypoint is not None and pool is not None:
-        rc, reason, error = await _run_pooled(
-            pool, kind.entrypoint, d, job_env, kind.cwd, path, h, limit_s, kill_grace_s
-        )
-    else:
-        rc, reason, error = await _run_process(
-            argv, d, job_env, kind, path, h, limit_s, kill_grace_s
+    try:
+        if kind.entrypoint is not None and pool is not None:
+            rc, reason, error = await _run_pooled(
+                pool, kind.entrypoint, d, job_env, kind.cwd, path, h, limit_s, kill_grace_s
+            )
+        else:
+            rc, reason, error = await _run_process(
+                argv, d, job_env, kind, path, h, limit_s, kill_grace_s
+            )
+    except OSError as exc:  # the log cannot be written, no process can be made: this host's
+        # trouble, not the job's, so another attempt (maybe elsewhere) may succeed
+        return Outcome(
+            False, None, f"the worker could not run the job: {exc}", 0.0, None, not h.stopped
         )
     duration = time.monotonic() - start
     if progress_dir is None:
@@ -244,7 +261,7 @@ async def _run_process(
         stdin_data = json.dumps(d.args, ensure_ascii=False).encode()
         env["PYTHONPATH"] = python_path(kind.env)
     # the child gets its own copy of the log's descriptor; the worker keeps none open
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    log = open_log(path)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,

@@ -367,26 +367,30 @@ class PostgresJobStore:
         self, beats: Sequence[Any], *, capacity_factor: float = 1.0, lost_after_s: float = 15.0
     ) -> None:
         """Record heartbeats (a lost worker that speaks again is live again) and running jobs'
-        progress and, in the same transaction, the live capacity they add up to."""
+        progress and, in the same transaction, the live capacity they add up to.
+
+        ``last_seen`` is this database's clock at receipt, never the worker's own ``at``:
+        liveness is judged against ``now()``, and a worker's clock may be off by any amount
+        (30 s behind, it was declared lost on every tick). A worker's beats share one
+        partition, so the last of a batch is its latest."""
         if not beats:
             return
-        latest = {b.worker: b for b in sorted(beats, key=lambda b: b.at)}
+        latest = {b.worker: b for b in beats}
         progress = {j: v for b in latest.values() for j, v in b.progress.items()}
         async with self.tx() as conn, conn.cursor() as cur:
             await cur.executemany(
                 """
                 INSERT INTO workers (id, host, slots_total, slots_free, running, state, last_seen,
                                      labels, load, pid, since)
-                VALUES (%s, %s, %s, %s, %s, %s, to_timestamp(%s), %s, %s, %s, to_timestamp(%s))
+                VALUES (%s, %s, %s, %s, %s, %s, now(), %s, %s, %s, to_timestamp(%s))
                 ON CONFLICT (id) DO UPDATE SET host = excluded.host,
                     slots_total = excluded.slots_total, slots_free = excluded.slots_free,
                     running = excluded.running, state = excluded.state,
-                    last_seen = greatest(workers.last_seen, excluded.last_seen),
+                    last_seen = excluded.last_seen,
                     labels = excluded.labels, load = excluded.load, pid = excluded.pid,
                     since = excluded.since,
                     lost_at = CASE WHEN excluded.state = 'running' THEN NULL
                                    ELSE workers.lost_at END
-                WHERE workers.last_seen <= excluded.last_seen
                 """,
                 [
                     (
@@ -396,7 +400,6 @@ class PostgresJobStore:
                         b.slots_free,
                         b.running,
                         b.state,
-                        b.at,
                         b.labels,
                         b.load,
                         b.pid,
@@ -436,8 +439,13 @@ class PostgresJobStore:
                           extract(epoch from now() - w.last_seen)::float8
                    FROM jobs j JOIN workers w ON w.id = j.worker
                    WHERE j.state = 'running'
-                     AND (w.state = 'lost' OR j.started_at < w.since)
-                   ORDER BY j.started_at LIMIT 10000"""
+                     AND (w.state = 'lost' OR j.started_at < w.since
+                          -- a stopped worker runs nothing: what it did not report is lost
+                          -- once its last outcomes had the liveness bound to arrive
+                          OR (w.state = 'stopped'
+                              AND w.last_seen < now() - make_interval(secs => %s)))
+                   ORDER BY j.started_at LIMIT 10000""",
+                (lost_after_s,),
             )
             orphans = [Orphan(*r) for r in await cur.fetchall()]
             return LostWork(newly, orphans)

@@ -21,9 +21,18 @@ Invariants:
   pacer (``worker_start_sends_per_s``, a burst of one per slot: its slot waits for it). Each
   job waits for its own record's confirmation (``agents.outbox``). A slot is held until the
   job's process ends, not until its outcome is confirmed.
-- A dispatch for an attempt this process already ran is not run twice; a job cancelled on
-  ``jobs.control`` is not started, and is stopped when running (nothing is reported for it:
-  the ``job.cancelled`` event is the authority).
+- Every per-job memory is per attempt (job id, attempt): a dispatch for an attempt this
+  process already ran is not run twice; an attempt cancelled on ``jobs.control`` (a cancel
+  names its attempt: the control agent resolves an operator's cancel) is not started, and is
+  stopped when running (nothing is reported for it: the cancel in PostgreSQL is the
+  authority); a later attempt of the same job runs. A newer attempt of a job whose older
+  attempt still runs here stops the older one (the job moved on) and runs; an older one is
+  skipped.
+- Every attempt whose start is confirmed ends with a report: an error of the worker's own
+  after the start (the log cannot be written, a pool member cannot be made) is that
+  attempt's retryable failure. A dispatch the worker cannot run (over the size limit,
+  unreadable) is dead-lettered and, when it names its attempt, fails that attempt. A
+  worker whose loop fails hands its running jobs back before its ``stopped`` heartbeat.
 - ``pause``/``resume`` of a job on ``jobs.control`` stop and continue its process group
   (SIGSTOP/SIGCONT); paused time does not count against the timeout.
 - SIGTERM drains: no new work, running jobs get ``drain_grace_s`` to finish (``nokill``
@@ -46,8 +55,9 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from agents.context import Context, RawMessage
@@ -76,6 +86,8 @@ log = logging.getLogger("jobstream.worker")
 BUFFER_ROUNDS = 4  # buffered dispatches beyond which a full worker pauses its partitions
 CONTROL_LOOKBACK_S = 60.0  # a cancel sent just before this worker started still counts
 CANCELLED_MEMORY = 100_000
+# a dispatch carries a job intake bounded by ``max_payload_bytes`` plus admission's fields
+DISPATCH_ALLOWANCE = 16 * 1024
 HeartbeatState = Literal["running", "draining", "stopped"]
 Attempt = tuple[
     str, int
@@ -91,11 +103,31 @@ DISPATCH_CONSUMER: dict[str, Any] = {
 }
 
 
+class _DispatchId(msgspec.Struct, frozen=True):
+    """The attempt a dispatch names, read leniently from one the worker cannot run (over
+    the size limit, a field it does not know): that attempt fails with the reason instead
+    of staying ``dispatched`` with its holds."""
+
+    job_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    group: str | None = None
+
+
 class _Buffered:
     """A dispatch waiting for a slot: where it came from, decoded once on arrival (or why it
     cannot be), and admission's due time (the start order; unreadable: last)."""
 
-    __slots__ = ("topic", "partition", "offset", "key", "value", "dispatch", "error", "due")
+    __slots__ = (
+        "topic",
+        "partition",
+        "offset",
+        "key",
+        "value",
+        "dispatch",
+        "error",
+        "named",
+        "due",
+    )
 
     def __init__(
         self,
@@ -115,10 +147,15 @@ class _Buffered:
         )
         self.dispatch: Dispatch | None = None
         self.error = ""
+        self.named: _DispatchId | None = None  # unreadable: which attempt it was, if known
         try:
             self.dispatch = decode(value, Dispatch, max_bytes=max_bytes)
         except InvalidEvent as exc:  # ``_take`` dead-letters it with this reason
             self.error = str(exc)
+            try:
+                self.named = msgspec.json.decode(value or b"", type=_DispatchId)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass
         self.due = float("inf") if self.dispatch is None else self.dispatch.due or float("inf")
 
     def raw(self) -> RawMessage:
@@ -269,6 +306,7 @@ class Worker:
         await self._assign_control()
         beat = asyncio.create_task(self._heartbeats())
         controls = asyncio.create_task(self._controls())
+        clean = False
         try:
             while not self.stopping.is_set():
                 # prefetch at most one round, and fetch once half a round has room (one
@@ -284,7 +322,10 @@ class Worker:
                 # commits: paced, after starts (``_commit_soon_as_paced``); synchronous only
                 # on revoke, drain and exit
             await self._drain()
+            clean = True
         finally:
+            if not clean:  # the loop raised: its jobs are handed back, not left unreported
+                await self._hand_back_all()
             beat.cancel()
             controls.cancel()
             await self.pypool.close()
@@ -299,7 +340,7 @@ class Worker:
             shutil.rmtree(self.progress_dir, ignore_errors=True)
 
     def _buffer(self, msgs: list[Any]) -> None:
-        max_bytes = self.ctx.settings.max_payload_bytes
+        max_bytes = self.ctx.settings.max_payload_bytes + DISPATCH_ALLOWANCE
         tracing = self.ctx.tracer.on
         for m in msgs:
             if m.error():
@@ -467,7 +508,9 @@ class Worker:
         d = msg.dispatch
         if d is None:
             bad = (f"\x00bad:{msg.topic}:{msg.partition}", msg.offset)
-            self.running[bad] = asyncio.create_task(self._reject(msg.raw(), msg.error, bad))
+            self.running[bad] = asyncio.create_task(
+                self._reject(msg.raw(), msg.error, bad, msg.named)
+            )
             return
         key = (d.job_id, d.attempt)
         here = self.attempt_of.get(d.job_id)
@@ -513,9 +556,24 @@ class Worker:
         while len(self.cancelled) > CANCELLED_MEMORY:
             self.cancelled.popitem(last=False)
 
-    async def _reject(self, msg: RawMessage, reason: str, key: Attempt) -> None:
+    async def _reject(
+        self, msg: RawMessage, reason: str, key: Attempt, named: _DispatchId | None
+    ) -> None:
         try:
             await dead_letter(self.ctx, [(msg, reason)])
+            if named is not None:
+                failed = JobFailed(
+                    job_id=named.job_id,
+                    attempt=named.attempt,
+                    worker=self.id,
+                    at=time.time(),
+                    error=f"the worker cannot run this dispatch: {reason}"[:4000],
+                    retryable=False,
+                )
+                record = Record(
+                    self._events_topic, encode(failed), (named.group or named.job_id).encode()
+                )
+                await self.events.deliver(record, "publish outcome")
         finally:
             self.running.pop(key, None)
             self.tracker.finished((msg.topic, msg.partition), msg.offset)
@@ -848,6 +906,16 @@ class Worker:
             await self._commit()
 
     _abort_now = False
+
+    async def _hand_back_all(self) -> None:
+        """Stop every running job and wait (bounded) for their hand-backs to be reported:
+        a worker that fails must not leave attempts ``running`` behind it. What still is
+        unreported after the bound, the monitor retries (a stopped worker runs nothing)."""
+        log.error("worker loop failed: handing back %d running jobs", len(self.running))
+        self.request_stop(abort=True)
+        tasks = list(self.running.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.ctx.settings.kill_grace_s + 10.0)
 
     def request_stop(self, abort: bool = False) -> None:
         """First call drains (unless ``abort``); a second, or ``abort``, hands back at once."""

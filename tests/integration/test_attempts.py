@@ -6,16 +6,27 @@ attempt's failure, and a stopped worker's jobs are retried."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from agents.settings import Settings
-from streams.events import Control, JobSpec, encode
+from streams.events import (
+    Control,
+    JobFailed,
+    JobSpec,
+    WorkerHeartbeat,
+    WorkflowSubmitted,
+    encode,
+)
 from streams.publisher import JobPublisher
 from tests.conftest import settings_env
-from tests.helpers import cli, eventually
+from tests.helpers import ROOT, Proc, cli, eventually
 from tests.integration.test_workers import attempts_file, cluster, db, job, ws  # noqa: F401
 
 pytestmark = pytest.mark.timeout(300)
@@ -71,3 +82,170 @@ def test_a_cancel_and_a_retry_sent_together_apply_in_order(
             publisher.send_raw("jobs.control", encode(cmd), b"t")
         eventually(lambda: _running(ws, "t", 2), 60, what="attempt 2 running")
         assert attempts_file(out)[::2] == ["1", "2"]
+
+
+def test_a_new_attempt_is_run_while_an_older_one_still_runs_on_the_same_worker(
+    ws: Settings,  # noqa: F811
+    publisher: JobPublisher,
+    tmp_path: Path,
+) -> None:
+    """Item 2: the monitor's retry of attempt 1 (as for a worker it judged lost) lands on the
+    worker that still runs attempt 1; it was skipped (``job_id in running``), its offset
+    committed, and the job stayed ``dispatched`` forever."""
+    out = tmp_path / "n.txt"
+    with cluster(ws, tmp_path):
+        publisher.submit(
+            JobSpec(id="n", tenant="acme", kind="mark", args={"out": str(out), "seconds": "30"})
+        )
+        eventually(lambda: _running(ws, "n", 1), 60, what="n running")
+        worker = str(job(ws, "n")["worker"])
+        # what the monitor publishes for a running job whose worker it declared lost
+        lost = JobFailed(
+            job_id="n",
+            attempt=1,
+            worker=worker,
+            at=time.time(),
+            error=f"worker {worker} lost: no heartbeat",
+            retryable=True,
+            backoff=False,
+        )
+        publisher.send_raw("jobs.events", encode(lost), b"n")
+        eventually(lambda: _running(ws, "n", 2), 30, what="attempt 2 running")
+        assert attempts_file(out)[::2] == ["1", "2"]
+        first = int(attempts_file(out)[1])
+        assert first  # the worker (the jobs' parent) ran both
+
+
+def test_liveness_is_judged_by_the_receivers_clock(
+    ws: Settings,  # noqa: F811
+    publisher: JobPublisher,
+    tmp_path: Path,
+) -> None:
+    """Item 3: heartbeats stored the worker's own clock as ``last_seen`` and PostgreSQL
+    judged it against ``now()``: a worker 30 s behind was declared lost on every tick, and
+    each of its running jobs got a counted failure."""
+    lib = subprocess.run(
+        [str(ROOT / "scripts" / "faketime.sh")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    env = {
+        **settings_env(ws),
+        "LD_PRELOAD": lib,
+        "FAKETIME": "-30",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+    out = tmp_path / "k.txt"
+    with cluster(ws, tmp_path, workers=0):
+        behind = Proc(["worker", "--slots", "2"], env, tmp_path / "behind.log")
+        try:
+            publisher.submit(
+                JobSpec(id="k", tenant="acme", kind="mark", args={"out": str(out), "seconds": "9"})
+            )
+            eventually(lambda: job(ws, "k").get("state") == "succeeded", 90, what="k done")
+            assert job(ws, "k")["attempt"] == 1, attempts_file(out)
+            lost = db(ws, "SELECT count(*) FROM workers WHERE lost_at IS NOT NULL")[0][0]
+            assert lost == 0
+        finally:
+            behind.stop(timeout=30)
+
+
+def test_an_error_after_the_start_is_reported_as_the_attempts_failure(
+    ws: Settings,  # noqa: F811
+    publisher: JobPublisher,
+    tmp_path: Path,
+) -> None:
+    """Item 4: opening the job's log raised outside any handler (a tenant's log directory
+    deleted after first use, or a path that cannot be a directory): the job stayed
+    ``running`` forever while its worker lived on."""
+    logs = Path(ws.log_dir)
+    with cluster(ws, tmp_path):
+        publisher.submit(
+            JobSpec(id="l1", tenant="acme", kind="touch", args={"path": str(tmp_path / "l1")})
+        )
+        eventually(lambda: job(ws, "l1").get("state") == "succeeded", 60, what="l1 done")
+        shutil.rmtree(logs / "acme")  # an operator cleaning up, a tmp reaper
+        publisher.submit(
+            JobSpec(id="l2", tenant="acme", kind="touch", args={"path": str(tmp_path / "l2")})
+        )
+        eventually(lambda: job(ws, "l2").get("state") == "succeeded", 60, what="l2 done")
+        (logs / "blocked").write_text("a file where the tenant's log directory goes")
+        publisher.submit(
+            JobSpec(
+                id="l3",
+                tenant="blocked",
+                kind="touch",
+                args={"path": str(tmp_path / "l3")},
+                max_attempts=2,
+            )
+        )
+        eventually(lambda: job(ws, "l3").get("state") == "failed", 60, what="l3 failed")
+    assert "could not run the job" in str(job(ws, "l3")["error"])
+    assert job(ws, "l3")["attempt"] == 2  # retryable: the next attempt may find a healthy disk
+
+
+def test_a_workflow_member_over_the_per_job_limit_is_rejected_at_intake(
+    ws: Settings,  # noqa: F811
+    publisher: JobPublisher,
+    tmp_path: Path,
+) -> None:
+    """Item 5: intake checked only the workflow's limit; the worker rejected the member's
+    dispatch and it stayed ``dispatched`` forever with its holds, its dependent waiting."""
+    big = "x" * (ws.max_payload_bytes + 1000)
+    flow = WorkflowSubmitted(
+        id="wbig",
+        jobs=[
+            JobSpec(id="wbig-a", tenant="acme", kind="touch", args={"path": big}, group="wbig"),
+            JobSpec(
+                id="wbig-b",
+                tenant="acme",
+                kind="touch",
+                args={"path": "/nonexistent/z"},
+                group="wbig",
+                depends_on=["wbig-a"],
+            ),
+        ],
+        submitted_at=time.time(),
+    )
+    with cluster(ws, tmp_path):
+        publisher.send_raw("jobs.dependent", encode(flow), b"wbig")
+        reason = eventually(
+            lambda: db(ws, "SELECT reason FROM dead_letters WHERE reason LIKE %s", "%wbig-a%"),
+            60,
+            what="the workflow dead-lettered",
+        )
+    assert "over the limit" in str(reason[0][0])
+    assert db(ws, "SELECT count(*) FROM jobs WHERE id LIKE 'wbig%%'")[0][0] == 0
+
+
+def test_jobs_of_a_worker_that_stopped_without_reporting_them_are_retried(
+    ws: Settings,  # noqa: F811
+    publisher: JobPublisher,
+    tmp_path: Path,
+) -> None:
+    """Item 7: a worker whose main loop raised sent a ``stopped`` heartbeat from its
+    ``finally`` with jobs unreported; stopped workers were never judged, so those jobs
+    stayed ``running`` forever."""
+    out = tmp_path / "w.txt"
+    with cluster(ws, tmp_path, workers=2):
+        publisher.submit(
+            JobSpec(id="w", tenant="acme", kind="mark", args={"out": str(out), "seconds": "4"})
+        )
+        eventually(lambda: _running(ws, "w", 1), 60, what="w running")
+        worker = str(job(ws, "w")["worker"])
+        pid = int(db(ws, "SELECT pid FROM workers WHERE id = %s", worker)[0][0])
+        os.kill(pid, signal.SIGSTOP)  # it runs nothing more and says nothing more...
+        try:
+            beat = WorkerHeartbeat(  # ...but its last word was "stopped"
+                worker=worker,
+                host="h",
+                slots_total=2,
+                slots_free=2,
+                running=[],
+                at=time.time(),
+                state="stopped",
+                pid=pid,
+            )
+            publisher.send_raw("workers.heartbeat", encode(beat), worker.encode())
+            eventually(lambda: job(ws, "w").get("state") == "succeeded", 60, what="w retried")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert job(ws, "w")["attempt"] == 2
