@@ -30,7 +30,7 @@ from typing import Any
 
 from agents.core.command import TemplateError, render_argv
 from agents.pypool import PyPool
-from agents.settings import KindConfig
+from agents.settings import KindConfig, mask_secrets
 from streams.events import Dispatch
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -109,6 +109,7 @@ class AttemptHandle:
         "paused_since",
         "paused_total",
         "progress_path",
+        "pause_pending",
         "_waiter",
     )
 
@@ -120,6 +121,7 @@ class AttemptHandle:
         self.paused_since: float | None = None
         self.paused_total = 0.0
         self.progress_path: str | None = None  # where the job may report its progress
+        self.pause_pending = False  # paused before its process existed: paused when it does
         self._waiter: asyncio.Future[None] | None = None
 
     def cancel(self, reason: str) -> None:
@@ -131,13 +133,36 @@ class AttemptHandle:
         _wake(self._waiter)
 
     def pause(self) -> bool:
-        if self.proc is None or self.proc.returncode is not None or self.paused_since is not None:
+        if self.proc is None:
+            if self.started.is_set() or self.stopped:
+                return False  # its process ended (a pool member is another job's by now)
+            self.pause_pending = True  # not started yet: paused as soon as it is
+            return True
+        if self.proc.returncode is not None or self.paused_since is not None:
             return False
         _signal_group(self.proc, signal.SIGSTOP)
         self.paused_since = time.monotonic()
         return True
 
+    def attach(self, proc: asyncio.subprocess.Process) -> None:
+        """The attempt's process (or pool member) runs it now; a pause sent before that
+        takes effect at once."""
+        self.proc = proc
+        self.started.set()
+        if self.pause_pending:
+            self.pause_pending = False
+            self.pause()
+
+    def detach(self) -> None:
+        """The attempt's process is done with it: a pooled member goes back to the pool and
+        runs other jobs, which a late pause or resume of this attempt must never reach."""
+        self.proc = None
+        self.paused_since = None
+
     def resume(self) -> bool:
+        if self.pause_pending:
+            self.pause_pending = False
+            return True
         if self.paused_since is None:
             return False
         self.paused_total += time.monotonic() - self.paused_since
@@ -238,7 +263,7 @@ async def run_attempt(
     if rc == 0:
         return Outcome(True, 0, "", duration, path, False)
     end = tail(path)
-    msg = f"exit code {rc}" + (f": {end}" if end else "")
+    msg = f"exit code {rc}" + (f": {mask_secrets(end, kind.env)}" if end else "")
     # an entry point that cannot be imported or called (pycall's exit 2) will not get better
     unusable = kind.entrypoint is not None and rc == 2
     return Outcome(False, rc, msg, duration, path, not unusable)
@@ -276,8 +301,7 @@ async def _run_process(
         return None, None, f"cannot start {argv[0]!r}: {exc.strerror}"
     finally:
         os.close(log)
-    h.proc = proc
-    h.started.set()
+    h.attach(proc)
     if stdin_data is not None and proc.stdin is not None:
         try:
             proc.stdin.write(stdin_data)
@@ -304,8 +328,7 @@ async def _run_pooled(
     kill_grace_s: float,
 ) -> tuple[int | None, str | None, str | None]:
     member = await pool.acquire()
-    h.proc = member.proc
-    h.started.set()
+    h.attach(member.proc)
     healthy = False
     try:
         reply = member.call(
@@ -322,6 +345,7 @@ async def _run_pooled(
         healthy = True
         return rc, None, None
     finally:
+        h.detach()
         pool.release(member, healthy)
 
 

@@ -29,7 +29,9 @@ from agents.errors import ConfigError
 PREFIX = "JOBSTREAM_"
 ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 LABEL = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$"  # no "_": it joins labels in topic names
-_SECRET_KEY = re.compile(r"pass(word)?|secret|token|key$|credential", re.I)
+# names of settings whose values are secret: passwords, tokens, private keys (``ssl.key.pem``
+# holds the key itself), credentials
+_SECRET_KEY = re.compile(r"pass(word)?|secret|token|key$|key\.pem|credential", re.I)
 
 
 class KindConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -165,19 +167,36 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
         if out.get("database_url"):
             out["database_url"] = redact_url(out["database_url"])
         out["kafka_config"] = {
-            k: ("***" if _SECRET_KEY.search(k) else v) for k, v in out["kafka_config"].items()
+            k: ("***" if is_secret_name(k) else v) for k, v in out["kafka_config"].items()
         }
         if out.get("status_token"):
             out["status_token"] = "***"
         for kind in out["kinds"].values():
-            kind["env"] = {
-                k: ("***" if _SECRET_KEY.search(k) else v) for k, v in kind["env"].items()
-            }
+            kind["env"] = {k: ("***" if is_secret_name(k) else v) for k, v in kind["env"].items()}
         return out
 
 
 def redact_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """A database URL or conninfo string with its password replaced by ``***``: the URL's
+    user info (``postgresql://u:secret@h``), a ``password=`` query parameter, and the
+    key/value form (``host=h password=secret``, also quoted)."""
+    url = re.sub(r"(://[^:/@?#]+:)[^@]*@", r"\1***@", url)
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.I)
+    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']\S*)", r"\1***", url, flags=re.I)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting or environment variable of this name holds a secret."""
+    return bool(_SECRET_KEY.search(name))
+
+
+def mask_secrets(text: str, env: Mapping[str, str]) -> str:
+    """``text`` with the values of ``env``'s secret-named entries replaced by ``***`` (what a
+    job printed of its secrets must not travel in its failure event)."""
+    for name, value in env.items():
+        if len(value) >= 4 and is_secret_name(name):
+            text = text.replace(value, "***")
+    return text
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}

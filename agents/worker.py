@@ -194,6 +194,7 @@ class Worker:
         self.kinds_of: dict[Attempt, str] = {}
         self.attempt_of: dict[str, int] = {}
         self.cancelled: OrderedDict[Attempt, str] = OrderedDict()
+        self.paused_jobs: OrderedDict[str, None] = OrderedDict()  # until resumed
         self.handed_back = 0
         self.pypool = PyPool(self.slots)
         self._fetch_at = max(1, self.slots // 2)  # room in the buffer that triggers a fetch
@@ -539,7 +540,9 @@ class Worker:
             )
         while len(self.seen) > 100_000:
             self.seen.popitem(last=False)
-        self.handles[key] = AttemptHandle()
+        self.handles[key] = handle = AttemptHandle()
+        if d.job_id in self.paused_jobs:
+            handle.pause()  # paused before it got here: its process starts stopped
         self.kinds_of[key] = d.kind
         self.attempt_of[d.job_id] = d.attempt
         self.running[key] = asyncio.create_task(self._execute(msg, d))
@@ -776,6 +779,12 @@ class Worker:
                 log.warning("cancelling job %s attempt %d: %s", *key, cmd.reason or "no reason")
                 handle.cancel(f"cancelled: {cmd.reason}" if cmd.reason else "cancelled")
             return
+        if cmd.action == "pause":  # also for a dispatch still buffered here (started paused)
+            self.paused_jobs[job] = None
+            while len(self.paused_jobs) > CANCELLED_MEMORY:
+                self.paused_jobs.popitem(last=False)
+        elif cmd.action == "resume":
+            self.paused_jobs.pop(job, None)
         here = self.attempt_of.get(job)
         if here is None or (cmd.attempt is not None and cmd.attempt != here):
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -188,3 +189,89 @@ def test_kind_and_label_validation() -> None:
         load_settings({}, kinds={"k": {"command": ["true"], "labels": ["a_b"]}})
     s = load_settings({"JOBSTREAM_WORKER_LABELS": "gpu, eu"})
     assert s.worker_labels == ["gpu", "eu"]
+
+
+async def test_a_failing_jobs_secrets_do_not_travel_in_its_error(tmp_path: Path) -> None:
+    kind = KindConfig(
+        command=["sh", "-c", 'echo "login with $API_TOKEN refused" >&2; exit 1'],
+        env={"API_TOKEN": "tok-5ecret-42"},
+    )
+    o = await run_attempt(dispatch("x"), kind, log_dir=str(tmp_path), kill_grace_s=1)
+    assert not o.ok and "refused" in o.error
+    assert "tok-5ecret-42" not in o.error and "***" in o.error
+
+
+async def test_a_log_directory_removed_after_first_use_is_made_again(tmp_path: Path) -> None:
+    kind = KindConfig(command=["true"])
+    first = await run_attempt(dispatch("x"), kind, log_dir=str(tmp_path), kill_grace_s=1)
+    assert first.ok and first.log_path
+    os.unlink(first.log_path)
+    os.rmdir(os.path.dirname(first.log_path))
+    again = await run_attempt(
+        dispatch("x", job_id="j2"), kind, log_dir=str(tmp_path), kill_grace_s=1
+    )
+    assert again.ok, again.error
+    (tmp_path / "acme").rename(tmp_path / "gone")
+    (tmp_path / "acme").write_text("a file where the directory goes")
+    blocked = await run_attempt(
+        dispatch("x", job_id="j3"), kind, log_dir=str(tmp_path), kill_grace_s=1
+    )
+    assert not blocked.ok and blocked.retryable and "could not run the job" in blocked.error
+
+
+async def test_a_pause_never_reaches_a_pool_member_after_the_job_left_it(tmp_path: Path) -> None:
+    """Item 8: the handle kept the member's process after the job returned it to the pool,
+    so pausing the finished job stopped the member under the next job."""
+    pool = PyPool(1)
+    kind = KindConfig(entrypoint="tests.jobfns:record", timeout_s=10)
+    try:
+        first = AttemptHandle()
+        args = {"out": str(tmp_path / "a.json"), "value": 1, "steps": 1}
+        done = await run_attempt(
+            dispatch("py", args, "a"),
+            kind,
+            log_dir=str(tmp_path),
+            kill_grace_s=1,
+            handle=first,
+            pool=pool,
+        )
+        assert done.ok, done.error
+        assert not first.pause()  # the job is over: nothing to stop
+        args = {"out": str(tmp_path / "b.json"), "value": 2, "steps": 2}
+        second = await asyncio.wait_for(
+            run_attempt(
+                dispatch("py", args, "b"), kind, log_dir=str(tmp_path), kill_grace_s=1, pool=pool
+            ),
+            5,
+        )
+        assert second.ok, second.error
+    finally:
+        await pool.close()
+
+
+async def test_a_pause_sent_before_the_process_exists_holds_it_until_resumed(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "p.json"
+    kind = KindConfig(entrypoint="tests.jobfns:record", timeout_s=30)
+    pool = PyPool(1)
+    try:
+        h = AttemptHandle()
+        assert h.pause()  # the dispatch is here, its process not yet
+        task = asyncio.create_task(
+            run_attempt(
+                dispatch("py", {"out": str(out), "value": 3, "steps": 2}, "p"),
+                kind,
+                log_dir=str(tmp_path),
+                kill_grace_s=1,
+                handle=h,
+                pool=pool,
+            )
+        )
+        await asyncio.sleep(1.0)
+        assert not task.done() and not out.exists() and h.paused_since is not None
+        assert h.resume()
+        o = await asyncio.wait_for(task, 10)
+        assert o.ok and out.exists()
+    finally:
+        await pool.close()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from agents.errors import ConfigError
-from agents.settings import load_settings
+from agents.settings import load_settings, mask_secrets, redact_url
 from streams.errors import TopicConfigError
 from streams.topics import REQUIRED, load_topics, parse_duration_ms, parse_topics
 
@@ -54,6 +55,40 @@ def test_secrets_are_redacted() -> None:
     )
     text = repr(s.redacted())
     assert "s3cret" not in text and "hunter2" not in text and "'acks': 'all'" in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cret@db/js",
+        "postgresql://app:s3cret@db:5432/js?sslmode=require",
+        "postgresql://app@db/js?password=s3cret&sslmode=require",
+        "postgresql://db/js?sslmode=require&PASSWORD=s3cret",
+        "host=db user=app password=s3cret dbname=js",
+        "host=db password = s3cret dbname=js",
+        "host=db password='s3 cret' dbname=js",
+    ],
+)
+def test_every_form_of_database_password_is_redacted(url: str) -> None:
+    out = redact_url(url)
+    assert "s3cret" not in out and "s3 cret" not in out and "***" in out, out
+    assert "db" in out
+
+
+def test_private_keys_and_secret_env_values_are_redacted() -> None:
+    s = load_settings(
+        {
+            "JOBSTREAM_KAFKA_CONFIG": json.dumps(
+                {"ssl.key.pem": "-----BEGIN PRIVATE KEY-----x", "ssl.ca.location": "/ca.pem"}
+            )
+        }
+    )
+    text = repr(s.redacted())
+    assert "PRIVATE KEY" not in text and "/ca.pem" in text
+    env = {"API_TOKEN": "tok-12345", "HOME": "/home/job"}
+    assert mask_secrets("auth failed with tok-12345 in /home/job", env) == (
+        "auth failed with *** in /home/job"
+    )
 
 
 def test_topics_yaml_is_complete_and_co_partitioned() -> None:
