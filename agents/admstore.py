@@ -10,7 +10,9 @@ Invariants:
   So limits and capacities hold exactly even while two processes briefly both think they
   own a tenant (a rebalance, a paused zombie).
 - What a job takes is written with it (``job_holds``) and released exactly once
-  (``release_holds`` deletes the rows it gives back), on every end of an attempt.
+  (``release_holds`` deletes the rows it gives back), on every end of an attempt; holds
+  belong to one attempt (``release_attempt_holds``): a cancelled attempt keeps them until
+  its end is reported.
 - Values always travel as parameters.
 """
 
@@ -127,6 +129,33 @@ async def release_holds(conn: Conn, job_ids: Sequence[str]) -> None:
                  FROM v WHERE s.name = v.name RETURNING s.name)
            SELECT pg_notify(%s, 'release') FROM (SELECT 1 FROM u LIMIT 1) AS released""",
         (ids, CHANNEL),
+    )
+
+
+async def release_attempt_holds(conn: Conn, attempts: Sequence[tuple[str, int]]) -> None:
+    """Give back what these attempts hold (``(job id, attempt)``; exactly once), like
+    :func:`release_holds` but leaving other attempts' holds alone: a cancelled attempt still
+    stopping and its retry each hold their own."""
+    if not attempts:
+        return
+    ids = [a[0] for a in attempts]
+    nums = [a[1] for a in attempts]
+    await conn.execute(
+        """SELECT name FROM semaphores WHERE name IN
+           (SELECT h.name FROM job_holds h JOIN unnest(%s::text[], %s::int[]) AS v(id, attempt)
+            ON h.job_id = v.id AND h.attempt = v.attempt) ORDER BY name FOR UPDATE""",
+        (ids, nums),
+    )
+    await conn.execute(
+        """WITH d AS (DELETE FROM job_holds h USING unnest(%s::text[], %s::int[])
+                     AS v(id, attempt)
+                     WHERE h.job_id = v.id AND h.attempt = v.attempt
+                     RETURNING h.name, h.amount),
+           v AS (SELECT name, sum(amount)::int AS amount FROM d GROUP BY name),
+           u AS (UPDATE semaphores s SET used = greatest(0, s.used - v.amount)
+                 FROM v WHERE s.name = v.name RETURNING s.name)
+           SELECT pg_notify(%s, 'release') FROM (SELECT 1 FROM u LIMIT 1) AS released""",
+        (ids, nums, CHANNEL),
     )
 
 
@@ -289,8 +318,10 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Pend
         -- the dispatch's confirmation is recorded, still comes after it
         h AS (INSERT INTO job_history (job_id, attempt, event)
               SELECT id, attempt, 'dispatched' FROM d),
-        held AS (INSERT INTO job_holds (job_id, name, amount)
-                 SELECT * FROM unnest(%s::text[], %s::text[], %s::int[])),
+        held AS (INSERT INTO job_holds (job_id, attempt, name, amount)
+                 SELECT v.id, coalesce(d.attempt, 0), v.name, v.amount
+                 FROM unnest(%s::text[], %s::text[], %s::int[]) AS v(id, name, amount)
+                 LEFT JOIN d ON d.id = v.id),
         used AS (UPDATE semaphores s SET used = s.used + v.amount
                  FROM unnest(%s::text[], %s::int[]) AS v(name, amount)
                  WHERE s.name = v.name),

@@ -10,6 +10,9 @@ Invariants:
 - A cancel names the attempt it stopped (``CANCEL_FROM``); one that names an attempt applies
   only while that attempt is dispatched or running (``CANCEL_ATTEMPT_FROM``), mirroring
   ``agents.core.lifecycle``.
+- A cancelled attempt that was in flight keeps its holds until its end is reported (the
+  worker reports a cancelled attempt's end too) or the monitor finds it cannot be running:
+  no resource is over-committed by a process that is still stopping.
 - Dependents of a cancelled or retried job are settled in the same transaction (the
   dependency core decides), so they follow their trigger rule or wait again.
 """
@@ -22,7 +25,6 @@ from typing import Any, Literal
 
 import psycopg
 
-from agents.admstore import release_holds
 from agents.core.deps import DependencyIndex
 from agents.core.lifecycle import CANCEL_ATTEMPT_FROM, CANCEL_FROM, State
 from agents.depstore import apply_decisions, load_working_set
@@ -158,9 +160,10 @@ async def apply_commands(
             if row is None:
                 continue
             jid, group, was, attempt = row
+            # an attempt in flight keeps its holds until its end is reported (its process
+            # may still be stopping): ``agents.depstore``, or the monitor's sweep
             in_flight = was in (State.DISPATCHED, State.RUNNING)
             applied.cancelled.append(Cancelled(jid, group, attempt if in_flight else None))
-            await release_holds(conn, [jid])
             changed.append(jid)
         else:
             cur = await conn.execute(_RETRY, {"ids": [c.job], "by": c.by})

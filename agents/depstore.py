@@ -16,13 +16,13 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-from agents.admstore import release_holds
+from agents.admstore import release_attempt_holds
 from agents.core.deps import Edge, Fail, Needs, Node, Release, Wait
 from agents.core.lifecycle import FINISHED_FROM, STARTED_FROM
 from agents.rows import READY_COLS, RETURN_STATE, Accepted, ReadyJob, q, states
@@ -137,6 +137,9 @@ class Ended:
     terminal: list[str]
     retry: list[ReadyJob]
     history: list[tuple[str, int, str, Jsonb]]
+    # attempts whose end was reported: what they hold is given back, whether the report
+    # changed the job or was fenced off (a cancelled attempt that stopped, a superseded one)
+    over: list[tuple[str, int]] = field(default_factory=list)
 
 
 async def queue_lifecycle(
@@ -189,6 +192,8 @@ async def read_lifecycle(events: Sequence[JobEvent], queued: Sequence[_Queued]) 
             attempt = getattr(one, "attempt", row[1])
             ended.history.append((one.job_id, attempt, row[0], Jsonb(_detail(one))))
     for ev, row in zip(events, rows, strict=True):
+        if isinstance(ev, (JobSucceeded, JobFailed)):
+            ended.over.append((ev.job_id, ev.attempt))
         if row is None:
             continue
         state = row[0]
@@ -207,7 +212,7 @@ async def queue_ended(conn: Conn, ended: Ended) -> None:
             "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
             [list(col) for col in zip(*ended.history, strict=True)],
         )
-    await release_holds(conn, [*ended.terminal, *(r.id for r in ended.retry)])
+    await release_attempt_holds(conn, ended.over)
 
 
 async def _apply_bulk(conn: Conn, kind: type, events: Sequence[JobEvent]) -> Cursor:

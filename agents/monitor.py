@@ -87,6 +87,8 @@ class Monitor:
         work = await retrying(
             "monitor", lambda: store.lost_work(s.worker_lost_after_s, s.capacity_factor)
         )
+        if work.released:
+            log.warning("gave back the holds of %d attempts that ended unreported", work.released)
         for worker in work.newly_lost:
             self.lost += 1
             self.ctx.metrics.count("workers_lost", {"worker": worker})

@@ -22,7 +22,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from agents.admstore import refresh_capacity
+from agents.admstore import refresh_capacity, release_attempt_holds
 from agents.core import brake as brake_core
 from agents.core.brake import HostSample, Thresholds
 from agents.core.deps import DependencyIndex, Fail
@@ -71,6 +71,7 @@ class Orphan:
 class LostWork:
     newly_lost: list[str]
     orphans: list[Orphan]
+    released: int = 0  # holds of attempts that ended unreported, given back
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -448,7 +449,21 @@ class PostgresJobStore:
                 (lost_after_s,),
             )
             orphans = [Orphan(*r) for r in await cur.fetchall()]
-            return LostWork(newly, orphans)
+            # holds of attempts no longer in flight whose end was never reported (a cancelled
+            # attempt whose worker died): given back once no live worker runs the job
+            cur = await conn.execute(
+                """SELECT h.job_id, h.attempt FROM job_holds h JOIN jobs j ON j.id = h.job_id
+                   WHERE NOT (j.state IN ('dispatched', 'running') AND j.attempt = h.attempt)
+                     AND j.updated_at < now() - make_interval(secs => %s)
+                     AND NOT EXISTS (SELECT 1 FROM workers w
+                                     WHERE w.state IN ('running', 'draining')
+                                       AND j.id = ANY(w.running))
+                   LIMIT 10000""",
+                (lost_after_s,),
+            )
+            stale = [(r[0], r[1]) for r in await cur.fetchall()]
+            await release_attempt_holds(conn, stale)
+            return LostWork(newly, orphans, len(stale))
 
     async def record_host_load(self, samples: Sequence[HostSample]) -> None:
         """Upsert each host's latest telemetry (a sample updates only the fields it has)."""

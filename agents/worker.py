@@ -517,6 +517,8 @@ class Worker:
         here = self.attempt_of.get(d.job_id)
         if key in self.seen or key in self.cancelled or (here is not None and here > d.attempt):
             # run here already, cancelled, or superseded by the attempt running here
+            if key in self.cancelled and key not in self.seen:
+                self._report_unstarted(d)
             self.tracker.finished(tp, msg.offset)
             self._commit_soon_as_paced()
             return
@@ -546,6 +548,28 @@ class Worker:
         self.kinds_of[key] = d.kind
         self.attempt_of[d.job_id] = d.attempt
         self.running[key] = asyncio.create_task(self._execute(msg, d))
+
+    def _ended_record(self, d: Dispatch, why: str) -> Record:
+        """The end of an attempt that was cancelled or superseded: a failure that changes
+        nothing but gives back what the attempt holds."""
+        event = JobFailed(
+            job_id=d.job_id,
+            attempt=d.attempt,
+            worker=self.id,
+            at=time.time(),
+            error=(f"cancelled: {why}" if why else "cancelled")[:4000],
+            retryable=False,
+        )
+        return self._event_record(d, event)
+
+    def _report_unstarted(self, d: Dispatch) -> None:
+        """A cancelled attempt's dispatch, dropped here before it started: say it is over
+        (in the background; nothing waits for it)."""
+        record = self._ended_record(d, self.cancelled.get((d.job_id, d.attempt), ""))
+        task = asyncio.ensure_future(self.events.deliver(record, "publish outcome"))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _supersede(self, old: Attempt, attempt: int) -> None:
         self._remember_cancel(old, f"superseded by attempt {attempt}")
@@ -632,8 +656,12 @@ class Worker:
                     False, None, f"worker {self.id} could not run the job: {exc!r}", 0.0, None, True
                 )
             if key in self.cancelled and not outcome.ok:
+                # cancelled or superseded: the job's state moved on in PostgreSQL already;
+                # the report (fenced off there) says the attempt's process is over, so what
+                # it holds is given back
                 self._finished_metrics(d, outcome, "cancelled")
-                return  # the job.cancelled event is the authority; nothing to report
+                await deliver(self._ended_record(d, self.cancelled[key]), "publish outcome")
+                return
             # the process is done: its slot is free while the outcome is reported
             publishing = True
             self._publishing += 1
@@ -803,6 +831,7 @@ class Worker:
         if d is None or (d.job_id, d.attempt) != key:
             return False
         self.tracker.finished((m.topic, m.partition), m.offset)
+        self._report_unstarted(d)
         return True
 
     def _sweep_progress(self) -> None:

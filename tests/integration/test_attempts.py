@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.settings import Settings
+from agents.settings import Settings, load_settings
 from streams.events import (
     Control,
     JobFailed,
@@ -27,7 +27,7 @@ from streams.events import (
 from streams.publisher import JobPublisher
 from tests.conftest import settings_env
 from tests.helpers import ROOT, Proc, cli, eventually
-from tests.integration.test_workers import attempts_file, cluster, db, job, ws  # noqa: F401
+from tests.integration.test_workers import _alive, attempts_file, cluster, db, job, ws  # noqa: F401
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -249,3 +249,59 @@ def test_jobs_of_a_worker_that_stopped_without_reporting_them_are_retried(
         finally:
             os.kill(pid, signal.SIGCONT)
     assert job(ws, "w")["attempt"] == 2
+
+
+def test_a_cancelled_attempt_keeps_its_resource_until_its_end_is_reported(
+    ws: Settings,  # noqa: F811
+    publisher: JobPublisher,
+    tmp_path: Path,
+) -> None:
+    """Item 9: the cancel of a dispatched attempt gave its resource back at once, so another
+    job took it while the cancelled dispatch still waited in a worker's queue; a worker that
+    had not seen the cancel ran both. Now the attempt's holds stay until its end is reported
+    (a worker that drops the dispatch, or runs and stops it, says so)."""
+    s = load_settings(settings_env(ws.replace(resources={"lic": 1})))
+    out = tmp_path / "a.txt"
+    with cluster(s, tmp_path, workers=1) as (_, (worker,)):
+        pid = int(
+            eventually(lambda: db(s, "SELECT pid FROM workers WHERE state = 'running'"), 60)[0][0]
+        )
+        os.kill(pid, signal.SIGSTOP)  # the dispatch waits for it
+        try:
+            publisher.submit(
+                JobSpec(
+                    id="ra",
+                    tenant="acme",
+                    kind="mark",
+                    args={"out": str(out), "seconds": "3"},
+                    resources=["lic"],
+                )
+            )
+            eventually(lambda: job(s, "ra").get("state") == "dispatched", 30, what="ra out")
+            assert cli("cancel", "ra", env=settings_env(s)).returncode == 0
+            eventually(lambda: job(s, "ra").get("state") == "cancelled", 30, what="cancelled")
+            publisher.submit(
+                JobSpec(
+                    id="rb",
+                    tenant="acme",
+                    kind="touch",
+                    args={"path": str(tmp_path / "rb")},
+                    resources=["lic"],
+                )
+            )
+            time.sleep(2)  # admission had every chance to give rb the resource
+            assert job(s, "rb")["state"] == "ready"
+            used = db(s, "SELECT used FROM semaphores WHERE name LIKE %s", "%lic")
+            assert used == [(1,)]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        shared = False
+        deadline = time.monotonic() + 60
+        while job(s, "rb").get("state") != "succeeded" and time.monotonic() < deadline:
+            ra_pid = Path(f"{out}.pid")
+            if (tmp_path / "rb").exists() and ra_pid.exists():
+                shared = shared or _alive(int(ra_pid.read_text().strip() or 0))
+            time.sleep(0.05)
+        assert job(s, "rb")["state"] == "succeeded"
+    assert not shared  # rb never ran beside the cancelled attempt's process
+    assert db(s, "SELECT coalesce(sum(amount), 0) FROM job_holds")[0][0] == 0
