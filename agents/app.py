@@ -111,6 +111,8 @@ def build_app(ctx: Context) -> faust.App:
         s.require_kafka(),
         broker_commit_every=s.batch_size,
         broker_commit_interval=0.5,
+        broker_session_timeout=s.scheduler_session_timeout_s,
+        broker_heartbeat_interval=max(1.0, s.scheduler_session_timeout_s / 4),
         producer_linger=0.001,
         broker_credentials=faust_credentials(s.kafka_config),
     )

@@ -14,13 +14,18 @@ Checks (each violation is one line naming the job, key or resource):
 - no semaphore over-committed; when settled, nothing is held and every semaphore is free;
 - the dead letters match what the caller knows was rejected (``expect_dead_letters``).
 
+Sampled while a scenario runs (:func:`owner_violations`): no job ``running`` on a worker
+that is not live, and none ``dispatched`` that no live worker runs or holds buffered, beyond
+a bound. From the jobs' own ledger (:func:`process_overcommit`): no resource held by more
+running processes than its capacity.
+
 Used by the reliability tests and the chaos run (``make chaos``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import psycopg
 
@@ -108,3 +113,65 @@ def check(
             if n != expect_dead_letters:
                 out.append(f"{n} dead letters, expected {expect_dead_letters}")
     return out
+
+
+def owner_violations(dsn: str, bound_s: float) -> list[str]:
+    """Jobs without a live owner for longer than ``bound_s`` (the database's clock): running
+    on a worker that is lost, stopped, silent or unknown; dispatched (and confirmed) but in no
+    live worker's running or buffered list. Live: ``running``/``draining`` and heard from
+    within ``bound_s``."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            """WITH live AS (
+                   SELECT id, running, buffered FROM workers
+                   WHERE state IN ('running', 'draining')
+                     AND last_seen > now() - make_interval(secs => %(b)s))
+               SELECT j.id, j.state, j.attempt, coalesce(j.worker, '-') FROM jobs j
+               WHERE (j.state = 'running'
+                      AND j.updated_at < now() - make_interval(secs => %(b)s)
+                      AND NOT EXISTS (SELECT 1 FROM live WHERE live.id = j.worker))
+                  OR (j.state = 'dispatched' AND j.dispatch_confirmed
+                      AND j.dispatched_at < now() - make_interval(secs => %(b)s)
+                      AND NOT EXISTS (SELECT 1 FROM live WHERE j.id = ANY(live.running)
+                                                         OR j.id = ANY(live.buffered)))
+               ORDER BY j.id LIMIT 50""",
+            {"b": bound_s},
+        ).fetchall()
+    return [
+        f"job {jid} attempt {attempt} {state} without a live owner for over {bound_s:g} s "
+        f"(worker {worker})"
+        for jid, state, attempt, worker in rows
+    ]
+
+
+def process_overcommit(
+    ledger: list[str], capacity: int, excluded: Collection[int] = ()
+) -> list[str]:
+    """Over-commits of one resource by running processes, from a ledger its jobs write
+    (``+ JOB ATTEMPT PPID`` when their process starts, ``- JOB ATTEMPT PPID`` when it ends,
+    in the order written). Processes whose worker (PPID) is in ``excluded`` are not counted:
+    the orphans of a worker killed or frozen past the liveness bound run on without it, which
+    is documented as not promised (docs/guarantees.md)."""
+    live: dict[tuple[str, str, str], int] = {}
+    out: list[str] = []
+    for line in ledger:
+        parts = line.split()
+        if len(parts) != 4 or parts[0] not in "+-":
+            continue
+        sign, job, attempt, ppid = parts
+        if ppid.isdigit() and int(ppid) in excluded:
+            continue
+        key = (job, attempt, ppid)
+        if sign == "+":
+            live[key] = live.get(key, 0) + 1
+            if sum(live.values()) > capacity:
+                out.append(
+                    f"{sum(live.values())} processes held a resource of {capacity}: {sorted(live)}"[
+                        :500
+                    ]
+                )
+        elif live.get(key):
+            live[key] -= 1
+            if not live[key]:
+                del live[key]
+    return out[:50]

@@ -120,6 +120,11 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     size_ref: Annotated[int, Meta(ge=1)] = 1 << 30
     capacity_factor: Annotated[float, Meta(ge=1, le=100)] = 2.0
     worker_lost_after_s: Annotated[float, Meta(gt=0)] = 15.0
+    # a scheduler process silent this long leaves its consumer group: its partitions (its
+    # dependency groups, tenants, the control topic) move to a surviving one (the broker
+    # accepts 6 s and more; faust's own default, 60 s, stalled a killed scheduler's
+    # partitions for a minute)
+    scheduler_session_timeout_s: Annotated[float, Meta(ge=6, le=300)] = 10.0
     admission_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     admission_resync_s: Annotated[float, Meta(gt=0)] = 15.0
     log_level: str = "WARNING"

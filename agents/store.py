@@ -382,11 +382,12 @@ class PostgresJobStore:
             await cur.executemany(
                 """
                 INSERT INTO workers (id, host, slots_total, slots_free, running, state, last_seen,
-                                     labels, load, pid, since)
-                VALUES (%s, %s, %s, %s, %s, %s, now(), %s, %s, %s, to_timestamp(%s))
+                                     labels, load, pid, since, buffered)
+                VALUES (%s, %s, %s, %s, %s, %s, now(), %s, %s, %s, to_timestamp(%s), %s)
                 ON CONFLICT (id) DO UPDATE SET host = excluded.host,
                     slots_total = excluded.slots_total, slots_free = excluded.slots_free,
-                    running = excluded.running, state = excluded.state,
+                    running = excluded.running, buffered = excluded.buffered,
+                    state = excluded.state,
                     last_seen = excluded.last_seen,
                     labels = excluded.labels, load = excluded.load, pid = excluded.pid,
                     since = excluded.since,
@@ -405,6 +406,7 @@ class PostgresJobStore:
                         b.load,
                         b.pid,
                         b.since,
+                        b.buffered,
                     )
                     for b in latest.values()
                 ],
@@ -457,7 +459,7 @@ class PostgresJobStore:
                      AND j.updated_at < now() - make_interval(secs => %s)
                      AND NOT EXISTS (SELECT 1 FROM workers w
                                      WHERE w.state IN ('running', 'draining')
-                                       AND j.id = ANY(w.running))
+                                       AND (j.id = ANY(w.running) OR j.id = ANY(w.buffered)))
                    LIMIT 10000""",
                 (lost_after_s,),
             )

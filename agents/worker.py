@@ -871,6 +871,7 @@ class Worker:
             pid=os.getpid(),
             since=self.since,
             progress=progress,
+            buffered=sorted({m.dispatch.job_id for m in self.backlog if m.dispatch is not None}),
         )
         rec = Record(self.ctx.topic("workers.heartbeat"), encode(beat), self.id.encode())
         m = self.ctx.metrics

@@ -176,6 +176,7 @@ class WorkerHeartbeat(_Event, tag="worker.heartbeat", frozen=True):
     pid: int = 0
     since: Epoch = 0.0  # when this worker process started: jobs it ran before are orphans
     progress: dict[str, float] = msgspec.field(default_factory=dict)  # job id -> 0..1
+    buffered: list[str] = msgspec.field(default_factory=list)  # dispatches waiting for a slot
 
 
 class Control(_Event, tag="control", frozen=True):
