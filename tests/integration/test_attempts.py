@@ -20,6 +20,8 @@ from streams.events import (
     Control,
     JobFailed,
     JobSpec,
+    JobStarted,
+    JobSucceeded,
     WorkerHeartbeat,
     WorkflowSubmitted,
     encode,
@@ -305,3 +307,42 @@ def test_a_cancelled_attempt_keeps_its_resource_until_its_end_is_reported(
         assert job(s, "rb")["state"] == "succeeded"
     assert not shared  # rb never ran beside the cancelled attempt's process
     assert db(s, "SELECT coalesce(sum(amount), 0) FROM job_holds")[0][0] == 0
+
+
+def test_events_of_a_superseded_attempt_change_nothing_while_the_next_one_runs(
+    ws: Settings,  # noqa: F811
+    publisher: JobPublisher,
+    tmp_path: Path,
+) -> None:
+    """The SQL attempt guard itself (not terminal absorption): attempt 2 is running when a
+    start, a success and a non-retryable failure of attempt 1 arrive late."""
+    out = tmp_path / "g.txt"
+    with cluster(ws, tmp_path):
+        publisher.submit(
+            JobSpec(id="g", tenant="acme", kind="mark", args={"out": str(out), "seconds": "6"})
+        )
+        eventually(lambda: _running(ws, "g", 1), 60, what="g running")
+        worker = str(job(ws, "g")["worker"])
+        fail = JobFailed(
+            job_id="g", attempt=1, worker=worker, at=time.time(), error="lost", backoff=False
+        )
+        publisher.send_raw("jobs.events", encode(fail), b"g")
+        eventually(lambda: _running(ws, "g", 2), 30, what="attempt 2 running")
+        late = [
+            JobStarted(job_id="g", attempt=1, worker="ghost", at=time.time()),
+            JobSucceeded(
+                job_id="g", attempt=1, worker="ghost", at=time.time(), exit_code=0, duration_s=1
+            ),
+            JobFailed(
+                job_id="g", attempt=1, worker="ghost", at=time.time(), error="x", retryable=False
+            ),
+        ]
+        for ev in late:
+            publisher.send_raw("jobs.events", encode(ev), b"g")
+        time.sleep(2)  # well past the dependency stage's batch
+        assert _running(ws, "g", 2), job(ws, "g")
+        eventually(lambda: job(ws, "g").get("state") == "succeeded", 60, what="g done")
+    j = job(ws, "g")
+    assert j["attempt"] == 2 and j["worker"] == worker
+    succeeded = db(ws, "SELECT attempt FROM job_history WHERE job_id = 'g' AND event = 'succeeded'")
+    assert succeeded == [(2,)]

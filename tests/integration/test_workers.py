@@ -154,18 +154,24 @@ def test_kill_9_mid_job_retries_on_another_worker_and_succeeds_once(
 def test_a_frozen_worker_that_comes_back_cannot_complete_the_retried_job(
     ws: Settings, publisher: JobPublisher, tmp_path: Path
 ) -> None:
+    """Fencing, not terminal absorption: the frozen worker comes back and reports attempt 1
+    (whose process ended meanwhile) while attempt 2 still runs; the job stays with attempt
+    2 and ends with its outcome."""
     out = tmp_path / "mark.txt"
     with cluster(ws, tmp_path, workers=1) as (_, (first,)):
         publisher.submit(
-            JobSpec(id="zz", tenant="acme", kind="mark", args={"out": str(out), "seconds": "3"})
+            JobSpec(id="zz", tenant="acme", kind="mark", args={"out": str(out), "seconds": "9"})
         )
         eventually(lambda: job(ws, "zz").get("state") == "running", 60, what="zz running")
         second = add_worker(ws, tmp_path, "worker-2")
         try:
             second_id = worker_id(ws, second)
-            first.signal(signal.SIGSTOP)  # frozen: no heartbeats, its job frozen too
-            eventually(lambda: job(ws, "zz").get("attempt") == 2, 60, what="retry dispatched")
-            eventually(lambda: job(ws, "zz").get("state") == "succeeded", 60, what="zz done")
+            first.signal(signal.SIGSTOP)  # frozen: no heartbeats (its job's process runs on)
+            eventually(
+                lambda: job(ws, "zz").get("attempt") == 2 and job(ws, "zz")["state"] == "running",
+                60,
+                what="attempt 2 running",
+            )
             first.signal(signal.SIGCONT)  # comes back and reports attempt 1
             eventually(
                 lambda: (
@@ -175,7 +181,22 @@ def test_a_frozen_worker_that_comes_back_cannot_complete_the_retried_job(
                 30,
                 what="first worker heartbeating again",
             )
-            time.sleep(4)  # its attempt-1 process finishes and reports
+            eventually(
+                lambda: (
+                    db(
+                        ws,
+                        "SELECT count(*) FROM job_history WHERE job_id = 'zz' AND attempt = 1 "
+                        "AND event = 'started'",
+                    )[0][0]
+                    and len(attempts_file(out)) >= 4
+                ),
+                30,
+                what="both attempts ran",
+            )
+            time.sleep(1.5)  # attempt 1's report reaches the dependency stage
+            during = job(ws, "zz")
+            assert during["state"] == "running" and during["attempt"] == 2, during
+            eventually(lambda: job(ws, "zz").get("state") == "succeeded", 60, what="zz done")
         finally:
             second.stop()
     j = job(ws, "zz")

@@ -275,3 +275,40 @@ async def test_a_pause_sent_before_the_process_exists_holds_it_until_resumed(
         assert o.ok and out.exists()
     finally:
         await pool.close()
+
+
+async def test_a_timed_out_job_that_ignores_sigterm_is_killed_with_its_children(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to the process group, SIGKILL after the grace: the job's process and a child
+    it left in the background are both gone when the outcome is reported."""
+    pids = tmp_path / "pids"
+    kind = KindConfig(
+        command=[
+            "sh",
+            "-c",
+            'trap \'\' TERM; sleep 60 & echo $! >> "$1"; echo $$ >> "$1"; '
+            "while :; do sleep 1; done",
+            "sh",
+            str(pids),
+        ],
+        timeout_s=0.5,
+    )
+    began = time.monotonic()
+    o = await run_attempt(dispatch("x"), kind, log_dir=str(tmp_path), kill_grace_s=0.5)
+    assert not o.ok and "timed out" in o.error
+    assert time.monotonic() - began < 10
+    for pid in map(int, pids.read_text().split()):
+        assert not _alive(pid), pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

@@ -135,3 +135,13 @@ def test_compose_runs_the_broker_version_the_tests_run() -> None:
     compose = (ROOT / "docker-compose.yml").read_text()
     assert f"image: apache/kafka:{tested.group(1)}" in compose
     assert "image: postgres:15" in compose
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0:8080", "10.1.2.3:80", "[::]:8080", "example.org:80"])
+def test_a_status_page_off_loopback_needs_a_token(bind: str) -> None:
+    with pytest.raises(ConfigError, match="not loopback: set status_token"):
+        load_settings({"JOBSTREAM_STATUS_BIND": bind})
+    s = load_settings({"JOBSTREAM_STATUS_BIND": bind, "JOBSTREAM_STATUS_TOKEN": "t0ken-123"})
+    assert s.status_bind == bind
+    for loopback in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080"):
+        assert not load_settings({"JOBSTREAM_STATUS_BIND": loopback}).status_token
