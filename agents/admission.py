@@ -25,7 +25,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import psycopg
 from psycopg import sql
@@ -55,10 +55,14 @@ SENDS_IN_FLIGHT = 4  # rounds whose dispatches may wait for the broker behind th
 
 
 async def dispatch_records(
-    ctx: Context, jobs: Sequence[DispatchJob], due: Mapping[str, float] | None = None
+    ctx: Context,
+    jobs: Sequence[DispatchJob],
+    due: Mapping[str, float] | None = None,
+    shared: Collection[str] | None = None,
 ) -> list[Record]:
     """Dispatch commands, each to its kind's pool topic (created on first use); ``due``:
-    admission's due time per job, so workers start urgent buffered work first."""
+    admission's due time per job, so workers start urgent buffered work first; ``shared``:
+    the jobs that hold a shared resource (None: assume every one does)."""
     await ctx.ensure_pools({j.kind for j in jobs})
     return [
         Record(
@@ -75,6 +79,7 @@ async def dispatch_records(
                     dispatched_at=j.dispatched_at,
                     group=j.group,
                     due=(due or {}).get(j.id),
+                    shared=shared is None or j.id in shared,
                 )
             ),
             j.id.encode(),
@@ -367,7 +372,10 @@ class Admission:
         if stale_keys:
             await self._reload_rate_log(sorted(stale_keys), now)
         jobs = [x.job for x in res.dispatched]
-        records = await dispatch_records(self.ctx, jobs, {j.id: by_id[j.id].job.due for j in jobs})
+        shared = {j.id for j in jobs if any(n != "slots" for n, _ in by_id[j.id].holds)}
+        records = await dispatch_records(
+            self.ctx, jobs, {j.id: by_id[j.id].job.due for j in jobs}, shared
+        )
         topic = self.ctx.topic("scheduler.decisions")
         for job, priority, size, ready_at in res.dispatched:
             adm = by_id[job.id]

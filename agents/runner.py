@@ -211,6 +211,8 @@ async def run_attempt(
     worker, once per heartbeat: no unlink per job)."""
     start = time.monotonic()
     h = handle or AttemptHandle()
+    if h.stopped:  # cancelled or handed back before its process was made: none is
+        return Outcome(False, None, h.reason or "cancelled", 0.0, None, True)
     if kind is None:
         return Outcome(
             False, None, f"kind {d.kind!r} is not configured on this worker", 0.0, None, False

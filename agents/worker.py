@@ -60,6 +60,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
+from agents.commits import CommitWaits
 from agents.context import Context, RawMessage
 from agents.core.offsets import OffsetTracker, next_to_start
 from agents.core.pacing import Pacer
@@ -220,6 +221,8 @@ class Worker:
         self._paused = False
         self._slot_waiter: asyncio.Future[bool] | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self.commits = CommitWaits()  # dispatches of shared-resource jobs wait for their commit
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         self._consumer_busy = 0  # consumer calls on their way in ``_pool``
         cfg = client_config(s.require_kafka(), s.kafka_config)
@@ -286,7 +289,7 @@ class Worker:
         ]
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         s = self.ctx.settings
         pools = pools_served(s, self.labels)
         await ensure_pool_topics(s, self.ctx.registry, pools, set())
@@ -373,6 +376,12 @@ class Worker:
         self._commit_sync(consumer)
         self._drop_partitions(partitions)
 
+    def _on_loop(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the event loop's thread (callbacks come from whichever thread
+        called the consumer), in the order of the calls."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(fn, *args)
+
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         """The group went on without this member (its session timed out, e.g. the broker
         was away): the partitions may be owned elsewhere already, so nothing is committed
@@ -386,6 +395,7 @@ class Worker:
 
     def _drop_partitions(self, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._on_loop(self.commits.abandon, gone)  # after the revoke's commit is noted
         for tp in gone:
             self.tracker.forget(tp)
         # buffered, unstarted dispatches of a partition that moved belong to its next owner
@@ -448,11 +458,23 @@ class Worker:
     _commit_soon = False
     _recommit = False  # an asynchronous commit failed: the next one sends every position
 
-    def _on_commit(self, err: Any, _partitions: Any) -> None:
-        """The broker's answer to a commit (consumer thread)."""
+    def _on_commit(self, err: Any, partitions: Any) -> None:
+        """The broker's answer to an asynchronous commit (consumer thread)."""
         if err is not None:
             log.warning("commit failed (the next one resends every position): %s", err)
             self._recommit = True
+            self._on_loop(self._commit_soon_as_paced)  # dispatches may wait for it
+            return
+        self._note_committed(partitions or [])
+
+    def _note_committed(self, partitions: list[TopicPartition]) -> None:
+        done = [
+            ((tp.topic, tp.partition), tp.offset)
+            for tp in partitions
+            if tp.error is None and tp.offset >= 0
+        ]
+        if done:
+            self._on_loop(self.commits.committed, done)
 
     def _commit_positions(self, consumer: Any, *, asynchronous: bool) -> None:
         """Commit what the tracker allows (a failed commit is retried by the next one)."""
@@ -462,10 +484,13 @@ class Worker:
             return
         offsets = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
         try:
-            consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            done = consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as exc:
             log.warning("commit failed (the next one resends every position): %s", exc)
             self._recommit = True
+            return
+        if not asynchronous and done:
+            self._note_committed(done)
 
     def _commit_sync(self, consumer: Any) -> None:
         self._commit_positions(consumer, asynchronous=False)
@@ -633,6 +658,15 @@ class Worker:
         )
         try:
             await confirm
+            if d.shared and not await self.commits.wait((msg.topic, msg.partition), msg.offset):
+                # the partition moved before the dispatch was committed: its next owner
+                # runs this attempt (a second run here would share nothing it holds)
+                log.warning(
+                    "job %s attempt %d: its partition moved before its commit; not run here",
+                    *key,
+                )
+                self._finished_metrics(d, Outcome(False, None, "", 0.0, None, True), "moved")
+                return
             m = self.ctx.metrics
             if m.enabled:
                 tags = {"kind": d.kind, "tenant": d.tenant}

@@ -117,6 +117,10 @@ class Dispatch(_Event, tag="job.dispatch", frozen=True):
     # admission's due time (priority, size, waiting: docs/admission.md): a worker starts
     # its buffered dispatches earliest-due first across partitions
     due: float | None = None
+    # the attempt holds a shared resource (a semaphore beyond its slot): the worker runs it
+    # only once its dispatch's offset is committed, so a rebalance cannot hand the same
+    # attempt to a second worker after it ran (that run would hold nothing)
+    shared: bool = False
 
 
 class JobStarted(_Event, tag="job.started", frozen=True):
