@@ -34,6 +34,9 @@ from agents import admstore
 from agents.admstore import Candidate
 from agents.context import Context, RawMessage, retrying
 from agents.core.admission import (
+    ALL,
+    GLOBAL,
+    SLOTS,
     AdmissionCore,
     Decisions,
     Gate,
@@ -86,6 +89,12 @@ async def dispatch_records(
         )
         for j in jobs
     ]
+
+
+def holds_shared(holds: Sequence[tuple[str, int]]) -> bool:
+    """Whether an admission takes more than its slot and its share of the global scope: a
+    named resource, a kind's limit, or all of a scope (exclusive)."""
+    return any(n not in (SLOTS, GLOBAL) or a == ALL for n, a in holds)
 
 
 async def resend_unconfirmed(ctx: Context, ids: Sequence[str]) -> int:
@@ -372,7 +381,7 @@ class Admission:
         if stale_keys:
             await self._reload_rate_log(sorted(stale_keys), now)
         jobs = [x.job for x in res.dispatched]
-        shared = {j.id for j in jobs if any(n != "slots" for n, _ in by_id[j.id].holds)}
+        shared = {j.id for j in jobs if holds_shared(by_id[j.id].holds)}
         records = await dispatch_records(
             self.ctx, jobs, {j.id: by_id[j.id].job.due for j in jobs}, shared
         )

@@ -117,9 +117,8 @@ def check(
 
 def owner_violations(dsn: str, bound_s: float) -> list[str]:
     """Jobs without a live owner for longer than ``bound_s`` (the database's clock): running
-    on a worker that is lost, stopped, silent or unknown; dispatched (and confirmed) but in no
-    live worker's running or buffered list. Live: ``running``/``draining`` and heard from
-    within ``bound_s``."""
+    (started that long ago) or dispatched (and confirmed) but in no live worker's running or
+    buffered list. Live: ``running``/``draining`` and heard from within ``bound_s``."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             """WITH live AS (
@@ -129,7 +128,8 @@ def owner_violations(dsn: str, bound_s: float) -> list[str]:
                SELECT j.id, j.state, j.attempt, coalesce(j.worker, '-') FROM jobs j
                WHERE (j.state = 'running'
                       AND j.updated_at < now() - make_interval(secs => %(b)s)
-                      AND NOT EXISTS (SELECT 1 FROM live WHERE live.id = j.worker))
+                      AND NOT EXISTS (SELECT 1 FROM live WHERE j.id = ANY(live.running)
+                                                         OR j.id = ANY(live.buffered)))
                   OR (j.state = 'dispatched' AND j.dispatch_confirmed
                       AND j.dispatched_at < now() - make_interval(secs => %(b)s)
                       AND NOT EXISTS (SELECT 1 FROM live WHERE j.id = ANY(live.running)

@@ -446,9 +446,16 @@ class PostgresJobStore:
                           -- a stopped worker runs nothing: what it did not report is lost
                           -- once its last outcomes had the liveness bound to arrive
                           OR (w.state = 'stopped'
-                              AND w.last_seen < now() - make_interval(secs => %s)))
+                              AND w.last_seen < now() - make_interval(secs => %s))
+                          -- started a bound ago, and no live worker runs or holds it (its
+                          -- worker left it to a partition's next owner that never took it)
+                          OR (j.updated_at < now() - make_interval(secs => %s)
+                              AND NOT EXISTS (
+                                  SELECT 1 FROM workers x
+                                  WHERE x.state IN ('running', 'draining')
+                                    AND (j.id = ANY(x.running) OR j.id = ANY(x.buffered)))))
                    ORDER BY j.started_at LIMIT 10000""",
-                (lost_after_s,),
+                (lost_after_s, lost_after_s),
             )
             orphans = [Orphan(*r) for r in await cur.fetchall()]
             # holds of attempts no longer in flight whose end was never reported (a cancelled

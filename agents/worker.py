@@ -665,6 +665,7 @@ class Worker:
                     "job %s attempt %d: its partition moved before its commit; not run here",
                     *key,
                 )
+                self.seen.pop(key, None)  # redelivered here later, it runs
                 self._finished_metrics(d, Outcome(False, None, "", 0.0, None, True), "moved")
                 return
             m = self.ctx.metrics

@@ -363,3 +363,13 @@ def test_inline_turns_decide_exactly_as_the_general_turn(
                 core.paused.discard(pause)
         now += 0.7
     assert cores[0].deficit == cores[1].deficit and list(cores[0].active) == list(cores[1].active)
+
+
+def test_only_admissions_beyond_a_slot_and_the_global_share_hold_something_shared() -> None:
+    from agents.admission import holds_shared
+    from agents.core.admission import needs_for
+
+    assert not holds_shared(needs_for("noop", [], None, False))
+    assert holds_shared(needs_for("scan", ["resource:licence"], None, False))
+    assert holds_shared(needs_for("scan", [], None, True))  # its kind's limit
+    assert holds_shared(needs_for("wipe", [], "*", False))  # all of the global scope
