@@ -53,6 +53,9 @@ from streams.events import JobEvent, JobStarted
 
 MIGRATION_LOCK = 7_301_947_113
 MONITOR_LOCK = 7_301_947_114
+# how long an attempt cancelled before it started keeps its holds without a report: the
+# workers' control look-back (agents.worker.CONTROL_LOOKBACK_S)
+UNSTARTED_HOLD_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,16 +462,22 @@ class PostgresJobStore:
             )
             orphans = [Orphan(*r) for r in await cur.fetchall()]
             # holds of attempts no longer in flight whose end was never reported (a cancelled
-            # attempt whose worker died): given back once no live worker runs the job
+            # attempt whose worker died): given back once no live worker runs the job. An
+            # attempt that never started keeps them longer: its dispatch may still reach a
+            # worker, which reports its end (run, or dropped as cancelled); past the workers'
+            # control look-back a worker would not know the cancel anyway
             cur = await conn.execute(
                 """SELECT h.job_id, h.attempt FROM job_holds h JOIN jobs j ON j.id = h.job_id
                    WHERE NOT (j.state IN ('dispatched', 'running') AND j.attempt = h.attempt)
-                     AND j.updated_at < now() - make_interval(secs => %s)
+                     AND j.updated_at < now() - make_interval(secs => %s + CASE
+                         WHEN EXISTS (SELECT 1 FROM job_history s WHERE s.job_id = h.job_id
+                                      AND s.attempt = h.attempt AND s.event = 'started')
+                         THEN 0 ELSE %s END)
                      AND NOT EXISTS (SELECT 1 FROM workers w
                                      WHERE w.state IN ('running', 'draining')
                                        AND (j.id = ANY(w.running) OR j.id = ANY(w.buffered)))
                    LIMIT 10000""",
-                (lost_after_s,),
+                (lost_after_s, UNSTARTED_HOLD_S),
             )
             stale = [(r[0], r[1]) for r in await cur.fetchall()]
             await release_attempt_holds(conn, stale)

@@ -803,6 +803,36 @@ class Worker:
             )
 
         await loop.run_in_executor(self._control_pool, assign)
+        await loop.run_in_executor(self._control_pool, self._catch_up_control, topic, n)
+
+    def _catch_up_control(self, topic: str, partitions: int, limit_s: float = 10.0) -> None:
+        """Apply the last minute of ``jobs.control`` before any dispatch runs here: a cancel
+        sent before this worker started must be known before its dispatch arrives (the two
+        consumers move independently). Bounded: a control topic that cannot be read does not
+        keep the worker from working."""
+        deadline = time.monotonic() + limit_s
+        try:
+            ends = {
+                p: self.control.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+                for p in range(partitions)
+            }
+        except KafkaException as exc:
+            log.warning("control topic watermarks: %s; not caught up", exc)
+            return
+        max_bytes = self.ctx.settings.max_payload_bytes
+        while time.monotonic() < deadline:
+            for m in self.control.consume(num_messages=500, timeout=0.2):
+                if m.error():
+                    continue
+                try:
+                    cmd = decode(m.value(), Control, max_bytes=max_bytes)
+                except InvalidEvent:
+                    continue
+                self._on_loop(self.apply_control, cmd)
+            positions = self.control.position([TopicPartition(topic, p) for p in range(partitions)])
+            if all(tp.offset >= ends[tp.partition] or ends[tp.partition] <= 0 for tp in positions):
+                return
+        log.warning("control topic not caught up within %.0f s", limit_s)
 
     async def _controls(self) -> None:
         loop = asyncio.get_running_loop()

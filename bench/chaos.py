@@ -159,6 +159,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
                 progress.update(task, advance=1)
         chaos.close()
         pub.close()
+        total += len(chaos.extra)
         run.wait_finished(total, show, what="jobs after the faults", limit_s=600)
         settle_s = time.monotonic() - last_fault
         (unfinished,) = run.query(
@@ -168,7 +169,6 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         (accepted,) = run.query("SELECT count(*) FROM jobs")[0]
         limits = {f"tenant:t{i}": (LIMIT["limit"], LIMIT["window_s"]) for i in range(4)}
         violations = _settled_check(run.dsn, limits)
-        violations += sorted(set(unowned))[:20]
         violations += process_overcommit(ledger.read_text().splitlines(), LICENCES, chaos.orphaning)
         slowest = _slowest(run, settle_s)
     return {
@@ -185,7 +185,16 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         "last_fault": order[-1] if order else None,
         "slowest": slowest,
         "violations": violations,
-        "verdict": "pass" if not violations and total == accepted and not unfinished else "FAIL",
+        # sampled during the run: jobs without a live owner beyond the bound. Known open: a
+        # dispatch can wait in Kafka longer than that across back-to-back rebalances (no
+        # re-send or hand-back of dispatched jobs yet), so it is reported, and part of the
+        # verdict, but kept apart from the invariants the short form asserts
+        "unowned": sorted(set(unowned))[:20],
+        "verdict": (
+            "pass"
+            if not violations and not unowned and total == accepted and not unfinished
+            else "FAIL"
+        ),
     }
 
 

@@ -62,6 +62,7 @@ class Faults:
         self.workers = [run.start(*WORKER_ARGS) for _ in range(3)]
         self.orphaning: set[int] = set()  # worker pids whose job processes may outlive them
         self.commands = 0  # cancels and retries sent
+        self.extra: list[str] = []  # jobs the faults submitted themselves
         assert run.registry is not None
         self.seen = Consumer(
             {
@@ -199,9 +200,25 @@ class Faults:
                 self.pub.send_raw("jobs.control", encode(cmd), job.encode())
                 self.commands += 1
 
+    def _some_running(self, limit_s: float = 5.0) -> list[str]:
+        """Running jobs; when none runs (the workload is between slices), a 2 s job of the
+        fault's own, once it runs (counted in ``extra``)."""
+        running = self._running()
+        if running:
+            return running
+        job = f"op{len(self.extra)}"
+        self.pub.submit(JobSpec(id=job, tenant="t0", kind="slow"))
+        self.extra.append(job)
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.run.query("SELECT 1 FROM jobs WHERE id = %s AND state = 'running'", job):
+                return [job]
+            time.sleep(0.05)
+        return self._running()
+
     def cancel_retry(self) -> None:
         """An operator cancels running jobs and retries them at once."""
-        running = self._running()
+        running = self._some_running()
         self._cancel_and_retry(self.rng.sample(running, min(2, len(running))))
 
     def retry_after_lost(self) -> None:
