@@ -6,8 +6,9 @@ Every scheduler process runs it; a PostgreSQL advisory lock lets one of them act
 A tick (at most every second) declares workers lost after ``worker_lost_after_s`` without a
 heartbeat (their slots leave the capacity), then publishes ``job.failed`` (retryable, no
 backoff, counted) for the current attempt of every running job whose worker is lost or has
-restarted since the job started, or stopped without reporting it (after the same bound,
-so its last outcomes can arrive first). The dependency agent applies it like any failure: the job
+restarted since the job started, or that no live worker has run or held for the same bound
+(its worker stopped without reporting it, or left it to a partition's next owner that never
+took it). The dependency agent applies it like any failure: the job
 goes back to ready (or fails after its last attempt) and its holds are released.
 
 Invariants:
@@ -112,12 +113,12 @@ class Monitor:
         return work
 
     def _record(self, o: Orphan) -> Record:
-        if o.worker_state == "lost":
+        if o.why == "lost":
             why = f"worker {o.worker} lost: no heartbeat for {o.silent_s:.0f} s"
-        elif o.worker_state == "stopped":
-            why = f"worker {o.worker} stopped without reporting this attempt"
-        else:
+        elif o.why == "restarted":
             why = f"worker {o.worker} restarted while running this attempt"
+        else:
+            why = f"no live worker runs this attempt (started on {o.worker}, not reported)"
         event = JobFailed(
             job_id=o.id,
             attempt=o.attempt,

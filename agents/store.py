@@ -66,7 +66,7 @@ class Orphan:
     attempt: int
     group: str | None
     worker: str
-    worker_state: str
+    why: str  # lost | restarted | unowned (no live worker runs or holds it)
     silent_s: float
 
 
@@ -441,24 +441,24 @@ class PostgresJobStore:
             if newly:
                 await refresh_capacity(conn, capacity_factor, lost_after_s)
             cur = await conn.execute(
-                """SELECT j.id, j.attempt, j.group_key, w.id, w.state,
+                """SELECT j.id, j.attempt, j.group_key, w.id,
+                          CASE WHEN w.state = 'lost' THEN 'lost'
+                               WHEN j.started_at < w.since THEN 'restarted'
+                               ELSE 'unowned' END,
                           extract(epoch from now() - w.last_seen)::float8
                    FROM jobs j JOIN workers w ON w.id = j.worker
                    WHERE j.state = 'running'
                      AND (w.state = 'lost' OR j.started_at < w.since
-                          -- a stopped worker runs nothing: what it did not report is lost
-                          -- once its last outcomes had the liveness bound to arrive
-                          OR (w.state = 'stopped'
-                              AND w.last_seen < now() - make_interval(secs => %s))
-                          -- started a bound ago, and no live worker runs or holds it (its
-                          -- worker left it to a partition's next owner that never took it)
+                          -- started a bound ago, and no live worker runs or holds it: its
+                          -- worker stopped without reporting it, or left it to a
+                          -- partition's next owner that never took it
                           OR (j.updated_at < now() - make_interval(secs => %s)
                               AND NOT EXISTS (
                                   SELECT 1 FROM workers x
                                   WHERE x.state IN ('running', 'draining')
                                     AND (j.id = ANY(x.running) OR j.id = ANY(x.buffered)))))
                    ORDER BY j.started_at LIMIT 10000""",
-                (lost_after_s, lost_after_s),
+                (lost_after_s,),
             )
             orphans = [Orphan(*r) for r in await cur.fetchall()]
             # holds of attempts no longer in flight whose end was never reported (a cancelled

@@ -24,8 +24,9 @@ Invariants:
 - Every per-job memory is per attempt (job id, attempt): a dispatch for an attempt this
   process already ran is not run twice; an attempt cancelled on ``jobs.control`` (a cancel
   names its attempt: the control agent resolves an operator's cancel) is not started, and is
-  stopped when running (nothing is reported for it: the cancel in PostgreSQL is the
-  authority); a later attempt of the same job runs. A newer attempt of a job whose older
+  stopped when running; either way its end is reported (a failure that the cancel already in
+  PostgreSQL fences off, which gives back the attempt's holds); a later attempt of the same
+  job runs. A newer attempt of a job whose older
   attempt still runs here stops the older one (the job moved on) and runs; an older one is
   skipped.
 - Every attempt whose start is confirmed ends with a report: an error of the worker's own
@@ -574,18 +575,23 @@ class Worker:
         self.attempt_of[d.job_id] = d.attempt
         self.running[key] = asyncio.create_task(self._execute(msg, d))
 
-    def _ended_record(self, d: Dispatch, why: str) -> Record:
-        """The end of an attempt that was cancelled or superseded: a failure that changes
-        nothing but gives back what the attempt holds."""
+    def _failure_record(self, job_id: str, attempt: int, group: str | None, error: str) -> Record:
+        """A non-retryable failure of one attempt (what a cancelled, superseded or unrunnable
+        attempt reports: fenced off when the job moved on, it gives back the attempt's holds)."""
         event = JobFailed(
-            job_id=d.job_id,
-            attempt=d.attempt,
+            job_id=job_id,
+            attempt=attempt,
             worker=self.id,
             at=time.time(),
-            error=(f"cancelled: {why}" if why else "cancelled")[:4000],
+            error=error[:4000],
             retryable=False,
         )
-        return self._event_record(d, event)
+        return Record(self._events_topic, encode(event), (group or job_id).encode())
+
+    def _ended_record(self, d: Dispatch, why: str) -> Record:
+        """The end of an attempt that was cancelled or superseded."""
+        error = f"cancelled: {why}" if why else "cancelled"
+        return self._failure_record(d.job_id, d.attempt, d.group, error)
 
     def _report_unstarted(self, d: Dispatch) -> None:
         """A cancelled attempt's dispatch, dropped here before it started: say it is over
@@ -614,17 +620,8 @@ class Worker:
         try:
             await dead_letter(self.ctx, [(msg, reason)])
             if named is not None:
-                failed = JobFailed(
-                    job_id=named.job_id,
-                    attempt=named.attempt,
-                    worker=self.id,
-                    at=time.time(),
-                    error=f"the worker cannot run this dispatch: {reason}"[:4000],
-                    retryable=False,
-                )
-                record = Record(
-                    self._events_topic, encode(failed), (named.group or named.job_id).encode()
-                )
+                error = f"the worker cannot run this dispatch: {reason}"
+                record = self._failure_record(named.job_id, named.attempt, named.group, error)
                 await self.events.deliver(record, "publish outcome")
         finally:
             self.running.pop(key, None)
