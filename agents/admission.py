@@ -86,6 +86,7 @@ async def dispatch_records(
                 )
             ),
             j.id.encode(),
+            partition=ctx.dispatch_partition(j.id),
         )
         for j in jobs
     ]

@@ -15,7 +15,13 @@ from typing import TypeVar
 
 from agents.errors import StoreUnavailable
 from agents.metrics import Metrics, process_tags
-from agents.pools import ensure_pool_topics, pool_of
+from agents.pools import (
+    dispatch_partition,
+    dispatch_place,
+    dispatch_topic,
+    ensure_pool_topics,
+    pool_of,
+)
 from agents.rows import ReadyJob
 from agents.settings import Settings
 from agents.store import PostgresJobStore
@@ -108,9 +114,14 @@ class Context:
 
     def dispatch_topic(self, kind: str) -> str:
         """``jobs.dispatch``, or ``jobs.dispatch.<pool>`` for kinds pinned to labelled workers."""
-        pool = pool_of(self.settings, kind)
-        base = self.topic("jobs.dispatch")
-        return base if pool is None else f"{base}.{pool}"
+        return dispatch_topic(self.settings, self.registry, kind)
+
+    def dispatch_partition(self, job_id: str) -> int:
+        return dispatch_partition(self.registry, job_id)
+
+    def dispatch_place(self, kind: str, job_id: str) -> str:
+        """``topic[partition]`` of a job's dispatch, as workers list their assignment."""
+        return dispatch_place(self.settings, self.registry, kind, job_id)
 
     async def ensure_pools(self, kinds: set[str]) -> None:
         pools = {p for k in kinds if (p := pool_of(self.settings, k)) is not None}

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ from agents.context import Context, RawMessage, retrying
 from agents.deadletter import dead_letter, decode_all
 from agents.intake import accept_submissions, forward_ready
 from streams.events import (
+    Control,
     JobCancelled,
     JobEvent,
     JobFailed,
@@ -34,6 +36,7 @@ from streams.events import (
 from streams.kafka import Record
 
 EventOrRejected = JobEvent | JobRejected
+log = logging.getLogger("jobstream.dependencies")
 
 
 _EVENT_NAMES: dict[type, str] = {
@@ -57,7 +60,7 @@ async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
         ctx.tracer.mark("event_in", *(e.job_id for e in events if not isinstance(e, JobStarted)))
     await dead_letter(ctx, [*rejected, *bad])
     store = await ctx.store()
-    ready, impossible = await retrying(
+    ready, impossible, unapplied = await retrying(
         "dependency batch",
         lambda: store.settle_batch(
             accepted,
@@ -97,5 +100,38 @@ async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
             for f in impossible
         ]
         await retrying("announce rejections", lambda: ctx.producer.aproduce(notices))
+    if unapplied:
+        await stop_stale_attempts(ctx, unapplied)
     await forward_ready(ctx, ready)
     return len(messages)
+
+
+async def stop_stale_attempts(ctx: Context, starts: Sequence[tuple[str, int]]) -> None:
+    """Reported starts of attempts already over (handed back or cancelled before they
+    started, or superseded): a cancel aimed at each attempt, for the worker that runs it."""
+    store = await ctx.store()
+    stale = await retrying("stale starts", lambda: store.stale_starts(starts))
+    if not stale:
+        return
+    topic = ctx.topic("jobs.control")
+    stops = [
+        Record(
+            topic,
+            encode(
+                Control(
+                    action="cancel",
+                    scope="job",
+                    name=job,
+                    attempt=attempt,
+                    reason=f"attempt {attempt} is over (handed back, cancelled or superseded)",
+                    by="scheduler",
+                    at=time.time(),
+                )
+            ),
+            job.encode(),
+        )
+        for job, attempt in stale
+    ]
+    ctx.metrics.count("stale_starts_stopped", n=len(stops))
+    log.warning("stopping %d started attempts that are already over", len(stops))
+    await retrying("stop stale attempts", lambda: ctx.producer.aproduce(stops))

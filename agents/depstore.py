@@ -140,6 +140,8 @@ class Ended:
     # attempts whose end was reported: what they hold is given back, whether the report
     # changed the job or was fenced off (a cancelled attempt that stopped, a superseded one)
     over: list[tuple[str, int]] = field(default_factory=list)
+    # reported starts that changed nothing (a repeat, or an attempt already over)
+    unapplied_starts: list[tuple[str, int]] = field(default_factory=list)
 
 
 async def queue_lifecycle(
@@ -195,6 +197,8 @@ async def read_lifecycle(events: Sequence[JobEvent], queued: Sequence[_Queued]) 
         if isinstance(ev, (JobSucceeded, JobFailed)):
             ended.over.append((ev.job_id, ev.attempt))
         if row is None:
+            if isinstance(ev, JobStarted):
+                ended.unapplied_starts.append((ev.job_id, ev.attempt))
             continue
         state = row[0]
         if state in TERMINAL_STATES:
@@ -288,7 +292,7 @@ async def _apply_failed(
                         * power(2, least(attempt, 30) - 1)))
                 END,
             max_attempts = max_attempts + %(x)s,
-            ready_at = now(), finished_at = to_timestamp(%(at)s), worker = %(w)s,
+            ready_at = now(), finished_at = to_timestamp(%(at)s), worker = nullif(%(w)s, ''),
             exit_code = %(rc)s, error = %(err)s, log_path = %(log)s, progress = NULL,
             updated_at = now()
         WHERE id = %(id)s AND attempt = %(a)s AND state = ANY(%(from)s) {ret}""",

@@ -25,7 +25,7 @@ Used by the reliability tests and the chaos run (``make chaos``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import psycopg
 
@@ -115,17 +115,24 @@ def check(
     return out
 
 
-def owner_violations(dsn: str, bound_s: float) -> list[str]:
+def owner_violations(
+    dsn: str, bound_s: float, place: Callable[[str, str], str] | None = None
+) -> list[str]:
     """Jobs without a live owner for longer than ``bound_s`` (the database's clock): running
     (started that long ago) or dispatched (and confirmed) but in no live worker's running or
-    buffered list. Live: ``running``/``draining`` and heard from within ``bound_s``."""
+    buffered list, and, for a dispatch still in Kafka, on a partition no live worker is
+    assigned (``place(kind, job id)`` gives its ``topic[partition]``; None: every dispatch
+    must be running or buffered). Live: ``running``/``draining`` and heard from within
+    ``bound_s``."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             """WITH live AS (
-                   SELECT id, running, buffered FROM workers
+                   SELECT id, running, buffered, assigned FROM workers
                    WHERE state IN ('running', 'draining')
                      AND last_seen > now() - make_interval(secs => %(b)s))
-               SELECT j.id, j.state, j.attempt, coalesce(j.worker, '-') FROM jobs j
+               SELECT j.id, j.state, j.attempt, coalesce(j.worker, '-'), j.kind,
+                      (SELECT coalesce(array_agg(a), '{}') FROM live, unnest(live.assigned) a)
+               FROM jobs j
                WHERE (j.state = 'running'
                       AND j.updated_at < now() - make_interval(secs => %(b)s)
                       AND NOT EXISTS (SELECT 1 FROM live WHERE j.id = ANY(live.running)
@@ -137,11 +144,16 @@ def owner_violations(dsn: str, bound_s: float) -> list[str]:
                ORDER BY j.id LIMIT 50""",
             {"b": bound_s},
         ).fetchall()
-    return [
-        f"job {jid} attempt {attempt} {state} without a live owner for over {bound_s:g} s "
-        f"(worker {worker})"
-        for jid, state, attempt, worker in rows
-    ]
+    out = []
+    for jid, state, attempt, worker, kind, assigned in rows:
+        where = place(kind, jid) if place is not None and state == "dispatched" else None
+        if where is not None and where in assigned:
+            continue  # still in Kafka, on a live worker's partition: it reads it in order
+        out.append(
+            f"job {jid} attempt {attempt} {state} without a live owner for over {bound_s:g} s "
+            f"(worker {worker}{'' if where is None else ', ' + where})"
+        )
+    return out
 
 
 def process_overcommit(

@@ -11,6 +11,12 @@ restarted since the job started, or that no live worker has run or held for the 
 took it). The dependency agent applies it like any failure: the job
 goes back to ready (or fails after its last attempt) and its holds are released.
 
+A dispatch confirmed a bound ago that no live worker runs or holds buffered is still in
+Kafka; if no live worker is assigned its partition either (every worker of its pool is gone,
+or the group has not settled for that long), it is handed back: ``job.failed`` of that
+attempt, not counted, offered again after the kind's backoff. Should a worker read the old
+dispatch later, its start is fenced and the dependency agent cancels that attempt.
+
 Invariants:
 - Fencing, not trust: the failure names the attempt; if the job moved on (finished, or
   already retried) the event changes nothing, and a lost worker that comes back cannot
@@ -24,9 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Collection, Sequence
 
 from agents.context import Context, retrying
-from agents.store import LostWork, Orphan
+from agents.store import LostWork, Orphan, Undelivered
 from agents.telemetry import thresholds
 from streams.events import JobFailed, encode
 from streams.kafka import Record
@@ -35,12 +42,24 @@ log = logging.getLogger("jobstream.monitor")
 REPUBLISH_AFTER_S = 30.0
 
 
+def unowned(
+    undelivered: Sequence[Undelivered],
+    assigned: Collection[str],
+    place: Callable[[str, str], str],
+) -> list[Undelivered]:
+    """The dispatches to hand back: those whose partition (``place(kind, job id)``, as
+    ``topic[partition]``) no live worker is assigned. One on a live worker's partition is
+    owned: that worker reads it in order (behind a full buffer, or once a rebalance ends)."""
+    return [u for u in undelivered if place(u.kind, u.id) not in assigned]
+
+
 class Monitor:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.sent: dict[tuple[str, int], float] = {}
         self.retried = 0
         self.lost = 0
+        self.handed_back = 0
         self._brake_due = 0.0  # no brake transaction on every tick: at most twice an interval
 
     @property
@@ -51,6 +70,7 @@ class Monitor:
         # zero counters, so dashboards show 0 rather than "no data" before the first loss
         self.ctx.metrics.count("workers_lost", n=0)
         self.ctx.metrics.count("lost_work_retried", n=0)
+        self.ctx.metrics.count("dispatches_handed_back", n=0)
         while True:
             try:
                 await self.step()
@@ -108,9 +128,35 @@ class Monitor:
             self.retried += len(due)
             self.ctx.metrics.count("lost_work_retried", n=len(due))
             log.warning("retrying %d jobs of lost or restarted workers", len(due))
+        gone = unowned(work.undelivered, work.assigned, self.ctx.dispatch_place)
+        gone = [u for u in gone if now - self.sent.get((u.id, u.attempt), -1e9) > REPUBLISH_AFTER_S]
+        if gone:
+            records = [self._hand_back(u) for u in gone]
+            await retrying("hand back dispatches", lambda: self.ctx.producer.aproduce(records))
+            for u in gone:
+                self.sent[(u.id, u.attempt)] = now
+            self.handed_back += len(gone)
+            self.ctx.metrics.count("dispatches_handed_back", n=len(gone))
+            log.warning("handed back %d dispatches no live worker consumed", len(gone))
         if len(self.sent) > 100_000:
             self.sent = {k: t for k, t in self.sent.items() if now - t < REPUBLISH_AFTER_S}
         return work
+
+    def _hand_back(self, u: Undelivered) -> Record:
+        place = self.ctx.dispatch_place(u.kind, u.id)
+        event = JobFailed(
+            job_id=u.id,
+            attempt=u.attempt,
+            worker="",
+            at=time.time(),
+            error=f"handed back: no live worker consumed {place} for {u.waited_s:.0f} s",
+            retryable=True,
+            # not counted (not the job's failure), but offered again after a growing delay:
+            # a pool that no worker serves is not flooded with new attempts
+            backoff=True,
+            counts=False,
+        )
+        return Record(self.ctx.topic("jobs.events"), encode(event), (u.group or u.id).encode())
 
     def _record(self, o: Orphan) -> Record:
         if o.why == "lost":

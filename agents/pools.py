@@ -22,7 +22,7 @@ import re
 import socket
 
 from agents.settings import Settings
-from streams.kafka import apply_topics
+from streams.kafka import apply_topics, partition_for
 from streams.topics import TopicRegistry
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
@@ -48,6 +48,25 @@ def pool_name(labels: frozenset[str]) -> str | None:
 
 def pool_of(settings: Settings, kind: str) -> str | None:
     return pool_name(kind_labels(settings, kind))
+
+
+def dispatch_topic(settings: Settings, registry: TopicRegistry, kind: str) -> str:
+    """``jobs.dispatch``, or ``jobs.dispatch.<pool>`` for kinds pinned to labelled workers."""
+    pool = pool_of(settings, kind)
+    base = registry.name("jobs.dispatch")
+    return base if pool is None else f"{base}.{pool}"
+
+
+def dispatch_partition(registry: TopicRegistry, job_id: str) -> int:
+    """The partition of a job's dispatches on its pool topic (every pool topic has the
+    partitions of ``jobs.dispatch``): set explicitly, so anyone can tell which worker owns a
+    dispatch still in Kafka from the workers' assigned partitions."""
+    return partition_for(job_id.encode(), registry["jobs.dispatch"].partitions)
+
+
+def dispatch_place(settings: Settings, registry: TopicRegistry, kind: str, job_id: str) -> str:
+    """``topic[partition]`` of a job's dispatch, as workers list their assignment."""
+    return f"{dispatch_topic(settings, registry, kind)}[{dispatch_partition(registry, job_id)}]"
 
 
 def configured_pools(settings: Settings) -> set[str]:

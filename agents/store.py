@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from agents.admstore import refresh_capacity, release_attempt_holds
 from agents.core import brake as brake_core
 from agents.core.brake import HostSample, Thresholds
 from agents.core.deps import DependencyIndex, Fail
+from agents.core.lifecycle import Job, State, start_is_stale
 from agents.ctlstore import Applied, JobCommand, apply_commands
 from agents.depstore import (
     apply_decisions,
@@ -71,10 +72,25 @@ class Orphan:
 
 
 @dataclass(frozen=True, slots=True)
+class Undelivered:
+    """A dispatched job (its dispatch confirmed by the broker a bound ago) that no live
+    worker runs or holds buffered: it is still in Kafka, owned by whichever live worker is
+    assigned its partition, if any."""
+
+    id: str
+    attempt: int
+    kind: str
+    group: str | None
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class LostWork:
     newly_lost: list[str]
     orphans: list[Orphan]
     released: int = 0  # holds of attempts that ended unreported, given back
+    undelivered: list[Undelivered] = field(default_factory=list)
+    assigned: frozenset[str] = frozenset()  # live workers' dispatch partitions, topic[p]
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -246,10 +262,11 @@ class PostgresJobStore:
         grace_s: float,
         allow_cross_tenant: bool,
         backoff: Mapping[str, tuple[float, float]] | None = None,
-    ) -> tuple[list[ReadyJob], list[Fail]]:
+    ) -> tuple[list[ReadyJob], list[Fail], list[tuple[str, int]]]:
         """The dependency stage's transaction: persist submissions and lifecycle events, settle
         the affected part of the graph, and return (jobs to forward as ready, submissions of
-        this batch rejected as impossible).
+        this batch rejected as impossible, reported starts that changed nothing: a repeat, or
+        an attempt already over, see :meth:`stale_starts`).
 
         Two round trips, whatever the batch: (1) the inserts, the guarded transitions and the
         working set around every job they may have changed; the core decides; (2) history,
@@ -281,7 +298,21 @@ class PostgresJobStore:
         ready = list({r.id: r for r in (*released, *ended.retry)}.values())
         new = set(inserted)
         rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
-        return ready, rejected
+        return ready, rejected, ended.unapplied_starts
+
+    async def stale_starts(self, starts: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Of reported starts that changed nothing, those of an attempt already over (the
+        job moved on, or was handed back or cancelled before that attempt started): a
+        process may run it, and its worker must stop it (``agents.core.lifecycle``)."""
+        if not starts:
+            return []
+        async with self.tx() as conn:
+            cur = await conn.execute(
+                "SELECT id, state, attempt, max_attempts FROM jobs WHERE id = ANY(%s)",
+                ([j for j, _ in starts],),
+            )
+            jobs = {r[0]: Job(State(r[1]), r[2], r[3]) for r in await cur.fetchall()}
+        return [(j, a) for j, a in starts if j in jobs and start_is_stale(jobs[j], a)]
 
     async def settle_waiting(
         self,
@@ -385,12 +416,12 @@ class PostgresJobStore:
             await cur.executemany(
                 """
                 INSERT INTO workers (id, host, slots_total, slots_free, running, state, last_seen,
-                                     labels, load, pid, since, buffered)
-                VALUES (%s, %s, %s, %s, %s, %s, now(), %s, %s, %s, to_timestamp(%s), %s)
+                                     labels, load, pid, since, buffered, assigned)
+                VALUES (%s, %s, %s, %s, %s, %s, now(), %s, %s, %s, to_timestamp(%s), %s, %s)
                 ON CONFLICT (id) DO UPDATE SET host = excluded.host,
                     slots_total = excluded.slots_total, slots_free = excluded.slots_free,
                     running = excluded.running, buffered = excluded.buffered,
-                    state = excluded.state,
+                    assigned = excluded.assigned, state = excluded.state,
                     last_seen = excluded.last_seen,
                     labels = excluded.labels, load = excluded.load, pid = excluded.pid,
                     since = excluded.since,
@@ -410,6 +441,7 @@ class PostgresJobStore:
                         b.pid,
                         b.since,
                         b.buffered,
+                        b.assigned,
                     )
                     for b in latest.values()
                 ],
@@ -481,7 +513,27 @@ class PostgresJobStore:
             )
             stale = [(r[0], r[1]) for r in await cur.fetchall()]
             await release_attempt_holds(conn, stale)
-            return LostWork(newly, orphans, len(stale))
+            cur = await conn.execute(
+                """SELECT j.id, j.attempt, j.kind, j.group_key,
+                          extract(epoch from now() - j.dispatched_at)::float8
+                   FROM jobs j
+                   WHERE j.state = 'dispatched' AND j.dispatch_confirmed
+                     AND j.dispatched_at < now() - make_interval(secs => %s)
+                     AND NOT EXISTS (SELECT 1 FROM workers w
+                                     WHERE w.state IN ('running', 'draining')
+                                       AND (j.id = ANY(w.running) OR j.id = ANY(w.buffered)))
+                   ORDER BY j.dispatched_at LIMIT 10000""",
+                (lost_after_s,),
+            )
+            undelivered = [Undelivered(*r) for r in await cur.fetchall()]
+            assigned: frozenset[str] = frozenset()
+            if undelivered:
+                cur = await conn.execute(
+                    "SELECT DISTINCT a FROM workers, unnest(assigned) AS a "
+                    "WHERE state IN ('running', 'draining')"
+                )
+                assigned = frozenset(r[0] for r in await cur.fetchall())
+            return LostWork(newly, orphans, len(stale), undelivered, assigned)
 
     async def record_host_load(self, samples: Sequence[HostSample]) -> None:
         """Upsert each host's latest telemetry (a sample updates only the fields it has)."""

@@ -216,6 +216,7 @@ class Worker:
         self.backlog: deque[_Buffered] = deque()
         self.seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.assigned = asyncio.Event()
+        self.owned: frozenset[tuple[str, int]] = frozenset()  # dispatch partitions held now
         self.stopping = asyncio.Event()
         self.aborting = asyncio.Event()
         self.completed = 0
@@ -298,6 +299,9 @@ class Worker:
 
         def on_assign(_consumer: Any, partitions: list[TopicPartition]) -> None:
             log.info("assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+            # incremental (cooperative); replaced, never changed in place: the heartbeat
+            # reads it on the loop thread while a consumer callback may run on another
+            self.owned = self.owned | {(tp.topic, tp.partition) for tp in partitions}
             if partitions:
                 loop.call_soon_threadsafe(self.assigned.set)
 
@@ -353,6 +357,9 @@ class Worker:
                 continue
             raw = _Buffered(m.topic(), m.partition(), m.offset(), m.key(), m.value(), max_bytes)
             self.tracker.started((raw.topic, raw.partition), raw.offset)
+            d = raw.dispatch
+            if d is not None and d.attempt > 1:  # rare: a retry, or a handed-back dispatch
+                self._supersede_buffered(d)
             self.backlog.append(raw)
             if tracing:
                 self.ctx.tracer.mark("fetched", (raw.key or b"-").decode(errors="replace"))
@@ -396,6 +403,7 @@ class Worker:
 
     def _drop_partitions(self, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self.owned = self.owned - gone
         self._on_loop(self.commits.abandon, gone)  # after the revoke's commit is noted
         for tp in gone:
             self.tracker.forget(tp)
@@ -601,6 +609,17 @@ class Worker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _supersede_buffered(self, d: Dispatch) -> None:
+        """Older attempts of ``d``'s job still buffered here (e.g. a dispatch handed back
+        after its partition had no live owner, read with its successor once it has one)
+        are dropped unstarted when their turn comes, not started and stopped."""
+        for m in self.backlog:
+            old = m.dispatch
+            if old is not None and old.job_id == d.job_id and old.attempt < d.attempt:
+                self._remember_cancel(
+                    (old.job_id, old.attempt), f"superseded by attempt {d.attempt}"
+                )
 
     def _supersede(self, old: Attempt, attempt: int) -> None:
         self._remember_cancel(old, f"superseded by attempt {attempt}")
@@ -934,6 +953,7 @@ class Worker:
             since=self.since,
             progress=progress,
             buffered=sorted({m.dispatch.job_id for m in self.backlog if m.dispatch is not None}),
+            assigned=sorted(f"{t}[{p}]" for t, p in self.owned),
         )
         rec = Record(self.ctx.topic("workers.heartbeat"), encode(beat), self.id.encode())
         m = self.ctx.metrics

@@ -34,6 +34,7 @@ from typing import Any
 from rich.progress import Progress
 
 from agents.invariants import check, owner_violations, process_overcommit
+from agents.pools import dispatch_partition
 from bench.faults import FAULTS, Faults
 from bench.harness import ROOT, Run
 from bench.workers import _wait_workers
@@ -134,6 +135,13 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         single, flows = workload(jobs, str(ledger))
         total = len(single) + sum(len(f) for _, f in flows)
         pub = JobPublisher(run.bootstrap, registry=run.registry)
+        reg = run.registry
+        assert reg is not None
+        base = reg.name("jobs.dispatch")  # the chaos kinds have no pool of their own
+
+        def place(_kind: str, job_id: str) -> str:
+            return f"{base}[{dispatch_partition(reg, job_id)}]"
+
         chaos = Faults(run, rng, pub, single, faketime, LOST_AFTER_S)
         _wait_workers(run, 3)
         time.sleep(4)
@@ -154,7 +162,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
                 chaos.inject(fault)
                 injected[fault] += 1
                 last_fault = time.monotonic()
-                unowned += owner_violations(run.dsn, LOST_AFTER_S + OWNER_MARGIN_S)
+                unowned += owner_violations(run.dsn, LOST_AFTER_S + OWNER_MARGIN_S, place)
                 run.check_alive()
                 progress.update(task, advance=1)
         chaos.close()

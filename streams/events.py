@@ -181,6 +181,9 @@ class WorkerHeartbeat(_Event, tag="worker.heartbeat", frozen=True):
     since: Epoch = 0.0  # when this worker process started: jobs it ran before are orphans
     progress: dict[str, float] = msgspec.field(default_factory=dict)  # job id -> 0..1
     buffered: list[str] = msgspec.field(default_factory=list)  # dispatches waiting for a slot
+    # the dispatch partitions this worker consumes, as ``topic[partition]``: the owner of a
+    # dispatch still in Kafka
+    assigned: list[str] = msgspec.field(default_factory=list)
 
 
 class Control(_Event, tag="control", frozen=True):

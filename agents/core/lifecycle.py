@@ -90,6 +90,18 @@ def retry_allowed(job: Job, retryable: bool) -> bool:
     return retryable and job.attempt < job.max_attempts
 
 
+def start_is_stale(job: Job, attempt: int) -> bool:
+    """Whether a reported start of ``attempt`` that did not apply is of an attempt already
+    over while its process may run: the job is on a later attempt, or that attempt was handed
+    back or cancelled before it started (its holds are given back). Its worker must stop it.
+    A repeated start of the running attempt, or of one that ended, is not: it ran already."""
+    if apply(job, Started(attempt)) != job:
+        return False
+    return attempt < job.attempt or (
+        attempt == job.attempt and job.state in (State.WAITING, State.READY, State.CANCELLED)
+    )
+
+
 def apply(job: Job, event: Event) -> Job:
     """The job after ``event``; the same job when the event does not apply."""
     s = job.state

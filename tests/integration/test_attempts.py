@@ -29,7 +29,16 @@ from streams.events import (
 from streams.publisher import JobPublisher
 from tests.conftest import settings_env
 from tests.helpers import ROOT, Proc, cli, eventually
-from tests.integration.test_workers import _alive, attempts_file, cluster, db, job, ws  # noqa: F401
+from tests.integration.test_workers import (  # noqa: F401
+    _alive,
+    add_worker,
+    attempts_file,
+    cluster,
+    db,
+    job,
+    worker_id,
+    ws,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -237,8 +246,8 @@ def test_jobs_of_a_worker_that_stopped_without_reporting_them_are_retried(
     out = tmp_path / "w.txt"
     with cluster(ws, tmp_path, workers=2):
         publisher.submit(
-            JobSpec(id="w", tenant="acme", kind="mark", args={"out": str(out), "seconds": "4"})
-        )
+            JobSpec(id="w", tenant="acme", kind="mark", args={"out": str(out), "seconds": "15"})
+        )  # long enough that attempt 1 cannot have ended (and reported) when it is stopped
         eventually(lambda: _running(ws, "w", 1), 60, what="w running")
         worker = str(job(ws, "w")["worker"])
         pid = int(db(ws, "SELECT pid FROM workers WHERE id = %s", worker)[0][0])
@@ -345,3 +354,51 @@ def test_events_of_a_superseded_attempt_change_nothing_while_the_next_one_runs(
     assert j["attempt"] == 2 and j["worker"] == worker
     succeeded = db(ws, "SELECT attempt FROM job_history WHERE job_id = 'g' AND event = 'succeeded'")
     assert succeeded == [(2,)]
+
+
+def test_a_dispatch_no_live_worker_consumes_is_handed_back_and_runs_once_a_worker_comes(
+    ws: Settings,  # noqa: F811
+    publisher: JobPublisher,
+    tmp_path: Path,
+) -> None:
+    """A dispatch on a pool topic that no live worker consumed stayed ``dispatched`` with its
+    slot for as long as the pool had no worker. It is handed back past the liveness bound
+    (not counted); the old dispatches a worker of the pool reads later are dropped or
+    stopped (their starts are fenced), and the job runs to success on its current attempt."""
+    out = tmp_path / "g.txt"
+    with cluster(ws, tmp_path, workers=1) as (_, (plain,)):
+        worker_id(ws, plain)
+        publisher.submit(
+            JobSpec(
+                id="g", tenant="acme", kind="pinned-mark", args={"out": str(out), "seconds": "1"}
+            )
+        )
+        eventually(lambda: _dispatched(ws, "g"), 60, what="g dispatched to its pool")
+        eventually(
+            lambda: "handed back: no live worker consumed" in str(job(ws, "g")["error"]),
+            ws.worker_lost_after_s + 30,
+            what="the dispatch handed back",
+        )
+        eventually(lambda: job(ws, "g")["attempt"] >= 2, 60, what="g offered again")
+        assert not out.exists()  # nothing ran it: no worker carries the label
+        gpu = add_worker(ws, tmp_path, "gpu", labels="gpu")
+        try:
+            gpu_id = worker_id(ws, gpu)
+            eventually(lambda: job(ws, "g").get("state") == "succeeded", 90, what="g ran")
+            final = int(job(ws, "g")["attempt"])  # type: ignore[call-overload]
+            eventually(
+                lambda: db(ws, "SELECT count(*) FROM job_holds WHERE job_id = 'g'")[0][0] == 0,
+                30,
+                what="every attempt's holds given back",
+            )
+        finally:
+            gpu.stop()
+    assert job(ws, "g")["worker"] == gpu_id and final >= 2
+    runs = [int(line.split()[0]) for line in out.read_text().splitlines()]
+    # the current attempt ran once; an old dispatch started before its cancel came is fenced
+    assert runs.count(final) == 1 and all(a <= final for a in runs), runs
+    assert len(runs) == len(set(runs)), runs
+
+
+def _dispatched(s: Settings, job_id: str) -> bool:
+    return job(s, job_id).get("state") == "dispatched"

@@ -52,6 +52,7 @@ WORKER_KINDS = {
     },
     "needs-file": {"command": ["test", "-e", "{path}"], "timeout_s": 10, "max_attempts": 1},
     "pinned": {"command": ["touch", "{path}"], "labels": ["gpu"], "max_attempts": 1},
+    "pinned-mark": {"command": MARK, "labels": ["gpu"], "max_attempts": 1, "retry_backoff_s": 0.5},
     "py": {"entrypoint": "tests.jobfns:record", "timeout_s": 30, "max_attempts": 1},
     "py-bad": {"entrypoint": "tests.jobfns:explode", "timeout_s": 30, "max_attempts": 2},
 }

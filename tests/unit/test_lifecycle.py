@@ -16,6 +16,7 @@ from agents.core.lifecycle import (
     State,
     Succeeded,
     apply,
+    start_is_stale,
 )
 
 attempts = st.integers(min_value=0, max_value=4)
@@ -134,3 +135,37 @@ def test_a_cancel_replayed_after_a_retry_cancels_nothing(n: int, evs: list[Event
         job = apply(job, e)
         if job.attempt > n and isinstance(e, Dispatched):
             break
+
+
+@given(jobs, attempts)
+def test_a_start_is_stale_only_when_it_changed_nothing_and_its_attempt_is_over(
+    job: Job, attempt: int
+) -> None:
+    """The dependency stage stops the attempts whose start is stale: never the attempt that
+    runs (or is dispatched) now, never a repeat of one that ended, always one the job moved
+    past or one handed back or cancelled before it started."""
+    stale = start_is_stale(job, attempt)
+    if stale:
+        assert apply(job, Started(attempt)) == job  # it changed nothing
+    current = job.attempt == attempt
+    if current and job.state in (State.DISPATCHED, State.RUNNING, State.SUCCEEDED, State.FAILED):
+        assert not stale
+    if attempt < job.attempt:
+        assert stale
+    if current and job.state in (State.READY, State.WAITING, State.CANCELLED):
+        assert stale
+
+
+@given(st.integers(1, 4), st.lists(events, max_size=10))
+def test_a_handed_back_dispatch_started_later_is_stale_whatever_happened_since(
+    n: int, evs: list[Event]
+) -> None:
+    """Attempt n handed back (not counted) before it started: its dispatch, read by a
+    worker at any later point, reports a start that is stale."""
+    job = apply(Job(State.DISPATCHED, n, n), Failed(n, retryable=True, counts=False))
+    assert job.state == State.READY
+    for e in evs:
+        job = apply(job, e)
+        if job.attempt == n and job.state in (State.DISPATCHED, State.RUNNING):
+            break  # only a fresh dispatch makes attempt n current again: never happens
+        assert start_is_stale(job, n) or job.state in (State.SUCCEEDED, State.FAILED)
