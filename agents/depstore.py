@@ -194,7 +194,7 @@ async def read_lifecycle(events: Sequence[JobEvent], queued: Sequence[_Queued]) 
             attempt = getattr(one, "attempt", row[1])
             ended.history.append((one.job_id, attempt, row[0], Jsonb(_detail(one))))
     for ev, row in zip(events, rows, strict=True):
-        if isinstance(ev, (JobSucceeded, JobFailed)):
+        if isinstance(ev, JobSucceeded) or (isinstance(ev, JobFailed) and not ev.keeps_holds):
             ended.over.append((ev.job_id, ev.attempt))
         if row is None:
             if isinstance(ev, JobStarted):

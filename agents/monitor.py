@@ -155,6 +155,9 @@ class Monitor:
             # a pool that no worker serves is not flooded with new attempts
             backoff=True,
             counts=False,
+            # a shared resource stays held: the old dispatch may still reach a worker and
+            # start before its cancel does (slots are bounded by each worker itself)
+            keeps_holds=u.shared,
         )
         return Record(self.ctx.topic("jobs.events"), encode(event), (u.group or u.id).encode())
 

@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from agents.admstore import refresh_capacity, release_attempt_holds
 from agents.core import brake as brake_core
+from agents.core.admission import GLOBAL, SLOTS
 from agents.core.brake import HostSample, Thresholds
 from agents.core.deps import DependencyIndex, Fail
 from agents.core.lifecycle import Job, State, start_is_stale
@@ -82,6 +83,7 @@ class Undelivered:
     kind: str
     group: str | None
     waited_s: float
+    shared: bool  # it holds more than a slot and its global share: see ``holds_shared``
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,11 +502,15 @@ class PostgresJobStore:
             # control look-back a worker would not know the cancel anyway
             cur = await conn.execute(
                 """SELECT h.job_id, h.attempt FROM job_holds h JOIN jobs j ON j.id = h.job_id
+                   CROSS JOIN LATERAL (SELECT EXISTS (
+                       SELECT 1 FROM job_history s WHERE s.job_id = h.job_id
+                       AND s.attempt = h.attempt AND s.event = 'started') AS started) st
                    WHERE NOT (j.state IN ('dispatched', 'running') AND j.attempt = h.attempt)
-                     AND j.updated_at < now() - make_interval(secs => %s + CASE
-                         WHEN EXISTS (SELECT 1 FROM job_history s WHERE s.job_id = h.job_id
-                                      AND s.attempt = h.attempt AND s.event = 'started')
-                         THEN 0 ELSE %s END)
+                     -- an unstarted attempt a later one followed: by the age of its holds
+                     AND CASE WHEN NOT st.started AND j.attempt > h.attempt THEN h.since
+                              ELSE j.updated_at END
+                         < now() - make_interval(secs => %s + CASE
+                             WHEN st.started THEN 0 ELSE %s END)
                      AND NOT EXISTS (SELECT 1 FROM workers w
                                      WHERE w.state IN ('running', 'draining')
                                        AND (j.id = ANY(w.running) OR j.id = ANY(w.buffered)))
@@ -515,7 +521,11 @@ class PostgresJobStore:
             await release_attempt_holds(conn, stale)
             cur = await conn.execute(
                 """SELECT j.id, j.attempt, j.kind, j.group_key,
-                          extract(epoch from now() - j.dispatched_at)::float8
+                          extract(epoch from now() - j.dispatched_at)::float8,
+                          EXISTS (SELECT 1 FROM job_holds h
+                                  LEFT JOIN semaphores s ON s.name = h.name
+                                  WHERE h.job_id = j.id AND h.attempt = j.attempt
+                                    AND (h.name NOT IN (%s, %s) OR h.amount >= s.capacity))
                    FROM jobs j
                    WHERE j.state = 'dispatched' AND j.dispatch_confirmed
                      AND j.dispatched_at < now() - make_interval(secs => %s)
@@ -523,7 +533,7 @@ class PostgresJobStore:
                                      WHERE w.state IN ('running', 'draining')
                                        AND (j.id = ANY(w.running) OR j.id = ANY(w.buffered)))
                    ORDER BY j.dispatched_at LIMIT 10000""",
-                (lost_after_s,),
+                (SLOTS, GLOBAL, lost_after_s),
             )
             undelivered = [Undelivered(*r) for r in await cur.fetchall()]
             assigned: frozenset[str] = frozenset()

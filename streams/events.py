@@ -154,6 +154,9 @@ class JobFailed(_Event, tag="job.failed", frozen=True):
     backoff: bool = True
     # False when the attempt was handed back (worker aborted): it is not counted
     counts: bool = True
+    # True: what the attempt holds stays until a worker reports its end (or the monitor's
+    # sweep gives it back): a dispatch handed back unread may still reach a worker and start
+    keeps_holds: bool = False
 
 
 class JobCancelled(_Event, tag="job.cancelled", frozen=True):
