@@ -152,6 +152,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         arrivals = list(zip(_slices(single, faults), _slices(flows, faults), strict=True))
         unowned: list[str] = []
         last_fault = time.monotonic()
+        times: list[tuple[str, float]] = []
         with Progress(disable=not show) as progress:
             task = progress.add_task("faults", total=faults)
             for fault, (some, flows_now) in zip(order, arrivals, strict=True):
@@ -162,6 +163,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
                 chaos.inject(fault)
                 injected[fault] += 1
                 last_fault = time.monotonic()
+                times.append((fault, last_fault))
                 unowned += owner_violations(run.dsn, LOST_AFTER_S + OWNER_MARGIN_S, place)
                 run.check_alive()
                 progress.update(task, advance=1)
@@ -178,7 +180,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         limits = {f"tenant:t{i}": (LIMIT["limit"], LIMIT["window_s"]) for i in range(4)}
         violations = _settled_check(run.dsn, limits)
         violations += process_overcommit(ledger.read_text().splitlines(), LICENCES, chaos.orphaning)
-        slowest = _slowest(run, settle_s)
+        slowest = _slowest(run, time.monotonic() - last_fault)
     return {
         "scenario": "chaos",
         "faults_injected": dict(injected),
@@ -191,6 +193,8 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         "settle_s": round(settle_s, 1),
         "liveness_bound_s": LOST_AFTER_S,
         "last_fault": order[-1] if order else None,
+        # the last faults, seconds before the last one
+        "last_faults": [(f, round(t - last_fault, 1)) for f, t in times[-5:]],
         "slowest": slowest,
         "violations": violations,
         # sampled during the run: jobs without a live owner beyond the bound. Known open: a
@@ -217,18 +221,25 @@ def _settled_check(dsn: str, limits: dict[str, tuple[int, float]]) -> list[str]:
         time.sleep(0.5)
 
 
-def _slowest(run: Run, settle_s: float, n: int = 5) -> list[dict[str, Any]]:
-    """The jobs that ended last, with how long after the last fault and the last error
-    their history records (the fault kind that held the settle time)."""
+def _slowest(run: Run, since_last_fault_s: float, n: int = 5) -> list[dict[str, Any]]:
+    """The jobs that ended last (by the database's clock: workers' clocks may be stepped),
+    with their history, each event in seconds after the last fault (which stage held the
+    settle time), and the last error it records."""
     rows = run.query(
-        """SELECT j.id, j.state, j.attempt,
-                  extract(epoch from max(j.finished_at) OVER () - j.finished_at)::float8,
+        """WITH t AS (SELECT now() - make_interval(secs => %s) AS at)
+           SELECT j.id, j.state, j.attempt,
+                  (SELECT array_agg(h.event || ':' || h.attempt || '@'
+                                    || round(extract(epoch from h.at - t.at)::numeric, 1)
+                                    ORDER BY h.id)
+                   FROM job_history h WHERE h.job_id = j.id),
                   (SELECT h.detail->>'error' FROM job_history h
                    WHERE h.job_id = j.id AND h.detail ? 'error' ORDER BY h.id DESC LIMIT 1),
                   (SELECT h.detail->>'reason' FROM job_history h
-                   WHERE h.job_id = j.id AND h.event = 'cancelled' ORDER BY h.id DESC LIMIT 1)
-           FROM jobs j WHERE j.finished_at IS NOT NULL
-           ORDER BY j.finished_at DESC LIMIT %s""",
+                   WHERE h.job_id = j.id AND h.event = 'cancelled' ORDER BY h.id DESC LIMIT 1),
+                  round(extract(epoch from j.updated_at - t.at)::numeric, 1)::float8
+           FROM jobs j, t WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+           ORDER BY j.updated_at DESC LIMIT %s""",
+        since_last_fault_s,
         n,
     )
     return [
@@ -236,8 +247,9 @@ def _slowest(run: Run, settle_s: float, n: int = 5) -> list[dict[str, Any]]:
             "job": jid,
             "state": state,
             "attempts": attempt,
-            "after_last_fault_s": round(settle_s - before_end, 1),
+            "after_last_fault_s": after,
+            "history": history or [],
             "last_error": (error or reason or "")[:160],
         }
-        for jid, state, attempt, before_end, error, reason in rows
+        for jid, state, attempt, history, error, reason, after in rows
     ]
