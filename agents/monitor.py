@@ -31,6 +31,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from agents.context import Context, retrying
 from agents.store import LostWork, Orphan, Undelivered
@@ -115,32 +116,38 @@ class Monitor:
             self.ctx.metrics.count("workers_lost", {"worker": worker})
             log.warning("worker %s lost: no heartbeat for %.0f s", worker, s.worker_lost_after_s)
         now = time.monotonic()
-        due = [
-            o
-            for o in work.orphans
-            if now - self.sent.get((o.id, o.attempt), -1e9) > REPUBLISH_AFTER_S
-        ]
-        if due:
-            records = [self._record(o) for o in due]
-            await retrying("retry lost work", lambda: self.ctx.producer.aproduce(records))
-            for o in due:
-                self.sent[(o.id, o.attempt)] = now
-            self.retried += len(due)
-            self.ctx.metrics.count("lost_work_retried", n=len(due))
-            log.warning("retrying %d jobs of lost or restarted workers", len(due))
+        n = await self._fail_once(work.orphans, self._record, "lost_work_retried", now)
+        if n:
+            self.retried += n
+            log.warning("retrying %d jobs of lost or restarted workers", n)
         gone = unowned(work.undelivered, work.assigned, self.ctx.dispatch_place)
-        gone = [u for u in gone if now - self.sent.get((u.id, u.attempt), -1e9) > REPUBLISH_AFTER_S]
-        if gone:
-            records = [self._hand_back(u) for u in gone]
-            await retrying("hand back dispatches", lambda: self.ctx.producer.aproduce(records))
-            for u in gone:
-                self.sent[(u.id, u.attempt)] = now
-            self.handed_back += len(gone)
-            self.ctx.metrics.count("dispatches_handed_back", n=len(gone))
-            log.warning("handed back %d dispatches no live worker consumed", len(gone))
+        n = await self._fail_once(gone, self._hand_back, "dispatches_handed_back", now)
+        if n:
+            self.handed_back += n
+            log.warning("handed back %d dispatches no live worker consumed", n)
         if len(self.sent) > 100_000:
             self.sent = {k: t for k, t in self.sent.items() if now - t < REPUBLISH_AFTER_S}
         return work
+
+    async def _fail_once(
+        self,
+        attempts: Sequence[Orphan] | Sequence[Undelivered],
+        record: Callable[[Any], Record],
+        metric: str,
+        now: float,
+    ) -> int:
+        """Publish the failure of each attempt not published in the last
+        ``REPUBLISH_AFTER_S`` (it may have been lost with a crashed scheduler); how many."""
+        due = [
+            a for a in attempts if now - self.sent.get((a.id, a.attempt), -1e9) > REPUBLISH_AFTER_S
+        ]
+        if due:
+            records = [record(a) for a in due]
+            await retrying(metric, lambda: self.ctx.producer.aproduce(records))
+            for a in due:
+                self.sent[(a.id, a.attempt)] = now
+            self.ctx.metrics.count(metric, n=len(due))
+        return len(due)
 
     def _hand_back(self, u: Undelivered) -> Record:
         place = self.ctx.dispatch_place(u.kind, u.id)
