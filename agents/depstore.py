@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from agents.admstore import release_attempt_holds
 from agents.core.deps import Edge, Fail, Needs, Node, Release, Wait
-from agents.core.lifecycle import FINISHED_FROM, STARTED_FROM
+from agents.core.lifecycle import FINISHED_FROM, STARTED_FROM, UNSTARTED_FROM
 from agents.rows import READY_COLS, RETURN_STATE, Accepted, ReadyJob, q, states
 from streams.events import JobCancelled, JobEvent, JobFailed, JobStarted, JobSucceeded
 
@@ -194,7 +194,10 @@ async def read_lifecycle(events: Sequence[JobEvent], queued: Sequence[_Queued]) 
             attempt = getattr(one, "attempt", row[1])
             ended.history.append((one.job_id, attempt, row[0], Jsonb(_detail(one))))
     for ev, row in zip(events, rows, strict=True):
-        if isinstance(ev, JobSucceeded) or (isinstance(ev, JobFailed) and not ev.keeps_holds):
+        if isinstance(ev, JobSucceeded) or (
+            # a hand-back the attempt's recorded start won ends nothing: it runs on
+            isinstance(ev, JobFailed) and not ev.keeps_holds and not (ev.unstarted and row is None)
+        ):
             ended.over.append((ev.job_id, ev.attempt))
         if row is None:
             if isinstance(ev, JobStarted):
@@ -310,7 +313,7 @@ async def _apply_failed(
             "log": ev.log_path,
             "id": ev.job_id,
             "a": ev.attempt,
-            "from": states(FINISHED_FROM),
+            "from": states(UNSTARTED_FROM if ev.unstarted else FINISHED_FROM),
         },
     )
 

@@ -165,6 +165,7 @@ class Monitor:
             # a shared resource stays held: the old dispatch may still reach a worker and
             # start before its cancel does (slots are bounded by each worker itself)
             keeps_holds=u.shared,
+            unstarted=True,  # a start recorded first wins: that attempt runs on
         )
         return Record(self.ctx.topic("jobs.events"), encode(event), (u.group or u.id).encode())
 

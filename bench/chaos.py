@@ -26,11 +26,13 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from rich.progress import Progress
 
 from agents.invariants import check, owner_violations, process_overcommit
@@ -170,7 +172,8 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         chaos.close()
         pub.close()
         total += len(chaos.extra)
-        run.wait_finished(total, show, what="jobs after the faults", limit_s=600)
+        with _LicenceWatch(run.dsn, last_fault) as watch:
+            run.wait_finished(total, show, what="jobs after the faults", limit_s=600)
         settle_s = time.monotonic() - last_fault
         (unfinished,) = run.query(
             "SELECT count(*) FROM jobs WHERE state NOT IN ('succeeded','failed','cancelled')"
@@ -196,6 +199,8 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         # the last faults, seconds before the last one
         "last_faults": [(f, round(t - last_fault, 1)) for f, t in times[-5:]],
         "slowest": slowest,
+        # licence holders seen for 2 s or more while the run settled
+        "licence_holders": [r for r in watch.seen if r["to_s"] - r["from_s"] >= 2.0][:20],
         "violations": violations,
         # sampled during the run: jobs without a live owner beyond the bound. Known open: a
         # dispatch can wait in Kafka longer than that across back-to-back rebalances (no
@@ -219,6 +224,43 @@ def _settled_check(dsn: str, limits: dict[str, tuple[int, float]]) -> list[str]:
         if not any("still holds" in v for v in violations) or time.monotonic() > deadline:
             return violations
         time.sleep(0.5)
+
+
+class _LicenceWatch:
+    """Samples, every half second while the run settles, which attempts hold the licence and
+    whether each is the job's current attempt in flight: an attempt over that still holds it
+    (kept for a dispatch that may still start, or a cancelled process still stopping) is what
+    holds scanners back. ``seen``: each holder once, with when it was first and last seen
+    (seconds after the last fault)."""
+
+    def __init__(self, dsn: str, since: float) -> None:
+        self.dsn, self.since = dsn, since
+        self.seen: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _LicenceWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        at: dict[tuple[str, int], dict[str, Any]] = {}
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.wait(0.5):
+                t = round(time.monotonic() - self.since, 1)
+                for job, attempt, state, current in conn.execute(
+                    "SELECT h.job_id, h.attempt, j.state, j.attempt FROM job_holds h "
+                    "JOIN jobs j ON j.id = h.job_id WHERE h.name = 'licence'"
+                ).fetchall():
+                    row = at.get((job, attempt))
+                    if row is None:
+                        row = at[(job, attempt)] = {"job": job, "attempt": attempt, "from_s": t}
+                        self.seen.append(row)
+                    row.update(to_s=t, state=f"{state} (attempt {current})")
 
 
 def _slowest(run: Run, since_last_fault_s: float, n: int = 5) -> list[dict[str, Any]]:

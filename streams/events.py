@@ -157,6 +157,9 @@ class JobFailed(_Event, tag="job.failed", frozen=True):
     # True: what the attempt holds stays until a worker reports its end (or the monitor's
     # sweep gives it back): a dispatch handed back unread may still reach a worker and start
     keeps_holds: bool = False
+    # True: the monitor handed back a dispatch no live worker consumed; it applies only while
+    # the attempt is dispatched (a start recorded first keeps the attempt running)
+    unstarted: bool = False
 
 
 class JobCancelled(_Event, tag="job.cancelled", frozen=True):

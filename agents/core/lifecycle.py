@@ -13,6 +13,8 @@ Invariants (property-tested):
   late report from a superseded attempt cannot complete a retried job.
 - A handed-back attempt (``Failed(counts=False)``) raises the job's attempt budget by one, so
   the number of counted attempts never exceeds ``max_attempts``.
+- A hand-back of a dispatch no worker consumed (``Failed(unstarted=True)``) changes the job
+  only while that attempt is dispatched: once its start is recorded, the attempt runs on.
 - A cancel aimed at attempt n changes the job only while attempt n is dispatched or
   running, so a cancel replayed after a retry cannot cancel the retried job.
 - Applying the same event twice is the same as applying it once (idempotence), which is what
@@ -42,6 +44,9 @@ ACTIVE = frozenset({State.DISPATCHED, State.RUNNING})
 # event name -> states it applies in
 STARTED_FROM = (State.DISPATCHED,)
 FINISHED_FROM = (State.DISPATCHED, State.RUNNING)
+# a dispatch handed back unread (no live worker consumed it) applies only while no start of
+# that attempt was recorded: a start that won the race keeps the attempt running
+UNSTARTED_FROM = (State.DISPATCHED,)
 CANCEL_FROM = (State.WAITING, State.READY, State.DISPATCHED, State.RUNNING)
 # a cancel aimed at one attempt applies only while that attempt is in flight: replayed after
 # a retry (the job waiting or ready again, or on a later attempt) it changes nothing
@@ -76,6 +81,7 @@ class Failed:
     attempt: int
     retryable: bool = True
     counts: bool = True  # False: handed back by its worker, the attempt is given back
+    unstarted: bool = False  # True: handed back by the monitor before any start was recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +123,8 @@ def apply(job: Job, event: Event) -> Job:
         case Succeeded(attempt=a):
             if s in FINISHED_FROM and a == job.attempt:
                 return Job(State.SUCCEEDED, job.attempt, job.max_attempts)
-        case Failed(attempt=a, retryable=r, counts=c):
-            if s in FINISHED_FROM and a == job.attempt:
+        case Failed(attempt=a, retryable=r, counts=c, unstarted=u):
+            if s in (UNSTARTED_FROM if u else FINISHED_FROM) and a == job.attempt:
                 limit = job.max_attempts + (0 if c else 1)
                 nxt = State.READY if r and job.attempt < limit else State.FAILED
                 return Job(nxt, job.attempt, limit)

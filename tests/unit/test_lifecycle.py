@@ -24,7 +24,7 @@ events = st.one_of(
     st.just(Dispatched()),
     st.builds(Started, attempts),
     st.builds(Succeeded, attempts),
-    st.builds(Failed, attempts, st.booleans(), st.booleans()),
+    st.builds(Failed, attempts, st.booleans(), st.booleans(), st.booleans()),
     st.just(Cancelled()),
     st.builds(Cancelled, attempts),
 )
@@ -169,3 +169,16 @@ def test_a_handed_back_dispatch_started_later_is_stale_whatever_happened_since(
         if job.attempt == n and job.state in (State.DISPATCHED, State.RUNNING):
             break  # only a fresh dispatch makes attempt n current again: never happens
         assert start_is_stale(job, n) or job.state in (State.SUCCEEDED, State.FAILED)
+
+
+@given(jobs, st.booleans())
+def test_a_hand_back_of_an_unread_dispatch_never_stops_a_started_attempt(
+    job: Job, retryable: bool
+) -> None:
+    """The monitor hands back a dispatch no live worker seemed to consume; when the start of
+    that attempt was recorded first, the attempt runs on (the hand-back changes nothing)."""
+    after = apply(job, Failed(job.attempt, retryable, counts=False, unstarted=True))
+    if job.state != State.DISPATCHED:
+        assert after == job
+    else:
+        assert after.state in (State.READY, State.FAILED)
