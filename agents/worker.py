@@ -491,7 +491,9 @@ class Worker:
         positions = self.tracker.commit_positions(everything=recommit)
         if not positions:
             return
-        offsets = [TopicPartition(t, p, off) for (t, p), off in positions.items()]
+        # signed with this worker's id: ``_committed_past`` tells its own commit from a
+        # next owner's
+        offsets = [TopicPartition(t, p, off, self.id) for (t, p), off in positions.items()]
         try:
             done = consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as exc:
@@ -610,6 +612,35 @@ class Worker:
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
+    async def _committed_past(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether this worker's own commit of a partition that left it covers ``offset``:
+        a commit can land without its answer arriving before the partition moved, and then
+        no next owner reads the dispatch, so it runs here. A commit signed by another
+        member (a next owner that may have run it) does not count: the monitor retries a
+        start nobody runs."""
+        try:
+            parts = await self._call(
+                self.consumer.committed, [TopicPartition(topic, partition)], timeout=5.0
+            )
+        except KafkaException as exc:
+            log.warning("committed position of %s[%d] unknown: %s", topic, partition, exc)
+            return False
+        got = parts[0] if parts else None
+        mine = (
+            got is not None
+            and got.error is None
+            and got.offset > offset
+            and got.metadata == self.id
+        )
+        if mine:
+            log.warning(
+                "%s[%d]@%d: the partition moved, but this worker's commit covers it: runs here",
+                topic,
+                partition,
+                offset,
+            )
+        return mine
+
     def _supersede_buffered(self, d: Dispatch) -> None:
         """Older attempts of ``d``'s job still buffered here (e.g. a dispatch handed back
         after its partition had no live owner, read with its successor once it has one)
@@ -674,7 +705,11 @@ class Worker:
         )
         try:
             await confirm
-            if d.shared and not await self.commits.wait((msg.topic, msg.partition), msg.offset):
+            if (
+                d.shared
+                and not await self.commits.wait((msg.topic, msg.partition), msg.offset)
+                and not await self._committed_past(msg.topic, msg.partition, msg.offset)
+            ):
                 # the partition moved before the dispatch was committed: its next owner
                 # runs this attempt (a second run here would share nothing it holds)
                 log.warning(
