@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -38,7 +37,7 @@ from rich.progress import Progress
 from agents.invariants import check, owner_violations, process_overcommit
 from agents.pools import dispatch_partition
 from bench.faults import FAULTS, Faults
-from bench.harness import ROOT, Run
+from bench.harness import Run
 from bench.workers import _wait_workers
 from streams.events import JobSpec
 from streams.publisher import JobPublisher
@@ -131,9 +130,6 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         ledger = Path(f"/tmp/{run.name}/ledger")
         ledger.parent.mkdir(parents=True, exist_ok=True)
         ledger.touch()
-        faketime = subprocess.run(
-            [str(ROOT / "scripts" / "faketime.sh")], capture_output=True, text=True, check=True
-        ).stdout.strip()
         single, flows = workload(jobs, str(ledger))
         total = len(single) + sum(len(f) for _, f in flows)
         pub = JobPublisher(run.bootstrap, registry=run.registry)
@@ -144,7 +140,7 @@ def run(faults: int, jobs: int, show: bool, seed: int = 7) -> dict[str, Any]:
         def place(_kind: str, job_id: str) -> str:
             return f"{base}[{dispatch_partition(reg, job_id)}]"
 
-        chaos = Faults(run, rng, pub, single, faketime, LOST_AFTER_S)
+        chaos = Faults(run, rng, pub, single, LOST_AFTER_S)
         _wait_workers(run, 3)
         time.sleep(4)
         # one of each kind first (a short run draws them all), then at random

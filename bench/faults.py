@@ -24,6 +24,7 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
+from bench.clockskew import skewed_env
 from bench.harness import Run, stop_process
 from streams.events import Control, JobSpec, JobStarted, decode, encode
 from streams.publisher import JobPublisher
@@ -52,11 +53,9 @@ class Faults:
         rng: random.Random,
         pub: JobPublisher,
         single: list[JobSpec],
-        faketime: str,
         lost_after_s: float,
     ) -> None:
         self.run, self.rng, self.pub, self.single = run, rng, pub, single
-        self.faketime = faketime
         self.lost_after_s = lost_after_s
         self.schedulers = [run.start("scheduler") for _ in range(2)]
         self.workers = [run.start(*WORKER_ARGS) for _ in range(3)]
@@ -141,12 +140,7 @@ class Faults:
         """A worker replaced by one whose wall clock is 30 s behind or ahead (monotonic time
         untouched, like an NTP step)."""
         victim = self.rng.choice(self.workers)
-        self._replace_worker(
-            victim,
-            LD_PRELOAD=self.faketime,
-            FAKETIME=self.rng.choice(["-30", "+30"]),
-            FAKETIME_DONT_FAKE_MONOTONIC="1",
-        )
+        self._replace_worker(victim, **skewed_env(self.rng.choice([-30.0, 30.0]), self.run.env))
 
     def kill_after_start(self) -> None:
         """SIGKILL a worker the moment one of its starts is on the broker: before its

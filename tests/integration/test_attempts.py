@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from agents.settings import Settings, load_settings
+from bench.clockskew import skewed_env
 from streams.events import (
     Control,
     JobFailed,
@@ -28,7 +28,7 @@ from streams.events import (
 )
 from streams.publisher import JobPublisher
 from tests.conftest import settings_env
-from tests.helpers import ROOT, Proc, cli, eventually
+from tests.helpers import Proc, cli, eventually
 from tests.integration.test_workers import (  # noqa: F401
     _alive,
     add_worker,
@@ -143,15 +143,8 @@ def test_liveness_is_judged_by_the_receivers_clock(
     """Item 3: heartbeats stored the worker's own clock as ``last_seen`` and PostgreSQL
     judged it against ``now()``: a worker 30 s behind was declared lost on every tick, and
     each of its running jobs got a counted failure."""
-    lib = subprocess.run(
-        [str(ROOT / "scripts" / "faketime.sh")], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    env = {
-        **settings_env(ws),
-        "LD_PRELOAD": lib,
-        "FAKETIME": "-30",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-    }
+    env = settings_env(ws)
+    env.update(skewed_env(-30.0, env))
     out = tmp_path / "k.txt"
     with cluster(ws, tmp_path, workers=0):
         behind = Proc(["worker", "--slots", "2"], env, tmp_path / "behind.log")
