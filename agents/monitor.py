@@ -33,11 +33,14 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
 from agents.context import Context, retrying
-from agents.store import LostWork, Orphan, Undelivered
+from agents.pools import heartbeat_partition
+from agents.store import LostWork, Orphan, PostgresJobStore, Undelivered
 from agents.telemetry import thresholds
 from streams.events import JobFailed, encode
-from streams.kafka import Record
+from streams.kafka import Record, client_config
 
 log = logging.getLogger("jobstream.monitor")
 REPUBLISH_AFTER_S = 30.0
@@ -61,6 +64,7 @@ class Monitor:
         self.retried = 0
         self.lost = 0
         self.handed_back = 0
+        self._watermarks: Consumer | None = None  # reads partitions' ends, never consumes
         self._brake_due = 0.0  # no brake transaction on every tick: at most twice an interval
 
     @property
@@ -106,8 +110,9 @@ class Monitor:
                 log.warning(
                     "brake: slot capacity %d of %d (%s)", target, brake["static"], brake["reason"]
                 )
+        judged = await self._judged(store)
         work = await retrying(
-            "monitor", lambda: store.lost_work(s.worker_lost_after_s, s.capacity_factor)
+            "monitor", lambda: store.lost_work(s.worker_lost_after_s, s.capacity_factor, judged)
         )
         if work.released:
             log.warning("gave back the holds of %d attempts that ended unreported", work.released)
@@ -128,6 +133,48 @@ class Monitor:
         if len(self.sent) > 100_000:
             self.sent = {k: t for k, t in self.sent.items() if now - t < REPUBLISH_AFTER_S}
         return work
+
+    async def _judged(self, store: PostgresJobStore) -> list[str]:
+        """The silent workers whose silence is certain: their heartbeat partition is recorded
+        to the broker's end. While the heartbeats agent is behind (the scheduler that owned
+        the partition was killed and it has not moved yet), a worker that beats on is not
+        lost: declaring it lost retried its running jobs as counted failures (``make
+        chaos``: every worker lost at once after a scheduler's SIGKILL)."""
+        s = self.ctx.settings
+        silent, recorded = await retrying(
+            "silent workers", lambda: store.silent_workers(s.worker_lost_after_s)
+        )
+        if not silent:
+            return []
+        topic = self.ctx.topic("workers.heartbeat")
+        parts = {w: heartbeat_partition(self.ctx.registry, w) for w in silent}
+        try:
+            ends = await asyncio.to_thread(self._ends, topic, set(parts.values()))
+        except KafkaException as exc:
+            log.warning("heartbeat partitions' ends unknown (%s): no worker judged lost", exc)
+            return []
+        behind = {p for p, end in ends.items() if recorded.get(p, 0) < end}
+        if behind:
+            log.warning(
+                "heartbeats of partitions %s not recorded to their end: %d silent workers "
+                "not judged yet",
+                sorted(behind),
+                sum(1 for p in parts.values() if p in behind),
+            )
+        return [w for w, p in parts.items() if p not in behind]
+
+    def _ends(self, topic: str, partitions: set[int]) -> dict[int, int]:
+        """The broker's end offset of each partition (blocking: run in a thread)."""
+        if self._watermarks is None:
+            cfg = client_config(self.ctx.settings.require_kafka(), self.ctx.settings.kafka_config)
+            cfg.update({"group.id": f"{self.ctx.settings.app_id}.monitor", "client.id": "monitor"})
+            self._watermarks = Consumer(cfg)
+        return {
+            p: self._watermarks.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=2.0, cached=False
+            )[1]
+            for p in partitions
+        }
 
     async def _fail_once(
         self,

@@ -14,12 +14,18 @@ async def handle_heartbeats(ctx: Context, messages: Sequence[RawMessage]) -> int
     for b in beats:
         ctx.metrics.count("heartbeats_received", {"worker": b.worker})
     await dead_letter(ctx, rejected)
+    progress: dict[int, int] = {}
+    for m in messages:  # the next offset to record, per partition
+        progress[m.partition] = max(progress.get(m.partition, 0), m.offset + 1)
     store = await ctx.store()
     s = ctx.settings
     await retrying(
         "record heartbeats",
         lambda: store.record_heartbeats(
-            beats, capacity_factor=s.capacity_factor, lost_after_s=s.worker_lost_after_s
+            beats,
+            capacity_factor=s.capacity_factor,
+            lost_after_s=s.worker_lost_after_s,
+            progress=progress,
         ),
     )
     return len(beats)

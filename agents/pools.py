@@ -64,6 +64,12 @@ def dispatch_partition(registry: TopicRegistry, job_id: str) -> int:
     return partition_for(job_id.encode(), registry["jobs.dispatch"].partitions)
 
 
+def heartbeat_partition(registry: TopicRegistry, worker: str) -> int:
+    """The partition of a worker's heartbeats (set explicitly): the monitor judges a worker's
+    silence only once that partition is recorded to its end."""
+    return partition_for(worker.encode(), registry["workers.heartbeat"].partitions)
+
+
 def dispatch_place(settings: Settings, registry: TopicRegistry, kind: str, job_id: str) -> str:
     """``topic[partition]`` of a job's dispatch, as workers list their assignment."""
     return f"{dispatch_topic(settings, registry, kind)}[{dispatch_partition(registry, job_id)}]"

@@ -401,7 +401,12 @@ class PostgresJobStore:
             )
 
     async def record_heartbeats(
-        self, beats: Sequence[Any], *, capacity_factor: float = 1.0, lost_after_s: float = 15.0
+        self,
+        beats: Sequence[Any],
+        *,
+        capacity_factor: float = 1.0,
+        lost_after_s: float = 15.0,
+        progress: Mapping[int, int] | None = None,
     ) -> None:
         """Record heartbeats (a lost worker that speaks again is live again) and running jobs'
         progress and, in the same transaction, the live capacity they add up to.
@@ -409,12 +414,23 @@ class PostgresJobStore:
         ``last_seen`` is this database's clock at receipt, never the worker's own ``at``:
         liveness is judged against ``now()``, and a worker's clock may be off by any amount
         (30 s behind, it was declared lost on every tick). A worker's beats share one
-        partition, so the last of a batch is its latest."""
-        if not beats:
+        partition, so the last of a batch is its latest. ``progress``: partition → the next
+        offset to record, once these are (see :meth:`silent_workers`)."""
+        if not beats and not progress:
             return
         latest = {b.worker: b for b in beats}
-        progress = {j: v for b in latest.values() for j, v in b.progress.items()}
+        job_progress = {j: v for b in latest.values() for j, v in b.progress.items()}
         async with self.tx() as conn, conn.cursor() as cur:
+            if progress:  # in the same transaction as the beats it covers
+                await conn.execute(
+                    "INSERT INTO heartbeat_progress (partition, next_offset) "
+                    "SELECT * FROM unnest(%s::int[], %s::bigint[]) "
+                    "ON CONFLICT (partition) DO UPDATE SET at = now(), next_offset = "
+                    "greatest(heartbeat_progress.next_offset, excluded.next_offset)",
+                    (list(progress), list(progress.values())),
+                )
+            if not beats:
+                return
             await cur.executemany(
                 """
                 INSERT INTO workers (id, host, slots_total, slots_free, running, state, last_seen,
@@ -448,18 +464,40 @@ class PostgresJobStore:
                     for b in latest.values()
                 ],
             )
-            if progress:
+            if job_progress:
                 await conn.execute(
                     "UPDATE jobs j SET progress = p.v FROM unnest(%s::text[], %s::real[]) "
                     "AS p(id, v) WHERE j.id = p.id AND j.state = 'running'",
-                    (list(progress), list(progress.values())),
+                    (list(job_progress), list(job_progress.values())),
                 )
             await refresh_capacity(conn, capacity_factor, lost_after_s)
 
-    async def lost_work(self, lost_after_s: float, capacity_factor: float) -> LostWork:
+    async def silent_workers(self, lost_after_s: float) -> tuple[list[str], dict[int, int]]:
+        """Workers not heard from for ``lost_after_s``, and how far each heartbeat partition
+        is recorded (the next offset): the monitor declares a silent worker lost only when
+        its partition is recorded to the broker's end."""
+        async with self.tx() as conn:
+            cur = await conn.execute(
+                "SELECT id FROM workers WHERE state IN ('running', 'draining') "
+                "AND last_seen < now() - make_interval(secs => %s)",
+                (lost_after_s,),
+            )
+            silent = [r[0] for r in await cur.fetchall()]
+            if not silent:
+                return [], {}
+            cur = await conn.execute("SELECT partition, next_offset FROM heartbeat_progress")
+            return silent, {r[0]: r[1] for r in await cur.fetchall()}
+
+    async def lost_work(
+        self,
+        lost_after_s: float,
+        capacity_factor: float,
+        judged: Sequence[str] | None = None,
+    ) -> LostWork:
         """The monitor's step (one process at a time, under an advisory lock): declare silent
-        workers lost, and list running jobs whose worker is lost or restarted since their
-        start. Those are retried by publishing a failure of their attempt (fenced)."""
+        workers lost (of ``judged`` only, when given: those whose silence is certain), and
+        list running jobs whose worker is lost or restarted since their start. Those are
+        retried by publishing a failure of their attempt (fenced)."""
         async with self.tx() as conn:
             cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (MONITOR_LOCK,))
             row = await cur.fetchone()
@@ -468,8 +506,9 @@ class PostgresJobStore:
             cur = await conn.execute(
                 "UPDATE workers SET state = 'lost', lost_at = now() "
                 "WHERE state IN ('running', 'draining') "
-                "AND last_seen < now() - make_interval(secs => %s) RETURNING id",
-                (lost_after_s,),
+                "AND last_seen < now() - make_interval(secs => %s) "
+                "AND (%s::text[] IS NULL OR id = ANY(%s::text[])) RETURNING id",
+                (lost_after_s, judged, judged),
             )
             newly = [r[0] for r in await cur.fetchall()]
             if newly:

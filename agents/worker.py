@@ -68,7 +68,7 @@ from agents.core.pacing import Pacer
 from agents.deadletter import dead_letter
 from agents.heap import freeze_once_assigned, freeze_startup_heap
 from agents.outbox import Outbox
-from agents.pools import ensure_pool_topics, pools_served, worker_labels
+from agents.pools import ensure_pool_topics, heartbeat_partition, pools_served, worker_labels
 from agents.pypool import PyPool
 from agents.runner import AttemptHandle, Outcome, file_safe, run_attempt
 from streams.errors import InvalidEvent
@@ -990,7 +990,12 @@ class Worker:
             buffered=sorted({m.dispatch.job_id for m in self.backlog if m.dispatch is not None}),
             assigned=sorted(f"{t}[{p}]" for t, p in self.owned),
         )
-        rec = Record(self.ctx.topic("workers.heartbeat"), encode(beat), self.id.encode())
+        rec = Record(
+            self.ctx.topic("workers.heartbeat"),
+            encode(beat),
+            self.id.encode(),
+            partition=heartbeat_partition(self.ctx.registry, self.id),
+        )
         m = self.ctx.metrics
         if m.enabled:
             used = self.slots - beat.slots_free
