@@ -1,12 +1,15 @@
 """The faust-streaming application: the scheduler's stream agents wired to their topics.
 
-Agents (one consumer group, ``settings.app_id``):
-- ``intake``       jobs.independent → PostgreSQL → admission
-- ``dependencies`` jobs.dependent + jobs.events (co-partitioned by group) → PostgreSQL
-                   (submissions, guarded transitions, dependency decisions) → admission
-- ``admission``    ready jobs → PostgreSQL (ready → dispatched) → jobs.dispatch. A ready job
-                   whose tenant this process owns is handed over in-process; the others go
-                   through jobs.ready (keyed by tenant) to their owner.
+The hot cycle (``agents.cycle``, consumer group ``<app_id>.cycle``): one batched consumer of
+the high-rate topics, one cycle per fetch:
+- jobs.independent + jobs.dependent + jobs.events (the last two co-partitioned by group) →
+  one PostgreSQL transaction (submissions, guarded transitions, dependency decisions) →
+  admission. A ready job whose tenant this process owns is handed over in-process; the others
+  go through jobs.ready (keyed by tenant) to their owner.
+- jobs.ready → the admission owner (``agents.admission``), whose rounds dispatch
+  (ready → dispatched) to jobs.dispatch.
+
+faust agents (consumer group ``settings.app_id``), for the low-rate topics:
 - ``heartbeats``   workers.heartbeat → PostgreSQL (workers table, job progress)
 - ``control``      jobs.control → PostgreSQL (pauses, limits, priorities, cancel, retry)
 - ``telemetry``    telemetry.hosts (Telegraf) → PostgreSQL host_load → the brake
@@ -16,15 +19,16 @@ Agents (one consumer group, ``settings.app_id``):
 
 Invariants:
 - Values are raw bytes (no faust codec, no Python object serialisation); our decoder turns
-  bad bytes into dead letters. Acks are manual (``take_available``): an offset is committed
-  only after its batch is durable in PostgreSQL and its follow-up events are confirmed by
-  the broker.
+  bad bytes into dead letters. Offsets are stored or acked by hand (the cycle; faust agents
+  through ``take_available``): an offset is committed only after its batch is durable in
+  PostgreSQL and its follow-up events are confirmed by the broker.
 - An unexpected error in a batch never stops the stream: the batch is retried message by
   message, and a message that still fails is dead-lettered with the error as the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import time
@@ -38,47 +42,24 @@ from agents.admission import Admission, resend_unconfirmed
 from agents.batching import take_available
 from agents.context import Context, RawMessage, retrying
 from agents.control import handle_control
-from agents.deadletter import dead_letter
-from agents.dependencies import handle_dependent
+from agents.cycle import HotCycle, handle_safely
+from agents.dependencies import settle_cycle
 from agents.heap import freeze_once_assigned, freeze_startup_heap
-from agents.intake import forward_ready, handle_submissions
+from agents.intake import forward_ready
 from agents.kafkaauth import faust_credentials
 from agents.monitor import Monitor
 from agents.outcomes import handle_heartbeats
 from agents.statuspage import StatusPage
 from agents.telemetry import handle_telemetry
-from streams.events import event_type
 
 log = logging.getLogger("jobstream.app")
+STOP_WAIT_S = 10.0
 Handler = Callable[[Context, Sequence[RawMessage]], Awaitable[int]]
 
 
 def _raw(event: Any) -> RawMessage:
     m = event.message
     return RawMessage(m.topic, m.partition, m.offset, m.key, m.value)
-
-
-async def handle_safely(
-    ctx: Context, name: str, handler: Handler, messages: Sequence[RawMessage]
-) -> None:
-    try:
-        await handler(ctx, messages)
-        return
-    except Exception:
-        log.exception("%s: batch of %d failed; retrying one by one", name, len(messages))
-    for msg in messages:
-        try:
-            await handler(ctx, [msg])
-        except Exception as exc:
-            log.exception(
-                "%s: message %s[%d]@%d dead-lettered", name, msg.topic, msg.partition, msg.offset
-            )
-            await dead_letter(ctx, [(msg, f"internal error in {name}: {exc!r}"[:2000])])
-
-
-def is_start(event: Any) -> bool:
-    """A job start: nothing waits on it, so it may wait for company."""
-    return event_type(event.message.value) == "job.started"
 
 
 def faust_app(app_id: str, bootstrap: str, **conf: Any) -> faust.App:
@@ -126,18 +107,10 @@ def build_app(ctx: Context) -> faust.App:
             key_serializer="raw",
         )
 
-    def batch_agent(
-        channel: Any,
-        name: str,
-        handler: Handler,
-        hold: Callable[[Any], bool] | None = None,
-        hold_s: float = 0.0,
-    ) -> None:
+    def batch_agent(channel: Any, name: str, handler: Handler) -> None:
         async def agent(stream: Any) -> None:
             noack = stream.noack()
-            async for events in take_available(
-                noack, s.batch_size, linger_s=s.batch_wait_s, hold=hold, hold_s=hold_s
-            ):
+            async for events in take_available(noack, s.batch_size, linger_s=s.batch_wait_s):
                 await handle_safely(ctx, name, handler, [_raw(e) for e in events])
                 for e in events:
                     await noack.ack(e)
@@ -145,26 +118,32 @@ def build_app(ctx: Context) -> faust.App:
         agent.__name__ = agent.__qualname__ = name
         app.agent(channel, name=name)(agent)
 
-    ready_topic = ctx.topic("jobs.ready")
+    cycle: HotCycle | None = None
 
     def assigned() -> set[int] | None:
-        try:
-            tps = app.consumer.assignment()
-        except Exception:  # the consumer is not started yet
-            return None
-        return {tp.partition for tp in tps if tp.topic == ready_topic}
+        return cycle.ready_partitions() if cycle is not None else None
 
     admission = Admission(ctx, assigned)
     ctx.local_ready = admission.take_local
-    batch_agent(topic("jobs.independent"), "intake", handle_submissions)
-    batch_agent(
-        topic("jobs.dependent", "jobs.events"),
-        "dependencies",
-        handle_dependent,
-        hold=is_start,
-        hold_s=s.start_hold_s,
-    )
-    batch_agent(topic("jobs.ready"), "admission", admission.handle_ready)
+    ready_topic = ctx.topic("jobs.ready")
+
+    async def handle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> None:
+        ready = [m for m in messages if m.topic == ready_topic]
+        if len(ready) < len(messages):
+            await settle_cycle(ctx, [m for m in messages if m.topic != ready_topic])
+        if ready:
+            await admission.handle_ready(ctx, ready)
+
+    cycle = HotCycle(ctx, handle_cycle, on_assignment=admission.wake.set)
+    cycle_done = asyncio.Event()
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def hot_cycle() -> None:
+        try:
+            await cycle.run()
+        finally:
+            cycle_done.set()
+
     batch_agent(topic("workers.heartbeat"), "heartbeats", handle_heartbeats)
     batch_agent(topic("jobs.control"), "control", handle_control)
     batch_agent(topic("telemetry.hosts"), "telemetry", handle_telemetry)
@@ -200,6 +179,11 @@ def build_app(ctx: Context) -> faust.App:
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _close(app: faust.App, **_: Any) -> None:
+        cycle.stopping = True  # the cycle in hand ends, its offsets stored and committed
+        try:
+            await asyncio.wait_for(cycle_done.wait(), STOP_WAIT_S)
+        except TimeoutError:
+            log.warning("the hot cycle did not stop within %.0f s", STOP_WAIT_S)
         await ctx.close()
 
     return app

@@ -1,4 +1,4 @@
-"""Natural batching for faust streams: hand over whatever has arrived, at once.
+"""Natural batching for faust streams (the low-rate agents): hand over whatever has arrived.
 
 faust's ``take(max, within)`` waits up to ``within`` for a batch to fill, so every stage adds
 up to that much latency at light load, and a small ``within`` turns into a busy timer. Here
@@ -14,26 +14,17 @@ buffered (the stream's drainer waits beyond that: backpressure).
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 
 async def take_available(
-    stream: Any,
-    max_: int,
-    *,
-    linger_s: float = 0.0,
-    hold: Callable[[Any], bool] | None = None,
-    hold_s: float = 0.0,
+    stream: Any, max_: int, *, linger_s: float = 0.0
 ) -> AsyncIterator[list[Any]]:
     """Yield lists of faust events from ``stream`` (a ``noack()`` stream) as they arrive.
 
     ``linger_s`` > 0 waits that long after the first event for more (fewer, larger
-    batches at the cost of latency); 0 hands over at once. ``hold``: whether an event may
-    wait; while every buffered one may, wait up to ``hold_s`` for more, handing over as soon
-    as one arrives that may not (e.g. job starts wait for the outcomes that follow them).
-    Each event is asked once."""
+    batches at the cost of latency); 0 hands over at once."""
     buffer: list[Any] = []
     arrived = asyncio.Event()
     room = asyncio.Event()
@@ -58,19 +49,6 @@ async def take_available(
             await stream.wait_for_stopped(arrived, timeout=1.0)
             if not buffer:
                 continue
-            if hold is not None and hold_s > 0:
-                deadline = time.monotonic() + hold_s
-                asked = 0  # buffered events known to be able to wait
-                while len(buffer) < max_:
-                    while asked < len(buffer) and hold(buffer[asked]):
-                        asked += 1
-                    left = deadline - time.monotonic()
-                    if asked < len(buffer) or left <= 0:
-                        break
-                    arrived.clear()
-                    if await stream.wait_for_stopped(arrived, timeout=left):
-                        break
-                arrived.set()  # whatever is buffered now is handed over below
             if linger_s and len(buffer) < max_:
                 await asyncio.sleep(linger_s)
             else:

@@ -1,8 +1,9 @@
-"""The dependency stage: ``jobs.dependent`` and ``jobs.events`` in one agent.
+"""The dependency stage: submissions and lifecycle events of one hot cycle (``agents.cycle``).
 
-Both topics are keyed by the dependency group and co-partitioned (``topics.yaml``), so one
-owner sees a group's submissions and its completions, in order. Per batch, one transaction
-persists new jobs and lifecycle events, loads the affected part of the graph and lets the pure
+``jobs.dependent`` and ``jobs.events`` are keyed by the dependency group and co-partitioned
+(``topics.yaml``), so one owner sees a group's submissions and its completions, in order;
+``jobs.independent`` joins them in the same cycle. Per cycle, one transaction persists new
+jobs and lifecycle events, loads the affected part of the graph and lets the pure
 core (``agents.core.deps``) decide: release, fail (transitively, naming the root cause) or wait
 (the gate shown by ``jobstream why``). Released jobs and retries go to their tenant's
 admission owner (``forward_ready``: in-process when it is this one, else ``jobs.ready``).
@@ -47,13 +48,22 @@ _EVENT_NAMES: dict[type, str] = {
 }
 
 
-async def handle_dependent(ctx: Context, messages: Sequence[RawMessage]) -> int:
+async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
+    """A cycle's submissions (both intake topics) and lifecycle events: validated, persisted
+    and settled in one transaction; released jobs and retries forwarded to admission."""
     s = ctx.settings
-    submissions_topic = ctx.topic("jobs.dependent")
-    subs = [m for m in messages if m.topic == submissions_topic]
-    accepted, rejected, origin = accept_submissions(ctx, subs, dependent=True)
+    independent, dependent = ctx.topic("jobs.independent"), ctx.topic("jobs.dependent")
+    accepted, rejected, origin = accept_submissions(
+        ctx, [m for m in messages if m.topic == independent], dependent=False
+    )
+    more, rejected_dep, origin_dep = accept_submissions(
+        ctx, [m for m in messages if m.topic == dependent], dependent=True
+    )
+    accepted += more
+    rejected += rejected_dep
+    origin.update(origin_dep)
     decoded, bad = decode_all(
-        ctx, [m for m in messages if m.topic != submissions_topic], EventOrRejected
+        ctx, [m for m in messages if m.topic not in (independent, dependent)], EventOrRejected
     )
     events = [e for e in decoded if not isinstance(e, JobRejected)]
     if ctx.tracer.on:

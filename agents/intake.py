@@ -1,7 +1,7 @@
-"""Intake: decode and validate submissions, persist them, forward the ready ones.
+"""Intake: decode and validate submissions, and forward ready jobs to their admission owner.
 
-``jobs.independent`` is handled here; ``jobs.dependent`` by the dependency stage
-(``agents.dependencies``), which shares the validation below.
+Submissions of both intake topics are validated here and persisted by the dependency stage
+(``agents.dependencies``), in the transaction of their hot cycle (``agents.cycle``).
 
 Invariants:
 - Every consumed message ends as exactly one of: job rows in PostgreSQL, or a dead-letter
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import msgspec
 
 from agents.context import Context, RawMessage, retrying
-from agents.deadletter import Rejected, dead_letter
+from agents.deadletter import Rejected
 from agents.rows import Accepted, ReadyJob
 from streams.errors import InvalidEvent
 from streams.events import (
@@ -136,12 +136,3 @@ def accept_submissions(
     for a in accepted:
         m.count("jobs_submitted", {"tenant": a.job.tenant, "kind": a.job.kind})
     return accepted, rejected, origin
-
-
-async def handle_submissions(ctx: Context, messages: Sequence[RawMessage]) -> int:
-    """Handle one batch of ``jobs.independent``; return the number of jobs forwarded."""
-    accepted, rejected, _ = accept_submissions(ctx, messages, dependent=False)
-    await dead_letter(ctx, rejected)
-    store = await ctx.store()
-    ready = await retrying("intake persist", lambda: store.accept(accepted))
-    return await forward_ready(ctx, ready)

@@ -283,7 +283,7 @@ class PostgresJobStore:
                 around = await queue_working_set(
                     conn, list(dict.fromkeys([*(a.job.id for a in accepted), *finished]))
                 )
-                inserted = await read_inserted(accepted, inserts)
+                inserted = await read_inserted(inserts)
                 ended = await read_lifecycle(events, lifecycle)
                 nodes = await read_working_set(around)
                 changed = inserted + ended.terminal
