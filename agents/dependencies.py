@@ -70,7 +70,7 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
         ctx.tracer.mark("event_in", *(e.job_id for e in events if not isinstance(e, JobStarted)))
     await dead_letter(ctx, [*rejected, *bad])
     store = await ctx.store()
-    ready, impossible, unapplied = await retrying(
+    ready, impossible, stale = await retrying(
         "dependency batch",
         lambda: store.settle_batch(
             accepted,
@@ -110,19 +110,15 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
             for f in impossible
         ]
         await retrying("announce rejections", lambda: ctx.producer.aproduce(notices))
-    if unapplied:
-        await stop_stale_attempts(ctx, unapplied)
+    if stale:
+        await stop_stale_attempts(ctx, stale)
     await forward_ready(ctx, ready)
     return len(messages)
 
 
-async def stop_stale_attempts(ctx: Context, starts: Sequence[tuple[str, int]]) -> None:
+async def stop_stale_attempts(ctx: Context, stale: Sequence[tuple[str, int]]) -> None:
     """Reported starts of attempts already over (handed back or cancelled before they
     started, or superseded): a cancel aimed at each attempt, for the worker that runs it."""
-    store = await ctx.store()
-    stale = await retrying("stale starts", lambda: store.stale_starts(starts))
-    if not stale:
-        return
     topic = ctx.topic("jobs.control")
     stops = [
         Record(

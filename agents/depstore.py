@@ -21,17 +21,29 @@ from typing import Any
 
 import msgspec
 import psycopg
-from psycopg.types.json import Jsonb
 
 from agents.admstore import release_attempt_holds
 from agents.core.deps import Edge, Fail, Needs, Node, Release, Wait
-from agents.core.lifecycle import FINISHED_FROM, STARTED_FROM, UNSTARTED_FROM
-from agents.rows import READY_COLS, RETURN_STATE, Accepted, ReadyJob, q, states
+from agents.core.lifecycle import (
+    TERMINAL,
+    Backoff,
+    Change,
+    Event,
+    Failed,
+    Job,
+    Started,
+    State,
+    Succeeded,
+    apply,
+    fold,
+    start_is_stale,
+)
+from agents.rows import READY_COLS, Accepted, ReadyJob, q
 from streams.events import JobCancelled, JobEvent, JobFailed, JobStarted, JobSucceeded
 
 Conn = psycopg.AsyncConnection[Any]
 Cursor = psycopg.AsyncCursor[Any]
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+DEFAULT_BACKOFF = Backoff()
 
 
 # every new job of a batch, its edges and its history in one statement (one JSON document of
@@ -137,100 +149,191 @@ async def read_inserted(cur: Cursor | None) -> list[str]:
 
 
 @dataclass(slots=True)
-class _Queued:
-    """A lifecycle statement in the pipeline, read after the sync: the events it applies,
-    and the one event when it is not a bulk statement (a bulk one writes its history rows
-    itself)."""
-
-    idx: list[int]
-    cur: Cursor
-    single: JobFailed | None = None
-
-
-@dataclass(slots=True)
 class Ended:
     """What a batch's lifecycle events did: attempts that ended (terminal, or back to ready
-    for a retry) and the history rows to write."""
+    for a retry), the jobs' new states, the rows to write."""
 
     terminal: list[str]
     retry: list[ReadyJob]
-    history: list[tuple[str, int, str, Jsonb]]
+    history: list[tuple[str, int, str, str]]  # job, attempt, event, detail (JSON)
     # attempts whose end was reported: what they hold is given back, whether the report
     # changed the job or was fenced off (a cancelled attempt that stopped, a superseded one)
     over: list[tuple[str, int]] = field(default_factory=list)
-    # reported starts that changed nothing (a repeat, or an attempt already over)
-    unapplied_starts: list[tuple[str, int]] = field(default_factory=list)
+    # reported starts of attempts already over whose process may run (``start_is_stale``)
+    stale_starts: list[tuple[str, int]] = field(default_factory=list)
+    states: dict[str, str] = field(default_factory=dict)  # job → its state after the batch
+    writes: list[dict[str, Any]] = field(default_factory=list)  # one row update per job
 
 
-async def queue_lifecycle(
-    conn: Conn, events: Sequence[JobEvent], backoff: Mapping[str, tuple[float, float]] | None = None
-) -> list[_Queued]:
-    """Queue every event's guarded transition (read with :func:`read_lifecycle`). A job's
-    events apply in their order; events of different jobs are independent, so the batch goes
-    in generations (a job's first event, its second, …) and the starts and successes of a
-    generation each take one set-based UPDATE (the bulk of a batch: one statement instead of
-    one per event). ``backoff``: kind → (base, cap) seconds; a retried attempt n waits
-    min(cap, base·2^(n-1)) unless its failure was not the job's (``backoff=False``: a lost
-    worker, a hand-back)."""
-    queued: list[_Queued] = []
-    seen: dict[str, int] = {}
-    generations: dict[int, list[int]] = {}
+@dataclass(frozen=True, slots=True)
+class _Row:
+    job: Job
+    kind: str
+    tenant: str
+    submitted_at: float
+
+
+def _lifecycle_ids(events: Sequence[JobEvent]) -> list[str]:
+    return sorted({e.job_id for e in events if not isinstance(e, JobCancelled)})
+
+
+async def queue_lifecycle(conn: Conn, events: Sequence[JobEvent]) -> Cursor | None:
+    """Queue the read of the rows a batch's lifecycle events touch, locked in id order (the
+    core decides on them: :func:`decide_lifecycle`). ``job.cancelled`` is an announcement:
+    the control stage applied the cancel."""
+    ids = _lifecycle_ids(events)
+    if not ids:
+        return None
+    return await conn.execute(
+        "SELECT id, state, attempt, max_attempts, kind, tenant,"
+        " extract(epoch from submitted_at)::float8 FROM jobs WHERE id = ANY(%s)"
+        " ORDER BY id FOR UPDATE",
+        (ids,),
+    )
+
+
+def _core_event(ev: JobEvent) -> Event:
+    if isinstance(ev, JobStarted):
+        return Started(ev.attempt)
+    if isinstance(ev, JobSucceeded):
+        return Succeeded(ev.attempt)
+    assert isinstance(ev, JobFailed)
+    return Failed(ev.attempt, ev.retryable, ev.counts, ev.unstarted, ev.backoff)
+
+
+def _history(ev: JobEvent, state: State) -> tuple[str, int, str, str]:
+    detail: dict[str, Any]
+    if isinstance(ev, JobStarted):
+        name, detail = "started", {"worker": ev.worker}
+    elif isinstance(ev, JobSucceeded):
+        name, detail = "succeeded", {"worker": ev.worker, "duration_s": ev.duration_s}
+    else:
+        assert isinstance(ev, JobFailed)
+        name = str(state)  # ready (to be retried) or failed
+        detail = {"worker": ev.worker, "error": ev.error[:500], "exit_code": ev.exit_code}
+    return ev.job_id, ev.attempt, name, msgspec.json.encode(detail).decode()
+
+
+def _write(change: Change, events: Sequence[JobEvent]) -> dict[str, Any]:
+    """The row update of one job whose events applied: the columns the last one sets, and
+    the start time from a start of this batch (else kept; a success without a recorded start
+    started ``duration_s`` before it ended)."""
+    applied = [e for i in change.applied if not isinstance(e := events[i], JobCancelled)]
+    last = applied[-1]
+    start = next((e for e in applied if isinstance(e, JobStarted)), None)
+    row: dict[str, Any] = {
+        "id": last.job_id,
+        "was": str(change.before.state),
+        "attempt": change.before.attempt,
+        "state": str(change.after.state),
+        "max_attempts": change.after.max_attempts,
+        "started": start.at if start is not None else None,
+        "start_known": start is not None,
+        "outcome": None,
+        "worker": last.worker or None,
+    }
+    if isinstance(last, JobSucceeded):
+        if start is None:
+            row["started"] = last.at - last.duration_s
+        row.update(outcome="succeeded", finished=last.at, rc=last.exit_code, log=last.log_path)
+        row.update(error=None, gate=None, progress=1.0)
+    elif isinstance(last, JobFailed):
+        retry = change.after.state is State.READY
+        row.update(outcome="failed", finished=last.at, rc=last.exit_code, log=last.log_path)
+        row.update(error=last.error[:4000], gate="retry" if retry else None, progress=None)
+        row["run_after"] = change.run_after
+    return row
+
+
+async def decide_lifecycle(
+    events: Sequence[JobEvent], cur: Cursor | None, backoff: Mapping[str, Backoff], now: float
+) -> Ended:
+    """Read the locked rows (:func:`queue_lifecycle`) and let the core fold each job's
+    events (``agents.core.lifecycle.fold``): the row updates, history, ended attempts and
+    stale starts of the batch."""
+    rows: dict[str, _Row] = {}
+    if cur is not None:
+        for jid, state, attempt, max_attempts, kind, tenant, submitted in await cur.fetchall():
+            rows[jid] = _Row(Job(State(state), attempt, max_attempts), kind, tenant, submitted)
+    by_job: dict[str, list[tuple[int, Event]]] = {}
+    for i, ev in enumerate(events):
+        if not isinstance(ev, JobCancelled):
+            by_job.setdefault(ev.job_id, []).append((i, _core_event(ev)))
+    ended = Ended([], [], [])
+    applied: set[int] = set()
+    for jid, evs in by_job.items():
+        row = rows.get(jid)
+        if row is None:
+            continue  # an unknown job: nothing to change
+        change = fold(row.job, evs, backoff.get(row.kind, DEFAULT_BACKOFF), now)
+        if not change.changed:
+            continue
+        applied.update(change.applied)
+        ended.writes.append(_write(change, events))
+        ended.states[jid] = str(change.after.state)
+        state = change.after.state
+        state_at = row.job
+        for i in change.applied:
+            state_at = apply(state_at, _core_event(events[i]))
+            ended.history.append(_history(events[i], state_at.state))
+        if state in TERMINAL:
+            ended.terminal.append(jid)
+        elif state is State.READY:
+            ended.retry.append(ReadyJob(jid, row.tenant, row.kind, row.submitted_at))
     for i, ev in enumerate(events):
         if isinstance(ev, JobCancelled):
-            continue  # an announcement: the control stage applied the cancel
-        g = seen.get(ev.job_id, 0)
-        seen[ev.job_id] = g + 1
-        generations.setdefault(g, []).append(i)
-    for g in sorted(generations):
-        bulk: dict[type, list[int]] = {JobStarted: [], JobSucceeded: []}
-        for i in generations[g]:
-            ev = events[i]
-            if isinstance(ev, JobFailed):
-                queued.append(_Queued([i], await _apply_failed(conn, ev, backoff or {}), ev))
-            else:
-                bulk[type(ev)].append(i)
-        for kind, idx in bulk.items():
-            if idx:
-                cur = await _apply_bulk(conn, kind, [events[i] for i in idx])
-                queued.append(_Queued(idx, cur))
-    return queued
-
-
-async def read_lifecycle(events: Sequence[JobEvent], queued: Sequence[_Queued]) -> Ended:
-    """Each event's resulting row (state, attempt, tenant, kind, submitted_at), or none when
-    it changed nothing (a duplicate, a stale attempt), summed up."""
-    rows: list[tuple[Any, ...] | None] = [None] * len(events)
-    ended = Ended([], [], [])
-    for qd in queued:
-        one = qd.single
-        if one is None:
-            by_id = {r[0]: tuple(r[1:]) for r in await qd.cur.fetchall()}
-            for i in qd.idx:
-                rows[i] = by_id.get(events[i].job_id)
-        elif (row := await qd.cur.fetchone()) is not None:
-            rows[qd.idx[0]] = row
-            attempt = getattr(one, "attempt", row[1])
-            ended.history.append((one.job_id, attempt, row[0], Jsonb(_detail(one))))
-    for ev, row in zip(events, rows, strict=True):
+            continue
         if isinstance(ev, JobSucceeded) or (
             # a hand-back the attempt's recorded start won ends nothing: it runs on
-            isinstance(ev, JobFailed) and not ev.keeps_holds and not (ev.unstarted and row is None)
+            isinstance(ev, JobFailed)
+            and not ev.keeps_holds
+            and not (ev.unstarted and i not in applied)
         ):
             ended.over.append((ev.job_id, ev.attempt))
-        if row is None:
-            if isinstance(ev, JobStarted):
-                ended.unapplied_starts.append((ev.job_id, ev.attempt))
-            continue
-        state = row[0]
-        if state in TERMINAL_STATES:
-            ended.terminal.append(ev.job_id)
-        elif state == "ready":
-            ended.retry.append(ReadyJob(ev.job_id, row[2], row[3], row[4]))
+        if isinstance(ev, JobStarted) and i not in applied and ev.job_id in rows:
+            now_job = rows[ev.job_id].job
+            for j, e in by_job[ev.job_id]:
+                if j in applied:
+                    now_job = apply(now_job, e)
+            if start_is_stale(now_job, ev.attempt):
+                ended.stale_starts.append((ev.job_id, ev.attempt))
     return ended
 
 
+# the decided row updates, guarded by the state and attempt they were decided on (the rows
+# are locked: the guard holds unless another writer ignored the lock)
+_WRITE_LIFECYCLE = """
+WITH v AS (
+    SELECT * FROM jsonb_to_recordset(%s::jsonb) AS v(
+        id text, was text, attempt int, state text, max_attempts int, started float8,
+        start_known bool, outcome text, worker text, finished float8, rc int, log text,
+        error text, gate text, progress float8, run_after float8))
+UPDATE jobs j SET
+    state = v.state,
+    max_attempts = v.max_attempts,
+    started_at = CASE WHEN v.start_known THEN to_timestamp(v.started)
+                      ELSE coalesce(j.started_at, to_timestamp(v.started)) END,
+    worker = v.worker,
+    finished_at = CASE WHEN v.outcome IS NULL THEN j.finished_at
+                       ELSE to_timestamp(v.finished) END,
+    exit_code = CASE WHEN v.outcome IS NULL THEN j.exit_code ELSE v.rc END,
+    log_path = CASE WHEN v.outcome IS NULL THEN j.log_path ELSE v.log END,
+    error = CASE WHEN v.outcome IS NULL THEN j.error ELSE v.error END,
+    gate = CASE WHEN v.outcome IS NULL THEN j.gate ELSE v.gate END,
+    progress = CASE WHEN v.outcome IS NULL THEN j.progress ELSE v.progress END,
+    run_after = CASE WHEN v.outcome = 'failed' THEN to_timestamp(v.run_after)
+                     ELSE j.run_after END,
+    ready_at = CASE WHEN v.outcome = 'failed' THEN now() ELSE j.ready_at END,
+    updated_at = now()
+FROM v WHERE j.id = v.id AND j.state = v.was AND j.attempt = v.attempt
+"""
+
+
 async def queue_ended(conn: Conn, ended: Ended) -> None:
-    """The history rows, and what the ended attempts held given back (nothing to read)."""
+    """The decided row updates, their history rows, and what the ended attempts held given
+    back (nothing to read)."""
+    if ended.writes:
+        await conn.execute(_WRITE_LIFECYCLE, (msgspec.json.encode(ended.writes).decode(),))
     if ended.history:
         await conn.execute(
             "INSERT INTO job_history (job_id, attempt, event, detail) "
@@ -238,106 +341,6 @@ async def queue_ended(conn: Conn, ended: Ended) -> None:
             [list(col) for col in zip(*ended.history, strict=True)],
         )
     await release_attempt_holds(conn, ended.over)
-
-
-async def _apply_bulk(conn: Conn, kind: type, events: Sequence[JobEvent]) -> Cursor:
-    """Starts or successes of distinct jobs, with their history rows, in one statement; rows
-    locked in id order."""
-    evs = sorted(events, key=lambda e: e.job_id)
-    ids = [e.job_id for e in evs]
-    attempts = [getattr(e, "attempt", 0) for e in evs]
-    at = [e.at for e in evs]
-    workers = [getattr(e, "worker", None) for e in evs]
-    if kind is JobStarted:
-        cur = await conn.execute(
-            """WITH u AS (
-                UPDATE jobs j SET state = 'running', started_at = to_timestamp(v.at),
-                    worker = v.worker, updated_at = now()
-                FROM unnest(%s::text[], %s::int[], %s::float8[], %s::text[])
-                     AS v(id, attempt, at, worker)
-                WHERE j.id = v.id AND j.attempt = v.attempt AND j.state = ANY(%s)
-                RETURNING j.id, j.state, j.attempt, j.tenant, j.kind,
-                          extract(epoch from j.submitted_at)::float8 AS submitted, v.worker),
-            h AS (INSERT INTO job_history (job_id, attempt, event, detail)
-                  SELECT id, attempt, 'started', jsonb_build_object('worker', worker) FROM u)
-            SELECT id, state, attempt, tenant, kind, submitted FROM u""",
-            (ids, attempts, at, workers, states(STARTED_FROM)),
-        )
-    else:
-        succeeded = [e for e in evs if isinstance(e, JobSucceeded)]
-        cur = await conn.execute(
-            """WITH u AS (
-                UPDATE jobs j SET state = 'succeeded', finished_at = to_timestamp(v.at),
-                    started_at = coalesce(j.started_at, to_timestamp(v.at - v.duration)),
-                    worker = v.worker, exit_code = v.rc, log_path = v.log, error = NULL,
-                    gate = NULL, progress = 1, updated_at = now()
-                FROM unnest(%s::text[], %s::int[], %s::float8[], %s::float8[], %s::text[],
-                            %s::int[], %s::text[])
-                     AS v(id, attempt, at, duration, worker, rc, log)
-                WHERE j.id = v.id AND j.attempt = v.attempt AND j.state = ANY(%s)
-                RETURNING j.id, j.state, j.attempt, j.tenant, j.kind,
-                          extract(epoch from j.submitted_at)::float8 AS submitted, v.worker,
-                          v.duration),
-            h AS (INSERT INTO job_history (job_id, attempt, event, detail)
-                  SELECT id, attempt, 'succeeded',
-                         jsonb_build_object('worker', worker, 'duration_s', duration) FROM u)
-            SELECT id, state, attempt, tenant, kind, submitted FROM u""",
-            (
-                ids,
-                attempts,
-                at,
-                [e.duration_s for e in succeeded],
-                workers,
-                [e.exit_code for e in succeeded],
-                [e.log_path for e in succeeded],
-                states(FINISHED_FROM),
-            ),
-        )
-    return cur
-
-
-async def _apply_failed(
-    conn: Conn, ev: JobFailed, backoff: Mapping[str, tuple[float, float]]
-) -> Cursor:
-    """A failure (starts and successes go in bulk: :func:`_apply_bulk`)."""
-    return await conn.execute(
-        q(
-            """UPDATE jobs SET
-            state = CASE WHEN %(r)s AND attempt < max_attempts + %(x)s
-                         THEN 'ready' ELSE 'failed' END,
-            gate = CASE WHEN %(r)s AND attempt < max_attempts + %(x)s THEN 'retry' END,
-            run_after = CASE WHEN %(r)s AND %(b)s AND attempt < max_attempts + %(x)s
-                THEN now() + make_interval(secs => least(
-                    coalesce((%(bo)s::jsonb -> kind ->> 1)::float8, 300),
-                    coalesce((%(bo)s::jsonb -> kind ->> 0)::float8, 1)
-                        * power(2, least(attempt, 30) - 1)))
-                END,
-            max_attempts = max_attempts + %(x)s,
-            ready_at = now(), finished_at = to_timestamp(%(at)s), worker = nullif(%(w)s, ''),
-            exit_code = %(rc)s, error = %(err)s, log_path = %(log)s, progress = NULL,
-            updated_at = now()
-        WHERE id = %(id)s AND attempt = %(a)s AND state = ANY(%(from)s) {ret}""",
-            ret=RETURN_STATE,
-        ),
-        {
-            "r": ev.retryable,
-            "x": 0 if ev.counts else 1,
-            "b": ev.backoff,
-            "bo": Jsonb(backoff),
-            "at": ev.at,
-            "w": ev.worker,
-            "rc": ev.exit_code,
-            "err": ev.error[:4000],
-            "log": ev.log_path,
-            "id": ev.job_id,
-            "a": ev.attempt,
-            "from": states(UNSTARTED_FROM if ev.unstarted else FINISHED_FROM),
-        },
-    )
-
-
-def _detail(ev: JobFailed) -> dict[str, Any]:
-    return {"worker": ev.worker, "error": ev.error[:500], "exit_code": ev.exit_code}
 
 
 async def load_working_set(conn: Conn, changed: Sequence[str]) -> list[Node]:

@@ -24,6 +24,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from agents.core.lifecycle import Backoff
 from agents.errors import ConfigError
 
 PREFIX = "JOBSTREAM_"
@@ -160,8 +161,8 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
         return self.database_url
 
     @property
-    def backoff_by_kind(self) -> dict[str, tuple[float, float]]:
-        return {k: (c.retry_backoff_s, c.retry_backoff_max_s) for k, c in self.kinds.items()}
+    def backoff_by_kind(self) -> dict[str, Backoff]:
+        return {k: Backoff(c.retry_backoff_s, c.retry_backoff_max_s) for k, c in self.kinds.items()}
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,11 @@ from agents.core import brake as brake_core
 from agents.core.admission import GLOBAL, SLOTS
 from agents.core.brake import HostSample, Thresholds
 from agents.core.deps import DependencyIndex, Fail
-from agents.core.lifecycle import Job, State, start_is_stale
+from agents.core.lifecycle import Backoff
 from agents.ctlstore import Applied, JobCommand, apply_commands
 from agents.depstore import (
     apply_decisions,
+    decide_lifecycle,
     load_working_set,
     queue_decisions,
     queue_ended,
@@ -38,7 +39,6 @@ from agents.depstore import (
     queue_lifecycle,
     queue_working_set,
     read_inserted,
-    read_lifecycle,
     read_ready,
     read_working_set,
 )
@@ -263,29 +263,33 @@ class PostgresJobStore:
         now: float,
         grace_s: float,
         allow_cross_tenant: bool,
-        backoff: Mapping[str, tuple[float, float]] | None = None,
+        backoff: Mapping[str, Backoff] | None = None,
     ) -> tuple[list[ReadyJob], list[Fail], list[tuple[str, int]]]:
         """The dependency stage's transaction: persist submissions and lifecycle events, settle
         the affected part of the graph, and return (jobs to forward as ready, submissions of
-        this batch rejected as impossible, reported starts that changed nothing: a repeat, or
-        an attempt already over, see :meth:`stale_starts`).
+        this batch rejected as impossible, reported starts of attempts already over whose
+        process may run: ``agents.core.lifecycle.start_is_stale``).
 
-        Two round trips, whatever the batch: (1) the inserts, the guarded transitions and the
-        working set around every job they may have changed; the core decides; (2) history,
-        released holds, the decisions, the replay check and COMMIT, read after the commit."""
+        Two round trips, whatever the batch: (1) the inserts, the rows the events touch
+        (locked) and the working set around every job they may change; the core decides the
+        transitions, then the dependencies; (2) the row updates, history, released holds, the
+        decisions, the replay check and COMMIT, read after the commit."""
         finished = [e.job_id for e in events if not isinstance(e, JobStarted)]
         async with self.pipelined() as conn:
             async with conn.transaction():
                 inserts = await queue_inserts(conn, accepted)
-                lifecycle = await queue_lifecycle(conn, events, backoff)
-                # a superset of what changes (a duplicate changes nothing): read with the
-                # rest, the transitions above already applied
+                touched = await queue_lifecycle(conn, events)
+                # a superset of what changes (a duplicate changes nothing), read before the
+                # transitions: the core's new states replace the ones read
                 around = await queue_working_set(
                     conn, list(dict.fromkeys([*(a.job.id for a in accepted), *finished]))
                 )
                 inserted = await read_inserted(inserts)
-                ended = await read_lifecycle(events, lifecycle)
-                nodes = await read_working_set(around)
+                ended = await decide_lifecycle(events, touched, backoff or {}, now)
+                nodes = [
+                    replace(n, state=ended.states[n.id]) if n.id in ended.states else n
+                    for n in await read_working_set(around)
+                ]
                 changed = inserted + ended.terminal
                 decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(
                     changed, now, grace_s
@@ -300,21 +304,7 @@ class PostgresJobStore:
         ready = list({r.id: r for r in (*released, *ended.retry)}.values())
         new = set(inserted)
         rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
-        return ready, rejected, ended.unapplied_starts
-
-    async def stale_starts(self, starts: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-        """Of reported starts that changed nothing, those of an attempt already over (the
-        job moved on, or was handed back or cancelled before that attempt started): a
-        process may run it, and its worker must stop it (``agents.core.lifecycle``)."""
-        if not starts:
-            return []
-        async with self.tx() as conn:
-            cur = await conn.execute(
-                "SELECT id, state, attempt, max_attempts FROM jobs WHERE id = ANY(%s)",
-                ([j for j, _ in starts],),
-            )
-            jobs = {r[0]: Job(State(r[1]), r[2], r[3]) for r in await cur.fetchall()}
-        return [(j, a) for j, a in starts if j in jobs and start_is_stale(jobs[j], a)]
+        return ready, rejected, ended.stale_starts
 
     async def settle_waiting(
         self,

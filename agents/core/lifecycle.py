@@ -18,12 +18,19 @@ Invariants (property-tested):
 - A cancel aimed at attempt n changes the job only while attempt n is dispatched or
   running, so a cancel replayed after a retry cannot cancel the retried job.
 - Applying the same event twice is the same as applying it once (idempotence), which is what
-  makes at-least-once delivery safe. The PostgreSQL guards in ``agents.store`` are the same
-  table expressed as ``UPDATE … WHERE state = ANY(…) AND attempt = …``.
+  makes at-least-once delivery safe.
+- A retry waits ``Backoff.delay`` after the failed attempt (doubling per attempt, capped),
+  unless the failure was not the job's; the wait never exceeds the cap.
+
+The dependency stage locks the rows a batch's events touch, folds each job's events here
+(:func:`fold`) and writes the result guarded by the state and attempt it read
+(``agents.depstore``); the dispatch and cancel guards in SQL are the same table expressed as
+``UPDATE … WHERE state = ANY(…) AND attempt = …``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -82,6 +89,7 @@ class Failed:
     retryable: bool = True
     counts: bool = True  # False: handed back by its worker, the attempt is given back
     unstarted: bool = False  # True: handed back by the monitor before any start was recorded
+    backoff: bool = True  # False: the failure was not the job's (a lost worker): retry at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +98,53 @@ class Cancelled:
 
 
 Event = Dispatched | Started | Succeeded | Failed | Cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long a retried attempt waits: attempt n failed, the next starts no earlier than
+    ``min(cap_s, base_s · 2^(n-1))`` later."""
+
+    base_s: float = 1.0
+    cap_s: float = 300.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.cap_s, self.base_s * 2.0 ** (min(max(attempt, 1), 30) - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a batch's events did to one job: the job before and after them, which of the
+    events applied (their positions in the batch), and when a retry may start (None: at once,
+    or not a retry)."""
+
+    before: Job
+    after: Job
+    applied: tuple[int, ...]
+    run_after: float | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.applied)
+
+
+def fold(job: Job, events: Sequence[tuple[int, Event]], backoff: Backoff, now: float) -> Change:
+    """Apply a job's events of one batch in their order (a start and its outcome become one
+    change); a failure that sends the job back to ``ready`` waits out ``backoff`` from
+    ``now`` unless it was not the job's failure (``Failed(backoff=False)``)."""
+    after = job
+    applied: list[int] = []
+    run_after: float | None = None
+    for i, ev in events:
+        nxt = apply(after, ev)
+        if nxt == after:
+            continue
+        applied.append(i)
+        run_after = None  # a retry's wait belongs to the failure that made the job ready
+        if isinstance(ev, Failed) and nxt.state is State.READY and ev.backoff:
+            run_after = now + backoff.delay(after.attempt)
+        after = nxt
+    return Change(job, after, tuple(applied), run_after)
 
 
 def retry_allowed(job: Job, retryable: bool) -> bool:

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from agents.core.lifecycle import (
     TERMINAL,
+    Backoff,
     Cancelled,
     Dispatched,
     Event,
@@ -16,6 +17,7 @@ from agents.core.lifecycle import (
     State,
     Succeeded,
     apply,
+    fold,
     start_is_stale,
 )
 
@@ -24,7 +26,7 @@ events = st.one_of(
     st.just(Dispatched()),
     st.builds(Started, attempts),
     st.builds(Succeeded, attempts),
-    st.builds(Failed, attempts, st.booleans(), st.booleans(), st.booleans()),
+    st.builds(Failed, attempts, st.booleans(), st.booleans(), st.booleans(), st.booleans()),
     st.just(Cancelled()),
     st.builds(Cancelled, attempts),
 )
@@ -182,3 +184,58 @@ def test_a_hand_back_of_an_unread_dispatch_never_stops_a_started_attempt(
         assert after == job
     else:
         assert after.state in (State.READY, State.FAILED)
+
+
+backoffs = st.builds(Backoff, st.floats(0, 60), st.floats(0, 3600))
+clock = st.floats(0, 2e9)
+
+
+@given(jobs, st.lists(events, max_size=12), backoffs, clock)
+def test_folding_a_batch_equals_applying_its_events_one_by_one(
+    job: Job, evs: list[Event], backoff: Backoff, now: float
+) -> None:
+    """One change per job per cycle: the same job as the events applied in order, and the
+    events that applied are exactly those that changed the job when they came."""
+    change = fold(job, list(enumerate(evs)), backoff, now)
+    assert change.before == job
+    assert change.after == run(job, evs)
+    state, applied = job, []
+    for i, e in enumerate(evs):
+        if apply(state, e) != state:
+            applied.append(i)
+        state = apply(state, e)
+    assert list(change.applied) == applied
+    assert change.changed == bool(applied)
+
+
+@given(jobs, st.lists(events, max_size=12), backoffs, clock)
+def test_a_retry_waits_its_backoff_only_after_a_failure_that_was_the_jobs(
+    job: Job, evs: list[Event], backoff: Backoff, now: float
+) -> None:
+    change = fold(job, list(enumerate(evs)), backoff, now)
+    if change.run_after is None:
+        return
+    assert change.after.state == State.READY
+    last = evs[change.applied[-1]]
+    assert isinstance(last, Failed) and last.backoff and last.retryable
+    assert now <= change.run_after <= now + backoff.cap_s
+
+
+@given(backoffs, st.integers(1, 1000))
+def test_backoff_doubles_per_attempt_up_to_its_cap(backoff: Backoff, attempt: int) -> None:
+    d = backoff.delay(attempt)
+    assert 0 <= d <= backoff.cap_s
+    assert d == min(backoff.cap_s, backoff.base_s * 2.0 ** (min(attempt, 30) - 1))
+    assert backoff.delay(attempt + 1) >= d
+
+
+def test_a_start_and_its_outcome_in_one_batch_are_one_change() -> None:
+    job = Job(State.DISPATCHED, 1, 3)
+    ok = fold(job, [(0, Started(1)), (1, Succeeded(1))], Backoff(), 100.0)
+    assert ok.after == Job(State.SUCCEEDED, 1, 3) and ok.applied == (0, 1)
+    failed = fold(job, [(0, Started(1)), (1, Failed(1))], Backoff(2.0, 60.0), 100.0)
+    assert failed.after == Job(State.READY, 1, 3) and failed.run_after == 102.0
+    lost = fold(job, [(0, Failed(1, backoff=False))], Backoff(2.0, 60.0), 100.0)
+    assert lost.after.state == State.READY and lost.run_after is None
+    last = fold(Job(State.RUNNING, 3, 3), [(0, Failed(3))], Backoff(), 100.0)
+    assert last.after.state == State.FAILED and last.run_after is None
