@@ -26,6 +26,7 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 
 import psycopg
 from psycopg import sql
@@ -55,6 +56,7 @@ from streams.kafka import Record, partition_for
 log = logging.getLogger("jobstream.admission")
 IDLE_POLL_S = 1.0
 SENDS_IN_FLIGHT = 4  # rounds whose dispatches may wait for the broker behind the next round
+CONFIRM_RETRIES_S = (0.01, 0.05, 0.2)  # a skipped confirmation again after these, then waits
 
 
 async def dispatch_records(
@@ -104,7 +106,7 @@ async def resend_unconfirmed(ctx: Context, ids: Sequence[str]) -> int:
     rows = await retrying("unconfirmed rows", lambda: store.unconfirmed_rows(ids))
     records = await dispatch_records(ctx, rows)
     await retrying("dispatch produce", lambda: ctx.producer.aproduce(records))
-    await retrying("dispatch confirm", lambda: store.confirm_dispatch(rows))
+    await retrying("dispatch confirm", lambda: store.confirm_dispatch(rows, wait=True))
     return len(rows)
 
 
@@ -144,6 +146,7 @@ class Admission:
         self.delayed_ids: set[str] = set()
         self._depth_at = 0.0
         self.sending: list[asyncio.Future[None]] = []  # rounds' sends, oldest first
+        self.confirming: set[asyncio.Future[None]] = set()  # confirmations tried again
         # jobs taken without the topic since ownership was last confirmed unchanged: if it
         # changed meanwhile, they are published after all (their new owner may have loaded
         # the tenant's ready jobs before they were committed)
@@ -267,8 +270,8 @@ class Admission:
                     await asyncio.sleep(0.5)
         finally:
             listener.cancel()
-            if self.sending:  # stopping: let the last rounds' sends finish (briefly)
-                await asyncio.wait(list(self.sending), timeout=5.0)
+            if self.sending or self.confirming:  # stopping: let the last sends finish (briefly)
+                await asyncio.wait([*self.sending, *self.confirming], timeout=5.0)
 
     async def _listen(self) -> None:
         """Wake on ``NOTIFY jobstream`` (capacity released, controls changed) from any process."""
@@ -431,13 +434,30 @@ class Admission:
             await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
             if tracer.on:
                 tracer.mark("produced", *(j.id for j in jobs))
-            await retrying("dispatch confirm", lambda: store.confirm_dispatch(jobs))
+            left = await retrying("dispatch confirm", lambda: store.confirm_dispatch(jobs))
+            if left:  # rows a start was being recorded on: again shortly, off the chain
+                self._confirm_later(left)
 
         task = asyncio.ensure_future(send())
         self.sending.append(task)
         task.add_done_callback(self._sent)
         while len(self.sending) > SENDS_IN_FLIGHT:
             await asyncio.wait([self.sending[0]])
+
+    def _confirm_later(self, jobs: list[DispatchJob]) -> None:
+        async def again() -> None:
+            store = await self.ctx.store()
+            left = jobs
+            for delay in CONFIRM_RETRIES_S:
+                await asyncio.sleep(delay)
+                left = await retrying("dispatch confirm", partial(store.confirm_dispatch, left))
+                if not left:
+                    return
+            await retrying("dispatch confirm", partial(store.confirm_dispatch, left, wait=True))
+
+        task = asyncio.ensure_future(again())
+        self.confirming.add(task)
+        task.add_done_callback(self.confirming.discard)
 
     def _sent(self, task: asyncio.Future[None]) -> None:
         self.sending.remove(task)

@@ -30,11 +30,19 @@ from agents.rows import DISPATCH_COLS, QUEUED_COLS, DispatchJob, QueuedRow, q
 
 Conn = psycopg.AsyncConnection[Any]
 CHANNEL = "jobstream"
+# Statements that look jobs up by id test their state as ``(state = '…') IS TRUE``: a filter
+# on the rows the primary key finds, never an index condition. A burst of ready (or waiting)
+# jobs outgrows the table's statistics until the next ANALYZE, and the planner then scanned
+# the whole partial index of ready jobs for every batch (5 ms instead of 0.25 ms at 16,000
+# ready jobs, measured).
 
 
 async def load_ready(conn: Conn, ids: Sequence[str]) -> list[QueuedRow]:
     cur = await conn.execute(
-        q("SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'ready'", cols=QUEUED_COLS),
+        q(
+            "SELECT {cols} FROM jobs WHERE id = ANY(%s) AND (state = 'ready') IS TRUE",
+            cols=QUEUED_COLS,
+        ),
         (list(ids),),
     )
     return [QueuedRow(*r) for r in await cur.fetchall()]
@@ -255,7 +263,8 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Pend
     # (by key); for every candidate, which covers the ones still ready
     count_cur = None
     jobs_cur = await conn.execute(
-        "SELECT id FROM jobs WHERE id = ANY(%s) AND state = 'ready' ORDER BY id FOR UPDATE",
+        "SELECT id FROM jobs WHERE id = ANY(%s) AND (state = 'ready') IS TRUE"
+        " ORDER BY id FOR UPDATE",
         (ids,),
     )
     sem_cur = await conn.execute(
@@ -312,7 +321,7 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Pend
             UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
                 gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
                 updated_at = now()
-            WHERE id = ANY(%s) AND state = 'ready'
+            WHERE id = ANY(%s) AND (state = 'ready') IS TRUE
             RETURNING *),
         -- the history row goes with the state change: a worker's start, applied before
         -- the dispatch's confirmation is recorded, still comes after it

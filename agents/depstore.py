@@ -314,6 +314,8 @@ UPDATE jobs j SET
     started_at = CASE WHEN v.start_known THEN to_timestamp(v.started)
                       ELSE coalesce(j.started_at, to_timestamp(v.started)) END,
     worker = v.worker,
+    -- a recorded start proves the dispatch reached the broker
+    dispatch_confirmed = j.dispatch_confirmed OR v.start_known,
     finished_at = CASE WHEN v.outcome IS NULL THEN j.finished_at
                        ELSE to_timestamp(v.finished) END,
     exit_code = CASE WHEN v.outcome IS NULL THEN j.exit_code ELSE v.rc END,
@@ -359,7 +361,7 @@ async def queue_working_set(conn: Conn, changed: Sequence[str]) -> Cursor | None
             SELECT unnest(%s::text[])
             UNION
             SELECT d.job_id FROM job_deps d JOIN down ON d.dep_id = down.id
-            JOIN jobs w ON w.id = d.job_id AND w.state = 'waiting'
+            JOIN jobs w ON w.id = d.job_id AND (w.state = 'waiting') IS TRUE
         ),
         nodes AS (
             SELECT j.id, j.state, extract(epoch from j.accepted_at)::float8 AS at,
@@ -369,14 +371,15 @@ async def queue_working_set(conn: Conn, changed: Sequence[str]) -> Cursor | None
                    coalesce(array_agg(d.needs ORDER BY d.dep_id)
                             FILTER (WHERE d.dep_id IS NOT NULL), '{}') AS needs
             FROM jobs j LEFT JOIN job_deps d ON d.job_id = j.id AND j.state = 'waiting'
-            WHERE j.id IN (SELECT id FROM down)
+            WHERE j.id = ANY(ARRAY(SELECT id FROM down))  -- by primary key, whatever the plan
             GROUP BY j.id
         )
         SELECT id, state, at, root_cause, tenant, deps, needs, false FROM nodes
         UNION ALL
         SELECT l.id, l.state, 0::float8, l.root_cause, l.tenant, '{}', '{}', true
         FROM jobs l
-        WHERE l.id IN (SELECT unnest(deps) FROM nodes) AND l.id NOT IN (SELECT id FROM nodes)
+        WHERE l.id = ANY(ARRAY(SELECT unnest(deps) FROM nodes))
+          AND l.id <> ALL(ARRAY(SELECT id FROM nodes))
         """,
         (list(changed),),
     )
@@ -393,12 +396,16 @@ async def read_working_set(cur: Cursor | None) -> list[Node]:
 
 
 # the jobs among some ids, or among the dependents of others, that are ready: after a replay
-# they may have been released without being forwarded
-_READY_AMONG = """SELECT {cols} FROM jobs WHERE state = 'ready' AND (id = ANY(%s)
-    OR id IN (SELECT job_id FROM job_deps WHERE dep_id = ANY(%s)))"""
+# they may have been released without being forwarded (states tested as filters on rows found
+# by id: see ``agents.admstore``)
+_READY_AMONG = """SELECT {cols} FROM jobs WHERE id = ANY(%s) AND (state = 'ready') IS TRUE
+    UNION ALL
+    SELECT {cols} FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM job_deps
+                                                 WHERE dep_id = ANY(%s)))
+        AND id <> ALL(%s) AND (state = 'ready') IS TRUE"""
 _UNLOCK = """WITH r AS (
         UPDATE jobs SET state = 'ready', gate = NULL, ready_at = now(), updated_at = now()
-        WHERE id = ANY(%s) AND state = 'waiting' RETURNING *),
+        WHERE id = ANY(%s) AND (state = 'waiting') IS TRUE RETURNING *),
     h AS (INSERT INTO job_history (job_id, event) SELECT id, 'unlocked' FROM r)
     SELECT {cols} FROM r"""
 
@@ -425,7 +432,7 @@ async def queue_decisions(
     failed = [d for d in decisions if isinstance(d, Fail)]
     waits = [d for d in decisions if isinstance(d, Wait)]
     ids, deps_of = ready_of or ((), ())
-    among = (list(ids), list(deps_of)) if ids or deps_of else None
+    among = (list(ids), list(deps_of), list(ids)) if ids or deps_of else None
     reads: list[Cursor] = []
     if released:
         # with the jobs already ready among ``ready_of`` in the same statement (its snapshot
@@ -442,7 +449,7 @@ async def queue_decisions(
             changed AS (
                 UPDATE jobs j SET state = 'failed', gate = NULL, finished_at = now(),
                     updated_at = now(), root_cause = f.root, error = f.reason
-                FROM f WHERE j.id = f.id AND j.state = 'waiting'
+                FROM f WHERE j.id = f.id AND (j.state = 'waiting') IS TRUE
                 RETURNING j.id, f.root, f.reason)
             INSERT INTO job_history (job_id, event, detail)
             SELECT id, 'failed', jsonb_build_object('reason', reason, 'root_cause', root)

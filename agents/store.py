@@ -281,16 +281,17 @@ class PostgresJobStore:
                 touched = await queue_lifecycle(conn, events)
                 # a superset of what changes (a duplicate changes nothing), read before the
                 # transitions: the core's new states replace the ones read
-                around = await queue_working_set(
-                    conn, list(dict.fromkeys([*(a.job.id for a in accepted), *finished]))
-                )
+                # (a new job that waits for nothing changes nobody: it is ready, and its
+                # dependents wait for its end)
+                waits = [a.job.id for a in accepted if a.job.depends_on or a.job.order_key]
+                around = await queue_working_set(conn, list(dict.fromkeys([*waits, *finished])))
                 inserted = await read_inserted(inserts)
                 ended = await decide_lifecycle(events, touched, backoff or {}, now)
                 nodes = [
                     replace(n, state=ended.states[n.id]) if n.id in ended.states else n
                     for n in await read_working_set(around)
                 ]
-                changed = inserted + ended.terminal
+                changed = [*(j for j in inserted if j in set(waits)), *ended.terminal]
                 decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(
                     changed, now, grace_s
                 )
@@ -377,18 +378,33 @@ class PostgresJobStore:
             )
             return [DispatchJob(*r) for r in await cur.fetchall()]
 
-    async def confirm_dispatch(self, jobs: Sequence[DispatchJob]) -> None:
+    async def confirm_dispatch(
+        self, jobs: Sequence[DispatchJob], *, wait: bool = False
+    ) -> list[DispatchJob]:
+        """Record that the broker has these dispatches. A row another transaction holds
+        (its start being recorded, which confirms it too) is skipped, not waited for, unless
+        ``wait``; the skipped ones are returned, still to confirm."""
         if not jobs:
-            return
+            return []
+        lock = "FOR UPDATE OF j" if wait else "FOR UPDATE OF j SKIP LOCKED"
         async with self.autocommit() as conn:  # one statement
-            await conn.execute(
-                """
-                UPDATE jobs j SET dispatch_confirmed = true
-                FROM unnest(%s::text[], %s::int[]) AS c(id, attempt)
-                WHERE j.id = c.id AND j.attempt = c.attempt
+            cur = await conn.execute(
+                q(
+                    """
+                WITH v AS (SELECT * FROM unnest(%s::text[], %s::int[]) AS v(id, attempt)),
+                open AS (SELECT j.id FROM jobs j JOIN v ON j.id = v.id AND j.attempt = v.attempt
+                         WHERE NOT j.dispatch_confirmed),
+                l AS (SELECT j.id FROM jobs j JOIN open ON j.id = open.id {lock}),
+                u AS (UPDATE jobs j SET dispatch_confirmed = true FROM l WHERE j.id = l.id
+                      RETURNING j.id)
+                SELECT id FROM open WHERE id NOT IN (SELECT id FROM u)
                 """,
+                    lock=sql.SQL(lock),
+                ),
                 ([j.id for j in jobs], [j.attempt for j in jobs]),
             )
+            left = {r[0] for r in await cur.fetchall()}
+        return [j for j in jobs if j.id in left]
 
     async def record_heartbeats(
         self,

@@ -1,5 +1,5 @@
-"""``python -m bench floor [--json]``: the floor under the two open performance targets, side
-by side with jobstream in one run.
+"""``python -m bench floor [--json]``: the floor under the open performance targets, side by
+side with jobstream in one run.
 
 A floor is the least the required work costs with the design card's building blocks on this
 machine, with none of jobstream's logic around it:
@@ -19,6 +19,11 @@ machine, with none of jobstream's logic around it:
   ``linger.ms`` 0) → a bare consumer stamps the start. One completion every ``1 / rate`` s
   (evenly: the easiest load), against ``bench unlock``'s light load (40 FOSSology-shaped
   uploads 0.25 s apart: ~32 unlocks per second).
+
+- **pipeline** (target: jobstream ≥ 0.5 of it). The scheduler's hot path with none of its
+  logic, batched: ``bench.pipeline`` (submissions → one bare consumer per fetch: COPY, UPDATE
+  … FROM unnest, history, COMMIT, dispatches → a bare worker answering started + succeeded),
+  beside jobstream's scheduler and one worker on the same number of no-ops.
 
 Each floor runs in the same period as the real thing (interleaved rounds), so the machine's
 noise moves both alike. The subprocess roles are this module's ``python -m bench.floor ROLE``.
@@ -277,10 +282,17 @@ def _warm(producer: Producer, topic: str, partitions: int, out: Path, limit_s: f
 def run(rounds: int, show: bool) -> dict[str, Any]:
     """``rounds`` interleaved pairs of each comparison."""
     from bench.__main__ import dag
-    from bench.workers import worker_only
+    from bench.pipeline import JOBS, pipeline_floor
+    from bench.workers import throughput, worker_only
 
-    worker_pairs, unlock_pairs = [], []
+    worker_pairs, unlock_pairs, pipeline_pairs = [], [], []
     for _ in range(rounds):
+        pipeline_pairs.append(
+            {
+                "jobstream": throughput(1, JOBS, SLOTS, "pynoop", show),
+                "floor": pipeline_floor(JOBS, show),
+            }
+        )
         worker_pairs.append(
             {
                 "jobstream_worker": worker_only(1, FLOOD_JOBS, SLOTS, "pynoop", show),
@@ -295,7 +307,8 @@ def run(rounds: int, show: bool) -> dict[str, Any]:
             }
         )
         if show:
-            print(json.dumps({"worker": worker_pairs[-1], "unlock": unlock_pairs[-1]}))
+            last = {"pipeline": pipeline_pairs[-1], "worker": worker_pairs[-1]}
+            print(json.dumps({**last, "unlock": unlock_pairs[-1]}))
 
     def worker_us(key: str) -> list[float]:
         return [p[key]["worker_cpu_us_per_job_minus_idle"] for p in worker_pairs]
@@ -305,9 +318,28 @@ def run(rounds: int, show: bool) -> dict[str, Any]:
 
     steady = {"jobstream": "p99_after_first_5_workflows", "floor": "p99_after_first_40"}
 
+    def pipeline(key: str, what: str) -> float:
+        return median(p[key][what] for p in pipeline_pairs)
+
+    jobstream_rate, floor_rate = (
+        pipeline("jobstream", "jobs_per_s"),
+        pipeline("floor", "jobs_per_s"),
+    )
+
     return {
         "scenario": "floor",
         "rounds": rounds,
+        "pipeline": {
+            "jobs": JOBS,
+            "jobstream_jobs_per_s_median": jobstream_rate,
+            "floor_jobs_per_s_median": floor_rate,
+            "jobstream_vs_floor": round(jobstream_rate / floor_rate, 3),
+            "jobstream_scheduler_us_per_job_median": pipeline(
+                "jobstream", "scheduler_cpu_us_per_job"
+            ),
+            "floor_scheduler_us_per_job_median": pipeline("floor", "scheduler_cpu_us_per_job"),
+            "pairs": pipeline_pairs,
+        },
         "worker": {
             "target_us_per_job": 100,
             "jobstream_us_per_job_median": median(worker_us("jobstream_worker")),

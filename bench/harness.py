@@ -70,6 +70,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent not idle (all cores), from ``/proc/stat``."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
 def stop_process(p: subprocess.Popen[bytes], grace_s: float = 30) -> None:
     """SIGTERM (if still running), SIGKILL after ``grace_s``; reaped either way."""
     if p.poll() is None:
