@@ -47,6 +47,7 @@ from agents.core.admission import (
     due_time,
     needs_for,
 )
+from agents.core.depth import UNITS, WorkEstimates
 from agents.deadletter import dead_letter, decode_all
 from agents.intake import ready_records
 from agents.rows import DispatchJob, QueuedRow, ReadyJob
@@ -131,6 +132,7 @@ class Admission:
         )
         self.config_limits = [Limit(x.scope, x.limit, x.window_s, x.match) for x in s.rate_limits]
         self.core = AdmissionCore(self.policy, self.config_limits, {}, s.tenant_weights)
+        self.work = WorkEstimates(s.inflight_horizon_s)  # seeded from PostgreSQL at start
         self.partitions = ctx.registry["jobs.ready"].partitions
         self.wake = asyncio.Event()
         self.owned: set[int] | None = None
@@ -165,8 +167,15 @@ class Admission:
             row.id,
             row.tenant,
             row.kind,
-            needs_for(row.kind, resources, exclusive, limited),
+            needs_for(row.kind, resources, exclusive, limited, self.work.units(row.kind)),
         )
+
+    def observe_work(self, durations: Sequence[tuple[str, float]]) -> None:
+        """Successes' run times (kind, seconds): a kind whose expected work changed takes
+        its new share of a slot, queued jobs included (``agents.core.depth``)."""
+        for kind in self.work.observe(durations):
+            if self.core.recost(kind, SLOTS, self.work.units(kind)):
+                self.wake.set()
 
     def enqueue(self, rows: Sequence[QueuedRow], now: float) -> int:
         """Queue rows in the core, or hold them until their backoff ends (``run_after``)."""
@@ -249,6 +258,10 @@ class Admission:
                 await admstore.ensure_semaphores(conn, semaphore_capacities(self.ctx))
 
         await retrying("admission setup", setup)
+        seed = await retrying("admission durations", store.recent_durations)
+        self.work = WorkEstimates(self.ctx.settings.inflight_horizon_s, seed)
+        for kind in seed:  # jobs queued before the seed took a whole slot
+            self.core.recost(kind, SLOTS, self.work.units(kind))
         listener = asyncio.create_task(self._listen())
         try:
             while True:
@@ -318,7 +331,8 @@ class Admission:
         sem = self.core.sem
         sem.capacity = {name: cap for name, (cap, _) in snap.items()}
         sem.used = {name: used for name, (_, used) in snap.items()}
-        free_slots = max(0, sem.capacity.get("slots", 0) - sem.used.get("slots", 0))
+        free = sem.capacity.get(SLOTS, 0) - sem.used.get(SLOTS, 0)
+        free_slots = max(0, free // UNITS)  # in whole slots (a slot is UNITS units)
         now = time.time()
         d = self.core.decide(now, max_admits=self.ctx.settings.admission_batch)
         next_delayed = self._release_delayed(now, d)

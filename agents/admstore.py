@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import psycopg
 
 from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Gate, Limit, Need
+from agents.core.depth import UNITS
 from agents.rows import DISPATCH_COLS, QUEUED_COLS, DispatchJob, QueuedRow, q
 
 Conn = psycopg.AsyncConnection[Any]
@@ -84,7 +85,8 @@ async def semaphore_snapshot(conn: Conn) -> dict[str, tuple[int, int]]:
 
 async def refresh_capacity(conn: Conn, factor: float, lost_after_s: float) -> tuple[int, int]:
     """Set the ``slots`` semaphore from live workers' heartbeats: ``factor`` × their slots,
-    at most the brake's target when it holds. Returns (old, new); a rise is announced so
+    at most the brake's target (both in whole slots) when it holds, in units of expected work
+    (``UNITS`` per slot). Returns (old, new); a rise is announced so
     admission wakes."""
     cur = await conn.execute(
         "SELECT coalesce(sum(slots_total), 0) FROM workers WHERE state = 'running' "
@@ -97,6 +99,7 @@ async def refresh_capacity(conn: Conn, factor: float, lost_after_s: float) -> tu
     brake = await cur.fetchone()
     if brake is not None and brake[0] is not None:
         new = min(new, brake[0])  # the host-load brake holds capacity down
+    new *= UNITS  # a slot is UNITS units of expected work (``agents.core.depth``)
     cur = await conn.execute("SELECT capacity FROM semaphores WHERE name = %s FOR UPDATE", (SLOTS,))
     old_row = await cur.fetchone()
     old = old_row[0] if old_row else -1

@@ -125,6 +125,7 @@ def build_app(ctx: Context) -> faust.App:
 
     admission = Admission(ctx, assigned)
     ctx.local_ready = admission.take_local
+    ctx.observe_work = admission.observe_work
     ready_topic = ctx.topic("jobs.ready")
 
     async def handle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> None:

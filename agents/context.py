@@ -59,6 +59,8 @@ class Context:
     # the admission owner in this process, when there is one: takes the ready jobs of the
     # tenants it owns without the ``jobs.ready`` hop, returns the others (``forward_ready``)
     local_ready: Callable[[Sequence[ReadyJob]], Awaitable[list[ReadyJob]]] | None = None
+    # the admission owner in this process learns how long each kind runs (``Settled``)
+    observe_work: Callable[[Sequence[tuple[str, float]]], None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:

@@ -70,7 +70,7 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
         ctx.tracer.mark("event_in", *(e.job_id for e in events if not isinstance(e, JobStarted)))
     await dead_letter(ctx, [*rejected, *bad])
     store = await ctx.store()
-    ready, impossible, stale = await retrying(
+    settled = await retrying(
         "dependency batch",
         lambda: store.settle_batch(
             accepted,
@@ -81,6 +81,9 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
             backoff=s.backoff_by_kind,
         ),
     )
+    ready, impossible = settled.ready, settled.rejected
+    if settled.durations and ctx.observe_work is not None:
+        ctx.observe_work(settled.durations)
     m = ctx.metrics
     now = time.time()
     if ready and ctx.tracer.on:
@@ -110,8 +113,8 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
             for f in impossible
         ]
         await retrying("announce rejections", lambda: ctx.producer.aproduce(notices))
-    if stale:
-        await stop_stale_attempts(ctx, stale)
+    if settled.stale_starts:
+        await stop_stale_attempts(ctx, settled.stale_starts)
     await forward_ready(ctx, ready)
     return len(messages)
 

@@ -163,6 +163,17 @@ class Ended:
     stale_starts: list[tuple[str, int]] = field(default_factory=list)
     states: dict[str, str] = field(default_factory=dict)  # job → its state after the batch
     writes: list[dict[str, Any]] = field(default_factory=list)  # one row update per job
+    durations: list[tuple[str, float]] = field(default_factory=list)  # (kind, s) of successes
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a dependency batch's transaction did, for the stage to carry out."""
+
+    ready: list[ReadyJob]  # to forward to their admission owner
+    rejected: list[Fail]  # submissions of the batch that can never run
+    stale_starts: list[tuple[str, int]]  # started attempts already over (to stop)
+    durations: list[tuple[str, float]]  # (kind, seconds) of the successes recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +287,8 @@ async def decide_lifecycle(
         for i in change.applied:
             state_at = apply(state_at, _core_event(events[i]))
             ended.history.append(_history(events[i], state_at.state))
+            if isinstance(ev := events[i], JobSucceeded):
+                ended.durations.append((row.kind, ev.duration_s))
         if state in TERMINAL:
             ended.terminal.append(jid)
         elif state is State.READY:

@@ -120,6 +120,9 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     priority_weight: Annotated[float, Meta(ge=0, le=1)] = 0.7
     size_ref: Annotated[int, Meta(ge=1)] = 1 << 30
     capacity_factor: Annotated[float, Meta(ge=1, le=100)] = 2.0
+    # in-flight capacity in expected work (``agents.core.depth``): a job whose kind runs
+    # shorter than this takes only its share of a slot (0: every job a whole slot)
+    inflight_horizon_s: Annotated[float, Meta(ge=0, le=3600)] = 0.25
     worker_lost_after_s: Annotated[float, Meta(gt=0)] = 15.0
     # a scheduler process silent this long leaves its consumer group: its partitions (its
     # dependency groups, tenants, the control topic) move to a surviving one (the broker

@@ -30,6 +30,7 @@ from agents.core.deps import DependencyIndex, Fail
 from agents.core.lifecycle import Backoff
 from agents.ctlstore import Applied, JobCommand, apply_commands
 from agents.depstore import (
+    Settled,
     apply_decisions,
     decide_lifecycle,
     load_working_set,
@@ -264,11 +265,12 @@ class PostgresJobStore:
         grace_s: float,
         allow_cross_tenant: bool,
         backoff: Mapping[str, Backoff] | None = None,
-    ) -> tuple[list[ReadyJob], list[Fail], list[tuple[str, int]]]:
+    ) -> Settled:
         """The dependency stage's transaction: persist submissions and lifecycle events, settle
-        the affected part of the graph, and return (jobs to forward as ready, submissions of
-        this batch rejected as impossible, reported starts of attempts already over whose
-        process may run: ``agents.core.lifecycle.start_is_stale``).
+        the affected part of the graph, and return what follows (``Settled``: jobs to forward
+        as ready, submissions of this batch rejected as impossible, reported starts of
+        attempts already over whose process may run (``agents.core.lifecycle.start_is_stale``),
+        the durations of the successes).
 
         Two round trips, whatever the batch: (1) the inserts, the rows the events touch
         (locked) and the working set around every job they may change; the core decides the
@@ -305,7 +307,7 @@ class PostgresJobStore:
         ready = list({r.id: r for r in (*released, *ended.retry)}.values())
         new = set(inserted)
         rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
-        return ready, rejected, ended.stale_starts
+        return Settled(ready, rejected, ended.stale_starts, ended.durations)
 
     async def settle_waiting(
         self,
@@ -666,6 +668,19 @@ class PostgresJobStore:
             rows = await cur.fetchall()
             await conn.rollback()
             return rows
+
+    async def recent_durations(self, window_s: float = 3600.0) -> dict[str, float]:
+        """Each kind's median run time over its successes of the last ``window_s`` (what
+        admission expects of a kind before this process sees it finish)."""
+        async with self.tx() as conn:
+            cur = await conn.execute(
+                """SELECT kind, percentile_cont(0.5) WITHIN GROUP
+                       (ORDER BY extract(epoch from finished_at - started_at))
+                   FROM jobs WHERE finished_at > now() - make_interval(secs => %s)
+                   AND state = 'succeeded' AND started_at IS NOT NULL GROUP BY kind""",
+                (window_s,),
+            )
+            return {kind: float(x) for kind, x in await cur.fetchall() if x is not None}
 
     async def refresh_capacity(self, capacity_factor: float, lost_after_s: float) -> int:
         """Recompute live worker capacity (workers fall silent without a last heartbeat)."""

@@ -322,6 +322,22 @@ class AdmissionCore:
             self._drop_tenant(job.tenant)
         return job
 
+    def recost(self, kind: str, name: str, amount: int) -> int:
+        """Give every queued job of ``kind`` ``amount`` of ``name`` (its expected work changed);
+        order and turns are kept. Returns how many jobs changed."""
+        changed = 0
+        for q in self.queues.values():
+            for i, job in enumerate(q):
+                if job.kind != kind:
+                    continue
+                new = with_amount(job.needs, name, amount)
+                if new is not job.needs:
+                    if new not in self.wanted_kinds and job.needs in self.wanted_kinds:
+                        self.wanted_kinds[new] = self.wanted_kinds[job.needs]
+                    q[i] = self.jobs[job.id] = job._replace(needs=new)  # same (due, id)
+                    changed += 1
+        return changed
+
     def drop_tenants(self, keep: Iterable[str]) -> list[str]:
         """Forget every tenant not in ``keep`` (partitions revoked); return the job ids."""
         keep_set = set(keep)
@@ -584,20 +600,39 @@ class AdmissionCore:
 
 _HAS_ALL: dict[tuple[Need, ...], bool] = {}
 _new_admit = tuple.__new__  # Admit without NamedTuple's Python-level __new__ (hot path)
-_NEEDS_CACHE: dict[tuple[str, tuple[str, ...], str | None, bool], tuple[Need, ...]] = {}
+_NEEDS_CACHE: dict[tuple[str, tuple[str, ...], str | None, bool, int], tuple[Need, ...]] = {}
+_AMOUNT_CACHE: dict[tuple[tuple[Need, ...], str, int], tuple[Need, ...]] = {}
+
+
+def with_amount(needs: tuple[Need, ...], name: str, amount: int) -> tuple[Need, ...]:
+    """``needs`` with ``amount`` of ``name`` instead of what it had (shared tuples)."""
+    key = (needs, name, amount)
+    hit = _AMOUNT_CACHE.get(key)
+    if hit is None:
+        hit = tuple((n, amount if n == name else a) for n, a in needs)
+        if hit == needs:
+            hit = needs
+        if len(_AMOUNT_CACHE) < 10_000:
+            _AMOUNT_CACHE[key] = hit
+    return hit
 
 
 def needs_for(
-    kind: str, resources: Sequence[str], exclusive: str | None, kind_limited: bool
+    kind: str,
+    resources: Sequence[str],
+    exclusive: str | None,
+    kind_limited: bool,
+    slot_units: int = 1,
 ) -> tuple[Need, ...]:
-    """What a job takes: a slot, its kind's semaphore if limited, its resources (1 each) and
-    the global scope; an exclusive job the whole of its scope (ALL) instead of 1. Equal needs
-    share one tuple (memory per queued job)."""
-    key = (kind, tuple(resources), exclusive, kind_limited)
+    """What a job takes: ``slot_units`` of the slots (its expected work: ``agents.core.depth``),
+    its kind's semaphore if limited, its resources (1 each) and the global scope; an exclusive
+    job the whole of its scope (ALL) instead of 1. Equal needs share one tuple (memory per
+    queued job)."""
+    key = (kind, tuple(resources), exclusive, kind_limited, slot_units)
     hit = _NEEDS_CACHE.get(key)
     if hit is not None:
         return hit
-    needs: dict[str, int] = {SLOTS: 1, GLOBAL: 1}
+    needs: dict[str, int] = {SLOTS: slot_units, GLOBAL: 1}
     if kind_limited:
         needs[f"kind:{kind}"] = 1
     for r in resources:

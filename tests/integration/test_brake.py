@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from agents.core.depth import UNITS
 from agents.settings import Settings, load_settings
 from streams.events import JobSpec
 from streams.publisher import JobPublisher
@@ -22,9 +23,10 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def capacity(dsn: str) -> int:
+    """The ``slots`` semaphore's capacity in whole slots (it counts UNITS per slot)."""
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT capacity FROM semaphores WHERE name = 'slots'").fetchone()
-        return int(row[0]) if row else -1
+        return int(row[0]) // UNITS if row else -1
 
 
 def max_overlap(dsn: str, ids: list[str]) -> int:
