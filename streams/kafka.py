@@ -299,29 +299,36 @@ class ConfirmedProducer:
     def _send(self, records: Sequence[Record], on_done: Callable[[], object]) -> _Batch:
         """Produce ``records``; ``on_done`` runs after the last delivery report."""
         batch = _Batch(len(records), on_done)
-        if len(records) > 1 and all(r.headers is None and r.partition is None for r in records):
-            by_topic: dict[str, list[int]] = {}
-            for i, rec in enumerate(records):
-                by_topic.setdefault(rec.topic, []).append(i)
-            for topic, idx in by_topic.items():
-                self._produce_batch(topic, records, idx, batch)
-            return batch
+        # records without headers go in one call per topic and partition (None: the keyed
+        # partitioner's); records with headers one by one
+        groups: dict[tuple[str, int | None], list[int]] = {}
         for i, rec in enumerate(records):
-            try:
-                self._produce_one(rec, partial(batch.on_delivery, i))
-            except DeliveryFailed as exc:  # refused at once (e.g. no such partition)
-                batch.settle(i, str(exc))
+            if rec.headers is not None or len(records) == 1:
+                try:
+                    self._produce_one(rec, partial(batch.on_delivery, i))
+                except DeliveryFailed as exc:  # refused at once (e.g. no such partition)
+                    batch.settle(i, str(exc))
+            else:
+                groups.setdefault((rec.topic, rec.partition), []).append(i)
+        for (topic, partition), idx in groups.items():
+            self._produce_batch(topic, partition, records, idx, batch)
         return batch
 
     def _produce_batch(
-        self, topic: str, records: Sequence[Record], idx: list[int], batch: _Batch
+        self,
+        topic: str,
+        partition: int | None,
+        records: Sequence[Record],
+        idx: list[int],
+        batch: _Batch,
     ) -> None:
-        """Records of one topic handed over in one call: librdkafka has them all before its
-        sender wakes (with ``linger.ms`` 0, records produced one by one leave in several
-        requests, one per wake-up). Keyed records land where ``produce`` puts them (checked);
-        this call ignores a per-record partition and headers, so records with either go one
-        by one. It reports a full local queue per record (checked: no ``BufferError``), and
-        those records go one by one too, waiting for room as :meth:`_produce_one` does."""
+        """Records of one topic and partition handed over in one call: librdkafka has them
+        all before its sender wakes (with ``linger.ms`` 0, records produced one by one leave
+        in several requests, one per wake-up). Keyed records land where ``produce`` puts them
+        (checked); the call takes one partition for all its records (it ignores a per-record
+        one, checked) and no headers, so records with headers go one by one. It reports a
+        full local queue per record (checked: no ``BufferError``), and those records go one
+        by one too, waiting for room as :meth:`_produce_one` does."""
         msgs: list[dict[str, Any]] = [
             {
                 "value": records[i].value,
@@ -331,7 +338,10 @@ class ConfirmedProducer:
             for i in idx
         ]
         try:
-            self._producer.produce_batch(topic, msgs)
+            if partition is None:
+                self._producer.produce_batch(topic, msgs)
+            else:
+                self._producer.produce_batch(topic, msgs, partition=partition)
         except KafkaException as exc:  # nothing was queued
             for i in idx:
                 batch.settle(i, f"cannot produce to {topic}: {exc}")

@@ -70,9 +70,10 @@ async def test_a_bad_record_fails_alone(kafka_bootstrap: str, registry: TopicReg
 async def test_a_batch_lands_where_one_by_one_would(
     kafka_bootstrap: str, registry: TopicRegistry
 ) -> None:
-    """Records without headers or a set partition go to librdkafka in one call per topic
+    """Records without headers go to librdkafka in one call per topic and partition
     (``produce_batch``); keyed ones must still land on their key's partition (the keyed
-    ownership of jobs.events and jobs.dependent depends on it), the others as set."""
+    ownership of jobs.events and jobs.dependent depends on it), and records with a set
+    partition on that one (dispatches go to their job's partition), whatever their key."""
     events, dependent = registry.name("jobs.events"), registry.name("jobs.dependent")
     parts = registry["jobs.events"].partitions
     assert parts > 1
@@ -85,6 +86,10 @@ async def test_a_batch_lands_where_one_by_one_would(
         )
         # with a header: one by one, on the same partitions
         await producer.aproduce([Record(events, b"single", k, headers=[("h", b"1")]) for k in keys])
+        # a set partition wins over the key, batched per partition
+        await producer.aproduce(
+            [Record(dependent, b"placed", k, partition=i % parts) for i, k in enumerate(keys)]
+        )
     finally:
         producer.close()
     got = list(read_topic(kafka_bootstrap, events, expect=80))
@@ -92,6 +97,12 @@ async def test_a_batch_lands_where_one_by_one_would(
     for m in got:
         assert m.partition() == partition_for(m.key(), parts), m.key()
     assert {m.key() for m in got if m.value() == b"batched"} == set(keys)
+    placed = [
+        m for m in read_topic(kafka_bootstrap, dependent, expect=45) if m.value() == b"placed"
+    ]
+    assert len(placed) == 40
+    for m in placed:
+        assert m.partition() == keys.index(m.key()) % parts, m.key()
 
 
 async def test_a_batch_larger_than_the_local_queue_is_all_sent(
