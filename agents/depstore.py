@@ -7,7 +7,7 @@ Invariants:
 - Lifecycle events are guarded by state and attempt (``agents.core.lifecycle``);
   ``job.cancelled`` is an announcement (the control stage applied it: ``agents.ctlstore``).
 - Dependency rows are read ``FOR SHARE`` when a dependent is inserted and a finishing job's
-  row is updated before its dependents are read, so a dependent inserted concurrently with its
+  row is locked before its dependents are read, so a dependent inserted concurrently with its
   dependency's completion is seen by one side or the other (no lost wake-up); the reconciler
   re-settles waiting jobs as a safety net.
 - A decision is written with ``WHERE state = 'waiting'``: a job is released or failed once.
