@@ -170,6 +170,9 @@ class Admission:
             needs_for(row.kind, resources, exclusive, limited, self.work.units(row.kind)),
         )
 
+    def capacity_freed(self) -> None:
+        self.wake.set()
+
     def observe_work(self, durations: Sequence[tuple[str, float]]) -> None:
         """Successes' run times (kind, seconds): a kind whose expected work changed takes
         its new share of a slot, queued jobs included (``agents.core.depth``)."""

@@ -124,8 +124,7 @@ def build_app(ctx: Context) -> faust.App:
         return cycle.ready_partitions() if cycle is not None else None
 
     admission = Admission(ctx, assigned)
-    ctx.local_ready = admission.take_local
-    ctx.observe_work = admission.observe_work
+    ctx.admission = admission
     ready_topic = ctx.topic("jobs.ready")
 
     async def handle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> None:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from agents.errors import StoreUnavailable
 from agents.metrics import Metrics, process_tags
@@ -45,6 +45,24 @@ class RawMessage:
     value: bytes | None
 
 
+class LocalAdmission(Protocol):
+    """What the stages of a process tell the admission owner running beside them."""
+
+    async def take_local(self, jobs: Sequence[ReadyJob]) -> list[ReadyJob]:
+        """Queue the ready jobs of the tenants it owns (no ``jobs.ready`` hop); the others
+        are returned, for the topic."""
+        ...
+
+    def observe_work(self, durations: Sequence[tuple[str, float]]) -> None:
+        """Successes' run times (kind, seconds): the in-flight depth per kind."""
+        ...
+
+    def capacity_freed(self) -> None:
+        """Attempts ended here and gave their holds back: decide again now (the NOTIFY that
+        tells the other processes reaches this one a round trip later)."""
+        ...
+
+
 @dataclass
 class Context:
     settings: Settings
@@ -56,11 +74,8 @@ class Context:
     process: str = "scheduler"  # the ``process`` tag of this process's metrics
     _metrics: Metrics | None = None
     _tracer: Tracer | None = None
-    # the admission owner in this process, when there is one: takes the ready jobs of the
-    # tenants it owns without the ``jobs.ready`` hop, returns the others (``forward_ready``)
-    local_ready: Callable[[Sequence[ReadyJob]], Awaitable[list[ReadyJob]]] | None = None
-    # the admission owner in this process learns how long each kind runs (``Settled``)
-    observe_work: Callable[[Sequence[tuple[str, float]]], None] | None = None
+    # the admission owner in this process, when there is one (``LocalAdmission``)
+    admission: LocalAdmission | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:

@@ -82,8 +82,11 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
         ),
     )
     ready, impossible = settled.ready, settled.rejected
-    if settled.durations and ctx.observe_work is not None:
-        ctx.observe_work(settled.durations)
+    if ctx.admission is not None:
+        if settled.durations:
+            ctx.admission.observe_work(settled.durations)
+        if settled.released:
+            ctx.admission.capacity_freed()
     m = ctx.metrics
     now = time.time()
     if ready and ctx.tracer.on:

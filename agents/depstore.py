@@ -174,6 +174,7 @@ class Settled:
     rejected: list[Fail]  # submissions of the batch that can never run
     stale_starts: list[tuple[str, int]]  # started attempts already over (to stop)
     durations: list[tuple[str, float]]  # (kind, seconds) of the successes recorded
+    released: bool = False  # attempts ended: their holds were given back
 
 
 @dataclass(frozen=True, slots=True)

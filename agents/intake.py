@@ -55,7 +55,7 @@ async def forward_ready(ctx: Context, jobs: Sequence[ReadyJob]) -> int:
     the tenant now (no hop: the job is already ``ready`` in PostgreSQL, where any owner
     finds it again), else ``job.ready`` on ``jobs.ready`` (keyed by tenant), confirmed by
     the broker."""
-    rest = await ctx.local_ready(jobs) if ctx.local_ready is not None and jobs else jobs
+    rest = await ctx.admission.take_local(jobs) if ctx.admission is not None and jobs else jobs
     if rest:
         records = ready_records(ctx, rest)
         await retrying("forward ready", lambda: ctx.producer.aproduce(records))

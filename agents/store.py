@@ -244,18 +244,6 @@ class PostgresJobStore:
 
     # -- intake -------------------------------------------------------------------------
 
-    async def accept(self, batch: Sequence[Accepted]) -> list[ReadyJob]:
-        """Persist independent jobs (idempotent on id) and return every job of the batch that
-        is ready and not yet dispatched, including ones accepted by an earlier, replayed
-        attempt. One round trip: the inserts, the read and COMMIT travel together."""
-        if not batch:
-            return []
-        async with self.pipelined() as conn:
-            async with conn.transaction():
-                await queue_inserts(conn, batch)
-                ready = await queue_decisions(conn, [], ready_of=([a.job.id for a in batch], []))
-            return await read_ready(ready)
-
     async def settle_batch(
         self,
         accepted: Sequence[Accepted],
@@ -307,7 +295,9 @@ class PostgresJobStore:
         ready = list({r.id: r for r in (*released, *ended.retry)}.values())
         new = set(inserted)
         rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
-        return Settled(ready, rejected, ended.stale_starts, ended.durations)
+        return Settled(
+            ready, rejected, ended.stale_starts, ended.durations, released=bool(ended.over)
+        )
 
     async def settle_waiting(
         self,

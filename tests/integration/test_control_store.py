@@ -29,8 +29,12 @@ def _state(dsn: str, job: str) -> tuple[str, int]:
 def test_commands_apply_in_order_exactly_once(database_url: str) -> None:
     async def scenario() -> None:
         async with PostgresJobStore(database_url) as store:
-            await store.accept(
-                [Accepted(JobSpec(id="a", tenant="t", kind="k"), 0.0, 3, ("x", 0, 0))]
+            await store.settle_batch(
+                [Accepted(JobSpec(id="a", tenant="t", kind="k"), 0.0, 3, ("x", 0, 0))],
+                [],
+                now=0.0,
+                grace_s=60,
+                allow_cross_tenant=False,
             )
             with psycopg.connect(database_url) as conn:  # dispatched, attempt 1 in flight
                 conn.execute("UPDATE jobs SET state = 'running', attempt = 1 WHERE id = 'a'")
