@@ -105,8 +105,6 @@ class HotCycle:
         self._assignment: frozenset[tuple[str, int]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
-        self.cycles = 0
-        self.messages = 0
 
     def ready_partitions(self) -> set[int] | None:
         """The ``jobs.ready`` partitions this process owns (None: not assigned yet)."""
@@ -221,8 +219,6 @@ class HotCycle:
                 await self._hold_starts(batch)
                 await handle_safely(self.ctx, "cycle", self.handler, batch)
                 self._store(batch)
-                self.cycles += 1
-                self.messages += len(batch)
         finally:
             await self._on_thread(self.consumer.close)  # commits what was stored
             self._pool.shutdown(wait=False)

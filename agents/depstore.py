@@ -34,7 +34,6 @@ from agents.core.lifecycle import (
     Started,
     State,
     Succeeded,
-    apply,
     fold,
     start_is_stale,
 )
@@ -273,26 +272,25 @@ async def decide_lifecycle(
             by_job.setdefault(ev.job_id, []).append((i, _core_event(ev)))
     ended = Ended([], [], [])
     applied: set[int] = set()
+    after: dict[str, Job] = {}  # each job after the batch (unchanged ones: as read)
     for jid, evs in by_job.items():
         row = rows.get(jid)
         if row is None:
             continue  # an unknown job: nothing to change
         change = fold(row.job, evs, backoff.get(row.kind, DEFAULT_BACKOFF), now)
+        after[jid] = change.after
         if not change.changed:
             continue
         applied.update(change.applied)
         ended.writes.append(_write(change, events))
         ended.states[jid] = str(change.after.state)
-        state = change.after.state
-        state_at = row.job
-        for i in change.applied:
-            state_at = apply(state_at, _core_event(events[i]))
-            ended.history.append(_history(events[i], state_at.state))
+        for i, state in zip(change.applied, change.states, strict=True):
+            ended.history.append(_history(events[i], state))
             if isinstance(ev := events[i], JobSucceeded):
                 ended.durations.append((row.kind, ev.duration_s))
-        if state in TERMINAL:
+        if change.after.state in TERMINAL:
             ended.terminal.append(jid)
-        elif state is State.READY:
+        elif change.after.state is State.READY:
             ended.retry.append(ReadyJob(jid, row.tenant, row.kind, row.submitted_at))
     for i, ev in enumerate(events):
         if isinstance(ev, JobCancelled):
@@ -304,13 +302,13 @@ async def decide_lifecycle(
             and not (ev.unstarted and i not in applied)
         ):
             ended.over.append((ev.job_id, ev.attempt))
-        if isinstance(ev, JobStarted) and i not in applied and ev.job_id in rows:
-            now_job = rows[ev.job_id].job
-            for j, e in by_job[ev.job_id]:
-                if j in applied:
-                    now_job = apply(now_job, e)
-            if start_is_stale(now_job, ev.attempt):
-                ended.stale_starts.append((ev.job_id, ev.attempt))
+        if (
+            isinstance(ev, JobStarted)
+            and i not in applied
+            and ev.job_id in after
+            and start_is_stale(after[ev.job_id], ev.attempt)
+        ):
+            ended.stale_starts.append((ev.job_id, ev.attempt))
     return ended
 
 

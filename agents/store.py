@@ -281,7 +281,8 @@ class PostgresJobStore:
                     replace(n, state=ended.states[n.id]) if n.id in ended.states else n
                     for n in await read_working_set(around)
                 ]
-                changed = [*(j for j in inserted if j in set(waits)), *ended.terminal]
+                waiting = set(waits)
+                changed = [*(j for j in inserted if j in waiting), *ended.terminal]
                 decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(
                     changed, now, grace_s
                 )

@@ -122,6 +122,7 @@ class Change:
     after: Job
     applied: tuple[int, ...]
     run_after: float | None = None
+    states: tuple[State, ...] = ()  # the job's state after each applied event
 
     @property
     def changed(self) -> bool:
@@ -134,17 +135,19 @@ def fold(job: Job, events: Sequence[tuple[int, Event]], backoff: Backoff, now: f
     ``now`` unless it was not the job's failure (``Failed(backoff=False)``)."""
     after = job
     applied: list[int] = []
+    states: list[State] = []
     run_after: float | None = None
     for i, ev in events:
         nxt = apply(after, ev)
         if nxt == after:
             continue
         applied.append(i)
+        states.append(nxt.state)
         run_after = None  # a retry's wait belongs to the failure that made the job ready
         if isinstance(ev, Failed) and nxt.state is State.READY and ev.backoff:
             run_after = now + backoff.delay(after.attempt)
         after = nxt
-    return Change(job, after, tuple(applied), run_after)
+    return Change(job, after, tuple(applied), run_after, tuple(states))
 
 
 def retry_allowed(job: Job, retryable: bool) -> bool:

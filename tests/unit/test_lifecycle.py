@@ -239,3 +239,18 @@ def test_a_start_and_its_outcome_in_one_batch_are_one_change() -> None:
     assert lost.after.state == State.READY and lost.run_after is None
     last = fold(Job(State.RUNNING, 3, 3), [(0, Failed(3))], Backoff(), 100.0)
     assert last.after.state == State.FAILED and last.run_after is None
+
+
+@given(jobs, st.lists(events, max_size=12), backoffs, clock)
+def test_a_fold_names_the_state_after_each_applied_event(
+    job: Job, evs: list[Event], backoff: Backoff, now: float
+) -> None:
+    change = fold(job, list(enumerate(evs)), backoff, now)
+    state = job
+    expected = []
+    for e in evs:
+        nxt = apply(state, e)
+        if nxt != state:
+            expected.append(nxt.state)
+        state = nxt
+    assert list(change.states) == expected
