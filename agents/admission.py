@@ -25,18 +25,16 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
-from functools import partial
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
 from psycopg import sql
 
 from agents import admstore
-from agents.admstore import Candidate
+from agents.admstore import AdmitResult, Candidate, CyclePlan
 from agents.context import Context, RawMessage, retrying
 from agents.core.admission import (
-    ALL,
-    GLOBAL,
     SLOTS,
     AdmissionCore,
     Decisions,
@@ -49,66 +47,14 @@ from agents.core.admission import (
 )
 from agents.core.depth import UNITS, WorkEstimates
 from agents.deadletter import dead_letter, decode_all
+from agents.dispatching import Dispatcher
 from agents.intake import ready_records
-from agents.rows import DispatchJob, QueuedRow, ReadyJob
-from streams.events import AdmissionDecision, Dispatch, JobReady, encode
-from streams.kafka import Record, partition_for
+from agents.rows import QueuedRow, ReadyJob
+from streams.events import JobReady
+from streams.kafka import partition_for
 
 log = logging.getLogger("jobstream.admission")
 IDLE_POLL_S = 1.0
-SENDS_IN_FLIGHT = 4  # rounds whose dispatches may wait for the broker behind the next round
-CONFIRM_RETRIES_S = (0.01, 0.05, 0.2)  # a skipped confirmation again after these, then waits
-
-
-async def dispatch_records(
-    ctx: Context,
-    jobs: Sequence[DispatchJob],
-    due: Mapping[str, float] | None = None,
-    shared: Collection[str] | None = None,
-) -> list[Record]:
-    """Dispatch commands, each to its kind's pool topic (created on first use); ``due``:
-    admission's due time per job, so workers start urgent buffered work first; ``shared``:
-    the jobs that hold a shared resource (None: assume every one does)."""
-    await ctx.ensure_pools({j.kind for j in jobs})
-    return [
-        Record(
-            ctx.dispatch_topic(j.kind),
-            encode(
-                Dispatch(
-                    job_id=j.id,
-                    attempt=j.attempt,
-                    tenant=j.tenant,
-                    kind=j.kind,
-                    args=j.args,
-                    timeout_s=j.timeout_s,
-                    submitted_at=j.submitted_at,
-                    dispatched_at=j.dispatched_at,
-                    group=j.group,
-                    due=(due or {}).get(j.id),
-                    shared=shared is None or j.id in shared,
-                )
-            ),
-            j.id.encode(),
-            partition=ctx.dispatch_partition(j.id),
-        )
-        for j in jobs
-    ]
-
-
-def holds_shared(holds: Sequence[tuple[str, int]]) -> bool:
-    """Whether an admission takes more than its slot and its share of the global scope: a
-    named resource, a kind's limit, or all of a scope (exclusive)."""
-    return any(n not in (SLOTS, GLOBAL) or a == ALL for n, a in holds)
-
-
-async def resend_unconfirmed(ctx: Context, ids: Sequence[str]) -> int:
-    """Send again dispatches whose broker confirmation was never recorded (a crash)."""
-    store = await ctx.store()
-    rows = await retrying("unconfirmed rows", lambda: store.unconfirmed_rows(ids))
-    records = await dispatch_records(ctx, rows)
-    await retrying("dispatch produce", lambda: ctx.producer.aproduce(records))
-    await retrying("dispatch confirm", lambda: store.confirm_dispatch(rows, wait=True))
-    return len(rows)
 
 
 def semaphore_capacities(ctx: Context) -> dict[str, int]:
@@ -147,8 +93,8 @@ class Admission:
         self.delayed: list[tuple[float, str, QueuedRow]] = []
         self.delayed_ids: set[str] = set()
         self._depth_at = 0.0
-        self.sending: list[asyncio.Future[None]] = []  # rounds' sends, oldest first
-        self.confirming: set[asyncio.Future[None]] = set()  # confirmations tried again
+        self.dispatcher = Dispatcher(ctx)
+        self.origin = uuid.uuid4().hex[:12]  # this process's releases (``CyclePlanner``)
         # jobs taken without the topic since ownership was last confirmed unchanged: if it
         # changed meanwhile, they are published after all (their new owner may have loaded
         # the tenant's ready jobs before they were committed)
@@ -222,12 +168,9 @@ class Admission:
         in); return the others, for the topic. A job taken here just before a rebalance is
         dropped by the next round with the rest of the tenant, and its new owner loads it
         from PostgreSQL, as it loads every ready job of the tenants it is given."""
-        assigned = self.assigned()
-        if not assigned or assigned != self.owned:
-            return list(jobs)
-        mine = [j for j in jobs if partition_for(j.tenant.encode(), self.partitions) in assigned]
+        mine, rest = self._split_local(jobs)
         if not mine:
-            return list(jobs)
+            return rest
         rows = [r for j in mine if (r := j.queued_row()) is not None]
         unread = [j.id for j in mine if j.ready_at is None]  # e.g. retries: read them
         if unread:
@@ -235,8 +178,21 @@ class Admission:
         self.enqueue(rows, time.time())
         self.wake.set()
         self.taken_locally.update((j.id, j) for j in mine)
-        taken = {j.id for j in mine}
-        return [j for j in jobs if j.id not in taken]
+        return rest
+
+    def _split_local(self, jobs: Sequence[ReadyJob]) -> tuple[list[ReadyJob], list[ReadyJob]]:
+        """(the jobs of tenants this process owns now, the others): none are its own while
+        its assignment is unknown or changed since the last round took it in."""
+        assigned = self.assigned()
+        if not assigned or assigned != self.owned:
+            return [], list(jobs)
+        mine: list[ReadyJob] = []
+        rest: list[ReadyJob] = []
+        for j in jobs:
+            (
+                mine if partition_for(j.tenant.encode(), self.partitions) in assigned else rest
+            ).append(j)
+        return mine, rest
 
     async def _load_ready(self, ids: Sequence[str]) -> list[QueuedRow]:
         """The rows of these jobs that are still ready."""
@@ -286,8 +242,7 @@ class Admission:
                     await asyncio.sleep(0.5)
         finally:
             listener.cancel()
-            if self.sending or self.confirming:  # stopping: let the last sends finish (briefly)
-                await asyncio.wait([*self.sending, *self.confirming], timeout=5.0)
+            await self.dispatcher.drain(5.0)
 
     async def _listen(self) -> None:
         """Wake on ``NOTIFY jobstream`` (capacity released, controls changed) from any process."""
@@ -301,7 +256,10 @@ class Admission:
                     )
                     self.controls_dirty = True  # anything missed while not listening
                     self.wake.set()
+                    own = admstore.release_payload(self.origin)
                     async for n in conn.notifies():
+                        if n.payload == own:
+                            continue  # a cycle of this process admitted into it already
                         if n.payload == "control":
                             self.controls_dirty = True
                         elif n.payload.startswith("priority "):
@@ -375,20 +333,35 @@ class Admission:
         self._release_delayed(now, d)
         return d
 
-    async def _carry_out(self, d: Decisions, now: float, free_slots: int) -> int:
-        store = await self.ctx.store()
+    def _candidates(self, d: Decisions) -> list[Candidate]:
         rates = self.core.rates
-        candidates = [
+        return [
             Candidate(a.job.id, a.holds, rates.keys(a.job.tenant, a.job.kind)) for a in d.admitted
         ]
 
-        async def tx() -> admstore.AdmitResult:
+    async def _carry_out(self, d: Decisions, now: float, free_slots: int) -> int:
+        store = await self.ctx.store()
+        candidates = self._candidates(d)
+
+        async def tx() -> AdmitResult:
             async with store.pipelined() as conn:
                 async with conn.transaction():
                     pending = await admstore.admit(conn, candidates, now)
                 return await pending.result()  # COMMIT went out with the writes
 
         res = await retrying("admission transaction", tx)
+        return await self._admitted(d, candidates, res, now, free_slots)
+
+    async def _admitted(
+        self,
+        d: Decisions,
+        candidates: Sequence[Candidate],
+        res: AdmitResult,
+        now: float,
+        free_slots: int,
+    ) -> int:
+        """After an admission transaction: refused jobs back to the queue (their gate
+        noted), the dispatched ones sent."""
         if self.ctx.tracer.on:
             self.ctx.tracer.mark("admitted", *(x.job.id for x in res.dispatched))
         by_id = {a.job.id: a for a in d.admitted}
@@ -401,88 +374,60 @@ class Admission:
             stale_keys.update(adm.rate_keys)
         if stale_keys:
             await self._reload_rate_log(sorted(stale_keys), now)
-        jobs = [x.job for x in res.dispatched]
-        shared = {j.id for j in jobs if holds_shared(by_id[j.id].holds)}
-        records = await dispatch_records(
-            self.ctx, jobs, {j.id: by_id[j.id].job.due for j in jobs}, shared
+        if res.dispatched:
+            due = {c.id: (c, by_id[c.id].job.due) for c in candidates}
+            await self.dispatcher.dispatch(res.dispatched, res.send, due, now, free_slots)
+        for x in res.dispatched:
+            self.gates_written.pop(x.job.id, None)
+        self.admitted += len(res.dispatched)
+        return len(res.dispatched)
+
+    # -- in a hot cycle's transaction (``CyclePlanner``) ------------------------------------
+
+    def plan(
+        self, ready: Sequence[ReadyJob], semaphores: Mapping[str, tuple[int, int]], now: float
+    ) -> CyclePlan:
+        """Queue the ready jobs of the tenants owned here (as ``take_local``) and decide for
+        the capacity the cycle's transaction holds locked; the rest are for ``jobs.ready``."""
+        mine, forward = self._split_local(ready)
+        rows = [r for j in mine if (r := j.queued_row()) is not None]
+        forward += [j for j in mine if j.ready_at is None]  # not read as queued: the topic
+        self.enqueue(rows, now)
+        self.taken_locally.update((j.id, j) for j in mine if j.ready_at is not None)
+        if mine:
+            self.ctx.metrics.count("ready_handoffs", {"path": "local"}, n=len(rows))
+        self._release_delayed(now)
+        if not len(self.core):
+            return CyclePlan([], forward)
+        sem = self.core.sem
+        sem.capacity = {name: cap for name, (cap, _) in semaphores.items()}
+        sem.used = {name: used for name, (_, used) in semaphores.items()}
+        free = sem.capacity.get(SLOTS, 0) - sem.used.get(SLOTS, 0)
+        d = self.core.decide(now, max_admits=self.ctx.settings.admission_batch)
+        self._release_delayed(now, d)
+        if d.wake_at is not None and (self.wake_at is None or d.wake_at < self.wake_at):
+            self.wake.set()  # the round recomputes when to look again
+        return CyclePlan(self._candidates(d), forward, (d, max(0, free // UNITS), now))
+
+    def abandon(self, plan: CyclePlan) -> None:
+        if plan.note is not None:
+            for a in plan.note[0].admitted:
+                self.core.enqueue(a.job)
+
+    async def carry_out(self, plan: CyclePlan, res: AdmitResult | None) -> None:
+        """After the cycle's COMMIT: send what it dispatched, note the gates."""
+        if plan.note is None:
+            return
+        d, free_slots, now = plan.note
+        if res is not None and self.ctx.tracer.on:  # ready and admitted by one commit
+            self.ctx.tracer.mark("ready", *(x.job.id for x in res.dispatched))
+        admitted = await self._admitted(
+            d, plan.candidates, res or AdmitResult([], {}), now, free_slots
         )
-        topic = self.ctx.topic("scheduler.decisions")
-        for job, priority, size, ready_at in res.dispatched:
-            adm = by_id[job.id]
-            decision = AdmissionDecision(
-                job_id=job.id,
-                attempt=job.attempt,
-                tenant=job.tenant,
-                kind=job.kind,
-                at=now,
-                priority=priority,
-                size=size,
-                due=adm.job.due,
-                waited_s=max(0.0, now - ready_at),
-                holds=dict(adm.holds),
-                rate_keys=list(adm.rate_keys),
-                free_slots=free_slots,
-            )
-            records.append(Record(topic, encode(decision), job.tenant.encode()))
-            tags = {"tenant": job.tenant, "kind": job.kind}
-            self.ctx.metrics.count("admissions", tags)
-            self.ctx.metrics.observe("admission_wait_ms", decision.waited_s * 1000, tags)
-        await self._send(records, jobs)
-        for job in jobs:
-            self.gates_written.pop(job.id, None)
-        self.admitted += len(jobs)
-        return len(jobs)
-
-    async def _send(self, records: list[Record], jobs: list[DispatchJob]) -> None:
-        """Produce a round's dispatches and decisions, then mark the dispatches confirmed,
-        behind the round: the next round decides while these wait for the broker and
-        PostgreSQL (one after another, in round order, at most ``SENDS_IN_FLIGHT``).
-        The jobs are already ``dispatched`` in PostgreSQL: if this process dies first, the
-        reconciler re-sends what was never confirmed, and workers fence by attempt."""
-        store = await self.ctx.store()
-        previous = self.sending[-1] if self.sending else None
-
-        async def send() -> None:
-            if previous is not None:
-                await asyncio.wait([previous])
-            tracer = self.ctx.tracer
-            if tracer.on:
-                tracer.mark("send", *(j.id for j in jobs))
-            await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
-            if tracer.on:
-                tracer.mark("produced", *(j.id for j in jobs))
-            left = await retrying("dispatch confirm", lambda: store.confirm_dispatch(jobs))
-            if left:  # rows a start was being recorded on: again shortly, off the chain
-                self._confirm_later(left)
-
-        task = asyncio.ensure_future(send())
-        self.sending.append(task)
-        task.add_done_callback(self._sent)
-        while len(self.sending) > SENDS_IN_FLIGHT:
-            await asyncio.wait([self.sending[0]])
-
-    def _confirm_later(self, jobs: list[DispatchJob]) -> None:
-        async def again() -> None:
-            store = await self.ctx.store()
-            left = jobs
-            for delay in CONFIRM_RETRIES_S:
-                await asyncio.sleep(delay)
-                left = await retrying("dispatch confirm", partial(store.confirm_dispatch, left))
-                if not left:
-                    return
-            await retrying("dispatch confirm", partial(store.confirm_dispatch, left, wait=True))
-
-        task = asyncio.ensure_future(again())
-        self.confirming.add(task)
-        task.add_done_callback(self.confirming.discard)
-
-    def _sent(self, task: asyncio.Future[None]) -> None:
-        self.sending.remove(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "admission: sending dispatches failed (the reconciler re-sends them): %r",
-                task.exception(),
-            )
+        if admitted >= self.ctx.settings.admission_batch:
+            self.wake.set()  # as many as one decision takes: more may fit
+        await self._write_gates(d)
+        self._record_metrics(d, now)
 
     async def _write_gates(self, d: Decisions) -> None:
         changed = []

@@ -3,16 +3,20 @@ sliding-window log, controls, gates, and the admission transaction itself.
 
 Invariants:
 - The admission transaction is the authority. The admission core decides from a snapshot;
-  here every candidate is re-checked under locks (its row ``FOR UPDATE``, semaphore rows and
-  rate-limit keys locked in name order, so two transactions never wait on each other in a
-  cycle): a job is dispatched only if it is still ready, every semaphore it needs has room,
-  and every rate-limit key it counts against has fewer than N admissions in (now - W, now].
+  here every candidate is re-checked under locks (semaphore rows, then rate-limit keys,
+  each in name order, then the job rows, so two transactions never wait on each other in a
+  cycle): a job is dispatched only if it is still ready (a guarded update), every semaphore
+  it needs has room, and every rate-limit key it counts against has fewer than N
+  admissions in (now - W, now]. A hot cycle admits in its own transaction
+  (``CyclePlanner``: the semaphores it has released into are locked by then).
   So limits and capacities hold exactly even while two processes briefly both think they
   own a tenant (a rebalance, a paused zombie).
 - What a job takes is written with it (``job_holds``) and released exactly once
   (``release_holds`` deletes the rows it gives back), on every end of an attempt; holds
   belong to one attempt (``release_attempt_holds``): a cancelled attempt keeps them until
   its end is reported.
+- A dispatch is confirmed once the broker has it: its send's row (``dispatch_sends``, one
+  per admission transaction) is deleted then; a recorded start confirms it too.
 - Values always travel as parameters.
 """
 
@@ -21,15 +25,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import psycopg
 
 from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Gate, Limit, Need
 from agents.core.depth import UNITS
-from agents.rows import DISPATCH_COLS, QUEUED_COLS, DispatchJob, QueuedRow, q
+from agents.rows import DISPATCH_COLS, QUEUED_COLS, DispatchJob, QueuedRow, ReadyJob, q
 
 Conn = psycopg.AsyncConnection[Any]
+Cursor = psycopg.AsyncCursor[Any]
 CHANNEL = "jobstream"
 # Statements that look jobs up by id test their state as ``(state = '…') IS TRUE``: a filter
 # on the rows the primary key finds, never an index condition. A burst of ready (or waiting)
@@ -143,10 +148,13 @@ async def release_holds(conn: Conn, job_ids: Sequence[str]) -> None:
     )
 
 
-async def release_attempt_holds(conn: Conn, attempts: Sequence[tuple[str, int]]) -> None:
+async def release_attempt_holds(
+    conn: Conn, attempts: Sequence[tuple[str, int]], origin: str | None = None
+) -> None:
     """Give back what these attempts hold (``(job id, attempt)``; exactly once), like
     :func:`release_holds` but leaving other attempts' holds alone: a cancelled attempt still
-    stopping and its retry each hold their own."""
+    stopping and its retry each hold their own. ``origin``: the releasing process admits
+    into what it released itself (a hot cycle): its own admission ignores the NOTIFY."""
     if not attempts:
         return
     ids = [a[0] for a in attempts]
@@ -165,9 +173,14 @@ async def release_attempt_holds(conn: Conn, attempts: Sequence[tuple[str, int]])
            v AS (SELECT name, sum(amount)::int AS amount FROM d GROUP BY name),
            u AS (UPDATE semaphores s SET used = greatest(0, s.used - v.amount)
                  FROM v WHERE s.name = v.name RETURNING s.name)
-           SELECT pg_notify(%s, 'release') FROM (SELECT 1 FROM u LIMIT 1) AS released""",
-        (ids, nums, CHANNEL),
+           SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM u LIMIT 1) AS released""",
+        (ids, nums, CHANNEL, release_payload(origin)),
     )
+
+
+def release_payload(origin: str | None) -> str:
+    """The NOTIFY payload of a release (``release`` or ``release:<origin>``)."""
+    return "release" if origin is None else f"release:{origin}"
 
 
 async def controls(conn: Conn) -> tuple[set[str], list[Limit]]:
@@ -235,6 +248,7 @@ class AdmitResult:
 
     dispatched: list[Dispatched]
     refused: dict[str, Gate]
+    send: int | None = None  # the dispatches' send, to confirm once the broker has them
 
 
 @dataclass(slots=True)
@@ -249,51 +263,92 @@ class PendingAdmit:
         if self.cursor is None:
             return AdmitResult([], self.refused)
         rows = await self.cursor.fetchall()
-        return AdmitResult([Dispatched(DispatchJob(*r[:-3]), *r[-3:]) for r in rows], self.refused)
+        return AdmitResult(
+            [Dispatched(DispatchJob(*r[:-4]), *r[-4:-1]) for r in rows],
+            self.refused,
+            rows[0][-1] if rows else None,
+        )
 
 
-async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> PendingAdmit:
-    """The admission transaction (see the module's invariants), on a connection in pipeline
-    mode inside the caller's transaction: the locks and reads take one round trip, the writes
-    are queued for the caller's COMMIT. ``now`` is the admission time recorded in the window
-    log, the same value the core decided with."""
-    ids = [c.id for c in candidates]
-    names = sorted({n for c in candidates for n, _ in c.holds})
-    limits = {k: (n, w) for c in candidates for k, n, w in c.rate_keys}
-    keys = sorted(limits)
-    # the locks and reads queued together (the first read takes them in one round trip),
-    # taken in a fixed order: the jobs (by id), the semaphores (by name), the window keys
-    # (by key); for every candidate, which covers the ones still ready
-    count_cur = None
-    jobs_cur = await conn.execute(
-        "SELECT id FROM jobs WHERE id = ANY(%s) AND (state = 'ready') IS TRUE"
-        " ORDER BY id FOR UPDATE",
-        (ids,),
-    )
-    sem_cur = await conn.execute(
+@dataclass(slots=True)
+class CyclePlan:
+    """What an admission owner decided inside a hot cycle's transaction: the candidates to
+    dispatch, the ready jobs it did not queue (for their owner: ``jobs.ready``), and its own
+    note of the decision (carried to what it does after the commit)."""
+
+    candidates: list[Candidate]
+    forward: list[ReadyJob]
+    note: Any = None
+
+
+class CyclePlanner(Protocol):
+    """An admission owner deciding inside a hot cycle's transaction (``settle_batch``)."""
+
+    origin: str  # tags the cycle's release NOTIFY, which its own admission ignores
+
+    def plan(
+        self, ready: Sequence[ReadyJob], semaphores: Mapping[str, tuple[int, int]], now: float
+    ) -> CyclePlan:
+        """Queue the ready jobs it owns and decide for the capacity the semaphores show
+        (their rows locked by the transaction: ``(capacity, used)`` by name)."""
+        ...
+
+    def abandon(self, plan: CyclePlan) -> None:
+        """The transaction failed: the candidates go back to the queue."""
+        ...
+
+
+async def lock_semaphores(conn: Conn, names: Sequence[str] | None = None) -> Cursor:
+    """Lock semaphore rows (``names``, or all of them) in name order, reading ``(name,
+    capacity, used)``. Every transaction that admits or releases locks them first and a
+    job's row after, so two never wait on each other in a cycle."""
+    if names is None:
+        return await conn.execute(
+            "SELECT name, capacity, used FROM semaphores ORDER BY name FOR UPDATE"
+        )
+    return await conn.execute(
         "SELECT name, capacity, used FROM semaphores WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
-        (names,),
+        (list(names),),
     )
-    if keys:
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(k, 7041)) "
-            "FROM unnest(%s::text[]) AS k ORDER BY k",
-            (keys,),
-        )
-        count_cur = await conn.execute(
-            "SELECT k.key, count(r.at) FROM unnest(%s::text[], %s::float8[]) AS k(key, w) "
-            "LEFT JOIN rate_log r ON r.key = k.key AND r.at > %s - k.w GROUP BY k.key",
-            (keys, [limits[k][1] for k in keys], now),
-        )
-    ready = {r[0] for r in await jobs_cur.fetchall()}
-    live = [c for c in candidates if c.id in ready]
-    free = {name: cap - used for name, cap, used in await sem_cur.fetchall()}
-    count: dict[str, int] = {}
-    if count_cur is not None:
-        count = {k: n for k, n in await count_cur.fetchall()}
+
+
+async def read_semaphores(cur: Cursor) -> dict[str, tuple[int, int]]:
+    return {name: (cap, used) for name, cap, used in await cur.fetchall()}
+
+
+async def rate_counts(conn: Conn, candidates: Sequence[Candidate], now: float) -> dict[str, int]:
+    """Lock the candidates' window keys (in key order) and count each key's admissions in
+    ``(now - W, now]`` (one round trip; none when no candidate counts against a limit)."""
+    windows = {k: w for c in candidates for k, _, w in c.rate_keys}
+    keys = sorted(windows)
+    if not keys:
+        return {}
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended(k, 7041)) "
+        "FROM unnest(%s::text[]) AS k ORDER BY k",
+        (keys,),
+    )
+    cur = await conn.execute(
+        "SELECT k.key, count(r.at) FROM unnest(%s::text[], %s::float8[]) AS k(key, w) "
+        "LEFT JOIN rate_log r ON r.key = k.key AND r.at > %s - k.w GROUP BY k.key",
+        (keys, [windows[k] for k in keys], now),
+    )
+    return {k: n for k, n in await cur.fetchall()}
+
+
+def check(
+    candidates: Sequence[Candidate],
+    semaphores: Mapping[str, tuple[int, int]],
+    counts: Mapping[str, int],
+) -> tuple[list[Candidate], dict[str, Gate]]:
+    """The candidates that fit the locked semaphores and window counts, in order, and the
+    others with their gate. Every candidate is counted as if still ready (conservative: one
+    that is not is simply not dispatched)."""
+    free = {name: cap - used for name, (cap, used) in semaphores.items()}
+    count = dict(counts)
     accepted: list[Candidate] = []
     refused: dict[str, Gate] = {}
-    for c in live:
+    for c in candidates:
         short = next((n for n, a in c.holds if free.get(n, -1) < a), None)
         if short is not None:
             refused[c.id] = Gate("semaphore", f"{short} has no room (another process took it)")
@@ -307,39 +362,63 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Pend
         for k, _, _ in c.rate_keys:
             count[k] = count.get(k, 0) + 1
         accepted.append(c)
+    return accepted, refused
+
+
+async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> PendingAdmit:
+    """The admission transaction of a round (see the module's invariants), on a connection
+    in pipeline mode inside the caller's transaction: the locks and reads take one round
+    trip, the writes are queued for the caller's COMMIT. ``now`` is the admission time
+    recorded in the window log, the same value the core decided with."""
+    names = sorted({n for c in candidates for n, _ in c.holds})
+    sem_cur = await lock_semaphores(conn, names)
+    counts = await rate_counts(conn, candidates, now)
+    return await admit_locked(conn, candidates, await read_semaphores(sem_cur), counts, now)
+
+
+async def admit_locked(
+    conn: Conn,
+    candidates: Sequence[Candidate],
+    semaphores: Mapping[str, tuple[int, int]],
+    counts: Mapping[str, int],
+    now: float,
+) -> PendingAdmit:
+    """Check the candidates against what this transaction has locked and queue the writes
+    of those that fit (their rows guarded by ``state = 'ready'``)."""
+    accepted, refused = check(candidates, semaphores, counts)
     if not accepted:
         return PendingAdmit(None, refused)
     holds = [(c.id, n, a) for c in accepted for n, a in c.holds]
-    sums: dict[str, int] = defaultdict(int)
-    for _, n, a in holds:
-        sums[n] += a
-    used_names = sorted(sums)
-    log = [(k, now) for c in accepted for k, _, _ in c.rate_keys]
-    # the writes, one statement (the semaphores are locked above), queued: they go with
-    # the caller's COMMIT
+    log = [(c.id, k) for c in accepted for k, _, _ in c.rate_keys]
+    # one statement: the jobs still ready are dispatched, and only theirs are the holds,
+    # the semaphore counts and the window log entries (queued: they go with the COMMIT)
     cur = await conn.execute(
         q(
             """
         WITH d AS (
             UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
                 gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
-                updated_at = now()
+                dispatch_send = (SELECT nextval('dispatch_send_seq')), updated_at = now()
             WHERE id = ANY(%s) AND (state = 'ready') IS TRUE
             RETURNING *),
+        -- the send, unconfirmed until the broker has all of it (``confirm_send``)
+        send AS (INSERT INTO dispatch_sends (id) SELECT DISTINCT dispatch_send FROM d),
         -- the history row goes with the state change: a worker's start, applied before
         -- the dispatch's confirmation is recorded, still comes after it
         h AS (INSERT INTO job_history (job_id, attempt, event)
               SELECT id, attempt, 'dispatched' FROM d),
-        held AS (INSERT INTO job_holds (job_id, attempt, name, amount)
-                 SELECT v.id, coalesce(d.attempt, 0), v.name, v.amount
-                 FROM unnest(%s::text[], %s::text[], %s::int[]) AS v(id, name, amount)
-                 LEFT JOIN d ON d.id = v.id),
-        used AS (UPDATE semaphores s SET used = s.used + v.amount
-                 FROM unnest(%s::text[], %s::int[]) AS v(name, amount)
-                 WHERE s.name = v.name),
+        v AS (SELECT v.id, d.attempt, v.name, v.amount
+              FROM unnest(%s::text[], %s::text[], %s::int[]) AS v(id, name, amount)
+              JOIN d ON d.id = v.id),
+        held AS (INSERT INTO job_holds (job_id, attempt, name, amount) SELECT * FROM v),
+        used AS (UPDATE semaphores s SET used = s.used + t.amount
+                 FROM (SELECT name, sum(amount)::int AS amount FROM v GROUP BY name) AS t
+                 WHERE s.name = t.name),
         logged AS (INSERT INTO rate_log (key, at)
-                   SELECT * FROM unnest(%s::text[], %s::float8[]))
-        SELECT {cols}, priority, size, extract(epoch from ready_at)::float8 FROM d
+                   SELECT r.key, %s FROM unnest(%s::text[], %s::text[]) AS r(id, key)
+                   JOIN d ON d.id = r.id)
+        SELECT {cols}, priority, size, extract(epoch from ready_at)::float8, dispatch_send
+        FROM d
         """,
             cols=DISPATCH_COLS,
         ),
@@ -348,10 +427,9 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Pend
             [h[0] for h in holds],
             [h[1] for h in holds],
             [h[2] for h in holds],
-            used_names,
-            [sums[n] for n in used_names],
-            [k for k, _ in log],
-            [t for _, t in log],
+            now,
+            [x[0] for x in log],
+            [x[1] for x in log],
         ),
     )
     return PendingAdmit(cur, refused)

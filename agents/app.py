@@ -38,12 +38,13 @@ from typing import Any
 
 import faust
 
-from agents.admission import Admission, resend_unconfirmed
+from agents.admission import Admission
 from agents.batching import take_available
 from agents.context import Context, RawMessage, retrying
 from agents.control import handle_control
 from agents.cycle import HotCycle, handle_safely
 from agents.dependencies import settle_cycle
+from agents.dispatching import resend_unconfirmed
 from agents.heap import freeze_once_assigned, freeze_startup_heap
 from agents.intake import forward_ready
 from agents.kafkaauth import faust_credentials
@@ -54,6 +55,7 @@ from agents.telemetry import handle_telemetry
 
 log = logging.getLogger("jobstream.app")
 STOP_WAIT_S = 10.0
+SEND_PRUNE_ROUNDS = 10  # a send left unconfirmed is forgotten after this many reconcile bounds
 Handler = Callable[[Context, Sequence[RawMessage]], Awaitable[int]]
 
 
@@ -215,6 +217,7 @@ async def reconcile_once(ctx: Context) -> tuple[int, int]:
     # keep an hour at least: the window log doubles as the audit of admission times
     horizon = max([3600.0, *(x.window_s for x in s.rate_limits)])
     await retrying("prune rate log", lambda: store.prune_rate_log(time.time(), horizon))
+    await retrying("prune sends", lambda: store.prune_sends(SEND_PRUNE_ROUNDS * after))
     if forwarded or sent:
         log.warning("reconcile: forwarded %d released jobs, re-sent %d dispatches", forwarded, sent)
     return forwarded, sent

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from agents.admstore import AdmitResult, CyclePlan, CyclePlanner
 from agents.errors import StoreUnavailable
 from agents.metrics import Metrics, process_tags
 from agents.pools import (
@@ -45,8 +46,13 @@ class RawMessage:
     value: bytes | None
 
 
-class LocalAdmission(Protocol):
-    """What the stages of a process tell the admission owner running beside them."""
+class LocalAdmission(CyclePlanner, Protocol):
+    """What the stages of a process tell the admission owner running beside them; the hot
+    cycle lets it decide inside its transaction (``CyclePlanner``)."""
+
+    async def carry_out(self, plan: CyclePlan, res: AdmitResult | None) -> None:
+        """After the cycle's COMMIT: send what its transaction dispatched."""
+        ...
 
     async def take_local(self, jobs: Sequence[ReadyJob]) -> list[ReadyJob]:
         """Queue the ready jobs of the tenants it owns (no ``jobs.ready`` hop); the others
@@ -58,8 +64,9 @@ class LocalAdmission(Protocol):
         ...
 
     def capacity_freed(self) -> None:
-        """Attempts ended here and gave their holds back: decide again now (the NOTIFY that
-        tells the other processes reaches this one a round trip later)."""
+        """Attempts ended here and gave their holds back, and no decision was taken in that
+        transaction: decide again now (the NOTIFY that tells the other processes reaches
+        this one a round trip later)."""
         ...
 
 

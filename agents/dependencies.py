@@ -79,14 +79,17 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
             grace_s=s.dependency_grace_s,
             allow_cross_tenant=s.allow_cross_tenant_deps,
             backoff=s.backoff_by_kind,
+            planner=ctx.admission,
         ),
     )
     ready, impossible = settled.ready, settled.rejected
     if ctx.admission is not None:
+        if settled.plan is not None:
+            await ctx.admission.carry_out(settled.plan, settled.admitted)
+        elif settled.released:
+            ctx.admission.capacity_freed()
         if settled.durations:
             ctx.admission.observe_work(settled.durations)
-        if settled.released:
-            ctx.admission.capacity_freed()
     m = ctx.metrics
     now = time.time()
     if ready and ctx.tracer.on:
@@ -118,7 +121,7 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
         await retrying("announce rejections", lambda: ctx.producer.aproduce(notices))
     if settled.stale_starts:
         await stop_stale_attempts(ctx, settled.stale_starts)
-    await forward_ready(ctx, ready)
+    await forward_ready(ctx, settled.plan.forward if settled.plan is not None else ready)
     return len(messages)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import psycopg
 
-from agents.admstore import release_attempt_holds
+from agents.admstore import AdmitResult, CyclePlan, release_attempt_holds
 from agents.core.deps import Edge, Fail, Needs, Node, Release, Wait
 from agents.core.lifecycle import (
     TERMINAL,
@@ -169,11 +169,15 @@ class Ended:
 class Settled:
     """What a dependency batch's transaction did, for the stage to carry out."""
 
-    ready: list[ReadyJob]  # to forward to their admission owner
+    ready: list[ReadyJob]  # jobs now ready (without a plan: to forward to their owner)
     rejected: list[Fail]  # submissions of the batch that can never run
     stale_starts: list[tuple[str, int]]  # started attempts already over (to stop)
     durations: list[tuple[str, float]]  # (kind, seconds) of the successes recorded
     released: bool = False  # attempts ended: their holds were given back
+    # admission in the same transaction (``CyclePlanner``): what it planned (its
+    # ``forward``: the ready jobs for other owners), what it did
+    plan: CyclePlan | None = None
+    admitted: AdmitResult | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,9 +347,9 @@ FROM v WHERE j.id = v.id AND j.state = v.was AND j.attempt = v.attempt
 """
 
 
-async def queue_ended(conn: Conn, ended: Ended) -> None:
+async def queue_ended(conn: Conn, ended: Ended, origin: str | None = None) -> None:
     """The decided row updates, their history rows, and what the ended attempts held given
-    back (nothing to read)."""
+    back (nothing to read; ``origin``: see ``release_attempt_holds``)."""
     if ended.writes:
         await conn.execute(_WRITE_LIFECYCLE, (msgspec.json.encode(ended.writes).decode(),))
     if ended.history:
@@ -354,7 +358,7 @@ async def queue_ended(conn: Conn, ended: Ended) -> None:
             "SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::jsonb[])",
             [list(col) for col in zip(*ended.history, strict=True)],
         )
-    await release_attempt_holds(conn, ended.over)
+    await release_attempt_holds(conn, ended.over, origin)
 
 
 async def load_working_set(conn: Conn, changed: Sequence[str]) -> list[Node]:

@@ -29,6 +29,8 @@ from collections.abc import Callable, Collection, Mapping
 
 import psycopg
 
+from agents.rows import CONFIRMED, q
+
 
 def window_violations(times: list[float], limit: int, window_s: float) -> int:
     """How many admissions found more than ``limit`` admissions in (t - W, t]."""
@@ -126,7 +128,8 @@ def owner_violations(
     ``bound_s``."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            """WITH live AS (
+            q(
+                """WITH live AS (
                    SELECT id, running, buffered, assigned FROM workers
                    WHERE state IN ('running', 'draining')
                      AND last_seen > now() - make_interval(secs => %(b)s))
@@ -137,11 +140,13 @@ def owner_violations(
                       AND j.updated_at < now() - make_interval(secs => %(b)s)
                       AND NOT EXISTS (SELECT 1 FROM live WHERE j.id = ANY(live.running)
                                                          OR j.id = ANY(live.buffered)))
-                  OR (j.state = 'dispatched' AND j.dispatch_confirmed
+                  OR (j.state = 'dispatched' AND {confirmed}
                       AND j.dispatched_at < now() - make_interval(secs => %(b)s)
                       AND NOT EXISTS (SELECT 1 FROM live WHERE j.id = ANY(live.running)
                                                          OR j.id = ANY(live.buffered)))
                ORDER BY j.id LIMIT 50""",
+                confirmed=CONFIRMED,
+            ),
             {"b": bound_s},
         ).fetchall()
     out = []

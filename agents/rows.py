@@ -37,6 +37,12 @@ DISPATCH_COLS = sql.SQL(
     "id, attempt, tenant, kind, args, timeout_s, extract(epoch from submitted_at)::float8, "
     "extract(epoch from dispatched_at)::float8, group_key"
 )
+# whether the broker has a dispatched job's dispatch (``jobs j``): its start was recorded or
+# it was re-sent (``dispatch_confirmed``), or its send's row is gone (``dispatch_sends``)
+CONFIRMED = sql.SQL(
+    "(j.dispatch_confirmed OR (j.dispatch_send IS NOT NULL AND NOT EXISTS "
+    "(SELECT 1 FROM dispatch_sends s WHERE s.id = j.dispatch_send)))"
+)
 RETURN_STATE = sql.SQL(
     "RETURNING state, attempt, tenant, kind, extract(epoch from submitted_at)::float8"
 )

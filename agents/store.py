@@ -22,11 +22,21 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from agents.admstore import refresh_capacity, release_attempt_holds
+from agents.admstore import (
+    CyclePlan,
+    CyclePlanner,
+    PendingAdmit,
+    admit_locked,
+    lock_semaphores,
+    rate_counts,
+    read_semaphores,
+    refresh_capacity,
+    release_attempt_holds,
+)
 from agents.core import brake as brake_core
 from agents.core.admission import GLOBAL, SLOTS
 from agents.core.brake import HostSample, Thresholds
-from agents.core.deps import DependencyIndex, Fail
+from agents.core.deps import DependencyIndex, Fail, Release
 from agents.core.lifecycle import Backoff
 from agents.ctlstore import Applied, JobCommand, apply_commands
 from agents.depstore import (
@@ -45,6 +55,7 @@ from agents.depstore import (
 )
 from agents.errors import StoreUnavailable
 from agents.rows import (
+    CONFIRMED,
     DISPATCH_COLS,
     Accepted,
     DeadLetterRow,
@@ -94,6 +105,11 @@ class LostWork:
     released: int = 0  # holds of attempts that ended unreported, given back
     undelivered: list[Undelivered] = field(default_factory=list)
     assigned: frozenset[str] = frozenset()  # live workers' dispatch partitions, topic[p]
+
+
+def _merge_ready(retries: Sequence[ReadyJob], read: Sequence[ReadyJob]) -> list[ReadyJob]:
+    """Ready jobs once each, a row read from PostgreSQL over a retry's bare record."""
+    return list({r.id: r for r in (*retries, *read)}.values())
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -253,51 +269,86 @@ class PostgresJobStore:
         grace_s: float,
         allow_cross_tenant: bool,
         backoff: Mapping[str, Backoff] | None = None,
+        planner: CyclePlanner | None = None,
     ) -> Settled:
-        """The dependency stage's transaction: persist submissions and lifecycle events, settle
-        the affected part of the graph, and return what follows (``Settled``: jobs to forward
-        as ready, submissions of this batch rejected as impossible, reported starts of
-        attempts already over whose process may run (``agents.core.lifecycle.start_is_stale``),
-        the durations of the successes).
+        """The hot cycle's transaction: persist submissions and lifecycle events, settle
+        the affected part of the graph, admit into the capacity it freed, and return what
+        follows (``Settled``: jobs to forward as ready, submissions of this batch rejected as
+        impossible, reported starts of attempts already over whose process may run
+        (``agents.core.lifecycle.start_is_stale``), the durations of the successes, and what
+        ``planner``, the admission owner of this process, decided and dispatched).
 
-        Two round trips, whatever the batch: (1) the inserts, the rows the events touch
-        (locked) and the working set around every job they may change; the core decides the
-        transitions, then the dependencies; (2) the row updates, history, released holds, the
-        decisions, the replay check and COMMIT, read after the commit."""
+        Round trips, whatever the batch: (1) the inserts, the rows the events touch (locked)
+        and the working set around every job they may change; the core decides the
+        transitions, then the dependencies; (2) the row updates, history, released holds,
+        the decisions, the replay check, and with a planner that has something to decide
+        the semaphores (locked); the planner decides; ((3) the window counts, when a
+        candidate counts against a rate limit); the dispatches and COMMIT, read after the
+        commit. Without a planner, or nothing to admit, COMMIT goes with (2)."""
         finished = [e.job_id for e in events if not isinstance(e, JobStarted)]
-        async with self.pipelined() as conn:
-            async with conn.transaction():
-                inserts = await queue_inserts(conn, accepted)
-                touched = await queue_lifecycle(conn, events)
-                # a superset of what changes (a duplicate changes nothing), read before the
-                # transitions: the core's new states replace the ones read
-                # (a new job that waits for nothing changes nobody: it is ready, and its
-                # dependents wait for its end)
-                waits = [a.job.id for a in accepted if a.job.depends_on or a.job.order_key]
-                around = await queue_working_set(conn, list(dict.fromkeys([*waits, *finished])))
-                inserted = await read_inserted(inserts)
-                ended = await decide_lifecycle(events, touched, backoff or {}, now)
-                nodes = [
-                    replace(n, state=ended.states[n.id]) if n.id in ended.states else n
-                    for n in await read_working_set(around)
-                ]
-                waiting = set(waits)
-                changed = [*(j for j in inserted if j in waiting), *ended.terminal]
-                decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(
-                    changed, now, grace_s
-                )
-                await queue_ended(conn, ended)
-                # released now, and (after a replay) released before but maybe never forwarded
-                reads = await queue_decisions(
-                    conn, decisions, ready_of=([a.job.id for a in accepted], finished)
-                )
-            # COMMIT went out with the statements above: their results come in one trip
-            released = await read_ready(reads)
-        ready = list({r.id: r for r in (*released, *ended.retry)}.values())
+        plan: CyclePlan | None = None
+        pending: PendingAdmit | None = None
+        try:
+            async with self.pipelined() as conn:
+                async with conn.transaction():
+                    inserts = await queue_inserts(conn, accepted)
+                    touched = await queue_lifecycle(conn, events)
+                    # a superset of what changes (a duplicate changes nothing), read before
+                    # the transitions: the core's new states replace the ones read
+                    # (a new job that waits for nothing changes nobody: it is ready, and its
+                    # dependents wait for its end)
+                    waits = [a.job.id for a in accepted if a.job.depends_on or a.job.order_key]
+                    around = await queue_working_set(conn, list(dict.fromkeys([*waits, *finished])))
+                    inserted = await read_inserted(inserts)
+                    ended = await decide_lifecycle(events, touched, backoff or {}, now)
+                    nodes = [
+                        replace(n, state=ended.states[n.id]) if n.id in ended.states else n
+                        for n in await read_working_set(around)
+                    ]
+                    waiting = set(waits)
+                    changed = [*(j for j in inserted if j in waiting), *ended.terminal]
+                    decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(
+                        changed, now, grace_s
+                    )
+                    admits = planner is not None and (
+                        bool(ended.over or ended.retry or len(waiting) < len(accepted))
+                        or any(isinstance(d, Release) for d in decisions)
+                    )
+                    origin = planner.origin if planner is not None and admits else None
+                    await queue_ended(conn, ended, origin)
+                    # released now, and (after a replay) released before but maybe never
+                    # forwarded; retries with the columns admission queues them by
+                    ids = [*(a.job.id for a in accepted), *(r.id for r in ended.retry)]
+                    reads = await queue_decisions(conn, decisions, ready_of=(ids, finished))
+                    if planner is not None and admits:
+                        locked = await lock_semaphores(conn)
+                        found = await read_ready(reads)
+                        semaphores = await read_semaphores(locked)
+                        ready = _merge_ready(ended.retry, found)
+                        plan = planner.plan(ready, semaphores, now)
+                        if plan.candidates:
+                            counts = await rate_counts(conn, plan.candidates, now)
+                            pending = await admit_locked(
+                                conn, plan.candidates, semaphores, counts, now
+                            )
+                # COMMIT went out with the statements above: their results come in one trip
+                if plan is None:
+                    ready = _merge_ready(ended.retry, await read_ready(reads))
+                admitted = await pending.result() if pending is not None else None
+        except BaseException:
+            if plan is not None and planner is not None:
+                planner.abandon(plan)
+            raise
         new = set(inserted)
         rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
         return Settled(
-            ready, rejected, ended.stale_starts, ended.durations, released=bool(ended.over)
+            ready,
+            rejected,
+            ended.stale_starts,
+            ended.durations,
+            released=bool(ended.over),
+            plan=plan,
+            admitted=admitted,
         )
 
     async def settle_waiting(
@@ -363,41 +414,53 @@ class PostgresJobStore:
         async with self.tx() as conn:
             cur = await conn.execute(
                 q(
-                    "SELECT {cols} FROM jobs WHERE id = ANY(%s) AND state = 'dispatched' "
-                    "AND NOT dispatch_confirmed",
+                    "SELECT {cols} FROM jobs j WHERE id = ANY(%s) AND state = 'dispatched' "
+                    "AND NOT {confirmed}",
                     cols=DISPATCH_COLS,
+                    confirmed=CONFIRMED,
                 ),
                 (list(ids),),
             )
             return [DispatchJob(*r) for r in await cur.fetchall()]
 
-    async def confirm_dispatch(
-        self, jobs: Sequence[DispatchJob], *, wait: bool = False
-    ) -> list[DispatchJob]:
-        """Record that the broker has these dispatches. A row another transaction holds
-        (its start being recorded, which confirms it too) is skipped, not waited for, unless
-        ``wait``; the skipped ones are returned, still to confirm."""
+    async def confirm_dispatch(self, jobs: Sequence[DispatchJob]) -> None:
+        """Record that the broker has these re-sent dispatches (row by row: the reconciler's
+        path; an admission's send is confirmed whole by :meth:`confirm_send`), and forget the
+        sends they belonged to that have no other dispatch left unconfirmed."""
         if not jobs:
-            return []
-        lock = "FOR UPDATE OF j" if wait else "FOR UPDATE OF j SKIP LOCKED"
+            return
+        ids = [j.id for j in jobs]
         async with self.autocommit() as conn:  # one statement
-            cur = await conn.execute(
-                q(
-                    """
-                WITH v AS (SELECT * FROM unnest(%s::text[], %s::int[]) AS v(id, attempt)),
-                open AS (SELECT j.id FROM jobs j JOIN v ON j.id = v.id AND j.attempt = v.attempt
-                         WHERE NOT j.dispatch_confirmed),
-                l AS (SELECT j.id FROM jobs j JOIN open ON j.id = open.id {lock}),
-                u AS (UPDATE jobs j SET dispatch_confirmed = true FROM l WHERE j.id = l.id
-                      RETURNING j.id)
-                SELECT id FROM open WHERE id NOT IN (SELECT id FROM u)
-                """,
-                    lock=sql.SQL(lock),
-                ),
-                ([j.id for j in jobs], [j.attempt for j in jobs]),
+            await conn.execute(
+                """WITH u AS (
+                       UPDATE jobs j SET dispatch_confirmed = true
+                       FROM unnest(%s::text[], %s::int[]) AS v(id, attempt)
+                       WHERE j.id = v.id AND j.attempt = v.attempt AND NOT j.dispatch_confirmed
+                       RETURNING j.dispatch_send)
+                   DELETE FROM dispatch_sends s WHERE s.id IN (SELECT dispatch_send FROM u)
+                     AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.state = 'dispatched'
+                                     AND o.dispatch_send = s.id AND NOT o.dispatch_confirmed
+                                     AND o.id <> ALL(%s))""",
+                (ids, [j.attempt for j in jobs], ids),
             )
-            left = {r[0] for r in await cur.fetchall()}
-        return [j for j in jobs if j.id in left]
+
+    async def confirm_send(self, send: int) -> None:
+        """Record that the broker has every dispatch of an admission's send: one row, never
+        held by a transaction that records starts."""
+        async with self.autocommit() as conn:
+            await conn.execute("DELETE FROM dispatch_sends WHERE id = %s", (send,))
+
+    async def prune_sends(self, older_than_s: float) -> int:
+        """Forget sends a crash left unconfirmed (their jobs started since, or were re-sent)
+        once the reconciler has had several chances to re-send their dispatches (one it
+        missed counts as confirmed then: the liveness monitor's undelivered-work net hands
+        it back if no live worker has it)."""
+        async with self.autocommit() as conn:
+            cur = await conn.execute(
+                "DELETE FROM dispatch_sends WHERE at < now() - make_interval(secs => %s)",
+                (older_than_s,),
+            )
+            return cur.rowcount
 
     async def record_heartbeats(
         self,
@@ -558,19 +621,22 @@ class PostgresJobStore:
             stale = [(r[0], r[1]) for r in await cur.fetchall()]
             await release_attempt_holds(conn, stale)
             cur = await conn.execute(
-                """SELECT j.id, j.attempt, j.kind, j.group_key,
+                q(
+                    """SELECT j.id, j.attempt, j.kind, j.group_key,
                           extract(epoch from now() - j.dispatched_at)::float8,
                           EXISTS (SELECT 1 FROM job_holds h
                                   LEFT JOIN semaphores s ON s.name = h.name
                                   WHERE h.job_id = j.id AND h.attempt = j.attempt
                                     AND (h.name NOT IN (%s, %s) OR h.amount >= s.capacity))
                    FROM jobs j
-                   WHERE j.state = 'dispatched' AND j.dispatch_confirmed
+                   WHERE j.state = 'dispatched' AND {confirmed}
                      AND j.dispatched_at < now() - make_interval(secs => %s)
                      AND NOT EXISTS (SELECT 1 FROM workers w
                                      WHERE w.state IN ('running', 'draining')
                                        AND (j.id = ANY(w.running) OR j.id = ANY(w.buffered)))
                    ORDER BY j.dispatched_at LIMIT 10000""",
+                    confirmed=CONFIRMED,
+                ),
                 (SLOTS, GLOBAL, lost_after_s),
             )
             undelivered = [Undelivered(*r) for r in await cur.fetchall()]
@@ -693,8 +759,11 @@ class PostgresJobStore:
     async def unconfirmed_dispatches(self, older_than_s: float, limit: int = 10_000) -> list[str]:
         async with self.tx() as conn:
             cur = await conn.execute(
-                "SELECT id FROM jobs WHERE state = 'dispatched' AND NOT dispatch_confirmed AND "
-                "dispatched_at < now() - make_interval(secs => %s) LIMIT %s",
+                q(
+                    "SELECT id FROM jobs j WHERE state = 'dispatched' AND NOT {confirmed} AND "
+                    "dispatched_at < now() - make_interval(secs => %s) LIMIT %s",
+                    confirmed=CONFIRMED,
+                ),
                 (older_than_s, limit),
             )
             return [r[0] for r in await cur.fetchall()]
