@@ -134,7 +134,7 @@ def owner_violations(
                    WHERE state IN ('running', 'draining')
                      AND last_seen > now() - make_interval(secs => %(b)s))
                SELECT j.id, j.state, j.attempt, coalesce(j.worker, '-'), j.kind,
-                      (SELECT coalesce(array_agg(a), '{}') FROM live, unnest(live.assigned) a)
+                      (SELECT coalesce(array_agg(a), '{{}}') FROM live, unnest(live.assigned) a)
                FROM jobs j
                WHERE (j.state = 'running'
                       AND j.updated_at < now() - make_interval(secs => %(b)s)

@@ -4,7 +4,9 @@ For each dependent job J and the dependency X that released it (the one that fin
 X's process ended → its outcome confirmed / → the dependency agent has the event → J ready
 (lifecycle transaction committed) → the next admission round starts → its semaphore snapshot
 → J admitted (admission transaction committed) → J handed to the producer → the worker has
-the dispatch → J started. Times are wall clocks of the processes on one host.
+the dispatch → J started. A job admitted inside the cycle that released it is ready and
+admitted by one commit: its round stages (``to_round``, ``snapshot``, ``admission_tx``) are
+absent. Times are wall clocks of the processes on one host.
 """
 
 from __future__ import annotations
