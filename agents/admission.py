@@ -289,13 +289,8 @@ class Admission:
         async with store.autocommit() as conn:
             snap = await admstore.semaphore_snapshot(conn)
         self.ctx.tracer.mark("snapshot")
-        sem = self.core.sem
-        sem.capacity = {name: cap for name, (cap, _) in snap.items()}
-        sem.used = {name: used for name, (_, used) in snap.items()}
-        free = sem.capacity.get(SLOTS, 0) - sem.used.get(SLOTS, 0)
-        free_slots = max(0, free // UNITS)  # in whole slots (a slot is UNITS units)
         now = time.time()
-        d = self.core.decide(now, max_admits=self.ctx.settings.admission_batch)
+        d, free_slots = self._decide(snap, now)
         next_delayed = self._release_delayed(now, d)
         self.wake_at = min((t for t in (d.wake_at, next_delayed) if t is not None), default=None)
         dispatched = await self._carry_out(d, now, free_slots) if d.admitted else 0
@@ -332,6 +327,18 @@ class Admission:
         d = Decisions()
         self._release_delayed(now, d)
         return d
+
+    def _decide(
+        self, semaphores: Mapping[str, tuple[int, int]], now: float
+    ) -> tuple[Decisions, int]:
+        """The core's decision for the semaphores' ``(capacity, used)``, and the free slots
+        it saw (whole slots: a slot is ``UNITS`` units)."""
+        sem = self.core.sem
+        sem.capacity = {name: cap for name, (cap, _) in semaphores.items()}
+        sem.used = {name: used for name, (_, used) in semaphores.items()}
+        free = sem.capacity.get(SLOTS, 0) - sem.used.get(SLOTS, 0)
+        d = self.core.decide(now, max_admits=self.ctx.settings.admission_batch)
+        return d, max(0, free // UNITS)
 
     def _candidates(self, d: Decisions) -> list[Candidate]:
         rates = self.core.rates
@@ -399,15 +406,11 @@ class Admission:
         self._release_delayed(now)
         if not len(self.core):
             return CyclePlan([], forward)
-        sem = self.core.sem
-        sem.capacity = {name: cap for name, (cap, _) in semaphores.items()}
-        sem.used = {name: used for name, (_, used) in semaphores.items()}
-        free = sem.capacity.get(SLOTS, 0) - sem.used.get(SLOTS, 0)
-        d = self.core.decide(now, max_admits=self.ctx.settings.admission_batch)
+        d, free_slots = self._decide(semaphores, now)
         self._release_delayed(now, d)
         if d.wake_at is not None and (self.wake_at is None or d.wake_at < self.wake_at):
             self.wake.set()  # the round recomputes when to look again
-        return CyclePlan(self._candidates(d), forward, (d, max(0, free // UNITS), now))
+        return CyclePlan(self._candidates(d), forward, (d, free_slots, now))
 
     def abandon(self, plan: CyclePlan) -> None:
         if plan.note is not None:

@@ -288,6 +288,7 @@ class PostgresJobStore:
         finished = [e.job_id for e in events if not isinstance(e, JobStarted)]
         plan: CyclePlan | None = None
         pending: PendingAdmit | None = None
+        deciding: CyclePlanner | None = None
         try:
             async with self.pipelined() as conn:
                 async with conn.transaction():
@@ -310,22 +311,26 @@ class PostgresJobStore:
                     decisions = DependencyIndex.of(nodes, allow_cross_tenant).settle(
                         changed, now, grace_s
                     )
-                    admits = planner is not None and (
-                        bool(ended.over or ended.retry or len(waiting) < len(accepted))
+                    # the planner decides when capacity was freed or jobs became ready
+                    deciding = (
+                        planner
+                        if ended.over
+                        or ended.retry
+                        or len(waiting) < len(accepted)
                         or any(isinstance(d, Release) for d in decisions)
+                        else None
                     )
-                    origin = planner.origin if planner is not None and admits else None
-                    await queue_ended(conn, ended, origin)
+                    await queue_ended(conn, ended, deciding.origin if deciding else None)
                     # released now, and (after a replay) released before but maybe never
                     # forwarded; retries with the columns admission queues them by
                     ids = [*(a.job.id for a in accepted), *(r.id for r in ended.retry)]
                     reads = await queue_decisions(conn, decisions, ready_of=(ids, finished))
-                    if planner is not None and admits:
+                    if deciding is not None:
                         locked = await lock_semaphores(conn)
                         found = await read_ready(reads)
                         semaphores = await read_semaphores(locked)
                         ready = _merge_ready(ended.retry, found)
-                        plan = planner.plan(ready, semaphores, now)
+                        plan = deciding.plan(ready, semaphores, now)
                         if plan.candidates:
                             counts = await rate_counts(conn, plan.candidates, now)
                             pending = await admit_locked(
@@ -336,8 +341,8 @@ class PostgresJobStore:
                     ready = _merge_ready(ended.retry, await read_ready(reads))
                 admitted = await pending.result() if pending is not None else None
         except BaseException:
-            if plan is not None and planner is not None:
-                planner.abandon(plan)
+            if plan is not None and deciding is not None:
+                deciding.abandon(plan)
             raise
         new = set(inserted)
         rejected = [d for d in decisions if isinstance(d, Fail) and d.rejected and d.job in new]
