@@ -645,7 +645,7 @@ def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
 def _log_tail(path: str | None, lines: int = 20) -> str | None:
     """The last lines of a job's log when it is readable from here (same host or shared
     storage), else None."""
-    from agents.runner import tail
+    from agents.worker.runner import tail
 
     text = tail(path, 8192) if path else None
     return "\n".join(text.splitlines()[-lines:]) if text is not None else None

@@ -107,6 +107,10 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # a worker's Kafka sends (job events, offset commits) per second before they batch
     worker_sends_per_s: Annotated[float, Meta(ge=1, le=100_000)] = 100.0
     worker_start_sends_per_s: Annotated[float, Meta(ge=1, le=1_000_000)] = 500.0
+    # a warm interpreter is replaced once it grew past this (checked every 50 jobs), or,
+    # when set, after this many jobs (0: no count)
+    worker_pool_max_rss_mb: Annotated[float, Meta(ge=16)] = 512.0
+    worker_pool_max_jobs: Annotated[int, Meta(ge=0)] = 0
     kill_grace_s: Annotated[float, Meta(ge=0)] = 5.0
     drain_grace_s: Annotated[float, Meta(ge=0)] = 30.0
     log_dir: str = "var/logs"

@@ -68,7 +68,7 @@ from streams.events import JobEvent, JobStarted
 MIGRATION_LOCK = 7_301_947_113
 MONITOR_LOCK = 7_301_947_114
 # how long an attempt cancelled before it started keeps its holds without a report: the
-# workers' control look-back (agents.worker.CONTROL_LOOKBACK_S)
+# workers' control look-back (agents.worker.control.CONTROL_LOOKBACK_S)
 UNSTARTED_HOLD_S = 60.0
 
 

@@ -34,3 +34,25 @@ def die(code: int) -> None:
     import os
 
     os._exit(code)
+
+
+def count(out: str, n: int, every_s: float = 0.05) -> None:
+    """Append ``1..n`` to ``out``, one line every ``every_s`` (pause tests watch it stop)."""
+    for i in range(1, n + 1):
+        with open(out, "a") as f:
+            f.write(f"{i}\n")
+        time.sleep(every_s)
+
+
+def setenv(name: str, value: str) -> None:
+    import os
+
+    os.environ[name] = value
+
+
+def getenv(out: str, names: list[str]) -> None:
+    """Write the values of ``names`` in this job's environment to ``out`` (JSON)."""
+    import os
+
+    with open(out, "w") as f:
+        json.dump({n: os.environ.get(n) for n in names}, f)

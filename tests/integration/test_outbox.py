@@ -9,7 +9,7 @@ import time
 import pytest
 
 from agents.core.pacing import Pacer
-from agents.outbox import Outbox
+from agents.worker.outbox import Outbox
 from streams.errors import DeliveryFailed
 from streams.kafka import ConfirmedProducer, Record, partition_for, producer_config
 from streams.topics import TopicRegistry

@@ -55,6 +55,9 @@ WORKER_KINDS = {
     "pinned-mark": {"command": MARK, "labels": ["gpu"], "max_attempts": 1, "retry_backoff_s": 0.5},
     "py": {"entrypoint": "tests.jobfns:record", "timeout_s": 30, "max_attempts": 1},
     "py-bad": {"entrypoint": "tests.jobfns:explode", "timeout_s": 30, "max_attempts": 2},
+    "py-hang": {"entrypoint": "tests.jobfns:hang", "timeout_s": 1.5, "max_attempts": 1},
+    "py-long": {"entrypoint": "tests.jobfns:hang", "timeout_s": 120, "max_attempts": 1},
+    "py-count": {"entrypoint": "tests.jobfns:count", "timeout_s": 60, "max_attempts": 1},
 }
 
 
@@ -307,6 +310,47 @@ def test_pause_stops_a_running_job_in_place_and_resume_continues_it(
         assert cli("resume", "--job", "p", env=env).returncode == 0
         eventually(lambda: job(ws, "p").get("state") == "succeeded", 60, what="p done")
     assert len(attempts_file(out)) == 40
+
+
+def test_a_pooled_python_job_times_out_is_cancelled_and_pauses_in_place(
+    ws: Settings, publisher: JobPublisher, tmp_path: Path
+) -> None:
+    """The worker's hot path runs Python jobs in warm pool members without a task per job:
+    its one ticker stops a job at its time limit, a cancel stops the member, a pause
+    stops the member's process group and paused time does not count; the pool then runs
+    jobs on fresh members."""
+    out = tmp_path / "count.txt"
+    env = settings_env(ws)
+    with cluster(ws, tmp_path, slots=3):
+        publisher.submit(JobSpec(id="ph", tenant="acme", kind="py-hang", args={"seconds": 60}))
+        publisher.submit(JobSpec(id="pl", tenant="acme", kind="py-long", args={"seconds": 60}))
+        publisher.submit(
+            JobSpec(id="pc", tenant="acme", kind="py-count", args={"out": str(out), "n": 40})
+        )
+        eventually(lambda: len(attempts_file(out)) >= 3, 60, what="counting")
+        assert cli("pause", "--job", "pc", env=env).returncode == 0
+        time.sleep(1.5)  # the pause reaches the worker; the member stops
+        frozen = len(attempts_file(out))
+        eventually(lambda: job(ws, "ph").get("state") == "failed", 60, what="ph timed out")
+        eventually(lambda: job(ws, "pl").get("state") == "running", 60, what="pl running")
+        assert cli("cancel", "pl", "--reason", "not needed", env=env).returncode == 0
+        eventually(lambda: job(ws, "pl").get("state") == "cancelled", 30, what="pl cancelled")
+        assert len(attempts_file(out)) == frozen < 40
+        assert job(ws, "pc")["state"] == "running"
+        assert cli("resume", "--job", "pc", env=env).returncode == 0
+        eventually(lambda: job(ws, "pc").get("state") == "succeeded", 60, what="pc done")
+        publisher.submit(
+            JobSpec(
+                id="after",
+                tenant="acme",
+                kind="py",
+                args={"out": str(tmp_path / "after.json"), "value": 1},
+            )
+        )
+        eventually(lambda: job(ws, "after").get("state") == "succeeded", 60, what="after ran")
+    assert "timed out after 1.5 s" in str(job(ws, "ph")["error"])
+    assert "not needed" in str(job(ws, "pl")["error"])
+    assert attempts_file(out) == [str(i) for i in range(1, 41)]
 
 
 def test_retry_gives_a_failed_job_another_attempt(

@@ -1,10 +1,10 @@
-"""Commit confirmations and the dispatches waiting for them (``agents.commits``)."""
+"""Commit confirmations and the dispatches waiting for them (``agents.worker.commits``)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from agents.commits import CommitWaits
+from agents.worker.commits import CommitWaits
 
 TP = ("t", 0)
 

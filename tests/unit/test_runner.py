@@ -13,9 +13,10 @@ import pytest
 
 from agents.errors import ConfigError
 from agents.pools import host_label, pool_of, pools_served, worker_labels
-from agents.pypool import PyPool
-from agents.runner import AttemptHandle, run_attempt
 from agents.settings import KindConfig, load_settings
+from agents.worker.handle import AttemptHandle
+from agents.worker.pypool import RSS_CHECK_EVERY, PyPool
+from agents.worker.runner import run_attempt
 from streams.events import Dispatch
 
 
@@ -91,6 +92,71 @@ async def test_pooled_python_jobs_reuse_members_and_a_timeout_replaces_one(tmp_p
         dispatch("py", {}, "miss"), missing, log_dir=str(tmp_path), kill_grace_s=1, pool=pool
     )
     assert not o.ok and not o.retryable and "nothing_here" in o.error
+    await pool.close()
+
+
+async def test_a_pool_member_is_reused_until_it_grows_past_its_size_limit(
+    tmp_path: Path,
+) -> None:
+    kind = KindConfig(entrypoint="tests.jobfns:noop", timeout_s=10)
+
+    async def run(pool: PyPool, n: int) -> set[int]:
+        pids = set()
+        for i in range(n):
+            o = await run_attempt(
+                dispatch("py", {}, f"n{i}"), kind, log_dir=str(tmp_path), kill_grace_s=1, pool=pool
+            )
+            assert o.ok, o.error
+            pids |= {m.proc.pid for m in pool.idle}
+        return pids
+
+    roomy = PyPool(1, max_rss_mb=4096)
+    assert len(await run(roomy, 2 * RSS_CHECK_EVERY + 1)) == 1  # one interpreter throughout
+    assert roomy.recycled == 0
+    tight = PyPool(1, max_rss_mb=1)  # every interpreter is larger: replaced at each check
+    assert len(await run(tight, RSS_CHECK_EVERY + 1)) == 2
+    assert tight.recycled == 1
+    counted = PyPool(1, max_jobs=3)
+    assert len(await run(counted, 7)) == 3 and counted.recycled == 2
+    for pool in (roomy, tight, counted):
+        await pool.close()
+
+
+async def test_a_pooled_job_sees_only_its_own_environment(tmp_path: Path) -> None:
+    pool = PyPool(1)
+    out = tmp_path / "env.json"
+    names = ["KIND_VAR", "LEAKED", "JOBSTREAM_JOB_ID", "HOME"]
+    with_var = KindConfig(entrypoint="tests.jobfns:getenv", env={"KIND_VAR": "1"})
+    plain = KindConfig(entrypoint="tests.jobfns:getenv")
+    setter = KindConfig(entrypoint="tests.jobfns:setenv")
+
+    async def seen(kind: KindConfig, job_id: str) -> dict[str, str | None]:
+        args = {"out": str(out), "names": names}
+        o = await run_attempt(
+            dispatch("py", args, job_id), kind, log_dir=str(tmp_path), kill_grace_s=1, pool=pool
+        )
+        assert o.ok, o.error
+        return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+    home = os.environ.get("HOME")
+    assert await seen(with_var, "a") == {
+        "KIND_VAR": "1",
+        "LEAKED": None,
+        "JOBSTREAM_JOB_ID": "a",
+        "HOME": home,
+    }
+    assert (await seen(plain, "b"))["KIND_VAR"] is None  # the last job's variable is gone
+    o = await run_attempt(
+        dispatch("py", {"name": "LEAKED", "value": "x"}, "c"),
+        setter,
+        log_dir=str(tmp_path),
+        kill_grace_s=1,
+        pool=pool,
+    )
+    assert o.ok, o.error
+    after = await seen(plain, "d")  # what a job set itself does not reach the next one
+    assert after == {"KIND_VAR": None, "LEAKED": None, "JOBSTREAM_JOB_ID": "d", "HOME": home}
+    assert pool.members == 1
     await pool.close()
 
 

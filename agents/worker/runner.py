@@ -11,6 +11,9 @@ Invariants:
 - A Python entry point runs in its own child interpreter (``agents.pycall``), with the job's
   args as JSON on stdin: a job that hangs, crashes or leaks cannot touch the worker loop, and
   timeouts, cancel and SIGSTOP/SIGCONT work the same as for commands.
+- ``prepare`` (what running a dispatch needs) and ``outcome_of`` (how its process ended)
+  are synchronous: the worker's hot path runs a pooled job with them and no task
+  (``agents.worker.execute``); ``run_attempt`` awaits the rest.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from agents.core.command import TemplateError, render_argv
-from agents.pypool import PyPool
 from agents.settings import KindConfig, mask_secrets
+from agents.worker.handle import AttemptHandle, signal_group, wake
+from agents.worker.pypool import PyPool
 from streams.events import Dispatch
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,103 +93,6 @@ def tail(path: Path | str, limit: int = 400) -> str | None:
         return None
 
 
-def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-class AttemptHandle:
-    """The worker's grip on a running attempt: cancel it, pause it (SIGSTOP to its process
-    group, as FOSSology does), resume it (SIGCONT). Paused time does not count against the
-    timeout. Safe to call before the process exists or after it ended."""
-
-    __slots__ = (
-        "proc",
-        "started",
-        "stopped",
-        "reason",
-        "paused_since",
-        "paused_total",
-        "progress_path",
-        "pause_pending",
-        "_waiter",
-    )
-
-    def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-        self.started = asyncio.Event()  # set once the process (or pool member) runs it
-        self.stopped = False  # cancel() was called; ``reason`` says why
-        self.reason = ""
-        self.paused_since: float | None = None
-        self.paused_total = 0.0
-        self.progress_path: str | None = None  # where the job may report its progress
-        self.pause_pending = False  # paused before its process existed: paused when it does
-        self._waiter: asyncio.Future[None] | None = None
-
-    def cancel(self, reason: str) -> None:
-        if not self.stopped:
-            self.reason = reason
-            self.stopped = True
-        if self.paused_since is not None:  # a stopped process cannot handle SIGTERM
-            self.resume()
-        _wake(self._waiter)
-
-    def pause(self) -> bool:
-        if self.proc is None:
-            if self.started.is_set() or self.stopped:
-                return False  # its process ended (a pool member is another job's by now)
-            self.pause_pending = True  # not started yet: paused as soon as it is
-            return True
-        if self.proc.returncode is not None or self.paused_since is not None:
-            return False
-        _signal_group(self.proc, signal.SIGSTOP)
-        self.paused_since = time.monotonic()
-        return True
-
-    def attach(self, proc: asyncio.subprocess.Process) -> None:
-        """The attempt's process (or pool member) runs it now; a pause sent before that
-        takes effect at once."""
-        self.proc = proc
-        self.started.set()
-        if self.pause_pending:
-            self.pause_pending = False
-            self.pause()
-
-    def detach(self) -> None:
-        """The attempt's process is done with it: a pooled member goes back to the pool and
-        runs other jobs, which a late pause or resume of this attempt must never reach."""
-        self.proc = None
-        self.paused_since = None
-
-    def resume(self) -> bool:
-        if self.pause_pending:
-            self.pause_pending = False
-            return True
-        if self.paused_since is None:
-            return False
-        self.paused_total += time.monotonic() - self.paused_since
-        self.paused_since = None
-        if self.proc is not None and self.proc.returncode is None:
-            _signal_group(self.proc, signal.SIGCONT)
-        return True
-
-    @property
-    def progress_file(self) -> Path | None:
-        return None if self.progress_path is None else Path(self.progress_path)
-
-    def progress(self) -> float | None:
-        """What the job last wrote to ``$JOBSTREAM_PROGRESS_FILE`` (0..1), if anything."""
-        if self.progress_file is None:
-            return None
-        try:
-            value = float(self.progress_file.read_text().strip() or "nan")
-        except (OSError, ValueError):
-            return None
-        return min(1.0, max(0.0, value)) if value == value else None
-
-
 def argv_for(kind: KindConfig, d: Dispatch) -> list[str]:
     if kind.entrypoint is not None:
         return [sys.executable, "-m", "agents.pycall", kind.entrypoint]
@@ -195,24 +102,25 @@ def argv_for(kind: KindConfig, d: Dispatch) -> list[str]:
     )
 
 
-async def run_attempt(
-    d: Dispatch,
-    kind: KindConfig | None,
-    *,
-    log_dir: str,
-    kill_grace_s: float,
-    handle: AttemptHandle | None = None,
-    pool: PyPool | None = None,
-    progress_dir: Path | None = None,
-) -> Outcome:
-    """Run one attempt: a command as a subprocess, or a Python entry point in a warm pool
-    member (a one-off child interpreter without a pool). The progress file goes next to the
-    log and is removed at the end, or into ``progress_dir``, whose owner sweeps it (the
-    worker, once per heartbeat: no unlink per job)."""
-    start = time.monotonic()
-    h = handle or AttemptHandle()
-    if h.stopped:  # cancelled or handed back before its process was made: none is
-        return Outcome(False, None, h.reason or "cancelled", 0.0, None, True)
+@dataclass(slots=True)
+class Prepared:
+    """An attempt ready to run: where its output and progress go, its environment, its
+    time limit (None: none; ``nokill`` kinds are never killed for liveness)."""
+
+    kind: KindConfig
+    argv: list[str]
+    path: str
+    progress: str
+    env: dict[str, str]
+    limit_s: float | None
+
+
+def prepare(
+    d: Dispatch, kind: KindConfig | None, log_dir: str, progress_dir: Path | str | None
+) -> Prepared | Outcome:
+    """What running ``d`` needs, or the outcome that it cannot run (an unknown kind, a
+    command template the args do not fill). The progress file goes next to the log, or into
+    ``progress_dir``, whose owner sweeps it (the worker, once per heartbeat)."""
     if kind is None:
         return Outcome(
             False, None, f"kind {d.kind!r} is not configured on this worker", 0.0, None, False
@@ -228,67 +136,108 @@ async def run_attempt(
         if progress_dir is None
         else f"{progress_dir}/{stem}.progress"
     )
-    h.progress_path = progress
-    # nokill kinds are never killed for liveness: no timeout (a cancel still stops them)
-    limit_s = None if kind.nokill else (d.timeout_s or kind.timeout_s)
-    job_env = {
+    env = {
         **kind.env,
         "JOBSTREAM_JOB_ID": d.job_id,
         "JOBSTREAM_ATTEMPT": str(d.attempt),
         "JOBSTREAM_TENANT": d.tenant,
         "JOBSTREAM_PROGRESS_FILE": progress,
     }
+    limit_s = None if kind.nokill else (d.timeout_s or kind.timeout_s)
+    return Prepared(kind, argv, path, progress, env, limit_s)
+
+
+def pooled_request(d: Dispatch, p: Prepared) -> dict[str, Any]:
+    """The line a pool member reads for ``d`` (``agents.pycall --serve``)."""
+    return {
+        "entrypoint": p.kind.entrypoint,
+        "args": d.args,
+        "log": p.path,
+        "env": p.env,
+        "cwd": p.kind.cwd,
+    }
+
+
+def outcome_of(
+    p: Prepared,
+    rc: int | None,
+    reason: str | None,
+    error: str | None,
+    duration: float,
+    h: AttemptHandle,
+) -> Outcome:
+    """The attempt's outcome from how its process ended: ``reason`` it was stopped
+    (timeout, cancel: retryable unless cancelled), an ``error`` starting it (not retryable),
+    else its exit code (non-zero: retryable, with the log's tail, secrets masked; a Python
+    entry point that cannot be imported or called, exit 2, is not)."""
+    if error is not None:
+        return Outcome(False, None, error, duration, p.path, False)
+    if reason is not None:
+        return Outcome(False, rc, reason, duration, p.path, not h.stopped)
+    if rc == 0:
+        return Outcome(True, 0, "", duration, p.path, False)
+    end = tail(p.path)
+    msg = f"exit code {rc}" + (f": {mask_secrets(end, p.kind.env)}" if end else "")
+    unusable = p.kind.entrypoint is not None and rc == 2
+    return Outcome(False, rc, msg, duration, p.path, not unusable)
+
+
+def host_trouble(exc: OSError, h: AttemptHandle) -> Outcome:
+    """The log cannot be written, no process can be made: this host's trouble, not the
+    job's, so another attempt (maybe elsewhere) may succeed."""
+    return Outcome(
+        False, None, f"the worker could not run the job: {exc}", 0.0, None, not h.stopped
+    )
+
+
+async def run_attempt(
+    d: Dispatch,
+    kind: KindConfig | None,
+    *,
+    log_dir: str,
+    kill_grace_s: float,
+    handle: AttemptHandle | None = None,
+    pool: PyPool | None = None,
+    progress_dir: Path | None = None,
+) -> Outcome:
+    """Run one attempt: a command as a subprocess, or a Python entry point in a warm pool
+    member (a one-off child interpreter without a pool). The progress file is removed at
+    the end unless it went into ``progress_dir``."""
+    start = time.monotonic()
+    h = handle or AttemptHandle()
+    if h.stopped:  # cancelled or handed back before its process was made: none is
+        return Outcome(False, None, h.reason or "cancelled", 0.0, None, True)
+    p = prepare(d, kind, log_dir, progress_dir)
+    if isinstance(p, Outcome):
+        return p
+    h.progress_path = p.progress
     try:
-        if kind.entrypoint is not None and pool is not None:
-            rc, reason, error = await _run_pooled(
-                pool, kind.entrypoint, d, job_env, kind.cwd, path, h, limit_s, kill_grace_s
-            )
+        if p.kind.entrypoint is not None and pool is not None:
+            rc, reason, error = await _run_pooled(pool, d, p, h, kill_grace_s)
         else:
-            rc, reason, error = await _run_process(
-                argv, d, job_env, kind, path, h, limit_s, kill_grace_s
-            )
-    except OSError as exc:  # the log cannot be written, no process can be made: this host's
-        # trouble, not the job's, so another attempt (maybe elsewhere) may succeed
-        return Outcome(
-            False, None, f"the worker could not run the job: {exc}", 0.0, None, not h.stopped
-        )
-    duration = time.monotonic() - start
+            rc, reason, error = await _run_process(d, p, h, kill_grace_s)
+    except OSError as exc:
+        return host_trouble(exc, h)
     if progress_dir is None:
         try:
-            os.unlink(progress)
+            os.unlink(p.progress)
         except OSError:
             pass
-    if error is not None:
-        return Outcome(False, None, error, duration, path, False)
-    if reason is not None:
-        return Outcome(False, rc, reason, duration, path, not h.stopped)
-    if rc == 0:
-        return Outcome(True, 0, "", duration, path, False)
-    end = tail(path)
-    msg = f"exit code {rc}" + (f": {mask_secrets(end, kind.env)}" if end else "")
-    # an entry point that cannot be imported or called (pycall's exit 2) will not get better
-    unusable = kind.entrypoint is not None and rc == 2
-    return Outcome(False, rc, msg, duration, path, not unusable)
+    return outcome_of(p, rc, reason, error, time.monotonic() - start, h)
 
 
 async def _run_process(
-    argv: list[str],
-    d: Dispatch,
-    job_env: dict[str, str],
-    kind: KindConfig,
-    path: str,
-    h: AttemptHandle,
-    limit_s: float | None,
-    kill_grace_s: float,
+    d: Dispatch, p: Prepared, h: AttemptHandle, kill_grace_s: float
 ) -> tuple[int | None, str | None, str | None]:
     """(exit code, reason it was stopped, error starting it)."""
-    env = {**os.environ, **job_env}
+    argv, kind = p.argv, p.kind
+    env = {**os.environ, **p.env}
     stdin_data = None
     if kind.entrypoint is not None:
         stdin_data = json.dumps(d.args, ensure_ascii=False).encode()
         env["PYTHONPATH"] = python_path(kind.env)
     # the child gets its own copy of the log's descriptor; the worker keeps none open
-    log = open_log(path)
+    log = open_log(p.path)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -312,31 +261,21 @@ async def _run_process(
             pass
         finally:
             proc.stdin.close()
-    reason = await _wait(asyncio.ensure_future(proc.wait()), h, limit_s)
+    reason = await _wait(asyncio.ensure_future(proc.wait()), h, p.limit_s)
     if reason is not None:
         await stop_group(proc, h, kill_grace_s)
     return proc.returncode, reason, None
 
 
 async def _run_pooled(
-    pool: PyPool,
-    entrypoint: str,
-    d: Dispatch,
-    job_env: dict[str, str],
-    cwd: str | None,
-    path: str,
-    h: AttemptHandle,
-    limit_s: float | None,
-    kill_grace_s: float,
+    pool: PyPool, d: Dispatch, p: Prepared, h: AttemptHandle, kill_grace_s: float
 ) -> tuple[int | None, str | None, str | None]:
     member = await pool.acquire()
     h.attach(member.proc)
     healthy = False
     try:
-        reply = member.call(
-            {"entrypoint": entrypoint, "args": d.args, "log": path, "env": job_env, "cwd": cwd}
-        )
-        reason = await _wait(reply, h, limit_s)
+        reply = member.call(pooled_request(d, p))
+        reason = await _wait(reply, h, p.limit_s)
         if reason is not None:
             await stop_group(member.proc, h, kill_grace_s)
             return member.proc.returncode, reason, None
@@ -354,12 +293,12 @@ async def _run_pooled(
 async def stop_group(proc: asyncio.subprocess.Process, h: AttemptHandle, grace_s: float) -> None:
     """SIGTERM the process group, SIGKILL after ``grace_s``; wait for the end."""
     h.resume()
-    _signal_group(proc, signal.SIGTERM)
+    signal_group(proc, signal.SIGTERM)
     waiter = asyncio.ensure_future(proc.wait())
     try:
         await asyncio.wait_for(asyncio.shield(waiter), grace_s)
     except TimeoutError:
-        _signal_group(proc, signal.SIGKILL)
+        signal_group(proc, signal.SIGKILL)
         await waiter
 
 
@@ -367,11 +306,6 @@ def python_path(kind_env: dict[str, str]) -> str:
     """The project root first, so ``agents.pycall`` and the jobs' modules import."""
     extra = kind_env.get("PYTHONPATH") or os.environ.get("PYTHONPATH")
     return os.pathsep.join(x for x in (_PROJECT_ROOT, extra) if x)
-
-
-def _wake(fut: asyncio.Future[Any] | None, _: object = None) -> None:
-    if fut is not None and not fut.done():
-        fut.set_result(None)
 
 
 async def _wait(done: asyncio.Future[Any], h: AttemptHandle, limit_s: float | None) -> str | None:
@@ -398,13 +332,13 @@ async def _wait(done: asyncio.Future[Any], h: AttemptHandle, limit_s: float | No
             left = max(0.05, min(left, 1.0)) if h.paused_since is None else 1.0
         waiter: asyncio.Future[None] = loop.create_future()
         h._waiter = waiter
-        wake = partial(_wake, waiter)
-        done.add_done_callback(wake)
-        timer = None if left is None else loop.call_later(left, _wake, waiter)
+        woken = partial(wake, waiter)
+        done.add_done_callback(woken)
+        timer = None if left is None else loop.call_later(left, wake, waiter)
         try:
             await waiter
         finally:
             h._waiter = None
-            done.remove_done_callback(wake)
+            done.remove_done_callback(woken)
             if timer is not None:
                 timer.cancel()

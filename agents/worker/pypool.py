@@ -3,9 +3,10 @@
 Invariants:
 - A member runs one job at a time, in its own process group; the worker loop only writes a
   line and is called back with a line, so a job that hangs, crashes or leaks cannot block it.
-- A member whose job was stopped (timeout, cancel, hand-back), whose interpreter died, or
-  that ran ``max_jobs`` jobs is killed and replaced on demand; only a member that answered
-  is reused. At most ``size`` members exist.
+- A member whose job was stopped (timeout, cancel, hand-back) or whose interpreter died is
+  killed and replaced on demand; only a member that answered is reused, until its resident
+  size passes ``max_rss_mb`` (or, when set, it ran ``max_jobs`` jobs): no restart per fixed
+  number of jobs. At most ``size`` members exist.
 - The hot path is one non-blocking ``write`` and one ``read`` per job on the member's own
   pipes, watched by the event loop (no stream objects, no task per call): a pooled job costs
   the worker tens of microseconds, not hundreds (``bench workers``).
@@ -17,13 +18,25 @@ import asyncio
 import os
 import signal
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 _encode = msgspec.json.Encoder().encode
+RSS_CHECK_EVERY = 50  # jobs between two reads of a member's resident size
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident set size (0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Member:
@@ -131,26 +144,53 @@ class Member:
 
 
 class PyPool:
-    def __init__(self, size: int, max_jobs: int = 1000) -> None:
+    """At most ``size`` members; an idle one is taken without waiting (``try_acquire``, the
+    worker's hot path), a new one is started on demand (``acquire``). A member is reused
+    until its interpreter grew past ``max_rss_mb`` (checked every ``RSS_CHECK_EVERY`` jobs)
+    or, when ``max_jobs`` is set, ran that many jobs."""
+
+    def __init__(self, size: int, max_jobs: int = 0, max_rss_mb: float = 0) -> None:
         self.size = size
         self.max_jobs = max_jobs
+        self.max_rss = int(max_rss_mb * 1024 * 1024)
         self.idle: list[Member] = []
         self.members = 0
-        self._free = asyncio.Semaphore(size)
+        self.recycled = 0  # members replaced for their size or job count
+        self._taken = 0  # members handed out and not released
+        self._waiting: deque[asyncio.Future[None]] = deque()
         self._reaping: set[asyncio.Task[Any]] = set()
 
-    async def acquire(self) -> Member:
-        await self._free.acquire()
-        while self.idle:
+    def try_acquire(self) -> Member | None:
+        """A live idle member, or None (none idle, or ``size`` handed out)."""
+        while self.idle and self._taken < self.size:
             m = self.idle.pop()
             if m.proc.returncode is None:
+                self._taken += 1
                 return m
             m.close()
             self.members -= 1
+        return None
+
+    async def acquire(self) -> Member:
+        """An idle member, or a new one; waits while ``size`` are handed out."""
+        while self._taken >= self.size:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._wake()  # passed on: another waiter may take the turn
+                raise
+        m = self.try_acquire()
+        if m is not None:
+            return m
+        self._taken += 1
         try:
             return await self._start()
         except BaseException:
-            self._free.release()
+            self._taken -= 1
+            self._wake()
             raise
 
     async def _start(self) -> Member:
@@ -185,7 +225,7 @@ class PyPool:
         return Member(proc, requests, replies)
 
     def release(self, member: Member, healthy: bool) -> None:
-        if healthy and member.proc.returncode is None and member.jobs < self.max_jobs:
+        if healthy and member.proc.returncode is None and not self._worn(member):
             self.idle.append(member)
         else:
             self.members -= 1
@@ -193,7 +233,25 @@ class PyPool:
             task = asyncio.ensure_future(member.proc.wait())  # reap it
             self._reaping.add(task)
             task.add_done_callback(self._reaping.discard)
-        self._free.release()
+        self._taken -= 1
+        self._wake()
+
+    def _worn(self, member: Member) -> bool:
+        """Whether a healthy member is replaced: it ran ``max_jobs`` jobs, or its resident
+        size passed ``max_rss_mb`` (read from /proc every ``RSS_CHECK_EVERY`` jobs)."""
+        worn = bool(self.max_jobs) and member.jobs >= self.max_jobs
+        if not worn and self.max_rss and member.jobs % RSS_CHECK_EVERY == 0:
+            worn = resident_bytes(member.proc.pid) > self.max_rss
+        if worn:
+            self.recycled += 1
+        return worn
+
+    def _wake(self) -> None:
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
 
     async def close(self) -> None:
         for m in self.idle:
