@@ -202,6 +202,36 @@ def _expire(fut: asyncio.Future[None]) -> None:
         fut.set_exception(TimeoutError())
 
 
+def _resolve_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Then:
+    """One ``produce_then`` call: told once, when its batch is settled or past its time."""
+
+    __slots__ = ("done", "timeout_s", "deadline", "batch", "over")
+
+    def __init__(
+        self, done: Callable[[dict[int, str] | DeliveryFailed], object], timeout_s: float
+    ) -> None:
+        self.done, self.timeout_s = done, timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.batch: _Batch | None = None
+        self.over = False
+
+    def settle(self) -> None:
+        if not self.over:
+            self.over = True
+            assert self.batch is not None
+            self.done(dict(self.batch.failed))
+
+    def expire(self, exc: DeliveryFailed) -> None:
+        if not self.over:
+            self.over = True
+            self.done(exc)
+
+
 class ConfirmedProducer:
     """A confluent-kafka producer whose sends return once the broker confirmed them.
 
@@ -212,7 +242,9 @@ class ConfirmedProducer:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self._producer = Producer(dict(config))
         self._flush_soon = False
-        self._ready: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        # per loop: what runs there once batches are confirmed (futures to resolve, calls)
+        self._ready: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}
+        self._watched: dict[asyncio.AbstractEventLoop, set[_Then]] = {}  # ``produce_then``
         self._ready_lock = threading.Lock()
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-producer-poll", daemon=True)
@@ -275,12 +307,56 @@ class ConfirmedProducer:
         self._flush_soon = False
         self._producer.flush(0)  # wake the sender once for this loop turn's sends
 
+    def produce_then(
+        self,
+        records: Sequence[Record],
+        done: Callable[[dict[int, str] | DeliveryFailed], object],
+        timeout_s: float = 30.0,
+    ) -> None:
+        """Like :meth:`aproduce_each` without a task, a future or a timer per call (the
+        worker's hot path): ``done`` runs on this loop once every record is settled, with the
+        error of each failed record by its index (empty: all confirmed), or with
+        :class:`DeliveryFailed` once the batch was not confirmed within ``timeout_s`` (one
+        sweep a second for every such call of the loop)."""
+        loop = asyncio.get_running_loop()
+        if not records:
+            loop.call_soon(done, {})
+            return
+        then = _Then(done, timeout_s)
+        then.batch = self._send(records, partial(self._on_loop, loop, then.settle))
+        watched = self._watched.get(loop)
+        if watched is None:
+            watched = self._watched[loop] = set()
+            loop.call_later(1.0, self._sweep, loop)
+        watched.add(then)
+        if not self._flush_soon:
+            self._flush_soon = True
+            loop.call_soon(self._flush_now)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the ``produce_then`` calls past their time; again in a second while any wait."""
+        watched = self._watched.get(loop, set())
+        now = time.monotonic()
+        for then in [t for t in watched if t.over or t.deadline <= now]:
+            watched.discard(then)
+            if not then.over:
+                assert then.batch is not None
+                then.expire(then.batch.unconfirmed(then.timeout_s))
+        if watched:
+            loop.call_later(1.0, self._sweep, loop)
+        else:
+            self._watched.pop(loop, None)
+
     def _confirmed(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
-        """A batch is confirmed (any thread): resolve its future on its loop, waking the
-        loop once for every batch confirmed before it runs."""
+        """A batch is confirmed (any thread): resolve its future on its loop."""
+        self._on_loop(loop, partial(_resolve_future, fut))
+
+    def _on_loop(self, loop: asyncio.AbstractEventLoop, call: Callable[[], object]) -> None:
+        """Run ``call`` on ``loop`` (from any thread), waking the loop once for every batch
+        confirmed before it runs (not once per batch)."""
         with self._ready_lock:
             waiting = self._ready.setdefault(loop, [])
-            waiting.append(fut)
+            waiting.append(call)
             first = len(waiting) == 1
         if first:
             try:
@@ -291,10 +367,9 @@ class ConfirmedProducer:
 
     def _resolve(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._ready_lock:
-            futures = self._ready.pop(loop, [])
-        for fut in futures:
-            if not fut.done():
-                fut.set_result(None)
+            calls = self._ready.pop(loop, [])
+        for call in calls:
+            call()
 
     def _send(self, records: Sequence[Record], on_done: Callable[[], object]) -> _Batch:
         """Produce ``records``; ``on_done`` runs after the last delivery report."""

@@ -36,6 +36,7 @@ class Buffered:
     __slots__ = (
         "topic",
         "partition",
+        "tp",
         "offset",
         "key",
         "value",
@@ -55,6 +56,7 @@ class Buffered:
         max_bytes: int,
     ) -> None:
         self.topic, self.partition, self.offset = topic, partition, offset
+        self.tp: TP = (topic, partition)
         self.key, self.value = key, value
         self.dispatch: Dispatch | None = None
         self.error = ""
@@ -68,10 +70,6 @@ class Buffered:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 pass
         self.due = float("inf") if self.dispatch is None else self.dispatch.due or float("inf")
-
-    @property
-    def tp(self) -> TP:
-        return (self.topic, self.partition)
 
     def raw(self) -> RawMessage:
         return RawMessage(self.topic, self.partition, self.offset, self.key, self.value)
@@ -110,9 +108,12 @@ class Backlog:
 
     def pop_next(self) -> Buffered:
         """The buffered dispatch to start next (the buffer is not empty)."""
-        i = next_to_start([(m.tp, m.due) for m in self.items])
-        msg = self.items[i]
-        del self.items[i]
+        items = self.items
+        if len(items) == 1:
+            return items.popleft()
+        i = next_to_start([(m.tp, m.due) for m in items])
+        msg = items[i]
+        del items[i]
         return msg
 
     def drop_partitions(self, gone: set[TP]) -> None:

@@ -149,14 +149,15 @@ class Worker:
         await self.heartbeats.beat(state)
 
     async def _when_full(self) -> None:
-        """Every slot is busy and (at least half) a round is buffered. Wait a moment for a
-        slot; if none frees, keep consuming (the group keeps this member and rebalances are
-        served) and buffer what arrives: admission's capacity bounds what can be
-        outstanding, and the buffer starts earliest-due first, so an urgent dispatch that
-        lands here waits for the next free slot only. Pausing costs ~0.8 s before messages
+        """Every slot is busy and (at least half) a round is buffered. Wait a moment for
+        the slots to take half a round from the buffer; if they do not, keep consuming (the
+        group keeps this member and rebalances are served) and buffer what arrives:
+        admission's capacity bounds what can be outstanding, and the buffer starts
+        earliest-due first, so an urgent dispatch that lands here waits for the next free
+        slot only. Pausing costs ~0.8 s before messages
         flow again after the resume (measured), so the partitions are paused only when the
         buffer reaches ``BUFFER_ROUNDS`` × slots."""
-        if await self.slots.changed_within(0.05) or self.slots.free > 0:
+        if await self.slots.room_within(self._fetch_at, 0.05):
             return  # the main loop tops the buffer up
         limit = BUFFER_ROUNDS * self.slots.size
         paused = self.dispatches.paused

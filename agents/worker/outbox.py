@@ -41,27 +41,17 @@ class Outbox:
         self.batches = 0  # sends made (a send = one produce batch)
         self.records = 0
         self._queued: list[Record] = []
-        self._told: list[Done] = []
+        self._told: list[_Delivery] = []
         self._scheduled = False
         self._urgent = False
-        self._inflight: set[asyncio.Task[dict[int, str]]] = set()
+        self._inflight = 0  # sends not settled yet
+        self._idle: asyncio.Future[None] | None = None  # ``close`` waits for them
 
     def then(self, record: Record, done: Done, *, urgent: bool = False) -> None:
         """Queue ``record``; ``done(error)`` once its send is settled (None: confirmed).
         ``urgent``: goes with this loop turn's send whatever the pacer says (and takes
         everything queued along), for records something waits on."""
-        self._queued.append(record)
-        self._told.append(done)
-        if urgent and not self._urgent:
-            self._urgent = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        elif not self._scheduled:
-            self._scheduled = True
-            wait = self.pacer.wait(time.monotonic())
-            if wait <= 0:  # with the rest of this loop turn's records
-                asyncio.get_running_loop().call_soon(self._flush)
-            else:
-                asyncio.get_running_loop().call_later(wait, self._flush)
+        self._queue(_Delivery(record, "", done, retries=False), urgent)
 
     def send(self, record: Record, *, urgent: bool = False) -> asyncio.Future[None]:
         """:meth:`then` as a future."""
@@ -74,8 +64,8 @@ class Outbox:
         reason (the broker away, no confirmation in time) is sent again with backoff, as
         ``agents.context.retrying`` does. ``done(error)`` once delivered or given up for a
         lasting reason; the returned call gives up (``done`` is then not called)."""
-        state = _Delivery(record, what, done)
-        self._attempt(state)
+        state = _Delivery(record, what, done, retries=True)
+        self._queue(state, False)
         return state.give_up
 
     def deliver(self, record: Record, what: str) -> asyncio.Future[None]:
@@ -85,9 +75,23 @@ class Outbox:
         out.add_done_callback(lambda f: give_up() if f.cancelled() else None)
         return out
 
-    def _attempt(self, state: _Delivery) -> None:
+    def _queue(self, state: _Delivery, urgent: bool) -> None:
+        self._queued.append(state.record)
+        self._told.append(state)
+        if urgent and not self._urgent:
+            self._urgent = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        elif not self._scheduled:
+            self._scheduled = True
+            wait = self.pacer.wait(time.monotonic())
+            if wait <= 0:  # with the rest of this loop turn's records
+                asyncio.get_running_loop().call_soon(self._flush)
+            else:
+                asyncio.get_running_loop().call_later(wait, self._flush)
+
+    def _requeue(self, state: _Delivery) -> None:
         if not state.over:
-            self.then(state.record, partial(self._tried, state))
+            self._queue(state, False)
 
     def _tried(self, state: _Delivery, exc: BaseException | None) -> None:
         if state.over:  # given up by the caller
@@ -96,11 +100,11 @@ class Outbox:
             if state.delay:
                 log.warning("%s: delivered after retrying", state.what)
             state.finish(None)
-        elif isinstance(exc, TRANSIENT):
+        elif state.retries and isinstance(exc, TRANSIENT):
             if not state.delay:
                 log.warning("%s: %s; retrying with backoff", state.what, exc)
             state.delay = min(MAX_RETRY_S, state.delay * 2) if state.delay else FIRST_RETRY_S
-            asyncio.get_running_loop().call_later(state.delay, self._attempt, state)
+            asyncio.get_running_loop().call_later(state.delay, self._requeue, state)
         else:
             state.finish(exc)
 
@@ -120,46 +124,47 @@ class Outbox:
         self._send_queued()
 
     def _send_queued(self) -> None:
-        """Everything queued, as one produce batch."""
+        """Everything queued, as one produce batch (no task: the producer calls back)."""
         records, told = self._queued, self._told
         self._queued, self._told = [], []
         self.batches += 1
         self.records += len(records)
-        task = asyncio.ensure_future(self.producer.aproduce_each(records, self.timeout_s))
-        self._inflight.add(task)
-        task.add_done_callback(partial(self._settle, told))
+        self._inflight += 1
+        self.producer.produce_then(records, partial(self._settle, told), self.timeout_s)
 
-    def _settle(self, told: list[Done], task: asyncio.Task[dict[int, str]]) -> None:
-        self._inflight.discard(task)
-        if task.cancelled():  # the loop is closing
-            exc: BaseException | None = asyncio.CancelledError()
-            failed: dict[int, str] = {}
-        else:
-            exc = task.exception()
-            failed = {} if exc is not None else task.result()
-        for i, done in enumerate(told):
-            if exc is not None:
-                done(exc)
-            elif i in failed:
-                done(DeliveryFailed(f"not delivered: {failed[i]}"))
-            else:
-                done(None)
+    def _settle(self, told: list[_Delivery], result: dict[int, str] | DeliveryFailed) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        if isinstance(result, DeliveryFailed):
+            for state in told:
+                self._tried(state, result)
+            return
+        for i, state in enumerate(told):
+            if i in result:
+                self._tried(state, DeliveryFailed(f"not delivered: {result[i]}"))
+            elif not state.over:  # the common case, without a call more
+                if state.delay:
+                    log.warning("%s: delivered after retrying", state.what)
+                state.over = True
+                state.done(None)
 
     async def close(self) -> None:
         """Send what is queued now and wait for every send in flight."""
         if self._queued:
             self._send_queued()
         if self._inflight:
-            await asyncio.wait(list(self._inflight))
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
 
 
 class _Delivery:
-    """One record on its way until delivered (``Outbox.deliver_then``)."""
+    """One record on its way: once (``Outbox.then``) or until delivered (``deliver_then``)."""
 
-    __slots__ = ("record", "what", "done", "delay", "over")
+    __slots__ = ("record", "what", "done", "retries", "delay", "over")
 
-    def __init__(self, record: Record, what: str, done: Done) -> None:
-        self.record, self.what, self.done = record, what, done
+    def __init__(self, record: Record, what: str, done: Done, *, retries: bool) -> None:
+        self.record, self.what, self.done, self.retries = record, what, done, retries
         self.delay = 0.0
         self.over = False
 

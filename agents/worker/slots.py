@@ -70,7 +70,8 @@ class Slots:
         self.handed_back = 0
         self.stopping = False  # draining: nothing new starts
         self.aborting = False  # a stop now hands the job back
-        self._changed: list[asyncio.Future[None]] = []
+        self._changed: list[asyncio.Future[bool]] = []
+        self._room: tuple[int, asyncio.Future[bool]] | None = None  # (room wanted, waiter)
         backlog.on_superseding = self._supersede_buffered
 
     @property
@@ -85,19 +86,29 @@ class Slots:
 
     async def changed_within(self, timeout_s: float) -> bool:
         """Wait until a slot frees or an attempt ends, at most ``timeout_s``."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._changed.append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout_s)
+        return await _within(fut, timeout_s)
+
+    async def room_within(self, room: int, timeout_s: float) -> bool:
+        """Wait until the backlog has ``room`` free places (started dispatches made it), at
+        most ``timeout_s``: one wake-up per ``room`` jobs under load, not one per job."""
+        if self.size - len(self.backlog) >= room:
             return True
-        except TimeoutError:
-            return False
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._room = (room, fut)
+        try:
+            return await _within(fut, timeout_s)
+        finally:
+            self._room = None
 
     def _notify(self) -> None:
-        waiting, self._changed = self._changed, []
-        for fut in waiting:
-            if not fut.done():
-                fut.set_result(None)
+        if self._room is not None and self.size - len(self.backlog) >= self._room[0]:
+            _settle(self._room[1], True)
+        if self._changed:
+            waiting, self._changed = self._changed, []
+            for fut in waiting:
+                _settle(fut, True)
 
     # -- taking dispatches -----------------------------------------------------------
 
@@ -318,3 +329,17 @@ class Slots:
 
     async def close(self) -> None:
         await self.executor.close()
+
+
+def _settle(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+async def _within(fut: asyncio.Future[bool], timeout_s: float) -> bool:
+    """``fut``'s value, or False after ``timeout_s`` (one timer, no task)."""
+    timer = asyncio.get_running_loop().call_later(timeout_s, _settle, fut, False)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
