@@ -10,7 +10,9 @@ Invariants:
 - At most ``slots`` jobs run at once. Dispatches that arrive while all slots are busy are
   buffered and start earliest-due first; admission's capacity bounds how many can be
   outstanding, and past ``BUFFER_ROUNDS`` × slots buffered the worker pauses its partitions
-  while it keeps serving rebalances. Free/total slots go out in heartbeats.
+  while it keeps serving rebalances. A buffered dispatch never waits while a slot is free:
+  every step that buffers starts what free slots can take. Free/total slots go out in
+  heartbeats.
 - Kafka owns a dispatch until its job's start is on the broker, the heartbeat monitor
   after (``agents.worker.slots``): a worker that dies between the start and the commit has
   the dispatch redelivered to another worker (run again as the same attempt: completion
@@ -126,7 +128,6 @@ class Worker:
                 if self.dispatches.paused:
                     await self.dispatches.set_paused(False)
                 self._buffer(await self.dispatches.fetch(room))
-                self.slots.start_backlog()
             await self._drain()
             clean = True
         finally:
@@ -143,7 +144,11 @@ class Worker:
             shutil.rmtree(self.slots.progress_dir, ignore_errors=True)
 
     def _buffer(self, msgs: list[object]) -> None:
+        """Buffer what was fetched and start what free slots can take: a dispatch never
+        waits in the buffer while a slot is free (slots that freed while a fetch was on its
+        way took from the buffer then, and found it empty)."""
         self.backlog.add(msgs, lambda err: log.warning("consumer error: %s", err))
+        self.slots.start_backlog()
 
     async def _heartbeat(self, state: HeartbeatState) -> None:
         await self.heartbeats.beat(state)

@@ -291,6 +291,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _paused_in_place(env: dict[str, str], job_id: str, out: Path) -> int:
+    """Once the counting job writes, pause it; the count it stopped at."""
+    eventually(lambda: len(attempts_file(out)) >= 3, 60, what="counting")
+    assert cli("pause", "--job", job_id, env=env).returncode == 0
+    time.sleep(1.5)  # the command reaches the worker; the process stops
+    return len(attempts_file(out))
+
+
 def test_pause_stops_a_running_job_in_place_and_resume_continues_it(
     ws: Settings, publisher: JobPublisher, tmp_path: Path
 ) -> None:
@@ -300,10 +308,7 @@ def test_pause_stops_a_running_job_in_place_and_resume_continues_it(
         publisher.submit(
             JobSpec(id="p", tenant="acme", kind="count", args={"out": str(out), "n": 40})
         )
-        eventually(lambda: len(attempts_file(out)) >= 3, 60, what="counting")
-        assert cli("pause", "--job", "p", env=env).returncode == 0
-        time.sleep(1.5)  # the command reaches the worker; the process stops
-        frozen = len(attempts_file(out))
+        frozen = _paused_in_place(env, "p", out)
         time.sleep(1.5)
         assert len(attempts_file(out)) == frozen < 40
         assert job(ws, "p")["state"] == "running"
@@ -324,13 +329,9 @@ def test_a_pooled_python_job_times_out_is_cancelled_and_pauses_in_place(
     with cluster(ws, tmp_path, slots=3):
         publisher.submit(JobSpec(id="ph", tenant="acme", kind="py-hang", args={"seconds": 60}))
         publisher.submit(JobSpec(id="pl", tenant="acme", kind="py-long", args={"seconds": 60}))
-        publisher.submit(
-            JobSpec(id="pc", tenant="acme", kind="py-count", args={"out": str(out), "n": 40})
-        )
-        eventually(lambda: len(attempts_file(out)) >= 3, 60, what="counting")
-        assert cli("pause", "--job", "pc", env=env).returncode == 0
-        time.sleep(1.5)  # the pause reaches the worker; the member stops
-        frozen = len(attempts_file(out))
+        count = {"out": str(out), "n": 40, "every_s": 0.2}
+        publisher.submit(JobSpec(id="pc", tenant="acme", kind="py-count", args=count))
+        frozen = _paused_in_place(env, "pc", out)
         eventually(lambda: job(ws, "ph").get("state") == "failed", 60, what="ph timed out")
         eventually(lambda: job(ws, "pl").get("state") == "running", 60, what="pl running")
         assert cli("cancel", "pl", "--reason", "not needed", env=env).returncode == 0
