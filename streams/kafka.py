@@ -12,6 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import zlib
@@ -25,6 +26,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from streams.errors import DeliveryFailed, KafkaUnavailable
 from streams.topics import TopicRegistry
+
+log = logging.getLogger("jobstream.kafka")
 
 Headers = list[tuple[str, bytes]]
 
@@ -276,15 +279,6 @@ class ConfirmedProducer:
         if batch is not None:
             batch.check()
 
-    async def aproduce_each(
-        self, records: Sequence[Record], timeout_s: float = 30.0
-    ) -> dict[int, str]:
-        """Like :meth:`aproduce`, but a record's own failure does not fail the others: the
-        error of each failed record by its index (empty: all confirmed). Raises
-        :class:`DeliveryFailed` only when the batch was not confirmed in time."""
-        batch = await self._confirmed_batch(records, timeout_s)
-        return {} if batch is None else dict(batch.failed)
-
     async def _confirmed_batch(self, records: Sequence[Record], timeout_s: float) -> _Batch | None:
         if not records:
             return None
@@ -313,8 +307,9 @@ class ConfirmedProducer:
         done: Callable[[dict[int, str] | DeliveryFailed], object],
         timeout_s: float = 30.0,
     ) -> None:
-        """Like :meth:`aproduce_each` without a task, a future or a timer per call (the
-        worker's hot path): ``done`` runs on this loop once every record is settled, with the
+        """Produce without a task, a future or a timer per call (the worker's hot path),
+        where a record's own failure does not fail the others: ``done`` runs on this loop
+        once every record is settled, with the
         error of each failed record by its index (empty: all confirmed), or with
         :class:`DeliveryFailed` once the batch was not confirmed within ``timeout_s`` (one
         sweep a second for every such call of the loop)."""
@@ -369,7 +364,10 @@ class ConfirmedProducer:
         with self._ready_lock:
             calls = self._ready.pop(loop, [])
         for call in calls:
-            call()
+            try:
+                call()
+            except Exception:  # one sender's failure must not leave the others untold
+                log.exception("a confirmed send's callback failed")
 
     def _send(self, records: Sequence[Record], on_done: Callable[[], object]) -> _Batch:
         """Produce ``records``; ``on_done`` runs after the last delivery report."""

@@ -148,7 +148,7 @@ class ControlReader:
             slots.remember_cancel(key, cmd.reason)
             for d in self.backlog.remove(*key):
                 self.reports.unstarted(d, cmd.reason)
-            handle = slots.handles.get(key)
+            handle = slots.handle(key)
             if handle is not None:
                 log.warning("cancelling job %s attempt %d: %s", *key, cmd.reason or "no reason")
                 handle.cancel(f"cancelled: {cmd.reason}" if cmd.reason else "cancelled")
@@ -162,7 +162,7 @@ class ControlReader:
         here = slots.attempt_of.get(job)
         if here is None or (cmd.attempt is not None and cmd.attempt != here):
             return
-        handle = slots.handles.get((job, here))
+        handle = slots.handle((job, here))
         if handle is None:
             return
         if cmd.action == "pause":

@@ -67,6 +67,7 @@ class Run:
         self.began = 0.0
         self.publishing = False  # the process ended: only its report is left
         self.stopping = False  # a stop (timeout, cancel, hand-back) owns the rest
+        # a rare path's task, held here: the event loop keeps only a weak reference
         self.task: asyncio.Task[None] | None = None
 
 

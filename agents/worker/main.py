@@ -45,7 +45,7 @@ from agents.pools import ensure_pool_topics, pools_served, worker_labels
 from agents.worker.backlog import Backlog
 from agents.worker.consumer import DispatchConsumer
 from agents.worker.control import ControlReader
-from agents.worker.heartbeat import Heartbeats, HeartbeatState
+from agents.worker.heartbeat import Heartbeats
 from agents.worker.reports import Reports
 from agents.worker.runner import file_safe
 from agents.worker.slots import Slots
@@ -137,7 +137,7 @@ class Worker:
             controls.cancel()
             await self.slots.close()
             await self.reports.close()
-            await self._heartbeat("stopped")
+            await self.heartbeats.beat("stopped")
             await self.dispatches.commit()
             await self.dispatches.close()
             await self.control.close()
@@ -149,9 +149,6 @@ class Worker:
         way took from the buffer then, and found it empty)."""
         self.backlog.add(msgs, lambda err: log.warning("consumer error: %s", err))
         self.slots.start_backlog()
-
-    async def _heartbeat(self, state: HeartbeatState) -> None:
-        await self.heartbeats.beat(state)
 
     async def _when_full(self) -> None:
         """Every slot is busy and (at least half) a round is buffered. Wait a moment for

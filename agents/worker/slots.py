@@ -60,7 +60,6 @@ class Slots:
         self.progress_dir = progress_dir
         self.executor = Executor(ctx, worker_id, size, progress_dir, self._finish)
         self.running: dict[Attempt, Run] = {}
-        self.handles: dict[Attempt, AttemptHandle] = {}
         self.attempt_of: dict[str, int] = {}  # one attempt of a job at most runs here
         self.cancelled: OrderedDict[Attempt, str] = OrderedDict()
         self.paused_jobs: OrderedDict[str, None] = OrderedDict()  # until resumed
@@ -79,6 +78,14 @@ class Slots:
         """Slots not running a process (a job whose process ended while its outcome is being
         reported does not hold one)."""
         return self.size - len(self.running) + self.publishing
+
+    def handle(self, key: Attempt) -> AttemptHandle | None:
+        """The handle of an attempt running here (cancel, pause, resume)."""
+        run = self.running.get(key)
+        return None if run is None or run.d is None else run.handle
+
+    def _handles(self) -> list[tuple[Attempt, AttemptHandle]]:
+        return [(k, r.handle) for k, r in self.running.items() if r.d is not None]
 
     def kind_of(self, key: Attempt) -> str | None:
         run = self.running.get(key)
@@ -156,7 +163,6 @@ class Slots:
                 msg.offset,
             )
         run = self.running[key] = Run(key, d, msg)
-        self.handles[key] = run.handle
         if d.job_id in self.paused_jobs:
             run.handle.pause()  # paused before it got here: its process starts stopped
         self.attempt_of[d.job_id] = d.attempt
@@ -248,7 +254,6 @@ class Slots:
     def _end(self, run: Run) -> None:
         key = run.key
         self.running.pop(key, None)
-        self.handles.pop(key, None)
         if run.d is not None and self.attempt_of.get(run.d.job_id) == run.d.attempt:
             del self.attempt_of[run.d.job_id]
         if run.publishing:
@@ -293,7 +298,7 @@ class Slots:
 
     def _supersede(self, old: Attempt, attempt: int) -> None:
         self.remember_cancel(old, f"superseded by attempt {attempt}")
-        handle = self.handles.get(old)
+        handle = self.handle(old)
         if handle is not None:
             log.warning("job %s attempt %d superseded by attempt %d: stopped", *old, attempt)
             handle.cancel(f"superseded by attempt {attempt}")
@@ -306,7 +311,7 @@ class Slots:
     def stop_all(self, reason: str, *, keep_nokill: bool = False) -> None:
         """Stop every running attempt (``keep_nokill``: not those of ``nokill`` kinds)."""
         kinds = self.ctx.settings.kinds
-        for key, handle in list(self.handles.items()):
+        for key, handle in self._handles():
             kind = kinds.get(self.kind_of(key) or "")
             if not keep_nokill or kind is None or not kind.nokill:
                 handle.cancel(reason)
@@ -316,16 +321,14 @@ class Slots:
 
     def progress(self) -> dict[str, float]:
         out = {}
-        for (job, _), h in list(self.handles.items()):
+        for (job, _), h in self._handles():
             value = h.progress()
             if value is not None:
                 out[job] = value
         return out
 
     def live_progress_files(self) -> set[str]:
-        return {
-            h.progress_path.rsplit("/", 1)[-1] for h in self.handles.values() if h.progress_path
-        }
+        return {h.progress_path.rsplit("/", 1)[-1] for _, h in self._handles() if h.progress_path}
 
     async def close(self) -> None:
         await self.executor.close()

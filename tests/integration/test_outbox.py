@@ -115,9 +115,12 @@ async def test_a_batch_larger_than_the_local_queue_is_all_sent(
         producer_config(kafka_bootstrap, {"queue.buffering.max.messages": 5})
     )
     try:
-        failed = await producer.aproduce_each(
-            [Record(topic, f"q{i}".encode(), f"k{i}".encode()) for i in range(40)]
+        settled: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        producer.produce_then(
+            [Record(topic, f"q{i}".encode(), f"k{i}".encode()) for i in range(40)],
+            settled.set_result,
         )
+        failed = await settled
     finally:
         producer.close()
     assert failed == {}
