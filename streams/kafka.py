@@ -244,6 +244,10 @@ class ConfirmedProducer:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self._producer = Producer(dict(config))
+        # with linger.ms 0 librdkafka sends at once; otherwise its sender is woken once per
+        # loop turn (``_flush_now``), so that a confirmed send does not wait for the linger
+        linger = config.get("linger.ms", config.get("queue.buffering.max.ms", 5))
+        self._wake = float(linger) > 0
         self._flush_soon = False
         # per loop: what runs there once batches are confirmed (futures to resolve, calls)
         self._ready: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}
@@ -285,7 +289,7 @@ class ConfirmedProducer:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         batch = self._send(records, partial(self._confirmed, loop, fut))
-        if not self._flush_soon:
+        if self._wake and not self._flush_soon:
             self._flush_soon = True
             loop.call_soon(self._flush_now)
         timer = loop.call_later(timeout_s, _expire, fut)
@@ -324,7 +328,7 @@ class ConfirmedProducer:
             watched = self._watched[loop] = set()
             loop.call_later(1.0, self._sweep, loop)
         watched.add(then)
-        if not self._flush_soon:
+        if self._wake and not self._flush_soon:
             self._flush_soon = True
             loop.call_soon(self._flush_now)
 

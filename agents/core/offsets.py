@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 
-@dataclass
 class _Partition:
-    pending: list[int] = field(default_factory=list)  # heap of started, unfinished offsets
-    finished: set[int] = field(default_factory=set)
-    highest: int = -1  # highest offset handed out
-    committable: int | None = None
+    __slots__ = ("pending", "finished", "highest", "committable")
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []  # heap of started, unfinished offsets
+        self.finished: set[int] = set()
+        self.highest = -1  # highest offset handed out
+        self.committable: int | None = None
 
 
 K = TypeVar("K", bound=Hashable)
@@ -33,9 +34,12 @@ class OffsetTracker(Generic[K]):
         self._parts: dict[K, _Partition] = {}
 
     def started(self, tp: K, offset: int) -> None:
-        p = self._parts.setdefault(tp, _Partition())
+        p = self._parts.get(tp)
+        if p is None:
+            p = self._parts[tp] = _Partition()
         heapq.heappush(p.pending, offset)
-        p.highest = max(p.highest, offset)
+        if offset > p.highest:
+            p.highest = offset
 
     def finished(self, tp: K, offset: int) -> None:
         p = self._parts.get(tp)
@@ -80,3 +84,40 @@ def next_to_start(buffered: Sequence[tuple[Hashable, float]]) -> int:
         if due < best_due:
             best_tp, best_due = tp, due
     return 0 if best_tp is None else head[best_tp]
+
+
+def start_order(buffered: Sequence[tuple[Hashable, float]], n: int) -> list[int]:
+    """The first ``n`` dispatches (indexes) that :func:`next_to_start`, asked again after
+    each pick, would start: one pass over the buffer for a whole batch. A partition's head
+    goes next when the partition holds the earliest-due dispatch left (ties: the one
+    buffered first), i.e. partitions compare by the minimum (due, index) of what is left."""
+    rows: dict[Hashable, list[int]] = {}
+    for i, (tp, _due) in enumerate(buffered):
+        row = rows.get(tp)
+        if row is None:
+            rows[tp] = [i]
+        else:
+            row.append(i)
+    # per partition: the minimum (due, index) from each position to its end
+    rest: list[tuple[list[int], list[tuple[float, int]]]] = []
+    for row in rows.values():
+        mins: list[tuple[float, int]] = [(0.0, 0)] * len(row)
+        best = (float("inf"), len(buffered))
+        for j in range(len(row) - 1, -1, -1):
+            here = (buffered[row[j]][1], row[j])
+            if here < best:
+                best = here
+            mins[j] = best
+        rest.append((row, mins))
+    heads = [0] * len(rest)
+    out: list[int] = []
+    while len(out) < n:
+        pick = -1
+        for k, (row, mins) in enumerate(rest):
+            if heads[k] < len(row) and (pick < 0 or mins[heads[k]] < rest[pick][1][heads[pick]]):
+                pick = k
+        if pick < 0:
+            break
+        out.append(rest[pick][0][heads[pick]])
+        heads[pick] += 1
+    return out

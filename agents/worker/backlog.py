@@ -1,5 +1,5 @@
 """Dispatches fetched and not started yet: decoded once on arrival, started earliest-due
-first (``agents.core.offsets.next_to_start``: offset order within a partition)."""
+first (``agents.core.offsets.start_order``: offset order within a partition)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import msgspec
 
 from agents.context import RawMessage
-from agents.core.offsets import OffsetTracker, next_to_start
+from agents.core.offsets import OffsetTracker, start_order
 from streams.errors import InvalidEvent
 from streams.events import Dispatch, decode
 
@@ -106,15 +106,24 @@ class Backlog:
             if self.on_fetched is not None:
                 self.on_fetched(b)
 
-    def pop_next(self) -> Buffered:
-        """The buffered dispatch to start next (the buffer is not empty)."""
+    def pop_upto(self, n: int) -> list[Buffered]:
+        """The next ``n`` buffered dispatches to start, in order (fewer when fewer are
+        buffered): per partition in offset order, earliest due first across partitions
+        (``agents.core.offsets.start_order``)."""
         items = self.items
-        if len(items) == 1:
-            return items.popleft()
-        i = next_to_start([(m.tp, m.due) for m in items])
-        msg = items[i]
-        del items[i]
-        return msg
+        if n >= 1 and len(items) == 1:
+            return [items.popleft()]
+        picked = start_order([(m.tp, m.due) for m in items], n)
+        out = [items[i] for i in picked]
+        if len(picked) == len(items):
+            items.clear()
+        elif picked == list(range(len(picked))):  # a prefix (FIFO: no due times apart)
+            for _ in picked:
+                items.popleft()
+        else:
+            gone = set(picked)
+            self.items = deque(m for i, m in enumerate(items) if i not in gone)
+        return out
 
     def drop_partitions(self, gone: set[TP]) -> None:
         """Unstarted dispatches of partitions that moved belong to their next owner."""

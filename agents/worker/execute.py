@@ -51,7 +51,6 @@ class Run:
         "handle",
         "prepared",
         "member",
-        "reply",
         "began",
         "publishing",
         "stopping",
@@ -63,7 +62,6 @@ class Run:
         self.handle = AttemptHandle()
         self.prepared: Prepared | None = None
         self.member: Member | None = None
-        self.reply: asyncio.Future[int | None] | None = None
         self.began = 0.0
         self.publishing = False  # the process ended: only its report is left
         self.stopping = False  # a stop (timeout, cancel, hand-back) owns the rest
@@ -117,8 +115,7 @@ class Executor:
         h = run.handle
         h.attach(member.proc)
         h.on_stop = partial(self._stop, run, None)
-        run.reply = member.call(pooled_request(run.d, run.prepared))
-        run.reply.add_done_callback(partial(self._replied, run))
+        member.call(pooled_request(run.d, run.prepared), partial(self._replied, run))
         if run.prepared.limit_s is not None:
             self._timed.add(run)
             if self._ticker is None:
@@ -126,14 +123,13 @@ class Executor:
         if h.stopped:  # cancelled while a member was made for it
             self._stop(run, None)
 
-    def _replied(self, run: Run, reply: asyncio.Future[int | None]) -> None:
+    def _replied(self, run: Run, rc: int | None) -> None:
         if run.stopping:
             return  # the stop owns the end
         self._timed.discard(run)
         h, member, p = run.handle, run.member, run.prepared
         assert member is not None and p is not None
         h.on_stop = None
-        rc = reply.result()
         if rc is None:  # the interpreter died under the job (os._exit, a crash, OOM kill)
             run.stopping = True
             run.task = asyncio.create_task(self._died(run))
@@ -145,8 +141,8 @@ class Executor:
 
     def _stop(self, run: Run, reason: str | None) -> None:
         """Stop a pooled job (its handle was cancelled, or ``reason``: its time is up)."""
-        if run.stopping or run.member is None or (run.reply is not None and run.reply.done()):
-            return  # stopping already, or its reply is in: that callback ends it
+        if run.stopping or run.member is None:
+            return  # stopping already, or its reply is in and ended it
         run.stopping = True
         self._timed.discard(run)
         why = reason or run.handle.reason or "cancelled"

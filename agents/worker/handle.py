@@ -27,7 +27,6 @@ class AttemptHandle:
 
     __slots__ = (
         "proc",
-        "started",
         "stopped",
         "reason",
         "paused_since",
@@ -36,11 +35,14 @@ class AttemptHandle:
         "pause_pending",
         "on_stop",
         "_waiter",
+        "_ran",
+        "_started",
     )
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
-        self.started = asyncio.Event()  # set once the process (or pool member) runs it
+        self._ran = False  # a process (or pool member) ran it
+        self._started: asyncio.Event | None = None  # made when asked for (rare)
         self.stopped = False  # cancel() was called; ``reason`` says why
         self.reason = ""
         self.paused_since: float | None = None
@@ -50,6 +52,15 @@ class AttemptHandle:
         # called by ``cancel`` (a slot that waits on a pool member's reply without a task)
         self.on_stop: Callable[[], object] | None = None
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def started(self) -> asyncio.Event:
+        """Set once the process (or pool member) runs the attempt."""
+        if self._started is None:
+            self._started = asyncio.Event()
+            if self._ran:
+                self._started.set()
+        return self._started
 
     def cancel(self, reason: str) -> None:
         if not self.stopped:
@@ -63,7 +74,7 @@ class AttemptHandle:
 
     def pause(self) -> bool:
         if self.proc is None:
-            if self.started.is_set() or self.stopped:
+            if self._ran or self.stopped:
                 return False  # its process ended (a pool member is another job's by now)
             self.pause_pending = True  # not started yet: paused as soon as it is
             return True
@@ -77,7 +88,9 @@ class AttemptHandle:
         """The attempt's process (or pool member) runs it now; a pause sent before that
         takes effect at once."""
         self.proc = proc
-        self.started.set()
+        self._ran = True
+        if self._started is not None:
+            self._started.set()
         if self.pause_pending:
             self.pause_pending = False
             self.pause()

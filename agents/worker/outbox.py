@@ -9,7 +9,9 @@ Invariants:
   no future per record; ``send`` and ``deliver`` wrap them in a future.
 - A record queued while no send is pending goes out in the same loop turn when the pacer
   has a token (light load: no added latency); otherwise within the pacer's wait, together
-  with everything queued meanwhile (``agents.core.pacing``).
+  with everything queued meanwhile (``agents.core.pacing``). Outboxes that share a
+  ``Sender`` (a worker's starts and outcomes) send what is due in one loop turn in one
+  produce call.
 """
 
 from __future__ import annotations
@@ -33,15 +35,70 @@ MAX_RETRY_S = 15.0
 Done = Callable[[BaseException | None], object]  # told a record's fate: None = confirmed
 
 
-class Outbox:
-    def __init__(self, producer: ConfirmedProducer, pacer: Pacer, timeout_s: float = 30.0) -> None:
+class Sender:
+    """One produce call per loop turn for every outbox that shares it: a worker's starts and
+    outcomes of one turn leave in one request (``ConfirmedProducer.produce_then``)."""
+
+    def __init__(self, producer: ConfirmedProducer, timeout_s: float = 30.0) -> None:
         self.producer = producer
-        self.pacer = pacer
         self.timeout_s = timeout_s
-        self.batches = 0  # sends made (a send = one produce batch)
+        self.sends = 0  # produce calls made
+        self.records = 0
+        self._due: list[Outbox] = []
+
+    def due(self, box: Outbox) -> None:
+        """``box`` has records to go with this loop turn's send."""
+        if not self._due:
+            asyncio.get_running_loop().call_soon(self.flush)
+        if box not in self._due:
+            self._due.append(box)
+
+    def flush(self) -> None:
+        """Send what is due now (else at the end of this loop turn)."""
+        boxes, self._due = self._due, []
+        now = time.monotonic()
+        records: list[Record] = []
+        parts: list[tuple[Outbox, int, list[Record], list[_Told]]] = []
+        for box in boxes:
+            taken = box._take(now)
+            if taken is not None:
+                parts.append((box, len(records), *taken))
+                records += taken[0]
+        if not records:
+            return
+        self.sends += 1
+        self.records += len(records)
+        self.producer.produce_then(records, partial(self._settle, parts), self.timeout_s)
+
+    @staticmethod
+    def _settle(
+        parts: list[tuple[Outbox, int, list[Record], list[_Told]]],
+        result: dict[int, str] | DeliveryFailed,
+    ) -> None:
+        for box, first, records, told in parts:
+            if isinstance(result, DeliveryFailed) or not result:
+                box._settle(records, told, result)
+            else:  # the failed records' indexes, as the box's own
+                end = first + len(told)
+                own = {i - first: e for i, e in result.items() if first <= i < end}
+                box._settle(records, told, own)
+
+
+class Outbox:
+    def __init__(
+        self,
+        producer: ConfirmedProducer,
+        pacer: Pacer,
+        timeout_s: float = 30.0,
+        *,
+        sender: Sender | None = None,
+    ) -> None:
+        self.sender = sender or Sender(producer, timeout_s)
+        self.pacer = pacer
+        self.batches = 0  # sends this outbox took part in
         self.records = 0
         self._queued: list[Record] = []
-        self._told: list[_Delivery] = []
+        self._told: list[_Told] = []
         self._scheduled = False
         self._urgent = False
         self._inflight = 0  # sends not settled yet
@@ -68,6 +125,14 @@ class Outbox:
         self._queue(state, False)
         return state.give_up
 
+    def put(self, record: Record, what: str, done: Done) -> None:
+        """:meth:`deliver_then` without a way to give up: the hot path (no object per
+        record until a send of it fails)."""
+        self._queued.append(record)
+        self._told.append((what, done))
+        if not self._scheduled:
+            self._schedule()
+
     def deliver(self, record: Record, what: str) -> asyncio.Future[None]:
         """:meth:`deliver_then` as a future; cancel it to give up."""
         out: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -80,14 +145,17 @@ class Outbox:
         self._told.append(state)
         if urgent and not self._urgent:
             self._urgent = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.sender.due(self)
         elif not self._scheduled:
-            self._scheduled = True
-            wait = self.pacer.wait(time.monotonic())
-            if wait <= 0:  # with the rest of this loop turn's records
-                asyncio.get_running_loop().call_soon(self._flush)
-            else:
-                asyncio.get_running_loop().call_later(wait, self._flush)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        wait = self.pacer.wait(time.monotonic())
+        if wait <= 0:  # with the rest of this loop turn's records
+            self.sender.due(self)
+        else:
+            asyncio.get_running_loop().call_later(wait, self.sender.due, self)
 
     def _requeue(self, state: _Delivery) -> None:
         if not state.over:
@@ -108,51 +176,56 @@ class Outbox:
         else:
             state.finish(exc)
 
-    def _flush(self) -> None:
+    def _take(self, now: float) -> tuple[list[Record], list[_Told]] | None:
+        """What goes with the sender's send now: everything queued, when the pacer has a
+        token (an urgent record goes whatever it says); else None, and it is due again
+        once a token is back."""
         urgent, self._urgent = self._urgent, False
         if not urgent:
             self._scheduled = False
         if not self._queued:
-            return
-        now = time.monotonic()
+            return None
         if urgent:
             self.pacer.take(now)  # counts against the rate when a token is there
         elif not self.pacer.take(now):  # a token went elsewhere meanwhile: wait for the next
             self._scheduled = True
-            asyncio.get_running_loop().call_later(self.pacer.wait(now), self._flush)
-            return
-        self._send_queued()
-
-    def _send_queued(self) -> None:
-        """Everything queued, as one produce batch (no task: the producer calls back)."""
+            asyncio.get_running_loop().call_later(self.pacer.wait(now), self.sender.due, self)
+            return None
         records, told = self._queued, self._told
         self._queued, self._told = [], []
         self.batches += 1
         self.records += len(records)
         self._inflight += 1
-        self.producer.produce_then(records, partial(self._settle, told), self.timeout_s)
+        return records, told
 
-    def _settle(self, told: list[_Delivery], result: dict[int, str] | DeliveryFailed) -> None:
+    def _settle(
+        self, records: list[Record], told: list[_Told], result: dict[int, str] | DeliveryFailed
+    ) -> None:
         self._inflight -= 1
         if self._inflight == 0 and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
         if isinstance(result, DeliveryFailed):
-            for state in told:
-                self._tried(state, result)
+            for record, t in zip(records, told, strict=True):
+                self._tried(_state(record, t), result)
             return
-        for i, state in enumerate(told):
-            if i in result:
-                self._tried(state, DeliveryFailed(f"not delivered: {result[i]}"))
-            elif not state.over:  # the common case, without a call more
-                if state.delay:
-                    log.warning("%s: delivered after retrying", state.what)
-                state.over = True
-                state.done(None)
+        for i, t in enumerate(told):
+            if result and i in result:
+                failed = DeliveryFailed(f"not delivered: {result[i]}")
+                self._tried(_state(records[i], t), failed)
+            elif isinstance(t, tuple):  # the common case: sent once, told at once
+                t[1](None)
+            elif not t.over:
+                if t.delay:
+                    log.warning("%s: delivered after retrying", t.what)
+                t.over = True
+                t.done(None)
 
     async def close(self) -> None:
         """Send what is queued now and wait for every send in flight."""
         if self._queued:
-            self._send_queued()
+            self._urgent = True
+            self.sender.due(self)
+            self.sender.flush()
         if self._inflight:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle
@@ -174,6 +247,16 @@ class _Delivery:
 
     def give_up(self) -> None:
         self.over = True
+
+
+_Told = _Delivery | tuple[str, Done]  # a record on its way; a tuple: ``put``, not sent before
+
+
+def _state(record: Record, told: _Told) -> _Delivery:
+    """A record's way as an object (made when a send of a ``put`` record failed)."""
+    if isinstance(told, _Delivery):
+        return told
+    return _Delivery(record, told[0], told[1], retries=True)
 
 
 def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:

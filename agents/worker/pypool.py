@@ -8,7 +8,8 @@ Invariants:
   size passes ``max_rss_mb`` (or, when set, it ran ``max_jobs`` jobs): no restart per fixed
   number of jobs. At most ``size`` members exist.
 - The hot path is one non-blocking ``write`` and one ``read`` per job on the member's own
-  pipes, watched by the event loop (no stream objects, no task per call): a pooled job costs
+  pipes, watched by the event loop, the reply calling its caller back (no stream objects,
+  no task or future per call): a pooled job costs
   the worker tens of microseconds, not hundreds (``bench workers``).
 """
 
@@ -19,6 +20,8 @@ import os
 import signal
 import sys
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +54,24 @@ class Member:
         self._r = replies
         self._out = bytearray()  # request bytes the pipe did not take yet
         self._in = bytearray()  # reply bytes before a newline
-        self._reply: asyncio.Future[int | None] | None = None
+        self._reply: Callable[[int | None], object] | None = None
         self._open = True
         self._loop.add_reader(replies, self._readable)
 
-    def call(self, request: dict[str, Any]) -> asyncio.Future[int | None]:
-        """Send a job; a future of its exit code, or None when the interpreter ended instead."""
-        fut: asyncio.Future[int | None] = self._loop.create_future()
+    def call(self, request: dict[str, Any], reply: Callable[[int | None], object]) -> None:
+        """Send a job; ``reply(exit code)`` when it answered, ``reply(None)`` when the
+        interpreter ended instead (never from within this call)."""
         self.jobs += 1
         if not self._open:
-            fut.set_result(None)
-            return fut
-        self._reply = fut
+            self._loop.call_soon(reply, None)
+            return
+        self._reply = reply
         self._write(_encode(request) + b"\n")
+
+    def ask(self, request: dict[str, Any]) -> asyncio.Future[int | None]:
+        """:meth:`call` as a future."""
+        fut: asyncio.Future[int | None] = self._loop.create_future()
+        self.call(request, partial(_answer, fut))
         return fut
 
     def _write(self, data: bytes) -> None:
@@ -107,18 +115,19 @@ class Member:
         while (i := self._in.find(b"\n")) >= 0:
             line = bytes(self._in[:i])
             del self._in[: i + 1]
-            fut, self._reply = self._reply, None
-            if fut is not None and not fut.done():
+            reply, self._reply = self._reply, None
+            if reply is not None:
                 try:
-                    fut.set_result(int(line))
+                    rc: int | None = int(line)
                 except ValueError:  # not our protocol: treat the member as broken
-                    fut.set_result(None)
+                    rc = None
+                reply(rc)
 
     def _ended(self) -> None:
         self.close()
-        fut, self._reply = self._reply, None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        reply, self._reply = self._reply, None
+        if reply is not None:
+            reply(None)
 
     def close(self) -> None:
         """Stop watching and close this side of the pipes (idempotent)."""
@@ -141,6 +150,11 @@ class Member:
             except (ProcessLookupError, PermissionError):
                 pass
         self.close()
+
+
+def _answer(fut: asyncio.Future[int | None], rc: int | None) -> None:
+    if not fut.done():
+        fut.set_result(rc)
 
 
 class PyPool:

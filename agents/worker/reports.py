@@ -17,7 +17,7 @@ from typing import Any
 
 from agents.context import Context
 from agents.core.pacing import Pacer
-from agents.worker.outbox import Done, Outbox
+from agents.worker.outbox import Done, Outbox, Sender
 from agents.worker.runner import Outcome
 from streams.events import Dispatch, JobFailed, JobStarted, JobSucceeded, encode
 from streams.kafka import Record
@@ -29,18 +29,20 @@ class Reports:
         self.id = worker_id
         self.topic = ctx.topic("jobs.events")
         burst = max(1.0, s.worker_sends_per_s / 10)
-        self.events = Outbox(ctx.producer, Pacer(s.worker_sends_per_s, burst))
-        self.starts = Outbox(ctx.producer, Pacer(s.worker_start_sends_per_s, float(slots)))
+        self.sender = Sender(ctx.producer)  # starts and outcomes of a loop turn: one produce
+        self.events = Outbox(ctx.producer, Pacer(s.worker_sends_per_s, burst), sender=self.sender)
+        pacer = Pacer(s.worker_start_sends_per_s, float(slots))
+        self.starts = Outbox(ctx.producer, pacer, sender=self.sender)
         self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def sends(self) -> int:
-        """Produce batches made so far (cumulative: ≤ ``records`` when batched)."""
-        return self.events.batches + self.starts.batches
+        """Produce calls made so far (cumulative: ≤ ``records`` when batched)."""
+        return self.sender.sends
 
     @property
     def records(self) -> int:
-        return self.events.records + self.starts.records
+        return self.sender.records
 
     def record(self, d: Dispatch, event: Any) -> Record:
         return Record(self.topic, encode(event), (d.group or d.job_id).encode())
@@ -48,11 +50,11 @@ class Reports:
     def start(self, d: Dispatch, done: Done) -> JobStarted:
         """Send ``d``'s start; ``done(error)`` once the broker has it (or it was given up)."""
         started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
-        self.starts.deliver_then(self.record(d, started), "publish started", done)
+        self.starts.put(self.record(d, started), "publish started", done)
         return started
 
     def outcome(self, d: Dispatch, event: JobSucceeded | JobFailed, done: Done) -> None:
-        self.events.deliver_then(self.record(d, event), "publish outcome", done)
+        self.events.put(self.record(d, event), "publish outcome", done)
 
     def failure(self, job_id: str, attempt: int, group: str | None, error: str) -> Record:
         """A non-retryable failure of one attempt (what a cancelled, superseded or unrunnable

@@ -274,7 +274,7 @@ async def _run_pooled(
     h.attach(member.proc)
     healthy = False
     try:
-        reply = member.call(pooled_request(d, p))
+        reply = member.ask(pooled_request(d, p))
         reason = await _wait(reply, h, p.limit_s)
         if reason is not None:
             await stop_group(member.proc, h, kill_grace_s)

@@ -72,6 +72,8 @@ class Slots:
         self._changed: list[asyncio.Future[bool]] = []
         self._room: tuple[int, asyncio.Future[bool]] | None = None  # (room wanted, waiter)
         backlog.on_superseding = self._supersede_buffered
+        self._tracing = ctx.tracer.on
+        self._metrics = ctx.metrics if ctx.metrics.enabled else None
 
     @property
     def free(self) -> int:
@@ -125,8 +127,9 @@ class Slots:
         committable position never skips a started dispatch."""
         if self.stopping:
             return  # draining: the buffered dispatches go to the next owner
-        while self.backlog.items and self.free > 0:
-            self.take(self.backlog.pop_next())
+        while self.backlog.items and (free := self.free) > 0:
+            for msg in self.backlog.pop_upto(free):
+                self.take(msg)
 
     def take(self, msg: Buffered) -> None:
         d = msg.dispatch
@@ -167,10 +170,10 @@ class Slots:
             run.handle.pause()  # paused before it got here: its process starts stopped
         self.attempt_of[d.job_id] = d.attempt
         started = self.reports.start(d, partial(self._started, run))
-        if self.ctx.tracer.on:
+        if self._tracing:
             self.ctx.tracer.mark("started", d.job_id, at=started.at)
-        m = self.ctx.metrics
-        if m.enabled:
+        m = self._metrics
+        if m is not None:
             tags = {"kind": d.kind, "tenant": d.tenant}
             m.observe("start_latency_ms", max(0.0, (started.at - d.submitted_at) * 1000), tags)
             m.observe("dispatch_to_start_ms", max(0.0, (started.at - d.dispatched_at) * 1000))
@@ -204,7 +207,7 @@ class Slots:
             )
             self.seen.pop(run.key, None)  # redelivered here later, it runs
             assert run.d is not None
-            self._metrics(run.d, Outcome(False, None, "", 0.0, None, True), "moved")
+            self._measure(run.d, Outcome(False, None, "", 0.0, None, True), "moved")
             self._end(run)
             return
         self.executor.begin(run)
@@ -220,7 +223,7 @@ class Slots:
             # cancelled or superseded: the job's state moved on in PostgreSQL already; the
             # report (fenced off there) says the attempt's process is over, so what it holds
             # is given back
-            self._metrics(d, outcome, "cancelled")
+            self._measure(d, outcome, "cancelled")
             record = self.reports.ended(d, self.cancelled[key])
             self.reports.events.deliver_then(
                 record, "publish outcome", partial(self._reported, run, None, "")
@@ -233,7 +236,7 @@ class Slots:
         if handed_back:
             self.handed_back += 1
         event = self.reports.outcome_event(d, outcome, handed_back=handed_back)
-        if self.ctx.tracer.on:
+        if self._tracing:
             self.ctx.tracer.mark("finished", d.job_id, at=event.at)
         result = "succeeded" if outcome.ok else "handed_back" if handed_back else "failed"
         self.reports.outcome(d, event, partial(self._reported, run, outcome, result))
@@ -245,10 +248,10 @@ class Slots:
             log.warning("job %s attempt %d: its outcome was not sent: %s", *run.key, exc)
         elif outcome is not None:
             assert run.d is not None
-            if self.ctx.tracer.on:
+            if self._tracing:
                 self.ctx.tracer.mark("outcome_confirmed", run.d.job_id)
             self.completed += 1
-            self._metrics(run.d, outcome, result)
+            self._measure(run.d, outcome, result)
         self._end(run)
 
     def _end(self, run: Run) -> None:
@@ -266,8 +269,10 @@ class Slots:
         self.start_backlog()
         self._notify()
 
-    def _metrics(self, d: Dispatch, outcome: Outcome, result: str) -> None:
-        m = self.ctx.metrics
+    def _measure(self, d: Dispatch, outcome: Outcome, result: str) -> None:
+        m = self._metrics
+        if m is None:
+            return
         m.count("jobs_finished", {"kind": d.kind, "result": result})
         m.observe("run_ms", outcome.duration_s * 1000, {"kind": d.kind})
 

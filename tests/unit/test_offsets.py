@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.core.offsets import OffsetTracker, next_to_start
+from agents.core.offsets import OffsetTracker, next_to_start, start_order
 
 
 @given(
@@ -81,6 +81,20 @@ def test_start_order_keeps_offset_order_within_a_partition_and_picks_the_earlies
     for tp in {tp for tp, _ in buffered}:
         order = [i for p, _, i in started if p == tp]
         assert order == sorted(order)
+
+
+@given(buffers, st.integers(0, 20))
+def test_a_batch_starts_in_the_order_of_one_pick_at_a_time(
+    buffered: list[tuple[int, float]], n: int
+) -> None:
+    """``start_order`` (a whole batch in one pass) picks what ``next_to_start`` picks when
+    asked again after each pick."""
+    items = list(enumerate(buffered))
+    one_by_one: list[int] = []
+    while items and len(one_by_one) < n:
+        k = next_to_start([b for _, b in items])
+        one_by_one.append(items.pop(k)[0])
+    assert start_order(buffered, n) == one_by_one
 
 
 def test_an_urgent_dispatch_lifts_its_partition_and_overtakes_the_others() -> None:
