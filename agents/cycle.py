@@ -9,6 +9,11 @@ and hands it to :func:`agents.dependencies.handle_cycle`: submissions and lifecy
 one PostgreSQL transaction, ready jobs to the admission owner. Then the cycle's offsets are
 stored, and committed every half second and before partitions move.
 
+What the consumer has buffered is drained into two lanes (``agents.core.lanes``), up to
+``LANE_BATCHES`` × ``batch_size`` messages, and each cycle takes lifecycle events and ready jobs
+before submissions: a burst of submissions no longer holds the outcomes fetched behind it
+(which free capacity and let admission dispatch more) until the whole burst is inserted.
+
 Invariants:
 - An offset is stored only after its cycle is durable in PostgreSQL and its follow-up events
   are confirmed by the broker; what a crash leaves uncommitted is read again, and handling it
@@ -18,6 +23,10 @@ Invariants:
   completions, in order.
 - An unexpected error in a cycle never stops the stream: the cycle is retried message by
   message, and a message that still fails is dead-lettered with the error as the reason.
+- Offsets are stored per partition after the last message handled, and the lanes hand a
+  partition's messages out in order, so a stored offset never skips a message; the messages
+  of a partition that is revoked or lost are dropped from the lanes (its next owner reads
+  them again from the committed offset).
 - Consumer calls run on one thread at a time: the cycle's own thread while it waits for the
   first message, the event loop's thread (without waiting) between cycles.
 """
@@ -34,13 +43,16 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from agents.context import Context, RawMessage
+from agents.core.lanes import Lanes
 from agents.deadletter import dead_letter
 from streams.events import event_type
 from streams.kafka import client_config
 
 log = logging.getLogger("jobstream.cycle")
 HOT_TOPICS = ("jobs.independent", "jobs.dependent", "jobs.events", "jobs.ready")
+INTAKE_TOPICS = ("jobs.independent", "jobs.dependent")
 WAIT_S = 0.2  # the longest a fetch waits on its thread before looking at ``stopping`` again
+LANE_BATCHES = 20  # fetched and not handled yet: at most this many cycles' worth of messages
 Handler = Callable[[Context, Sequence[RawMessage]], Awaitable[object]]
 
 
@@ -99,10 +111,12 @@ class HotCycle:
         self.topics = [ctx.topic(t) for t in HOT_TOPICS]
         self.ready_topic = ctx.topic("jobs.ready")
         self.events_topic = ctx.topic("jobs.events")
+        self.lanes: Lanes[RawMessage] = Lanes([ctx.topic(t) for t in INTAKE_TOPICS])
         self.consumer = Consumer(cycle_consumer_config(ctx))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cycle-consumer")
         self._busy = False  # a consumer call is on its way in ``_pool``
         self._assignment: frozenset[tuple[str, int]] | None = None
+        self._intake_paused: bool | None = False  # None: not known (the assignment changed)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
 
@@ -118,11 +132,13 @@ class HotCycle:
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info("cycle assigned %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
         self._assignment = frozenset((tp.topic, tp.partition) for tp in partitions)
+        self._intake_paused = None  # resumed by the next cycle unless its lane is full
         self._changed()
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         log.info("cycle revoked %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
         self._commit(consumer)  # what this member handled, before the partitions move
+        self._drop(partitions)
         self._assignment = frozenset()
         self._changed()
 
@@ -130,8 +146,40 @@ class HotCycle:
         """The group went on without this member: nothing is committed (the partitions may
         be read elsewhere already); what was not committed is read again by their owner."""
         log.warning("cycle lost %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+        self._drop(partitions)
         self._assignment = frozenset()
         self._changed()
+
+    def _drop(self, partitions: list[TopicPartition]) -> None:
+        """Forget the fetched messages of partitions leaving this member. The callbacks run
+        inside a consumer call: on the loop's thread while the lanes hold messages (only
+        ``fetch_buffered`` calls the consumer then), else on the consumer's thread while the
+        loop waits for a fetch with empty lanes; never beside the loop touching the lanes."""
+        dropped = self.lanes.drop({(tp.topic, tp.partition) for tp in partitions})
+        if dropped:
+            log.info("cycle: %d fetched messages of moving partitions dropped", dropped)
+
+    def _pace_intake(self, bound: int) -> None:
+        """Pause the intake topics' partitions while ``bound`` submissions wait in their
+        lane, resume them once half of those are handled. Pausing drops what the consumer
+        prefetched of them (it fetches again from the next message not handed out), so the
+        lifecycle events fetched behind a burst of submissions reach the urgent lane at
+        once instead of after the burst. On the loop's thread, between consumer calls."""
+        waiting = len(self.lanes.intake)
+        if waiting >= bound and self._intake_paused is not True:
+            pause = True
+        elif waiting <= bound // 2 and self._intake_paused is not False:
+            pause = False
+        else:
+            return
+        intake = self.lanes.intake_topics
+        parts = [TopicPartition(t, p) for t, p in self._assignment or () if t in intake]
+        try:
+            if parts:
+                (self.consumer.pause if pause else self.consumer.resume)(parts)
+            self._intake_paused = pause
+        except KafkaException as exc:  # a partition revoked meanwhile: the next cycle retries
+            log.info("cycle: intake %s failed (%s)", "pause" if pause else "resume", exc)
 
     def _changed(self) -> None:
         if self._loop is not None:
@@ -162,6 +210,10 @@ class HotCycle:
         if room <= 1:
             return [first]
         return [first, *self.consumer.consume(num_messages=room - 1, timeout=0)]
+
+    def fetch_buffered(self, room: int) -> list[Any]:
+        """What the consumer has buffered now, up to ``room``, on the loop's thread."""
+        return list(self.consumer.consume(num_messages=room, timeout=0)) if room > 0 else []
 
     async def fetch(self, room: int, timeout_s: float = WAIT_S) -> list[Any]:
         """What is buffered now, taken on the loop's thread without waiting; else wait on
@@ -211,12 +263,20 @@ class HotCycle:
             )
         )
         limit = self.ctx.settings.batch_size
+        bound = LANE_BATCHES * limit
+        lanes = self.lanes
         try:
             while not self.stopping:
-                batch = self._raw(await self.fetch(limit))
-                if not batch:
+                if lanes:  # work waits: add what is buffered, without waiting for more
+                    lanes.add(self._raw(self.fetch_buffered(max(bound - len(lanes), limit))))
+                else:
+                    lanes.add(self._raw(await self.fetch(bound)))
+                self._pace_intake(bound)
+                if not lanes:
                     continue
-                await self._hold_starts(batch)
+                batch = lanes.take(limit)
+                if not lanes:
+                    await self._hold_starts(batch)
                 await handle_safely(self.ctx, "cycle", self.handler, batch)
                 self._store(batch)
         finally:

@@ -83,6 +83,18 @@ class Executor:
         self.pool = PyPool(size, s.worker_pool_max_jobs, s.worker_pool_max_rss_mb)
         self._timed: set[Run] = set()
         self._ticker: asyncio.TimerHandle | None = None
+        self._warming: asyncio.Task[None] | None = None
+
+    def warm(self) -> None:
+        """Start the interpreter pool's members in the background when a kind runs in it."""
+        if any(k.entrypoint for k in self.ctx.settings.kinds.values()):
+            self._warming = asyncio.create_task(self._warm())
+
+    async def _warm(self) -> None:
+        try:
+            await self.pool.warm()
+        except Exception:  # the jobs start their members on demand, as without warming
+            log.exception("warming the interpreter pool failed")
 
     def begin(self, run: Run) -> None:
         """Run the attempt whose start is confirmed; ``finish`` is called with its outcome."""
@@ -221,6 +233,8 @@ class Executor:
         return Outcome(False, None, error, 0.0, None, True)
 
     async def close(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
         await self.pool.close()

@@ -114,6 +114,7 @@ class Worker:
         self.slots.progress_dir.mkdir(parents=True, exist_ok=True)
         await self.dispatches.subscribe(self.topics())
         await self.control.assign()
+        self.slots.executor.warm()
         beat = asyncio.create_task(self.heartbeats.run(self.stopping))
         controls = asyncio.create_task(self.control.run())
         clean = False

@@ -238,6 +238,16 @@ class PyPool:
         self.members += 1
         return Member(proc, requests, replies)
 
+    async def warm(self) -> None:
+        """Start members until ``size`` exist, one at a time, each idle once it runs: the
+        first jobs find warm interpreters instead of waiting for ``size`` of them to start
+        at once on a busy machine (seconds). A job that arrives meanwhile starts its own
+        member as usual; warming stops when the pool is full."""
+        while self.members < self.size:
+            member = await self._start()
+            self.idle.append(member)
+            self._wake()
+
     def release(self, member: Member, healthy: bool) -> None:
         if healthy and member.proc.returncode is None and not self._worn(member):
             self.idle.append(member)
