@@ -31,7 +31,15 @@ import psycopg
 
 from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Gate, Limit, Need
 from agents.core.depth import UNITS
-from agents.rows import DISPATCH_COLS, QUEUED_COLS, DispatchJob, QueuedRow, ReadyJob, q
+from agents.rows import (
+    DISPATCH_COLS,
+    QUEUED_COLS,
+    DispatchJob,
+    QueuedRow,
+    ReadyJob,
+    json_rows,
+    q,
+)
 
 Conn = psycopg.AsyncConnection[Any]
 Cursor = psycopg.AsyncCursor[Any]
@@ -157,24 +165,25 @@ async def release_attempt_holds(
     into what it released itself (a hot cycle): its own admission ignores the NOTIFY."""
     if not attempts:
         return
-    ids = [a[0] for a in attempts]
-    nums = [a[1] for a in attempts]
+    rows = json_rows(attempts)
     await conn.execute(
         """SELECT name FROM semaphores WHERE name IN
-           (SELECT h.name FROM job_holds h JOIN unnest(%s::text[], %s::int[]) AS v(id, attempt)
+           (SELECT h.name FROM job_holds h JOIN (SELECT a->>0 AS id, (a->>1)::int AS attempt
+                                                 FROM jsonb_array_elements(%s::jsonb) a) v
             ON h.job_id = v.id AND h.attempt = v.attempt) ORDER BY name FOR UPDATE""",
-        (ids, nums),
+        (rows,),
     )
     await conn.execute(
-        """WITH d AS (DELETE FROM job_holds h USING unnest(%s::text[], %s::int[])
-                     AS v(id, attempt)
+        """WITH d AS (DELETE FROM job_holds h
+                     USING (SELECT a->>0 AS id, (a->>1)::int AS attempt
+                            FROM jsonb_array_elements(%s::jsonb) a) AS v
                      WHERE h.job_id = v.id AND h.attempt = v.attempt
                      RETURNING h.name, h.amount),
            v AS (SELECT name, sum(amount)::int AS amount FROM d GROUP BY name),
            u AS (UPDATE semaphores s SET used = greatest(0, s.used - v.amount)
                  FROM v WHERE s.name = v.name RETURNING s.name)
            SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM u LIMIT 1) AS released""",
-        (ids, nums, CHANNEL, release_payload(origin)),
+        (rows, CHANNEL, release_payload(origin)),
     )
 
 
@@ -408,7 +417,8 @@ async def admit_locked(
         h AS (INSERT INTO job_history (job_id, attempt, event)
               SELECT id, attempt, 'dispatched' FROM d),
         v AS (SELECT v.id, d.attempt, v.name, v.amount
-              FROM unnest(%s::text[], %s::text[], %s::int[]) AS v(id, name, amount)
+              FROM (SELECT h->>0 AS id, h->>1 AS name, (h->>2)::int AS amount
+                    FROM jsonb_array_elements(%s::jsonb) h) AS v
               JOIN d ON d.id = v.id),
         held AS (INSERT INTO job_holds (job_id, attempt, name, amount) SELECT * FROM v),
         used AS (UPDATE semaphores s SET used = s.used + t.amount
@@ -424,9 +434,7 @@ async def admit_locked(
         ),
         (
             [c.id for c in accepted],
-            [h[0] for h in holds],
-            [h[1] for h in holds],
-            [h[2] for h in holds],
+            json_rows(holds),
             now,
             [x[0] for x in log],
             [x[1] for x in log],
