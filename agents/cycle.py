@@ -219,9 +219,9 @@ class HotCycle:
         """What is buffered now, taken on the loop's thread without waiting; else wait on
         the consumer's thread for the first message, up to ``timeout_s``."""
         if not self._busy:
-            now = self.consumer.consume(num_messages=room, timeout=0)
+            now = self.fetch_buffered(room)
             if now:
-                return list(now)
+                return now
         return list(await self._on_thread(lambda: self._wait_fetch(room, timeout_s)))
 
     def _raw(self, msgs: Sequence[Any]) -> list[RawMessage]:
