@@ -291,7 +291,8 @@ async def _run_pooled(
 
 
 async def stop_group(proc: asyncio.subprocess.Process, h: AttemptHandle, grace_s: float) -> None:
-    """SIGTERM the process group, SIGKILL after ``grace_s``; wait for the end."""
+    """SIGTERM the process group, SIGKILL after ``grace_s``; wait for the end of the job's
+    process and of what it left running in its group."""
     h.resume()
     signal_group(proc, signal.SIGTERM)
     waiter = asyncio.ensure_future(proc.wait())
@@ -300,6 +301,22 @@ async def stop_group(proc: asyncio.subprocess.Process, h: AttemptHandle, grace_s
     except TimeoutError:
         signal_group(proc, signal.SIGKILL)
         await waiter
+    await _clear_group(proc.pid)
+
+
+async def _clear_group(pgid: int, bound_s: float = 1.0) -> None:
+    """SIGKILL whatever is left in the job's process group (a background child that ignored
+    SIGTERM) until the group is empty: killed processes that are not ours to reap die
+    asynchronously. Bounded, since an exited child waits for its new parent to reap it."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.02)
 
 
 def python_path(kind_env: dict[str, str]) -> str:
