@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from agents.admstore import AdmitResult, CyclePlan, CyclePlanner
 from agents.errors import StoreUnavailable
 from agents.metrics import Metrics, process_tags
 from agents.pools import (
@@ -23,9 +22,10 @@ from agents.pools import (
     ensure_pool_topics,
     pool_of,
 )
-from agents.rows import ReadyJob
 from agents.settings import Settings
 from agents.store import PostgresJobStore
+from agents.store.admission import AdmitResult, CyclePlan, CyclePlanner
+from agents.store.rows import ReadyJob
 from agents.trace import Tracer
 from streams.errors import DeliveryFailed, KafkaUnavailable
 from streams.kafka import ConfirmedProducer, producer_config

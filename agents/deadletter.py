@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agents.context import Context, RawMessage, retrying
-from agents.rows import DeadLetterRow
+from agents.store.rows import DeadLetterRow
 from streams.errors import InvalidEvent
 from streams.events import decode
 from streams.kafka import Record, dead_letter_record

@@ -12,7 +12,7 @@ reordered lifecycle events, operators cancelling and retrying running jobs (also
 being declared lost), and a log disk that fails. The first faults are one of each kind (in a
 random order), so even a short run draws every kind; the rest are drawn at random.
 
-Verdict (``agents/invariants.py``): 0 jobs lost or unfinished, 0 double successes, no
+Verdict (``agents/store/checks.py``): 0 jobs lost or unfinished, 0 double successes, no
 dependency-order or rate-limit violation, semaphores balanced and free at the end; sampled
 during the run, no job dispatched or running without a live owner beyond the liveness bound
 plus a margin; from the scanners' own ledger, the licence server never held by more running
@@ -35,8 +35,8 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 from rich.progress import Progress
 
-from agents.invariants import check, owner_violations, process_overcommit
 from agents.pools import dispatch_partition
+from agents.store.checks import check, owner_violations, process_overcommit
 from bench.faults import FAULTS, Faults
 from bench.harness import Run
 from bench.workers import _wait_workers

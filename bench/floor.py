@@ -144,7 +144,7 @@ def scheduler_role(
     """A faust agent: completion → one durable transaction → dispatch (runs until killed)."""
     import faust
 
-    from agents.app import faust_app
+    from agents.scheduler.app import faust_app
 
     app = faust_app(app_id, bootstrap)
     completions = app.topic(events_topic, value_type=bytes, key_type=bytes)

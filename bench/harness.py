@@ -155,7 +155,7 @@ class Run:
         self.env = env
         load_settings(env)  # validate the environment like the processes do
         subprocess.run(
-            [sys.executable, "-m", "agents.cli", "db", "migrate"],
+            [sys.executable, "-m", "agents.ops.cli", "db", "migrate"],
             env=env,
             check=True,
             cwd=ROOT,
@@ -166,7 +166,7 @@ class Run:
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start ``jobstream ARGS`` (``env``: extra variables for this process); its output
         goes to ``/tmp/<run>/<n>-<command>.log``."""
-        return self.spawn("agents.cli", *args, env=env)
+        return self.spawn("agents.ops.cli", *args, env=env)
 
     def spawn(
         self, module: str, *args: str, env: dict[str, str] | None = None

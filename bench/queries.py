@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 from rich.progress import Progress
 
-from agents import queries
 from agents.store import PostgresJobStore
+from agents.store import reads as queries
 from bench.harness import ROOT, fresh_database
 
 
@@ -116,7 +116,7 @@ def _run(dsn: str, rows: int, show: bool) -> dict[str, Any]:
 
         def cmd(a: list[str] = args) -> None:
             subprocess.run(
-                [sys.executable, "-m", "agents.cli", *a],
+                [sys.executable, "-m", "agents.ops.cli", *a],
                 env=env,
                 cwd=ROOT,
                 check=True,
@@ -127,7 +127,7 @@ def _run(dsn: str, rows: int, show: bool) -> dict[str, Any]:
     startup = round(
         best(
             lambda: subprocess.run(
-                [sys.executable, "-m", "agents.cli", "--help"],
+                [sys.executable, "-m", "agents.ops.cli", "--help"],
                 env=env,
                 cwd=ROOT,
                 check=True,

@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from agents.invariants import check
+from agents.store.checks import check
 from bench.harness import Feeder, Run
 from bench.harness import service as run_script
 from bench.workers import _wait_workers

@@ -41,7 +41,7 @@ class Proc:
         self.log = log
         self._fh = log.open("ab")
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "agents.cli", *args],
+            [sys.executable, "-m", "agents.ops.cli", *args],
             env=env,
             stdout=self._fh,
             stderr=subprocess.STDOUT,
@@ -99,7 +99,7 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``jobstream ARGS`` as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "agents.cli", *args],
+        [sys.executable, "-m", "agents.ops.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

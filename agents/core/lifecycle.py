@@ -24,8 +24,8 @@ Invariants (property-tested):
 
 The dependency stage locks the rows a batch's events touch, folds each job's events here
 (:func:`fold`) and writes the result guarded by the state and attempt it read
-(``agents.depstore``); the dispatch and cancel guards in SQL are the same table expressed as
-``UPDATE … WHERE state = ANY(…) AND attempt = …``.
+(``agents.store.dependencies``); the dispatch and cancel guards in SQL are the same table
+expressed as ``UPDATE … WHERE state = ANY(…) AND attempt = …``.
 """
 
 from __future__ import annotations

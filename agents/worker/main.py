@@ -17,7 +17,7 @@ Invariants:
   after (``agents.worker.slots``): a worker that dies between the start and the commit has
   the dispatch redelivered to another worker (run again as the same attempt: completion
   stays single by attempt); one that dies after falls silent, and the monitor
-  (``agents.monitor``) retries its running jobs as a new attempt. A late report from the
+  (``agents.scheduler.monitor``) retries its running jobs as a new attempt. A late report from the
   old attempt is fenced off by the attempt number.
 - A worker whose loop fails hands its running jobs back before its ``stopped`` heartbeat.
 - SIGTERM drains: no new work, the partitions go to live workers at once, running jobs get

@@ -1,4 +1,4 @@
-"""Cancels and retries against real PostgreSQL (``agents.ctlstore``): in their order on the
+"""Cancels and retries against real PostgreSQL (``agents.store.commands``): in their order on the
 topic, exactly once per offset, a cancel aimed at an attempt only while it is in flight."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import asyncio
 
 import psycopg
 
-from agents.ctlstore import JobCommand
-from agents.rows import Accepted
 from agents.store import PostgresJobStore
+from agents.store.commands import JobCommand
+from agents.store.rows import Accepted
 from streams.events import JobSpec
 
 TOPIC = "t.jobs.control"

@@ -1,4 +1,4 @@
-"""The hot cycle under a burst of submissions (agents.cycle, agents.core.lanes): lifecycle
+"""The hot cycle under a burst of submissions (agents.scheduler.cycle, agents.core.lanes): lifecycle
 events fetched behind the burst are handled while it is still being inserted, so workers
 keep running jobs instead of waiting for the whole burst to be accepted."""
 

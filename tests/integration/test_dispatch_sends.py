@@ -9,13 +9,13 @@ import time
 
 import psycopg
 
-from agents import admstore
-from agents.admstore import AdmitResult, Candidate
-from agents.app import reconcile_once
 from agents.context import Context
 from agents.core.admission import GLOBAL, SLOTS
-from agents.rows import Accepted
+from agents.scheduler.app import reconcile_once
 from agents.settings import Settings
+from agents.store import admission as admstore
+from agents.store.admission import AdmitResult, Candidate
+from agents.store.rows import Accepted
 from streams.events import Dispatch, decode
 from streams.topics import TopicRegistry
 from tests.helpers import read_topic

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from agents.invariants import check
 from agents.settings import Settings
 from agents.store import PostgresJobStore
+from agents.store.checks import check
 from bench.harness import service
 from streams.events import JobSpec
 from streams.kafka import apply_topics, wait_for_broker

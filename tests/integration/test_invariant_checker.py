@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import psycopg
 
-from agents.invariants import check
+from agents.store.checks import check
 
 
 def _seed(dsn: str, history: list[tuple[str, str]], finished_at: str, started_at: str) -> None:

@@ -367,7 +367,7 @@ def test_inline_turns_decide_exactly_as_the_general_turn(
 
 def test_only_admissions_beyond_a_slot_and_the_global_share_hold_something_shared() -> None:
     from agents.core.admission import needs_for
-    from agents.dispatching import holds_shared
+    from agents.scheduler.dispatching import holds_shared
 
     assert not holds_shared(needs_for("noop", [], None, False))
     assert holds_shared(needs_for("scan", ["resource:licence"], None, False))

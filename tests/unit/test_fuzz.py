@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.cli import load_workflow
 from agents.core.command import TemplateError, render_argv
 from agents.errors import ConfigError
-from agents.telemetry import parse
+from agents.ops.cli import load_workflow
+from agents.scheduler.telemetry import parse
 from streams.errors import InvalidEvent
 from streams.events import (
     AnyEvent,

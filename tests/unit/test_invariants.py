@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.invariants import process_overcommit, window_violations
+from agents.store.checks import process_overcommit, window_violations
 
 
 @given(

@@ -1,8 +1,8 @@
-"""The monitor's choice of dispatches to hand back (agents.monitor.unowned)."""
+"""The monitor's choice of dispatches to hand back (agents.scheduler.monitor.unowned)."""
 
 from __future__ import annotations
 
-from agents.monitor import unowned
+from agents.scheduler.monitor import unowned
 from agents.store import Undelivered
 
 

@@ -27,8 +27,8 @@ import psycopg
 
 from agents.core.deps import DependencyIndex
 from agents.core.lifecycle import CANCEL_ATTEMPT_FROM, CANCEL_FROM, State
-from agents.depstore import apply_decisions, load_working_set
-from agents.rows import ReadyJob, states
+from agents.store.dependencies import apply_decisions, load_working_set
+from agents.store.rows import ReadyJob, states
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -161,7 +161,7 @@ async def apply_commands(
                 continue
             jid, group, was, attempt = row
             # an attempt in flight keeps its holds until its end is reported (its process
-            # may still be stopping): ``agents.depstore``, or the monitor's sweep
+            # may still be stopping): ``agents.store.dependencies``, or the monitor's sweep
             in_flight = was in (State.DISPATCHED, State.RUNNING)
             applied.cancelled.append(Cancelled(jid, group, attempt if in_flight else None))
             changed.append(jid)

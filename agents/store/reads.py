@@ -13,7 +13,7 @@ from typing import Any
 
 from psycopg.rows import dict_row
 
-from agents.store import PostgresJobStore
+from agents.store.jobstore import PostgresJobStore
 
 ACTIVE_STATES = ("waiting", "ready", "dispatched", "running")
 

@@ -3,7 +3,7 @@
     JOBSTREAM_STATUS_BIND=127.0.0.1:8088   where (default; "" turns it off)
     JOBSTREAM_STATUS_TOKEN=...             required when the address is not loopback
 
-Routes: ``/`` the page (``agents/web/status.html``: queues per tenant and kind, throughput
+Routes: ``/`` the page (``agents/ops/web/status.html``: queues per tenant and kind, throughput
 and latency charts, workers with heartbeats, recent failures and dead letters; ``/?job=ID``
 adds the job's DAG), ``/api/status``, ``/api/job/{id}``, ``/healthz``.
 
@@ -28,8 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from agents import queries
 from agents.context import Context
+from agents.store import reads as queries
 
 log = logging.getLogger("jobstream.status")
 PAGE = Path(__file__).resolve().parent / "web" / "status.html"

@@ -15,10 +15,10 @@ import asyncio
 import logging
 from collections.abc import Collection, Mapping, Sequence
 
-from agents.admstore import Candidate, Dispatched
 from agents.context import Context, retrying
 from agents.core.admission import ALL, GLOBAL, SLOTS
-from agents.rows import DispatchJob
+from agents.store.admission import Candidate, Dispatched
+from agents.store.rows import DispatchJob
 from streams.events import AdmissionDecision, Dispatch, encode
 from streams.kafka import Record
 

@@ -25,8 +25,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agents.control import check as check_control
 from agents.errors import ConfigError, JobstreamError, StoreUnavailable
+from agents.scheduler.control import check as check_control
 from agents.settings import Settings, load_settings
 from streams.errors import InvalidEvent, KafkaUnavailable, StreamsError
 from streams.events import Control, JobId, JobSpec, encode
@@ -658,7 +658,7 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Queues, rates, workers, gates and the brake at a glance."""
-    from agents import queries
+    from agents.store import reads as queries
 
     data: dict[str, Any] = _query(config, lambda store: queries.status(store, window))
     if as_json:
@@ -715,7 +715,7 @@ def jobs(
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs, newest first, with filters and paging (--after LAST_ID)."""
-    from agents import queries
+    from agents.store import reads as queries
 
     if state is not None and state not in STATE_STYLE:
         raise ConfigError(f"unknown state {state!r}; one of {', '.join(STATE_STYLE)}")
@@ -762,7 +762,7 @@ def _since(text: str | None) -> datetime | None:
 @dl_app.command("show")
 def deadletter_show(dl_id: int, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """One dead letter: origin, reason, and the original bytes (as text where possible)."""
-    from agents import queries
+    from agents.store import reads as queries
 
     row: dict[str, Any] | None = _query(config, lambda store: queries.dead_letter(store, dl_id))
     if _missing_or_json(row, f"no dead letter {dl_id}", as_json) or row is None:
@@ -785,7 +785,7 @@ def deadletter_replay(
     """Publish dead letters again to their original topic, byte for byte (after a fix: a new
     kind, a schema change). Idempotent: replayed ones are skipped unless --force, and intake
     accepts a job id once."""
-    from agents import queries
+    from agents.store import reads as queries
     from streams.kafka import ConfirmedProducer, Record, producer_config
 
     s = _settings(config)
@@ -828,8 +828,8 @@ def deadletter_list(limit: int = 50, config: ConfigOpt = None, as_json: JsonOpt 
 @app.command()
 def scheduler(config: ConfigOpt = None) -> None:
     """Run the scheduler's stream agents (intake, admission, outcomes) until stopped."""
-    from agents.app import run_scheduler
     from agents.context import Context
+    from agents.scheduler.app import run_scheduler
 
     s = _settings(config)
     s.require_kafka()
@@ -877,7 +877,7 @@ def demo(
 ) -> None:
     """Run everything in one process (embedded broker and PostgreSQL unless configured),
     submit a sample workload, run it to completion and print a summary."""
-    from agents.demo import run_demo
+    from agents.ops.demo import run_demo
 
     s = _settings(config)
     started = time.monotonic()

@@ -1,5 +1,5 @@
 """Operator controls from ``jobs.control``: pause/resume, priority, run-time rate limits,
-cancel and retry of jobs (applied in order and exactly once: ``agents.ctlstore``).
+cancel and retry of jobs (applied in order and exactly once: ``agents.store.commands``).
 
 Each command is applied durably in PostgreSQL (``pauses``, ``rate_limits``, ``jobs.priority``)
 and announced with ``NOTIFY`` in the same transaction, so every admission process (whichever
@@ -14,11 +14,11 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
-from agents import admstore
 from agents.context import Context, RawMessage, retrying
-from agents.ctlstore import JobCommand
 from agents.deadletter import Rejected, dead_letter
-from agents.intake import forward_ready
+from agents.scheduler.intake import forward_ready
+from agents.store import admission as admstore
+from agents.store.commands import JobCommand
 from streams.errors import InvalidEvent
 from streams.events import Control, JobCancelled, decode, encode
 from streams.kafka import Record
@@ -116,7 +116,7 @@ async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
 
 async def _job_commands(ctx: Context, cmds: Sequence[tuple[RawMessage, Control]]) -> list[Rejected]:
     """Cancels and retries, applied in PostgreSQL in their order on the topic and exactly
-    once (``agents.ctlstore``); dependents follow their trigger rule or wait again. Then each
+    once (``agents.store.commands``); dependents follow their trigger rule or wait again. Then each
     cancel is announced (``job.cancelled`` on ``jobs.events``, keyed by the job's group) and,
     when an attempt was in flight, aimed at that attempt on ``jobs.control`` (workers stop it;
     a cancel without an attempt never reaches a process: replayed later, it could stop a

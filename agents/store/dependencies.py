@@ -5,7 +5,7 @@ transaction.
 Invariants:
 - Inserting is idempotent on job id; edges are stored once (``job_deps``).
 - Lifecycle events are guarded by state and attempt (``agents.core.lifecycle``);
-  ``job.cancelled`` is an announcement (the control stage applied it: ``agents.ctlstore``).
+  ``job.cancelled`` is an announcement (the control stage applied it: ``agents.store.commands``).
 - Dependency rows are read ``FOR SHARE`` when a dependent is inserted and a finishing job's
   row is locked before its dependents are read, so a dependent inserted concurrently with its
   dependency's completion is seen by one side or the other (no lost wake-up); the reconciler
@@ -21,7 +21,6 @@ from typing import Any
 
 import psycopg
 
-from agents.admstore import AdmitResult, CyclePlan, release_attempt_holds
 from agents.core.deps import Edge, Fail, Needs, Node, Release, Wait
 from agents.core.lifecycle import (
     TERMINAL,
@@ -36,7 +35,8 @@ from agents.core.lifecycle import (
     fold,
     start_is_stale,
 )
-from agents.rows import READY_COLS, Accepted, ReadyJob, json_rows, q
+from agents.store.admission import AdmitResult, CyclePlan, release_attempt_holds
+from agents.store.rows import READY_COLS, Accepted, ReadyJob, json_rows, q
 from streams.events import JobCancelled, JobEvent, JobFailed, JobStarted, JobSucceeded
 
 Conn = psycopg.AsyncConnection[Any]
@@ -414,7 +414,7 @@ async def read_working_set(cur: Cursor | None) -> list[Node]:
 
 # the jobs among some ids, or among the dependents of others, that are ready: after a replay
 # they may have been released without being forwarded (states tested as filters on rows found
-# by id: see ``agents.admstore``)
+# by id: see ``agents.store.admission``)
 _READY_AMONG = """SELECT {cols} FROM jobs WHERE id = ANY(%s) AND (state = 'ready') IS TRUE
     UNION ALL
     SELECT {cols} FROM jobs WHERE id = ANY(ARRAY(SELECT job_id FROM job_deps

@@ -6,7 +6,7 @@ in the scheduler group. The owner keeps its tenants' ready jobs in the admission
 rounds: on new jobs, on released capacity and operator controls (PostgreSQL ``NOTIFY`` from
 whichever process changed them), when a rate limit expires, and at least every second while
 jobs wait. A round snapshots the semaphores, asks the core, carries the admissions out in one
-transaction (``agents.admstore.admit``, which re-checks everything under locks), sends the
+transaction (``agents.store.admission.admit``, which re-checks everything under locks), sends the
 dispatches and one ``admission.decision`` each to ``scheduler.decisions``, and stores the gate
 of every job it looked at and could not admit (``jobstream why``).
 
@@ -31,8 +31,6 @@ from collections.abc import Callable, Mapping, Sequence
 import psycopg
 from psycopg import sql
 
-from agents import admstore
-from agents.admstore import AdmitResult, Candidate, CyclePlan
 from agents.context import Context, RawMessage, retrying
 from agents.core.admission import (
     SLOTS,
@@ -47,9 +45,11 @@ from agents.core.admission import (
 )
 from agents.core.depth import UNITS, WorkEstimates
 from agents.deadletter import dead_letter, decode_all
-from agents.dispatching import Dispatcher
-from agents.intake import ready_records
-from agents.rows import QueuedRow, ReadyJob
+from agents.scheduler.dispatching import Dispatcher
+from agents.scheduler.intake import ready_records
+from agents.store import admission as admstore
+from agents.store.admission import AdmitResult, Candidate, CyclePlan
+from agents.store.rows import QueuedRow, ReadyJob
 from streams.events import JobReady
 from streams.kafka import partition_for
 

@@ -31,7 +31,7 @@ import psycopg
 
 from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Gate, Limit, Need
 from agents.core.depth import UNITS
-from agents.rows import (
+from agents.store.rows import (
     DISPATCH_COLS,
     QUEUED_COLS,
     DispatchJob,

@@ -1,6 +1,6 @@
 """The liveness monitor: workers that fall silent are declared lost and their running jobs
 retried; jobs a restarted worker left running are retried too. Its tick also steps the
-host-load brake (``agents.telemetry``, at most every ``brake_interval_s``).
+host-load brake (``agents.scheduler.telemetry``, at most every ``brake_interval_s``).
 
 Every scheduler process runs it; a PostgreSQL advisory lock lets one of them act per tick.
 A tick (at most every second) declares workers lost after ``worker_lost_after_s`` without a
@@ -37,8 +37,8 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from agents.context import Context, retrying
 from agents.pools import heartbeat_partition
+from agents.scheduler.telemetry import thresholds
 from agents.store import LostWork, Orphan, PostgresJobStore, Undelivered
-from agents.telemetry import thresholds
 from streams.events import JobFailed, encode
 from streams.kafka import Record, client_config
 

@@ -22,7 +22,13 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from agents.admstore import (
+from agents.core import brake as brake_core
+from agents.core.admission import GLOBAL, SLOTS
+from agents.core.brake import HostSample, Thresholds
+from agents.core.deps import DependencyIndex, Fail, Release
+from agents.core.lifecycle import Backoff
+from agents.errors import StoreUnavailable
+from agents.store.admission import (
     CyclePlan,
     CyclePlanner,
     PendingAdmit,
@@ -33,13 +39,8 @@ from agents.admstore import (
     refresh_capacity,
     release_attempt_holds,
 )
-from agents.core import brake as brake_core
-from agents.core.admission import GLOBAL, SLOTS
-from agents.core.brake import HostSample, Thresholds
-from agents.core.deps import DependencyIndex, Fail, Release
-from agents.core.lifecycle import Backoff
-from agents.ctlstore import Applied, JobCommand, apply_commands
-from agents.depstore import (
+from agents.store.commands import Applied, JobCommand, apply_commands
+from agents.store.dependencies import (
     Settled,
     apply_decisions,
     decide_lifecycle,
@@ -53,8 +54,7 @@ from agents.depstore import (
     read_ready,
     read_working_set,
 )
-from agents.errors import StoreUnavailable
-from agents.rows import (
+from agents.store.rows import (
     CONFIRMED,
     DISPATCH_COLS,
     Accepted,
@@ -382,7 +382,7 @@ class PostgresJobStore:
         self, cmds: Sequence[JobCommand], *, now: float, grace_s: float, allow_cross_tenant: bool
     ) -> Applied:
         """Cancels and retries from ``jobs.control``, in order and exactly once, with their
-        dependents settled (``agents.ctlstore``): what was cancelled (and which attempt was
+        dependents settled (``agents.store.commands``): what was cancelled (and which attempt was
         in flight), what was retried, and the jobs now ready."""
         async with self.tx() as conn:
             return await apply_commands(

@@ -1,7 +1,8 @@
 """Intake: decode and validate submissions, and forward ready jobs to their admission owner.
 
 Submissions of both intake topics are validated here and persisted by the dependency stage
-(``agents.dependencies``), in the transaction of their hot cycle (``agents.cycle``).
+(``agents.scheduler.dependencies``), in the transaction of their hot cycle
+(``agents.scheduler.cycle``).
 
 Invariants:
 - Every consumed message ends as exactly one of: job rows in PostgreSQL, or a dead-letter
@@ -20,7 +21,7 @@ import msgspec
 
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import Rejected
-from agents.rows import Accepted, ReadyJob
+from agents.store.rows import Accepted, ReadyJob
 from streams.errors import InvalidEvent
 from streams.events import (
     JobReady,

@@ -29,7 +29,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import psycopg
 
-from agents.rows import CONFIRMED, q
+from agents.store.rows import CONFIRMED, q
 
 
 def window_violations(times: list[float], limit: int, window_s: float) -> int:

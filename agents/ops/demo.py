@@ -23,11 +23,11 @@ from typing import Any
 import faust
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agents.app import build_app
 from agents.context import Context
-from agents.embedded import with_services
+from agents.scheduler.app import build_app
 from agents.settings import Settings
 from agents.store import PostgresJobStore
+from agents.store.embedded import with_services
 from agents.worker import Worker
 from streams.events import JobSpec
 from streams.publisher import JobPublisher

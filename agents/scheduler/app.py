@@ -1,19 +1,19 @@
 """The faust-streaming application: the scheduler's stream agents wired to their topics.
 
-The hot cycle (``agents.cycle``, consumer group ``<app_id>.cycle``): one batched consumer of
-the high-rate topics, one cycle per fetch:
+The hot cycle (``agents.scheduler.cycle``, consumer group ``<app_id>.cycle``): one batched
+consumer of the high-rate topics, one cycle per fetch:
 - jobs.independent + jobs.dependent + jobs.events (the last two co-partitioned by group) →
   one PostgreSQL transaction (submissions, guarded transitions, dependency decisions) →
   admission. A ready job whose tenant this process owns is handed over in-process; the others
   go through jobs.ready (keyed by tenant) to their owner.
-- jobs.ready → the admission owner (``agents.admission``), whose rounds dispatch
+- jobs.ready → the admission owner (``agents.scheduler.admission``), whose rounds dispatch
   (ready → dispatched) to jobs.dispatch.
 
 faust agents (consumer group ``settings.app_id``), for the low-rate topics:
 - ``heartbeats``   workers.heartbeat → PostgreSQL (workers table, job progress)
 - ``control``      jobs.control → PostgreSQL (pauses, limits, priorities, cancel, retry)
 - ``telemetry``    telemetry.hosts (Telegraf) → PostgreSQL host_load → the brake
-- the liveness monitor (``agents.monitor``): silent workers → lost, their jobs retried
+- the liveness monitor (``agents.scheduler.monitor``): silent workers → lost, their jobs retried
 - a reconciliation timer, the safety net: re-settles old waiting jobs (expiry, races) and
   re-forwards jobs left ready or unconfirmed.
 
@@ -38,20 +38,20 @@ from typing import Any
 
 import faust
 
-from agents.admission import Admission
-from agents.batching import take_available
 from agents.context import Context, RawMessage, retrying
-from agents.control import handle_control
-from agents.cycle import HotCycle, handle_safely
-from agents.dependencies import settle_cycle
-from agents.dispatching import resend_unconfirmed
 from agents.heap import freeze_once_assigned, freeze_startup_heap
-from agents.intake import forward_ready
 from agents.kafkaauth import faust_credentials
-from agents.monitor import Monitor
-from agents.outcomes import handle_heartbeats
-from agents.statuspage import StatusPage
-from agents.telemetry import handle_telemetry
+from agents.ops.statuspage import StatusPage
+from agents.scheduler.admission import Admission
+from agents.scheduler.batching import take_available
+from agents.scheduler.control import handle_control
+from agents.scheduler.cycle import HotCycle, handle_safely
+from agents.scheduler.dependencies import settle_cycle
+from agents.scheduler.dispatching import resend_unconfirmed
+from agents.scheduler.heartbeats import handle_heartbeats
+from agents.scheduler.intake import forward_ready
+from agents.scheduler.monitor import Monitor
+from agents.scheduler.telemetry import handle_telemetry
 
 log = logging.getLogger("jobstream.app")
 STOP_WAIT_S = 10.0

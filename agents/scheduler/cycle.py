@@ -5,9 +5,9 @@ ready jobs (``jobs.ready``) are read by one batched confluent-kafka consumer, ru
 the faust app, instead of faust's per-event agent path (about 100 µs of CPU per event there,
 three events per job; ``docs/architecture.md``). Each cycle takes whatever the consumer has
 buffered, without a waiting window (one event at light load, up to ``batch_size`` under load),
-and hands it to :func:`agents.dependencies.handle_cycle`: submissions and lifecycle events in
-one PostgreSQL transaction, ready jobs to the admission owner. Then the cycle's offsets are
-stored, and committed every half second and before partitions move.
+and hands it to :func:`agents.scheduler.dependencies.handle_cycle`: submissions and lifecycle
+events in one PostgreSQL transaction, ready jobs to the admission owner. Then the cycle's
+offsets are stored, and committed every half second and before partitions move.
 
 What the consumer has buffered is drained into two lanes (``agents.core.lanes``), up to
 ``LANE_BATCHES`` × ``batch_size`` messages, and each cycle takes lifecycle events and ready jobs

@@ -1,4 +1,5 @@
-"""The dependency stage: submissions and lifecycle events of one hot cycle (``agents.cycle``).
+"""The dependency stage: submissions and lifecycle events of one hot cycle
+(``agents.scheduler.cycle``).
 
 ``jobs.dependent`` and ``jobs.events`` are keyed by the dependency group and co-partitioned
 (``topics.yaml``), so one owner sees a group's submissions and its completions, in order;
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import dead_letter, decode_all
-from agents.intake import accept_submissions, forward_ready
+from agents.scheduler.intake import accept_submissions, forward_ready
 from streams.events import (
     Control,
     JobCancelled,

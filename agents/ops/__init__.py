@@ -1,0 +1,1 @@
+"""The operator surface: the ``jobstream`` command, the demo and the status page."""
