@@ -20,7 +20,6 @@ import psycopg
 from rich.progress import Progress
 
 from agents.store import PostgresJobStore
-from agents.store import reads as queries
 from bench.harness import ROOT, fresh_database
 
 
@@ -87,11 +86,11 @@ def _run(dsn: str, rows: int, show: bool) -> dict[str, Any]:
         out: dict[str, float] = {}
         async with PostgresJobStore(dsn) as store:
             for label, call in (
-                ("status", lambda: queries.status(store)),
-                ("jobs_first_page", lambda: queries.jobs(store, limit=50)),
+                ("status", lambda: store.status()),
+                ("jobs_first_page", lambda: store.jobs(limit=50)),
                 (
                     "jobs_failed_of_a_tenant",
-                    lambda: queries.jobs(store, tenant="t3", state="failed", limit=50),
+                    lambda: store.jobs(tenant="t3", state="failed", limit=50),
                 ),
                 ("job_id", lambda: store.job(target)),
             ):

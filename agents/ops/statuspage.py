@@ -29,7 +29,6 @@ from typing import Any
 from aiohttp import web
 
 from agents.context import Context
-from agents.store import reads as queries
 
 log = logging.getLogger("jobstream.status")
 PAGE = Path(__file__).resolve().parent / "web" / "status.html"
@@ -84,8 +83,8 @@ class StatusPage:
 
     async def api_status(self, _request: web.Request) -> web.Response:
         store = await self.ctx.store()
-        data = await queries.status(store, window_s=60.0)
-        data["failures"] = await queries.recent_failures(store, 15)
+        data = await store.status(window_s=60.0)
+        data["failures"] = await store.recent_failures(15)
         data["dead_letters"] = await store.dead_letters(15)
         data["series"] = list(self.samples)
         data["now"] = time.time()
@@ -102,25 +101,7 @@ class StatusPage:
 
     async def sample(self) -> None:
         store = await self.ctx.store()
-        async with store._pool.connection() as conn:
-            cur = await conn.execute(
-                """SELECT count(*) FILTER (WHERE state = 'succeeded'),
-                          count(*) FILTER (WHERE state IN ('failed', 'cancelled')),
-                          percentile_cont(0.5) WITHIN GROUP (ORDER BY
-                            extract(epoch from started_at - submitted_at) * 1000),
-                          percentile_cont(0.99) WITHIN GROUP (ORDER BY
-                            extract(epoch from started_at - submitted_at) * 1000)
-                   FROM jobs WHERE finished_at > now() - make_interval(secs => %s)""",
-                (SAMPLE_S * 5,),
-            )
-            ok, bad, p50, p99 = await cur.fetchone() or (0, 0, None, None)
-            cur = await conn.execute(
-                "SELECT count(*) FILTER (WHERE state = 'ready'), "
-                "count(*) FILTER (WHERE state IN ('dispatched', 'running')) "
-                "FROM jobs WHERE state IN ('ready', 'dispatched', 'running')"
-            )
-            ready, running = await cur.fetchone() or (0, 0)
-            await conn.rollback()
+        ok, bad, p50, p99, ready, running = await store.recent_sample(SAMPLE_S * 5)
         window = SAMPLE_S * 5
         self.samples.append(
             {

@@ -28,9 +28,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 
-import psycopg
-from psycopg import sql
-
 from agents.context import Context, RawMessage, retrying
 from agents.core.admission import (
     SLOTS,
@@ -45,6 +42,7 @@ from agents.core.admission import (
 )
 from agents.core.depth import UNITS, WorkEstimates
 from agents.deadletter import dead_letter, decode_all
+from agents.errors import StoreUnavailable
 from agents.scheduler.dispatching import Dispatcher
 from agents.scheduler.intake import ready_records
 from agents.store import admission as admstore
@@ -246,28 +244,24 @@ class Admission:
 
     async def _listen(self) -> None:
         """Wake on ``NOTIFY jobstream`` (capacity released, controls changed) from any process."""
-        dsn = self.ctx.settings.require_database()
+        store = await self.ctx.store()
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-                async with conn:
-                    await conn.execute(
-                        sql.SQL("LISTEN {}").format(sql.Identifier(admstore.CHANNEL))
-                    )
+                async with store.notifications(admstore.CHANNEL) as payloads:
                     self.controls_dirty = True  # anything missed while not listening
                     self.wake.set()
                     own = admstore.release_payload(self.origin)
-                    async for n in conn.notifies():
-                        if n.payload == own:
+                    async for payload in payloads:
+                        if payload == own:
                             continue  # a cycle of this process admitted into it already
-                        if n.payload == "control":
+                        if payload == "control":
                             self.controls_dirty = True
-                        elif n.payload.startswith("priority "):
-                            self.reprioritize.add(n.payload.split(" ", 1)[1])
+                        elif payload.startswith("priority "):
+                            self.reprioritize.add(payload.split(" ", 1)[1])
                         self.wake.set()
             except asyncio.CancelledError:
                 raise
-            except (psycopg.Error, OSError) as exc:
+            except (StoreUnavailable, OSError) as exc:
                 log.warning("admission: LISTEN connection lost (%s); reconnecting", exc)
                 await asyncio.sleep(1.0)
 

@@ -17,7 +17,6 @@ from typing import Literal
 from agents.context import Context, RawMessage, retrying
 from agents.deadletter import Rejected, dead_letter
 from agents.scheduler.intake import forward_ready
-from agents.store import admission as admstore
 from agents.store.commands import JobCommand
 from streams.errors import InvalidEvent
 from streams.events import Control, JobCancelled, decode, encode
@@ -70,45 +69,7 @@ async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
     store = await ctx.store()
 
     async def tx() -> None:
-        async with store.tx() as conn:
-            for c in good:
-                if c.action == "pause":
-                    await conn.execute(
-                        "INSERT INTO pauses (scope, name, reason, by_whom) VALUES (%s, %s, %s, %s) "
-                        "ON CONFLICT (scope, name) DO UPDATE SET reason = excluded.reason, "
-                        "by_whom = excluded.by_whom, at = now()",
-                        (c.scope, c.name, c.reason, c.by),
-                    )
-                elif c.action == "resume":
-                    await conn.execute(
-                        "DELETE FROM pauses WHERE scope = %s AND name = %s", (c.scope, c.name)
-                    )
-                elif c.action == "priority":
-                    await conn.execute(
-                        "UPDATE jobs SET priority = %s, updated_at = now() WHERE id = %s "
-                        "AND state IN ('waiting', 'ready')",
-                        (c.priority, c.name),
-                    )
-                    await conn.execute(
-                        "INSERT INTO job_history (job_id, event, detail) VALUES (%s, 'priority', "
-                        "jsonb_build_object('priority', %s::int, 'by', %s::text))",
-                        (c.name, c.priority, c.by),
-                    )
-                    await admstore.notify(conn, f"priority {c.name}")
-                    continue
-                elif c.limit is None:
-                    await conn.execute(
-                        "DELETE FROM rate_limits WHERE scope = %s AND match = %s",
-                        (c.scope, c.name or "*"),
-                    )
-                else:
-                    await conn.execute(
-                        'INSERT INTO rate_limits (scope, match, "limit", window_s) '
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT (scope, match) DO UPDATE SET "
-                        '"limit" = excluded."limit", window_s = excluded.window_s, at = now()',
-                        (c.scope, c.name or "*", c.limit, c.window_s),
-                    )
-                await admstore.notify(conn, "control")
+        await store.apply_controls(good)
 
     await retrying("apply controls", tx)
     return len(good)

@@ -1,5 +1,6 @@
-"""The control stage's SQL for job commands: cancel and retry, applied in their order on
-``jobs.control``, exactly once, in the caller's transaction.
+"""The control stage's SQL: operator settings (pause, resume, priority, rate limits) and job
+commands (cancel and retry, applied in their order on ``jobs.control``, exactly once), in the
+caller's transaction.
 
 Invariants:
 - Exactly once per command: ``control_offsets`` holds the next offset to apply per
@@ -27,8 +28,10 @@ import psycopg
 
 from agents.core.deps import DependencyIndex
 from agents.core.lifecycle import CANCEL_ATTEMPT_FROM, CANCEL_FROM, State
+from agents.store.admission import notify
 from agents.store.dependencies import apply_decisions, load_working_set
 from agents.store.rows import ReadyJob, states
+from streams.events import Control
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -180,3 +183,46 @@ async def apply_commands(
         # is not ready any more (its release was guarded by ``waiting``)
         applied.ready = released
     return applied
+
+
+async def apply_controls(conn: Conn, cmds: Sequence[Control]) -> None:
+    """Pauses, resumes, priorities and rate limits, durable and announced (``NOTIFY``) in the
+    caller's transaction, so every admission process reloads them."""
+    for c in cmds:
+        if c.action == "pause":
+            await conn.execute(
+                "INSERT INTO pauses (scope, name, reason, by_whom) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (scope, name) DO UPDATE SET reason = excluded.reason, "
+                "by_whom = excluded.by_whom, at = now()",
+                (c.scope, c.name, c.reason, c.by),
+            )
+        elif c.action == "resume":
+            await conn.execute(
+                "DELETE FROM pauses WHERE scope = %s AND name = %s", (c.scope, c.name)
+            )
+        elif c.action == "priority":
+            await conn.execute(
+                "UPDATE jobs SET priority = %s, updated_at = now() WHERE id = %s "
+                "AND state IN ('waiting', 'ready')",
+                (c.priority, c.name),
+            )
+            await conn.execute(
+                "INSERT INTO job_history (job_id, event, detail) VALUES (%s, 'priority', "
+                "jsonb_build_object('priority', %s::int, 'by', %s::text))",
+                (c.name, c.priority, c.by),
+            )
+            await notify(conn, f"priority {c.name}")
+            continue
+        elif c.limit is None:
+            await conn.execute(
+                "DELETE FROM rate_limits WHERE scope = %s AND match = %s",
+                (c.scope, c.name or "*"),
+            )
+        else:
+            await conn.execute(
+                'INSERT INTO rate_limits (scope, match, "limit", window_s) '
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (scope, match) DO UPDATE SET "
+                '"limit" = excluded."limit", window_s = excluded.window_s, at = now()',
+                (c.scope, c.name or "*", c.limit, c.window_s),
+            )
+        await notify(conn, "control")

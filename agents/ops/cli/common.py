@@ -1,0 +1,87 @@
+"""What the ``jobstream`` commands share: the Typer apps, the consoles and options, and
+opening the store for one query."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from agents.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from agents.store import PostgresJobStore
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="jobstream: a Kafka-driven job scheduler with state in PostgreSQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+topics_app = typer.Typer(help="Create and check the topics of topics.yaml.")
+db_app = typer.Typer(help="Database schema.")
+config_app = typer.Typer(help="Configuration.")
+dl_app = typer.Typer(help="Dead letters: rejected input with its reason.")
+wf_app = typer.Typer(help="Workflows: DAGs of dependent jobs.")
+app.add_typer(wf_app, name="workflow", rich_help_panel="Submit")
+app.add_typer(topics_app, name="topics", rich_help_panel="Set up")
+app.add_typer(db_app, name="db", rich_help_panel="Set up")
+app.add_typer(config_app, name="config", rich_help_panel="Set up")
+app.add_typer(dl_app, name="deadletter", rich_help_panel="Look")
+
+# how each job state is shown
+STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "red",
+    "running": "cyan",
+    "dispatched": "cyan",
+    "ready": "yellow",
+    "waiting": "dim",
+}
+
+out = Console()
+err = Console(stderr=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Settings file (YAML).")]
+
+
+def settings_of(config: Path | None, **overrides: Any) -> Settings:
+    return load_settings(file=config, **overrides)
+
+
+def query(config: Path | None, fn: Callable[[PostgresJobStore], Awaitable[T]]) -> T:
+    """Open the store, run one query, close it."""
+    from agents.store import PostgresJobStore
+
+    s = settings_of(config)
+
+    async def run() -> T:
+        async with PostgresJobStore(s.require_database()) as store:
+            return await fn(store)
+
+    return asyncio.run(run())
+
+
+def missing_or_json(row: Any, missing: str, as_json: bool) -> bool:
+    """Exit 1 saying ``missing`` when there is no row; with ``--json`` print it and say so."""
+    if row is None or row == []:
+        err.print(missing)
+        raise typer.Exit(1)
+    if as_json:
+        emit(row, True)
+    return as_json
+
+
+def emit(data: Any, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+    else:
+        out.print(data)

@@ -1,0 +1,257 @@
+"""Submitting: ``submit`` (a job or a workflow file, optionally waiting for the end) and
+``workflow show``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+import typer
+
+from agents.errors import ConfigError
+from agents.settings import Settings
+from streams.errors import InvalidEvent
+from streams.events import JobId, JobSpec
+
+if TYPE_CHECKING:
+    pass
+
+from agents.ops.cli.common import (
+    STATE_STYLE,
+    ConfigOpt,
+    JsonOpt,
+    app,
+    emit,
+    err,
+    missing_or_json,
+    out,
+    query,
+    settings_of,
+    wf_app,
+)
+
+
+@app.command(rich_help_panel="Submit")
+def submit(
+    kind: Annotated[str | None, typer.Argument(help="Job kind, as configured in kinds.")] = None,
+    workflow: Annotated[
+        Path | None, typer.Option("--workflow", "-w", help="Submit a YAML/JSON DAG file")
+    ] = None,
+    job_id: Annotated[
+        str | None, typer.Option("--id", help="Idempotency key (default: new)")
+    ] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant (user or project).")] = "default",
+    arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="NAME=VALUE")] = None,
+    priority: Annotated[int, typer.Option(min=-20, max=20)] = 0,
+    size: Annotated[int, typer.Option(min=0, help="Estimated work, e.g. bytes")] = 0,
+    depends_on: Annotated[list[str] | None, typer.Option("--depends-on")] = None,
+    group: Annotated[str | None, typer.Option(help="Dependency group key")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds")] = None,
+    max_attempts: Annotated[int | None, typer.Option(min=1, max=100)] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="wait until done (progress bar); exit 1 if any failed")
+    ] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish one job (or a workflow); returns once the broker confirmed it, or with --wait
+    once it (all of it) finished."""
+    import uuid
+
+    from streams.publisher import JobPublisher
+    from streams.topics import load_topics
+
+    s = settings_of(config)
+    if workflow is not None:
+        ids = _submit_workflow(s, workflow, tenant, as_json and not wait)
+        if wait:
+            _wait_for(config, ids, as_json)
+        return
+    if kind is None:
+        raise ConfigError("give a KIND, or --workflow FILE")
+    args: dict[str, str] = {}
+    for item in arg or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--arg {item!r}: expected NAME=VALUE")
+        args[name] = value
+    try:
+        job = msgspec.convert(
+            {
+                "id": job_id or f"job-{uuid.uuid4().hex}",
+                "tenant": tenant,
+                "kind": kind,
+                "args": args,
+                "priority": priority,
+                "size": size,
+                "group": group,
+                "depends_on": depends_on or [],
+                "timeout_s": timeout,
+                "max_attempts": max_attempts,
+            },
+            JobSpec,
+        )
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid job: {exc}") from None
+    if job.kind not in s.kinds:
+        raise ConfigError(f"unknown kind {job.kind!r}; known: {', '.join(sorted(s.kinds))}")
+    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
+    with JobPublisher(s.require_kafka(), registry=registry, extra=s.kafka_config) as pub:
+        pub.submit(job)
+    if wait:
+        _wait_for(config, [job.id], as_json)
+        return
+    emit({"id": job.id, "submitted": True}, as_json) if as_json else out.print(
+        f"submitted [bold]{job.id}[/]"
+    )
+
+
+def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float = 86_400) -> None:
+    """Poll until every job is terminal; a progress bar on a terminal; exit 1 on failures."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    terminal = ("succeeded", "failed", "cancelled")
+    deadline = time.monotonic() + limit_s
+
+    async def poll() -> dict[str, str]:
+        from agents.store import PostgresJobStore
+
+        s = settings_of(config)
+        async with PostgresJobStore(s.require_database(), max_size=1) as store:
+            with Progress(
+                TextColumn("[bold]waiting[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                console=err,
+                disable=as_json or not err.is_terminal,
+            ) as progress:
+                task = progress.add_task("", total=len(ids))
+                while True:
+                    states = await store.job_states(ids)
+                    done = sum(1 for st in states.values() if st in terminal)
+                    counts = ", ".join(
+                        f"{n} {st}" for st, n in sorted(Counter(states.values()).items())
+                    )
+                    progress.update(task, completed=done, description=counts)
+                    if done == len(ids) or time.monotonic() > deadline:
+                        return states
+                    await asyncio.sleep(0.2)
+
+    states = asyncio.run(poll())
+    failed = sorted(j for j, st in states.items() if st in ("failed", "cancelled"))
+    if as_json:
+        emit({"states": states, "failed": failed}, True)
+    else:
+        out.print(
+            f"{len(ids) - len(failed)} of {len(ids)} succeeded"
+            + (f"; [red]failed: {', '.join(failed[:10])}[/]" if failed else "")
+        )
+    if failed or len(states) < len(ids) or any(st not in terminal for st in states.values()):
+        raise typer.Exit(1)
+
+
+def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
+    """``{id, tenant?, jobs: [{id, kind, args?, depends_on?, ...}]}`` from YAML or JSON."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidEvent(f"{path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
+        raise InvalidEvent(f"{path}: expected a mapping with 'id' and a list 'jobs'")
+    wid = doc.get("id")
+    if not isinstance(wid, str) or not wid:
+        raise InvalidEvent(f"{path}: the workflow needs an 'id'")
+    try:
+        msgspec.convert(wid, JobId)
+    except (msgspec.ValidationError, UnicodeError) as exc:
+        raise InvalidEvent(f"{path}: workflow id {wid!r}: {exc}") from None
+    tenant = doc.get("tenant", default_tenant)
+    jobs = []
+    for i, raw in enumerate(doc["jobs"]):
+        if not isinstance(raw, dict):
+            raise InvalidEvent(f"{path}: job {i} must be a mapping")
+        try:
+            jobs.append(msgspec.convert({"tenant": tenant, "group": wid, **raw}, JobSpec))
+        except msgspec.ValidationError as exc:
+            raise InvalidEvent(f"{path}: job {i} ({raw.get('id')!r}): {exc}") from None
+        except (UnicodeError, TypeError) as exc:  # lone surrogates, non-string keys in YAML
+            raise InvalidEvent(f"{path}: job {i} is not valid: {exc}") from None
+    return wid, jobs
+
+
+def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> list[str]:
+    from streams.publisher import JobPublisher
+    from streams.topics import load_topics
+
+    wid, jobs = load_workflow(path, tenant)
+    unknown = sorted({j.kind for j in jobs} - set(s.kinds))
+    if unknown:
+        raise ConfigError(f"unknown kinds {unknown}; known: {', '.join(sorted(s.kinds))}")
+    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
+    with JobPublisher(
+        s.require_kafka(),
+        registry=registry,
+        extra=s.kafka_config,
+        max_workflow_bytes=s.max_workflow_bytes,
+    ) as pub:
+        pub.submit_workflow(wid, jobs)
+    if as_json:
+        emit({"workflow": wid, "jobs": len(jobs), "submitted": True}, True)
+    else:
+        out.print(f"submitted workflow [bold]{wid}[/] ({len(jobs)} jobs)")
+    return [j.id for j in jobs]
+
+
+@wf_app.command("show")
+def workflow_show(workflow_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Render a workflow's DAG with each job's state."""
+    from rich.tree import Tree
+
+    rows: list[dict[str, Any]] = query(config, lambda store: store.workflow(workflow_id))
+    if missing_or_json(rows, f"no workflow {workflow_id!r}", as_json):
+        return
+    by_id = {r["id"]: r for r in rows}
+    children: dict[str, list[str]] = {}
+    for r in rows:
+        for d in r["deps"]:
+            if d in by_id:
+                children.setdefault(d, []).append(r["id"])
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    tree = Tree(
+        f"[bold]{workflow_id}[/]  "
+        + "  ".join(f"[{STATE_STYLE.get(k, 'white')}]{k} {v}[/]" for k, v in sorted(counts.items()))
+    )
+    shown: set[str] = set()
+
+    def label(r: dict[str, Any]) -> str:
+        style = STATE_STYLE.get(r["state"], "white")
+        extra = r["error"] or r["gate"] or ""
+        return f"[{style}]{r['state']:<10}[/] {r['id']} [dim]({r['kind']})[/] {extra}"
+
+    def add(node: Any, jid: str) -> None:
+        if jid in shown:
+            node.add(f"[dim]{jid} (see above)[/]")
+            return
+        shown.add(jid)
+        branch = node.add(label(by_id[jid]))
+        for c in children.get(jid, []):
+            add(branch, c)
+
+    for r in rows:
+        if not any(d in by_id for d in r["deps"]):
+            add(tree, r["id"])
+    for r in rows:  # jobs only reachable through a cycle
+        if r["id"] not in shown:
+            add(tree, r["id"])
+    out.print(tree)
