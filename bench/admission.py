@@ -17,15 +17,9 @@ from typing import Any
 
 from rich.progress import Progress
 
-from agents.core.admission import (
-    SLOTS,
-    AdmissionCore,
-    Limit,
-    Policy,
-    QueuedJob,
-    due_time,
-    needs_for,
-)
+from agents.core.admission import AdmissionCore, Policy, QueuedJob, due_time
+from agents.core.ratelimit import Limit
+from agents.core.semaphores import SLOTS, needs_for
 
 POLICY = Policy()
 

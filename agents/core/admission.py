@@ -9,7 +9,8 @@ plus the gate of every job it looked at and could not admit, plus when to decide
 only if fewer than N admissions of each of its keys lie in (x − W, x]; hence no half-open
 window (s, s + W] ever holds more than N. The log of a key keeps its latest N admission times
 only (older ones can never matter again): memory is O(N) per key. A denied job is told the time
-it may next run (the N-th latest admission + W); it holds nothing meanwhile.
+it may next run (the N-th latest admission + W); it holds nothing meanwhile
+(``agents.core.ratelimit``).
 
 **Priority** (earliest virtual deadline first). Each job gets a *due* time when queued::
 
@@ -32,7 +33,8 @@ global scope). An exclusive job needs the whole capacity of its scope (a resourc
 job is admitted only when every amount fits at once (all or nothing: no job ever holds part
 of what it needs, so no deadlock), and usage never exceeds capacity. A job that is *due*
 (its due time passed) and blocked on resources other than ``slots`` reserves them: no job
-after it in the round may take them, so capacity drains towards it and it cannot starve.
+after it in the round may take them, so capacity drains towards it and it cannot starve
+(``agents.core.semaphores``).
 
 Pure: no I/O, no clock (``now`` is an argument), stdlib only.
 """
@@ -42,27 +44,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-SLOTS = "slots"
-GLOBAL = "*"
-GLOBAL_CAPACITY = 1_000_000
-ALL = -1  # a need of ALL takes the whole capacity of its name (an exclusive job)
-Scope = Literal["tenant", "kind", "tenant_kind", "global"]
-Need = tuple[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class Limit:
-    """N admissions per ``window_s``. ``match`` names a tenant, a kind, ``tenant/kind`` or is
-    ``*`` (every tenant / kind / pair counted on its own); an exact match overrides ``*``."""
-
-    scope: Scope
-    limit: int
-    window_s: float
-    match: str = "*"
+from agents.core.ratelimit import Limit, RateLimiter
+from agents.core.semaphores import ALL, SLOTS, Need, Semaphores, with_amount
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,152 +99,11 @@ class Decisions:
     wake_at: float | None = None  # the earliest rate-limit expiry among denied jobs
 
 
-def window_end(t: float, window_s: float) -> float:
-    """The first float x with x - window_s >= t: when an admission at t leaves the window.
-    (t + window_s alone can round down by one ulp; the check is ``x - W >= t`` everywhere.)"""
-    x = t + window_s
-    while x - window_s < t:
-        x = math.nextafter(x, math.inf)
-    return x
-
-
 def due_time(queued_at: float, priority: int, size: int, policy: Policy) -> float:
     p = (20 - max(-20, min(20, priority))) / 40
     s = min(1.0, math.log1p(max(0, size)) / math.log1p(policy.size_ref))
     w = policy.priority_weight
     return queued_at + policy.max_wait_s * (w * p + (1 - w) * s)
-
-
-class WindowLog:
-    """Latest admission times of one key (ascending; at most the largest limit kept)."""
-
-    __slots__ = ("times",)
-
-    def __init__(self) -> None:
-        self.times: deque[float] = deque()
-
-    def next_allowed(self, now: float, limit: int, window_s: float) -> float:
-        t = self.times
-        if len(t) < limit or now - window_s >= t[-limit]:
-            return now
-        return window_end(t[-limit], window_s)
-
-    def record(self, at: float, keep: int) -> None:
-        t = self.times
-        t.append(at)
-        while len(t) > keep:
-            t.popleft()
-
-
-class RateLimiter:
-    def __init__(self, limits: Iterable[Limit] = ()) -> None:
-        self.logs: dict[str, WindowLog] = {}
-        self.set_limits(limits)
-
-    def set_limits(self, limits: Iterable[Limit]) -> None:
-        self.exact: dict[tuple[str, str], Limit] = {}
-        self.any: dict[str, Limit] = {}
-        for lim in limits:
-            if lim.limit < 1 or lim.window_s <= 0:
-                raise ValueError(f"invalid limit {lim}")
-            if lim.match == "*" or lim.scope == "global":
-                self.any[lim.scope] = lim
-            else:
-                self.exact[(lim.scope, lim.match)] = lim
-        self._cache: dict[tuple[str, str], tuple[tuple[str, int, float], ...]] = {}
-        self._names: dict[tuple[tuple[str, int, float], ...], tuple[str, ...]] = {}
-
-    def keys(self, tenant: str, kind: str) -> tuple[tuple[str, int, float], ...]:
-        """(key, limit, window) of every limit that applies to a job of tenant and kind."""
-        ck = (tenant, kind)
-        hit = self._cache.get(ck)
-        if hit is not None:
-            return hit
-        out = []
-        for scope, match in (
-            ("tenant", tenant),
-            ("kind", kind),
-            ("tenant_kind", f"{tenant}/{kind}"),
-            ("global", ""),
-        ):
-            lim = self.exact.get((scope, match)) or self.any.get(scope)
-            if lim is not None:
-                key = f"{scope}:{match}" if scope != "global" else "global"
-                out.append((key, lim.limit, lim.window_s))
-        res = tuple(out)
-        self._cache[ck] = res
-        return res
-
-    def names(self, keys: tuple[tuple[str, int, float], ...]) -> tuple[str, ...]:
-        """The key names of ``keys`` (a result of ``keys``), shared between calls."""
-        hit = self._names.get(keys)
-        if hit is None:
-            hit = self._names[keys] = tuple([k for k, _, _ in keys])
-        return hit
-
-    def limit_of(self, key: str) -> Limit | None:
-        """The limit that governs ``key`` (as built by ``keys``), if any."""
-        if key == "global":
-            return self.any.get("global")
-        scope, _, match = key.partition(":")
-        return self.exact.get((scope, match)) or self.any.get(scope)
-
-    def horizon(self) -> float:
-        """The longest window of any limit: older admissions never matter."""
-        return max((x.window_s for x in (*self.exact.values(), *self.any.values())), default=0.0)
-
-    def next_allowed(self, keys: Sequence[tuple[str, int, float]], now: float) -> tuple[float, str]:
-        """The earliest time all ``keys`` allow one more admission, and the binding key."""
-        best, which = now, ""
-        logs = self.logs
-        for key, limit, window in keys:
-            log = logs.get(key)
-            if log is None:
-                continue
-            t = log.next_allowed(now, limit, window)
-            if t > best:
-                best, which = t, key
-        return best, which
-
-    def record(self, keys: Sequence[tuple[str, int, float]], at: float) -> None:
-        for key, limit, _ in keys:
-            log = self.logs.get(key)
-            if log is None:
-                log = self.logs[key] = WindowLog()
-            log.record(at, limit)
-
-    def load(self, key: str, times: Iterable[float], keep: int) -> None:
-        """Replace a key's log (rebuilt from the durable admission log)."""
-        log = self.logs[key] = WindowLog()
-        for at in sorted(times):
-            log.record(at, keep)
-
-
-class Semaphores:
-    def __init__(self, capacity: Mapping[str, int] | None = None) -> None:
-        self.capacity: dict[str, int] = {GLOBAL: GLOBAL_CAPACITY, **(capacity or {})}
-        self.used: dict[str, int] = {}
-
-    def blocking(self, needs: Iterable[Need]) -> str | None:
-        """The first name whose free capacity is below the need, or None if all fit."""
-        cap, used = self.capacity, self.used
-        for name, amount in needs:
-            c = cap.get(name)
-            if c is None or used.get(name, 0) + (c if amount == ALL else amount) > c:
-                return name
-        return None
-
-    def resolve(self, needs: Iterable[Need]) -> tuple[Need, ...]:
-        cap = self.capacity
-        return tuple((n, cap[n] if a == ALL else a) for n, a in needs)
-
-    def take(self, needs: Iterable[Need]) -> None:
-        for name, amount in needs:
-            self.used[name] = self.used.get(name, 0) + amount
-
-    def release(self, needs: Iterable[Need]) -> None:
-        for name, amount in needs:
-            self.used[name] = max(0, self.used.get(name, 0) - amount)
 
 
 class AdmissionCore:
@@ -600,46 +446,3 @@ class AdmissionCore:
 
 _HAS_ALL: dict[tuple[Need, ...], bool] = {}
 _new_admit = tuple.__new__  # Admit without NamedTuple's Python-level __new__ (hot path)
-_NEEDS_CACHE: dict[tuple[str, tuple[str, ...], str | None, bool, int], tuple[Need, ...]] = {}
-_AMOUNT_CACHE: dict[tuple[tuple[Need, ...], str, int], tuple[Need, ...]] = {}
-
-
-def with_amount(needs: tuple[Need, ...], name: str, amount: int) -> tuple[Need, ...]:
-    """``needs`` with ``amount`` of ``name`` instead of what it had (shared tuples)."""
-    key = (needs, name, amount)
-    hit = _AMOUNT_CACHE.get(key)
-    if hit is None:
-        hit = tuple((n, amount if n == name else a) for n, a in needs)
-        if hit == needs:
-            hit = needs
-        if len(_AMOUNT_CACHE) < 10_000:
-            _AMOUNT_CACHE[key] = hit
-    return hit
-
-
-def needs_for(
-    kind: str,
-    resources: Sequence[str],
-    exclusive: str | None,
-    kind_limited: bool,
-    slot_units: int = 1,
-) -> tuple[Need, ...]:
-    """What a job takes: ``slot_units`` of the slots (its expected work: ``agents.core.depth``),
-    its kind's semaphore if limited, its resources (1 each) and the global scope; an exclusive
-    job the whole of its scope (ALL) instead of 1. Equal needs share one tuple (memory per
-    queued job)."""
-    key = (kind, tuple(resources), exclusive, kind_limited, slot_units)
-    hit = _NEEDS_CACHE.get(key)
-    if hit is not None:
-        return hit
-    needs: dict[str, int] = {SLOTS: slot_units, GLOBAL: 1}
-    if kind_limited:
-        needs[f"kind:{kind}"] = 1
-    for r in resources:
-        needs[r] = 1
-    if exclusive is not None:
-        needs[exclusive] = ALL
-    out = tuple(sorted(needs.items()))
-    if len(_NEEDS_CACHE) < 10_000:
-        _NEEDS_CACHE[key] = out
-    return out

@@ -24,7 +24,7 @@ Invariants (property-tested):
 
 The dependency stage locks the rows a batch's events touch, folds each job's events here
 (:func:`fold`) and writes the result guarded by the state and attempt it read
-(``agents.store.dependencies``); the dispatch and cancel guards in SQL are the same table
+(``agents.store.lifecycle``); the dispatch and cancel guards in SQL are the same table
 expressed as ``UPDATE … WHERE state = ANY(…) AND attempt = …``.
 """
 

@@ -29,18 +29,10 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 from agents.context import Context, RawMessage, retrying
-from agents.core.admission import (
-    SLOTS,
-    AdmissionCore,
-    Decisions,
-    Gate,
-    Limit,
-    Policy,
-    QueuedJob,
-    due_time,
-    needs_for,
-)
+from agents.core.admission import AdmissionCore, Decisions, Gate, Policy, QueuedJob, due_time
 from agents.core.depth import UNITS, WorkEstimates
+from agents.core.ratelimit import Limit
+from agents.core.semaphores import SLOTS, needs_for
 from agents.deadletter import dead_letter, decode_all
 from agents.errors import StoreUnavailable
 from agents.scheduler.dispatching import Dispatcher

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Collection, Mapping, Sequence
 
 from agents.context import Context, retrying
-from agents.core.admission import ALL, GLOBAL, SLOTS
+from agents.core.semaphores import ALL, GLOBAL, SLOTS
 from agents.store.admission import Candidate, Dispatched
 from agents.store.rows import DispatchJob
 from streams.events import AdmissionDecision, Dispatch, encode

@@ -29,8 +29,10 @@ from typing import Any, NamedTuple, Protocol
 
 import psycopg
 
-from agents.core.admission import GLOBAL, GLOBAL_CAPACITY, SLOTS, Gate, Limit, Need
+from agents.core.admission import Gate
 from agents.core.depth import UNITS
+from agents.core.ratelimit import Limit
+from agents.core.semaphores import GLOBAL, GLOBAL_CAPACITY, SLOTS, Need
 from agents.store.rows import (
     DISPATCH_COLS,
     QUEUED_COLS,

@@ -4,11 +4,12 @@ one), the waiting jobs' safety net, job commands and dead letters."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from agents.core.deps import DependencyIndex, Fail, Release
 from agents.core.lifecycle import Backoff
 from agents.store.admission import (
+    AdmitResult,
     CyclePlan,
     CyclePlanner,
     PendingAdmit,
@@ -20,19 +21,15 @@ from agents.store.admission import (
 from agents.store.commands import Applied, JobCommand, apply_commands, apply_controls
 from agents.store.connection import Connections
 from agents.store.dependencies import (
-    Settled,
     apply_decisions,
-    decide_lifecycle,
     load_working_set,
     queue_decisions,
-    queue_ended,
-    queue_inserts,
-    queue_lifecycle,
     queue_working_set,
-    read_inserted,
     read_ready,
     read_working_set,
 )
+from agents.store.inserts import queue_inserts, read_inserted
+from agents.store.lifecycle import decide_lifecycle, queue_ended, queue_lifecycle
 from agents.store.rows import (
     Accepted,
     DeadLetterRow,
@@ -44,6 +41,21 @@ from streams.events import Control, JobEvent, JobStarted
 def _merge_ready(retries: Sequence[ReadyJob], read: Sequence[ReadyJob]) -> list[ReadyJob]:
     """Ready jobs once each, a row read from PostgreSQL over a retry's bare record."""
     return list({r.id: r for r in (*retries, *read)}.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a dependency batch's transaction did, for the stage to carry out."""
+
+    ready: list[ReadyJob]  # jobs now ready (without a plan: to forward to their owner)
+    rejected: list[Fail]  # submissions of the batch that can never run
+    stale_starts: list[tuple[str, int]]  # started attempts already over (to stop)
+    durations: list[tuple[str, float]]  # (kind, seconds) of the successes recorded
+    released: bool = False  # attempts ended: their holds were given back
+    # admission in the same transaction (``CyclePlanner``): what it planned (its
+    # ``forward``: the ready jobs for other owners), what it did
+    plan: CyclePlan | None = None
+    admitted: AdmitResult | None = None
 
 
 class CycleStore(Connections):

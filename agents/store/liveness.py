@@ -10,8 +10,8 @@ from typing import Any
 from psycopg.rows import dict_row
 
 from agents.core import brake as brake_core
-from agents.core.admission import GLOBAL, SLOTS
 from agents.core.brake import HostSample, Thresholds
+from agents.core.semaphores import GLOBAL, SLOTS
 from agents.store.admission import (
     refresh_capacity,
     release_attempt_holds,

@@ -10,7 +10,7 @@ import time
 import psycopg
 
 from agents.context import Context
-from agents.core.admission import GLOBAL, SLOTS
+from agents.core.semaphores import GLOBAL, SLOTS
 from agents.scheduler.app import reconcile_once
 from agents.settings import Settings
 from agents.store import admission as admstore

@@ -9,17 +9,9 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.core.admission import (
-    ALL,
-    GLOBAL,
-    SLOTS,
-    AdmissionCore,
-    Limit,
-    Policy,
-    QueuedJob,
-    due_time,
-    needs_for,
-)
+from agents.core.admission import AdmissionCore, Policy, QueuedJob, due_time
+from agents.core.ratelimit import Limit
+from agents.core.semaphores import ALL, GLOBAL, SLOTS, needs_for
 
 POLICY = Policy(max_wait_s=10.0)
 TENANTS = ["a", "b", "c"]
@@ -366,7 +358,7 @@ def test_inline_turns_decide_exactly_as_the_general_turn(
 
 
 def test_only_admissions_beyond_a_slot_and_the_global_share_hold_something_shared() -> None:
-    from agents.core.admission import needs_for
+    from agents.core.semaphores import needs_for
     from agents.scheduler.dispatching import holds_shared
 
     assert not holds_shared(needs_for("noop", [], None, False))
