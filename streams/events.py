@@ -160,6 +160,9 @@ class JobFailed(_Event, tag="job.failed", frozen=True):
     # True: the monitor handed back a dispatch no live worker consumed; it applies only while
     # the attempt is dispatched (a start recorded first keeps the attempt running)
     unstarted: bool = False
+    # True: the monitor judged ``worker`` lost; the failure applies only while the attempt's
+    # latest recorded start names ``worker`` (started again elsewhere, it runs on there)
+    lost_worker: bool = False
 
 
 class JobCancelled(_Event, tag="job.cancelled", frozen=True):

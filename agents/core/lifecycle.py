@@ -17,6 +17,10 @@ Invariants (property-tested):
   only while that attempt is dispatched: once its start is recorded, the attempt runs on.
 - A cancel aimed at attempt n changes the job only while attempt n is dispatched or
   running, so a cancel replayed after a retry cannot cancel the retried job.
+- The attempt belongs to the worker its latest start names: a start of the running attempt
+  from another worker (its dispatch redelivered after a partition moved) moves it there, and
+  a failure the monitor decided because a worker was lost (``Failed(lost_worker=w)``)
+  changes the job only while the attempt is on ``w``.
 - Applying the same event twice is the same as applying it once (idempotence), which is what
   makes at-least-once delivery safe.
 - A retry waits ``Backoff.delay`` after the failed attempt (doubling per attempt, capped),
@@ -66,6 +70,7 @@ class Job:
     state: State
     attempt: int
     max_attempts: int
+    worker: str | None = None  # the worker the attempt's latest recorded start names
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,7 @@ class Dispatched:
 @dataclass(frozen=True, slots=True)
 class Started:
     attempt: int
+    worker: str = ""  # "": not known (a repeated start then changes nothing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,10 @@ class Failed:
     counts: bool = True  # False: handed back by its worker, the attempt is given back
     unstarted: bool = False  # True: handed back by the monitor before any start was recorded
     backoff: bool = True  # False: the failure was not the job's (a lost worker): retry at once
+    # the monitor judged this worker lost: the failure applies only while the attempt's
+    # latest start names it (a start of the same attempt on another worker, its dispatch
+    # redelivered after a partition moved, runs on)
+    lost_worker: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,21 +185,27 @@ def apply(job: Job, event: Event) -> Job:
         case Dispatched():
             if s in DISPATCH_FROM:
                 return Job(State.DISPATCHED, job.attempt + 1, job.max_attempts)
-        case Started(attempt=a):
+        case Started(attempt=a, worker=w):
             if s in STARTED_FROM and a == job.attempt:
-                return Job(State.RUNNING, job.attempt, job.max_attempts)
+                return Job(State.RUNNING, job.attempt, job.max_attempts, w or job.worker)
+            if s is State.RUNNING and a == job.attempt and w and w != job.worker:
+                # the same attempt started again elsewhere (its dispatch redelivered): the
+                # latest start names the worker that owns it now
+                return Job(State.RUNNING, job.attempt, job.max_attempts, w)
         case Succeeded(attempt=a):
             if s in FINISHED_FROM and a == job.attempt:
-                return Job(State.SUCCEEDED, job.attempt, job.max_attempts)
-        case Failed(attempt=a, retryable=r, counts=c, unstarted=u):
+                return Job(State.SUCCEEDED, job.attempt, job.max_attempts, job.worker)
+        case Failed(attempt=a, retryable=r, counts=c, unstarted=u, lost_worker=lost):
+            if lost is not None and job.worker is not None and lost != job.worker:
+                return job  # the attempt runs on a worker that was not judged lost
             if s in (UNSTARTED_FROM if u else FINISHED_FROM) and a == job.attempt:
                 limit = job.max_attempts + (0 if c else 1)
                 nxt = State.READY if r and job.attempt < limit else State.FAILED
-                return Job(nxt, job.attempt, limit)
+                return Job(nxt, job.attempt, limit, job.worker)
         case Cancelled(attempt=None):
             if s in CANCEL_FROM:
-                return Job(State.CANCELLED, job.attempt, job.max_attempts)
+                return Job(State.CANCELLED, job.attempt, job.max_attempts, job.worker)
         case Cancelled(attempt=a):
             if s in CANCEL_ATTEMPT_FROM and a == job.attempt:
-                return Job(State.CANCELLED, job.attempt, job.max_attempts)
+                return Job(State.CANCELLED, job.attempt, job.max_attempts, job.worker)
     return job

@@ -231,5 +231,6 @@ class Monitor:
             error=why[:4000],
             retryable=True,
             backoff=False,
+            lost_worker=True,  # fenced: started again on a live worker, it runs on there
         )
         return Record(self.ctx.topic("jobs.events"), encode(event), (o.group or o.id).encode())

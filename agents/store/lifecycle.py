@@ -72,7 +72,7 @@ async def queue_lifecycle(conn: Conn, events: Sequence[JobEvent]) -> Cursor | No
         return None
     return await conn.execute(
         "SELECT id, state, attempt, max_attempts, kind, tenant,"
-        " extract(epoch from submitted_at)::float8 FROM jobs WHERE id = ANY(%s)"
+        " extract(epoch from submitted_at)::float8, worker FROM jobs WHERE id = ANY(%s)"
         " ORDER BY id FOR UPDATE",
         (ids,),
     )
@@ -80,11 +80,12 @@ async def queue_lifecycle(conn: Conn, events: Sequence[JobEvent]) -> Cursor | No
 
 def _core_event(ev: JobEvent) -> Event:
     if isinstance(ev, JobStarted):
-        return Started(ev.attempt)
+        return Started(ev.attempt, ev.worker)
     if isinstance(ev, JobSucceeded):
         return Succeeded(ev.attempt)
     assert isinstance(ev, JobFailed)
-    return Failed(ev.attempt, ev.retryable, ev.counts, ev.unstarted, ev.backoff)
+    lost = ev.worker if ev.lost_worker else None
+    return Failed(ev.attempt, ev.retryable, ev.counts, ev.unstarted, ev.backoff, lost)
 
 
 def _history(ev: JobEvent, state: State) -> tuple[str, int, str, dict[str, Any]]:
@@ -139,8 +140,18 @@ async def decide_lifecycle(
     stale starts of the batch."""
     rows: dict[str, _Row] = {}
     if cur is not None:
-        for jid, state, attempt, max_attempts, kind, tenant, submitted in await cur.fetchall():
-            rows[jid] = _Row(Job(State(state), attempt, max_attempts), kind, tenant, submitted)
+        for (
+            jid,
+            state,
+            attempt,
+            max_attempts,
+            kind,
+            tenant,
+            submitted,
+            worker,
+        ) in await cur.fetchall():
+            job = Job(State(state), attempt, max_attempts, worker)
+            rows[jid] = _Row(job, kind, tenant, submitted)
     by_job: dict[str, list[tuple[int, Event]]] = {}
     for i, ev in enumerate(events):
         if not isinstance(ev, JobCancelled):
@@ -171,10 +182,11 @@ async def decide_lifecycle(
         if isinstance(ev, JobCancelled):
             continue
         if isinstance(ev, JobSucceeded) or (
-            # a hand-back the attempt's recorded start won ends nothing: it runs on
+            # a hand-back the attempt's recorded start won ends nothing: it runs on; nor
+            # does a lost worker's failure of an attempt that started again elsewhere
             isinstance(ev, JobFailed)
             and not ev.keeps_holds
-            and not (ev.unstarted and i not in applied)
+            and not ((ev.unstarted or ev.lost_worker) and i not in applied)
         ):
             ended.over.append((ev.job_id, ev.attempt))
         if (

@@ -22,15 +22,26 @@ from agents.core.lifecycle import (
 )
 
 attempts = st.integers(min_value=0, max_value=4)
+workers = st.sampled_from(["w1", "w2"])
 events = st.one_of(
     st.just(Dispatched()),
-    st.builds(Started, attempts),
+    st.builds(Started, attempts, st.sampled_from(["", "w1", "w2"])),
     st.builds(Succeeded, attempts),
-    st.builds(Failed, attempts, st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+    st.builds(
+        Failed,
+        attempts,
+        st.booleans(),
+        st.booleans(),
+        st.booleans(),
+        st.booleans(),
+        st.none() | workers,
+    ),
     st.just(Cancelled()),
     st.builds(Cancelled, attempts),
 )
-jobs = st.builds(Job, st.sampled_from(list(State)), attempts, st.integers(1, 4))
+jobs = st.builds(
+    Job, st.sampled_from(list(State)), attempts, st.integers(1, 4), st.none() | workers
+)
 
 
 def run(job: Job, evs: list[Event]) -> Job:
@@ -137,6 +148,39 @@ def test_a_cancel_replayed_after_a_retry_cancels_nothing(n: int, evs: list[Event
         job = apply(job, e)
         if job.attempt > n and isinstance(e, Dispatched):
             break
+
+
+@given(jobs, workers)
+def test_a_start_of_the_running_attempt_elsewhere_moves_it_and_changes_nothing_else(
+    job: Job, worker: str
+) -> None:
+    """A dispatch redelivered after its partition moved starts the same attempt on another
+    worker: the attempt is that worker's from then on; its state, attempt and budget stay."""
+    job = Job(State.RUNNING, job.attempt, job.max_attempts, job.worker)
+    after = apply(job, Started(job.attempt, worker))
+    assert (after.state, after.attempt, after.max_attempts) == (
+        job.state,
+        job.attempt,
+        job.max_attempts,
+    )
+    assert after.worker == worker
+    assert apply(job, Started(job.attempt)) == job  # a start naming no worker moves nothing
+
+
+@given(jobs, workers, st.booleans())
+def test_a_lost_workers_failure_applies_only_while_the_attempt_is_on_that_worker(
+    job: Job, lost: str, retryable: bool
+) -> None:
+    """The monitor fails the attempt of a worker it judged lost; if the attempt started
+    again on another worker since, that failure changes nothing (no second attempt, nothing
+    given back while the process runs on)."""
+    job = Job(State.RUNNING, job.attempt, job.max_attempts, job.worker)
+    judged = apply(job, Failed(job.attempt, retryable, backoff=False, lost_worker=lost))
+    if job.worker is not None and job.worker != lost:
+        assert judged == job
+    else:
+        assert judged == apply(job, Failed(job.attempt, retryable, backoff=False))
+        assert judged != job
 
 
 @given(jobs, attempts)
