@@ -13,7 +13,9 @@ Invariants:
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -229,6 +231,8 @@ def load_settings(
     """Build and validate the settings; raise :class:`ConfigError` saying what is wrong."""
     env = os.environ if environ is None else environ
     data: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # top-level setting → where its value came from
+    _warn_unknown_variables(env)
     path = file or env.get(PREFIX + "CONFIG")
     if path:
         try:
@@ -240,6 +244,7 @@ def load_settings(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"the config file {path} must hold a mapping of settings")
         data.update(loaded or {})
+        origin.update({k: f"in {path}" for k in loaded or {}})
     for name in _FIELDS:
         raw = env.get(PREFIX + name.upper())
         if raw is None or raw == "":
@@ -253,15 +258,25 @@ def load_settings(
                 raise ConfigError(f"{PREFIX}{name.upper()} must be JSON: {exc}") from None
         else:
             data[name] = raw
+        origin[name] = f"{PREFIX}{name.upper()}={_shown(name, raw)}"
     data.update({k: v for k, v in overrides.items() if v is not None})
+    origin.update({k: "as an option" for k, v in overrides.items() if v is not None})
     if "kinds" in data and isinstance(data["kinds"], dict):
         merged: dict[str, Any] = {k: msgspec.to_builtins(v) for k, v in DEFAULT_KINDS.items()}
         merged.update(data["kinds"])
         data["kinds"] = merged
+        for kind, cfg in data["kinds"].items():  # each kind on its own: the error names it
+            try:
+                msgspec.convert(cfg, KindConfig, strict=False)
+            except msgspec.ValidationError as exc:
+                where = origin.get("kinds", "")
+                raise ConfigError(
+                    f"invalid kind {kind!r}{f' ({where})' if where else ''}: {exc}"
+                ) from None
     try:
         settings = msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid setting: {exc}") from None
+        raise ConfigError(_invalid(exc, origin)) from None
     for kind in settings.kinds:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", kind):
             raise ConfigError(f"invalid kind name {kind!r}: use lower-case letters, digits, _.-")
@@ -292,3 +307,42 @@ def load_settings(
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError(f"invalid log_level {settings.log_level!r}")
     return settings
+
+
+# variables of the prefix that are not settings: a job's environment, the scripts', the tests'
+_OTHER_VARIABLES = {"CONFIG", "JOB_ID", "ATTEMPT", "TENANT", "PROGRESS_FILE", "RUN", "CACHE"}
+_OTHER_PREFIXES = ("TEST_", "BENCH_", "STATE_", "KAFKA_BOOTSTRAP_TEST")
+
+
+def _warn_unknown_variables(env: Mapping[str, str]) -> None:
+    """Warn (once per name) of ``JOBSTREAM_*`` variables that set nothing, with the closest
+    setting's variable: a typo would otherwise be ignored in silence."""
+    for var in env:
+        if not var.startswith(PREFIX) or var in _WARNED:
+            continue
+        name = var[len(PREFIX) :]
+        if name.lower() in _FIELDS or name in _OTHER_VARIABLES or name.startswith(_OTHER_PREFIXES):
+            continue
+        _WARNED.add(var)
+        close = difflib.get_close_matches(name.lower(), _FIELDS, n=1)
+        hint = f"; did you mean {PREFIX}{close[0].upper()}?" if close else ""
+        logging.getLogger("jobstream.settings").warning(
+            "%s is not a setting and is ignored%s", var, hint
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def _shown(name: str, raw: str) -> str:
+    """A value as an error message may show it: secrets never, long values cut."""
+    if is_secret_name(name) or name in ("database_url", "kafka_config", "status_token"):
+        return "…"
+    return repr(raw if len(raw) <= 60 else raw[:57] + "...")
+
+
+def _invalid(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
+    """msgspec's message (``… - at `$.field…` ``) with where the field's value came from."""
+    m = re.search(r"`\$\.([a-z_]+)", str(exc))
+    where = origin.get(m.group(1), "") if m else ""
+    return f"invalid setting: {exc}" + (f" ({where})" if where else "")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from agents.errors import ConfigError
-from agents.settings import load_settings, mask_secrets, redact_url
+from agents.settings import Settings, load_settings, mask_secrets, redact_url
+from agents.settings_doc import MEANINGS, table
 from streams.errors import TopicConfigError
 from streams.topics import REQUIRED, load_topics, parse_duration_ms, parse_topics
 
@@ -37,6 +39,31 @@ def test_environment_overrides_file_and_is_validated(tmp_path: Path) -> None:
 def test_bad_settings_say_what_is_wrong(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_settings(env)
+
+
+def test_a_bad_value_names_its_variable_and_value_and_a_bad_kind_its_name(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError) as bad:
+        load_settings({"JOBSTREAM_HEARTBEAT_INTERVAL_S": "soon"})
+    assert "JOBSTREAM_HEARTBEAT_INTERVAL_S='soon'" in str(bad.value)
+    f = tmp_path / "js.yaml"
+    f.write_text("kinds:\n  scan:\n    command: [scan]\n    timeout_s: -1\n")
+    with pytest.raises(ConfigError) as kind:
+        load_settings({}, file=f)
+    assert "kind 'scan'" in str(kind.value) and str(f) in str(kind.value)
+    assert "timeout_s" in str(kind.value)
+
+
+def test_an_unknown_variable_is_warned_of_with_the_closest_setting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="jobstream.settings"):
+        s = load_settings({"JOBSTREAM_WROKER_SLOTS": "3", "JOBSTREAM_JOB_ID": "j1"})
+    assert s.worker_slots == 4
+    assert "JOBSTREAM_WROKER_SLOTS is not a setting" in caplog.text
+    assert "did you mean JOBSTREAM_WORKER_SLOTS" in caplog.text
+    assert "JOB_ID" not in caplog.text  # a job's own variable is not a typo
 
 
 def test_unknown_setting_in_file_is_an_error(tmp_path: Path) -> None:
@@ -145,3 +172,11 @@ def test_a_status_page_off_loopback_needs_a_token(bind: str) -> None:
     assert s.status_bind == bind
     for loopback in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080"):
         assert not load_settings({"JOBSTREAM_STATUS_BIND": loopback}).status_token
+
+
+def test_the_configuration_reference_lists_every_setting_as_the_object_defines_it() -> None:
+    """docs/configuration.md's table is the one generated from the settings object: a
+    setting added without a meaning, or a default changed without the document, fails here."""
+    assert set(MEANINGS) == {f.name for f in msgspec.structs.fields(Settings)}
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert table() in doc, "regenerate it: jobstream config doc"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,14 @@ def config_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Validate the settings and print them with secrets redacted."""
     s = settings_of(config)
     emit(s.redacted(), as_json)
+
+
+@config_app.command("doc")
+def config_doc() -> None:
+    """Print the reference table of every setting (docs/configuration.md holds it)."""
+    from agents.settings_doc import table
+
+    sys.stdout.write(table())
 
 
 @topics_app.command("apply")
