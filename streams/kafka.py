@@ -29,6 +29,20 @@ from streams.topics import TopicRegistry
 
 log = logging.getLogger("jobstream.kafka")
 
+
+class _ClientLog(logging.Logger):
+    """librdkafka's own log lines (a broker that refuses connections repeats one every
+    ~50 ms): routed to Python logging as ``jobstream.kafka.client`` at DEBUG, silent at the
+    default level; what a caller must know reaches it as an error or a timeout."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(logging.DEBUG):
+            super().log(logging.DEBUG, f"[{logging.getLevelName(level)}] {msg}", *args, **kwargs)
+
+
+CLIENT_LOG = _ClientLog("jobstream.kafka.client")
+CLIENT_LOG.parent = log
+
 Headers = list[tuple[str, bytes]]
 
 
@@ -49,7 +63,7 @@ def partition_for(key: bytes, partitions: int) -> int:
 
 
 def client_config(bootstrap: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    cfg: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": CLIENT_LOG}
     cfg.update(extra or {})
     return cfg
 
@@ -80,7 +94,8 @@ def wait_for_broker(
         except KafkaException as exc:
             last = exc
         time.sleep(0.2)
-    raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s ({last})")
+    why = last.args[0].str() if last is not None and isinstance(last.args[0], KafkaError) else last
+    raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s ({why})")
 
 
 def delete_topics(

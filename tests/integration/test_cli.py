@@ -142,5 +142,13 @@ def test_bad_input_and_unreachable_services_give_clear_errors_and_exit_codes(
     no_kafka = {**env, "JOBSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
     r = cli("topics", "check", env=no_kafka, timeout=120)
     assert r.returncode == 3 and "127.0.0.1:1" in r.stderr
+    # every command that needs a service says which one is down (exit 3), once: not a
+    # delivery failure (exit 1), and none of librdkafka's or the pool's per-try lines
+    for args in (("submit", "noop"), ("pause", "--tenant", "t"), ("cancel", "some-job")):
+        r = cli(*args, env=no_kafka, timeout=120)
+        assert r.returncode == 3 and "Kafka at 127.0.0.1:1" in r.stderr, (args, r.stderr)
+        assert "%3|" not in r.stderr and "FAIL" not in r.stderr, r.stderr[:500]
+    r = cli("status", env=no_db, timeout=120)
+    assert "error connecting in" not in r.stderr, r.stderr[:500]
     r = cli("config", "check", env={**env, "JOBSTREAM_WORKER_SLOTS": "lots"})
     assert r.returncode == 2 and "worker_slots" in r.stderr

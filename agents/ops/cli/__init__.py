@@ -7,6 +7,7 @@ Every command that prints data takes ``--json``.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from agents.errors import ConfigError, JobstreamError, StoreUnavailable
@@ -24,6 +25,8 @@ __all__ = ["app", "control", "inspect", "load_workflow", "main", "run", "setup",
 
 
 def main() -> None:
+    # a connection the pool retries is reported once, as the command's error, not per try
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
         app()
     except ConfigError as exc:

@@ -57,6 +57,21 @@ def settings_of(config: Path | None, **overrides: Any) -> Settings:
     return load_settings(file=config, **overrides)
 
 
+# how long a command waits for Kafka or PostgreSQL to answer before it says so (exit 3)
+SERVICE_PROBE_S = 5.0
+
+
+def kafka(s: Settings) -> str:
+    """The broker's address once it answers a metadata request: a command that needs Kafka
+    says within seconds that it is down (``KafkaUnavailable``: exit 3), instead of failing
+    its first send after the delivery timeout."""
+    from streams.kafka import wait_for_broker
+
+    bootstrap = s.require_kafka()
+    wait_for_broker(bootstrap, s.kafka_config, timeout_s=SERVICE_PROBE_S)
+    return bootstrap
+
+
 def query(config: Path | None, fn: Callable[[PostgresJobStore], Awaitable[T]]) -> T:
     """Open the store, run one query, close it."""
     from agents.store import PostgresJobStore
@@ -64,8 +79,12 @@ def query(config: Path | None, fn: Callable[[PostgresJobStore], Awaitable[T]]) -
     s = settings_of(config)
 
     async def run() -> T:
-        async with PostgresJobStore(s.require_database()) as store:
+        store = PostgresJobStore(s.require_database())
+        await store.open(timeout_s=SERVICE_PROBE_S)  # down: said within seconds (exit 3)
+        try:
             return await fn(store)
+        finally:
+            await store.close()
 
     return asyncio.run(run())
 

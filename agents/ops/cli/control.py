@@ -18,7 +18,7 @@ from streams.events import Control, encode
 if TYPE_CHECKING:
     pass
 
-from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, out, settings_of
+from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, kafka, out, settings_of
 
 
 def _control(config: Path | None, cmd: Control, as_json: bool, done: str) -> None:
@@ -27,7 +27,7 @@ def _control(config: Path | None, cmd: Control, as_json: bool, done: str) -> Non
 
     s = settings_of(config)
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
-    with JobPublisher(s.require_kafka(), registry=registry, extra=s.kafka_config) as pub:
+    with JobPublisher(kafka(s), registry=registry, extra=s.kafka_config) as pub:
         pub.send_raw("jobs.control", encode(cmd), (cmd.name or cmd.scope).encode())
     emit(msgspec.to_builtins(cmd), True) if as_json else out.print(done)
 

@@ -23,6 +23,7 @@ from agents.ops.cli.common import (
     app,
     dl_app,
     emit,
+    kafka,
     missing_or_json,
     out,
     query,
@@ -310,7 +311,7 @@ def deadletter_replay(
         config, lambda store: store.dead_letters_to_replay(ids, topic, force)
     )
     if rows:
-        producer = ConfirmedProducer(producer_config(s.require_kafka(), s.kafka_config))
+        producer = ConfirmedProducer(producer_config(kafka(s), s.kafka_config))
         try:
             producer.produce_confirmed(
                 [Record(r["topic"], r["value"] or b"", r["key"]) for r in rows], 60

@@ -17,6 +17,7 @@ from agents.ops.cli.common import (
     config_app,
     db_app,
     emit,
+    kafka,
     out,
     query,
     settings_of,
@@ -52,13 +53,12 @@ def topics_check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def _topics(config: Path | None, as_json: bool, *, create: bool) -> None:
-    from streams.kafka import apply_topics, wait_for_broker
+    from streams.kafka import apply_topics
     from streams.topics import load_topics
 
     s = settings_of(config)
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
-    wait_for_broker(s.require_kafka(), s.kafka_config, timeout_s=30)
-    report = apply_topics(registry, s.require_kafka(), s.kafka_config, create=create)
+    report = apply_topics(registry, kafka(s), s.kafka_config, create=create)
     data = {"created": report.created, "existing": report.existing, "mismatched": report.mismatched}
     if as_json:
         emit(data, True)

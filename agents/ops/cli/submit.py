@@ -27,6 +27,7 @@ from agents.ops.cli.common import (
     app,
     emit,
     err,
+    kafka,
     missing_or_json,
     out,
     query,
@@ -100,7 +101,7 @@ def submit(
     if job.kind not in s.kinds:
         raise ConfigError(f"unknown kind {job.kind!r}; known: {', '.join(sorted(s.kinds))}")
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
-    with JobPublisher(s.require_kafka(), registry=registry, extra=s.kafka_config) as pub:
+    with JobPublisher(kafka(s), registry=registry, extra=s.kafka_config) as pub:
         pub.submit(job)
     if wait:
         _wait_for(config, [job.id], as_json)
@@ -198,7 +199,7 @@ def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> lis
         raise ConfigError(f"unknown kinds {unknown}; known: {', '.join(sorted(s.kinds))}")
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
     with JobPublisher(
-        s.require_kafka(),
+        kafka(s),
         registry=registry,
         extra=s.kafka_config,
         max_workflow_bytes=s.max_workflow_bytes,
