@@ -35,6 +35,15 @@ def test_status_jobs_wait_and_deadletter_replay(
         assert j(cli("job", "w1", "--json", env=env).stdout)["log_tail"] == "hi"  # type: ignore[index]
         r = cli("submit", "fail", "--id", "w2", "--tenant", "beta", "--wait", env=env)
         assert r.returncode == 1 and "failed: w2" in r.stdout
+        # a command on one job that cannot do anything is refused before it is sent
+        r = cli("retry", "w1", env=env)
+        assert r.returncode == 1 and "job 'w1' is succeeded: retry applies" in r.stderr
+        r = cli("priority", "nosuch", "5", env=env)
+        assert r.returncode == 1 and "no job 'nosuch'" in r.stderr and "sent" not in r.stdout
+        r = cli("cancel", "nosuch", "--json", env=env)
+        assert r.returncode == 1 and j(r.stdout) == {"error": "error: no job 'nosuch'", "code": 1}
+        r = cli("job", "nosuch", "--json", env=env)
+        assert r.returncode == 1 and j(r.stdout) == {"error": "no job 'nosuch'", "code": 1}
         wf = tmp_path / "wf.yaml"
         wf.write_text(
             "id: wf-1\njobs:\n  - {id: wf-1-a, kind: noop}\n"
@@ -144,7 +153,7 @@ def test_bad_input_and_unreachable_services_give_clear_errors_and_exit_codes(
     assert r.returncode == 3 and "127.0.0.1:1" in r.stderr
     # every command that needs a service says which one is down (exit 3), once: not a
     # delivery failure (exit 1), and none of librdkafka's or the pool's per-try lines
-    for args in (("submit", "noop"), ("pause", "--tenant", "t"), ("cancel", "some-job")):
+    for args in (("submit", "noop"), ("pause", "--tenant", "t"), ("resume", "--kind", "noop")):
         r = cli(*args, env=no_kafka, timeout=120)
         assert r.returncode == 3 and "Kafka at 127.0.0.1:1" in r.stderr, (args, r.stderr)
         assert "%3|" not in r.stderr and "FAIL" not in r.stderr, r.stderr[:500]

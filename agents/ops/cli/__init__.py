@@ -7,6 +7,7 @@ Every command that prints data takes ``--json``.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -30,11 +31,18 @@ def main() -> None:
     try:
         app()
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/] {exc}")
-        sys.exit(2)
+        _fail("configuration error", exc, 2)
     except (KafkaUnavailable, StoreUnavailable) as exc:
-        err.print(f"[red]service unavailable:[/] {exc}")
-        sys.exit(3)
+        _fail("service unavailable", exc, 3)
     except (JobstreamError, StreamsError) as exc:
-        err.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
+        _fail("error", exc, 1)
+
+
+def _fail(what: str, exc: Exception, code: int) -> None:
+    """Say why the command failed and exit ``code``: for people on stderr, under ``--json``
+    as ``{"error": …, "code": …}`` on stdout for scripts."""
+    if "--json" in sys.argv[1:]:
+        sys.stdout.write(json.dumps({"error": f"{what}: {exc}", "code": code}) + "\n")
+    else:
+        err.print(f"[red]{what}:[/] {exc}")
+    sys.exit(code)

@@ -90,9 +90,13 @@ def query(config: Path | None, fn: Callable[[PostgresJobStore], Awaitable[T]]) -
 
 
 def missing_or_json(row: Any, missing: str, as_json: bool) -> bool:
-    """Exit 1 saying ``missing`` when there is no row; with ``--json`` print it and say so."""
+    """Exit 1 saying ``missing`` when there is no row (under ``--json`` as the JSON error);
+    with ``--json`` print the row and say so."""
     if row is None or row == []:
-        err.print(missing)
+        if as_json:
+            sys.stdout.write(json.dumps({"error": missing, "code": 1}) + "\n")
+        else:
+            err.print(missing)
         raise typer.Exit(1)
     if as_json:
         emit(row, True)

@@ -6,19 +6,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 import typer
 
-from agents.errors import ConfigError
+from agents.errors import ConfigError, JobstreamError
+from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, kafka, out, query, settings_of
 from agents.scheduler.control import check as check_control
 from streams.events import Control, encode
-
-if TYPE_CHECKING:
-    pass
-
-from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, kafka, out, settings_of
 
 
 def _control(config: Path | None, cmd: Control, as_json: bool, done: str) -> None:
@@ -26,10 +22,37 @@ def _control(config: Path | None, cmd: Control, as_json: bool, done: str) -> Non
     from streams.topics import load_topics
 
     s = settings_of(config)
+    if cmd.scope == "job" and cmd.name and s.database_url:
+        states: dict[str, str] = query(config, lambda store: store.job_states([cmd.name or ""]))
+        reason = impossible(cmd, states.get(cmd.name))
+        if reason is not None:
+            raise JobstreamError(reason)
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
     with JobPublisher(kafka(s), registry=registry, extra=s.kafka_config) as pub:
         pub.send_raw("jobs.control", encode(cmd), (cmd.name or cmd.scope).encode())
     emit(msgspec.to_builtins(cmd), True) if as_json else out.print(done)
+
+
+# what each command on one job can change, by the job's state (``agents.core.lifecycle``)
+_APPLIES = {
+    "cancel": ("waiting", "ready", "dispatched", "running"),
+    "retry": ("failed", "cancelled"),
+    "priority": ("waiting", "ready"),
+}
+
+
+def impossible(cmd: Control, state: str | None) -> str | None:
+    """Why a command on one job cannot do anything (no such job, or a state it does not
+    apply in), checked before it is sent; None when it can."""
+    if state is None:
+        return f"no job {cmd.name!r}"
+    allowed = _APPLIES.get(cmd.action)
+    if allowed is not None and state not in allowed:
+        return (
+            f"job {cmd.name!r} is {state}: {cmd.action} applies to a job that is "
+            f"{' or '.join(allowed)}"
+        )
+    return None
 
 
 def _scope(tenant: str | None, kind: str | None, job_id: str | None) -> tuple[str, str]:
@@ -80,7 +103,7 @@ def priority(
 ) -> None:
     """Change a waiting or queued job's priority."""
     cmd = _cmd(action="priority", scope="job", name=job_id, priority=value)
-    _control(config, cmd, as_json, f"priority of [bold]{job_id}[/] set to {value}")
+    _control(config, cmd, as_json, f"priority {value} for [bold]{job_id}[/] sent")
 
 
 @app.command(rich_help_panel="Steer")
