@@ -13,13 +13,30 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+BUILTINS = frozenset({"job_id", "attempt", "tenant"})
+
+
 class TemplateError(ValueError):
     pass
+
+
+@lru_cache(maxsize=256)
+def needed(template: tuple[str, ...]) -> tuple[str, ...]:
+    """The names a job's args must hold for ``template`` (its placeholders but the
+    built-ins), sorted: checked when a job is submitted, not when its worker runs it."""
+    names = {m.group(1) for item in template for m in _PLACEHOLDER.finditer(item)}
+    return tuple(sorted(n for n in names if n and n not in BUILTINS))
+
+
+def missing_args(template: Sequence[str] | None, args: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names ``template`` needs that ``args`` lacks (none for an entrypoint kind)."""
+    return tuple(n for n in needed(tuple(template)) if n not in args) if template else ()
 
 
 def _text(value: Any) -> str:

@@ -15,7 +15,8 @@ Invariants (property-tested in tests/unit/test_deps.py):
 - A failure reaches exactly the jobs that depend on it through ``success`` edges,
   transitively; ``done`` edges let the dependent run instead.
 - A dependency that never arrives fails its dependents after the grace period; nothing waits
-  forever. A cycle fails every job on it.
+  forever. A workflow's job whose dependency is neither in its workflow nor submitted is
+  rejected at once. A cycle fails every job on it.
 
 Pure: no I/O, no clock (``now`` is an argument), stdlib only.
 """
@@ -63,6 +64,10 @@ class Node:
     submitted_at: float = 0.0
     root: str | None = None
     tenant: str = ""
+    # a workflow's job: it names only jobs of its workflow and jobs submitted before it, so a
+    # dependency not in the index will never arrive (a typo): rejected at once, not after the
+    # grace period
+    closed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,13 @@ class DependencyIndex:
         for e in node.edges:
             dep = self.nodes.get(e.dep)
             if dep is None:
+                if node.closed:
+                    return Fail(
+                        node.id,
+                        e.dep,
+                        f"dependency {e.dep} is neither a job of its workflow nor a submitted job",
+                        True,
+                    )
                 if now - node.submitted_at > grace_s:
                     return Fail(
                         node.id, e.dep, f"dependency {e.dep} was not submitted within {grace_s:g} s"

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import msgspec
 
 from agents.context import Context, RawMessage, retrying
+from agents.core.command import missing_args
 from agents.deadletter import Rejected
 from agents.store.rows import Accepted, ReadyJob
 from streams.errors import InvalidEvent
@@ -67,10 +68,16 @@ async def forward_ready(ctx: Context, jobs: Sequence[ReadyJob]) -> int:
 
 
 def _check_kind(ctx: Context, job: JobSpec) -> None:
-    if job.kind not in ctx.settings.kinds:
+    kind = ctx.settings.kinds.get(job.kind)
+    if kind is None:
         raise InvalidEvent(
             f"unknown kind {job.kind!r} (job {job.id}); known kinds: "
             f"{', '.join(sorted(ctx.settings.kinds))}"
+        )
+    missing = missing_args(kind.command, job.args)
+    if missing:  # it would fail on the worker: said now, with the names
+        raise InvalidEvent(
+            f"job {job.id}: kind {job.kind!r} needs the argument(s) {', '.join(missing)}"
         )
 
 

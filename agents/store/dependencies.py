@@ -47,7 +47,7 @@ async def queue_working_set(conn: Conn, changed: Sequence[str]) -> Cursor | None
         ),
         nodes AS (
             SELECT j.id, j.state, extract(epoch from j.accepted_at)::float8 AS at,
-                   j.root_cause, j.tenant,
+                   j.root_cause, j.tenant, j.workflow_id IS NOT NULL AS closed,
                    coalesce(array_agg(d.dep_id ORDER BY d.dep_id)
                             FILTER (WHERE d.dep_id IS NOT NULL), '{}') AS deps,
                    coalesce(array_agg(d.needs ORDER BY d.dep_id)
@@ -56,9 +56,9 @@ async def queue_working_set(conn: Conn, changed: Sequence[str]) -> Cursor | None
             WHERE j.id = ANY(ARRAY(SELECT id FROM down))  -- by primary key, whatever the plan
             GROUP BY j.id
         )
-        SELECT id, state, at, root_cause, tenant, deps, needs, false FROM nodes
+        SELECT id, state, at, root_cause, tenant, deps, needs, false, closed FROM nodes
         UNION ALL
-        SELECT l.id, l.state, 0::float8, l.root_cause, l.tenant, '{}', '{}', true
+        SELECT l.id, l.state, 0::float8, l.root_cause, l.tenant, '{}', '{}', true, false
         FROM jobs l
         WHERE l.id = ANY(ARRAY(SELECT unnest(deps) FROM nodes))
           AND l.id <> ALL(ARRAY(SELECT id FROM nodes))
@@ -71,9 +71,9 @@ async def read_working_set(cur: Cursor | None) -> list[Node]:
     if cur is None:
         return []
     nodes: list[Node] = []
-    for jid, state, at, root, tenant, deps, needs, leaf in await cur.fetchall():
+    for jid, state, at, root, tenant, deps, needs, leaf, closed in await cur.fetchall():
         edges = () if leaf else tuple(Edge(d, Needs(n)) for d, n in zip(deps, needs, strict=True))
-        nodes.append(Node(jid, state, edges, at, root, tenant))
+        nodes.append(Node(jid, state, edges, at, root, tenant, closed))
     return nodes
 
 

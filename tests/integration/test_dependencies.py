@@ -141,6 +141,25 @@ def test_cli_workflow_why_missing_dependency_cycle_and_all_done(
         )
         r = cli("submit", "--workflow", str(bad), env=env)
         assert r.returncode == 1 and "dependency cycle" in r.stderr
+        # a workflow naming a job that is neither in it nor submitted: a typo, refused by the
+        # CLI, and rejected by the scheduler at once (not after 24 h) when published anyway
+        typo = tmp_path / "typo.yaml"
+        typo.write_text(
+            "id: wf-3\ntenant: acme\njobs:\n  - {id: t-x, kind: noop, depends_on: [a, t-tpyo]}\n"
+            "  - {id: t-y, kind: noop, depends_on: [t-x]}\n"
+        )
+        r = cli("submit", "--workflow", str(typo), env=env)
+        assert r.returncode == 2 and "t-tpyo is neither a job of the workflow" in r.stderr
+        publisher.submit_workflow(
+            "wf-3",
+            [
+                JobSpec(id="t-x", tenant="acme", kind="noop", depends_on=["a", "t-tpyo"]),
+                JobSpec(id="t-y", tenant="acme", kind="noop", depends_on=["t-x"]),
+            ],
+        )
+        # a job without the argument its kind's command names: refused, not run and failed
+        r = cli("submit", "echo", "--id", "no-message", env=env)
+        assert r.returncode == 2 and "needs the argument(s) message" in r.stderr
         # a dependency that is not submitted (yet): surfaced by `why`
         publisher.submit(JobSpec(id="lonely", tenant="acme", kind="noop", depends_on=["ghost"]))
         # a cycle closed across submissions: the closing job is rejected
@@ -152,7 +171,7 @@ def test_cli_workflow_why_missing_dependency_cycle_and_all_done(
                 {
                     k: v["state"]
                     for k, v in rows(dsn).items()
-                    if k in ("a", "b", "cleanup", "p", "q")
+                    if k in ("a", "b", "cleanup", "p", "q", "t-x", "t-y")
                 }
                 == {
                     "a": "failed",
@@ -160,6 +179,8 @@ def test_cli_workflow_why_missing_dependency_cycle_and_all_done(
                     "cleanup": "succeeded",
                     "p": "failed",
                     "q": "failed",
+                    "t-x": "failed",
+                    "t-y": "failed",
                 }
             ),
             120,
@@ -178,10 +199,11 @@ def test_cli_workflow_why_missing_dependency_cycle_and_all_done(
         letters = [
             headers_dict(m.headers())
             for m in read_topic(
-                settings.require_kafka(), settings.topic_prefix + "jobs.deadletter", expect=1
+                settings.require_kafka(), settings.topic_prefix + "jobs.deadletter", expect=2
             )
         ]
         assert any("dependency cycle" in h["dlq.reason"] for h in letters)
+        assert any("t-tpyo is neither a job of its workflow" in h["dlq.reason"] for h in letters)
 
 
 def test_order_key_runs_jobs_one_after_another(

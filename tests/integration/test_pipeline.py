@@ -100,6 +100,8 @@ def test_bad_input_is_dead_lettered_and_valid_jobs_around_it_finish(
         b'"args":{"blob":"' + b"x" * 20_000 + b'"}},"submitted_at":1}': "over the limit",
         b'{"type":"job.submitted","v":1,"extra":true,"job":{"id":"extra","tenant":"a",'
         b'"kind":"sleep"},"submitted_at":1}': "unknown field",
+        b'{"type":"job.submitted","v":1,"job":{"id":"no-arg","tenant":"acme",'
+        b'"kind":"sleep"},"submitted_at":1}': "kind 'sleep' needs the argument(s) seconds",
     }
     publisher.submit(good[0])
     publisher.submit(good[1])

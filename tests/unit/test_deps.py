@@ -147,6 +147,24 @@ def test_missing_dependency_waits_then_fails_after_grace() -> None:
     assert d == Fail("b", "ghost", "dependency ghost was not submitted within 60 s")
 
 
+def test_a_workflow_job_with_a_dependency_nobody_submitted_is_rejected_at_once() -> None:
+    """A workflow names its own jobs and jobs that exist: a name that is neither is a typo,
+    rejected in the cycle that inserts it (its dependents fail with it), not after 24 h."""
+    index = DependencyIndex()
+    index.put(Node("a", "succeeded"))  # submitted before the workflow: fine
+    index.put(Node("w-b", "waiting", edges_for(["a", "w-c"], Rule.ALL_SUCCESS), closed=True))
+    index.put(Node("w-x", "waiting", edges_for(["w-tpyo"], Rule.ALL_SUCCESS), closed=True))
+    index.put(Node("w-y", "waiting", edges_for(["w-x"], Rule.ALL_SUCCESS), closed=True))
+    index.put(Node("w-c", "waiting", closed=True))
+    got = {d.job: d for d in index.settle(["w-b", "w-x", "w-y", "w-c"], now=0, grace_s=86_400)}
+    assert isinstance(got["w-c"], Release) and isinstance(got["w-b"], Wait)
+    bad = got["w-x"]
+    assert isinstance(bad, Fail) and bad.rejected and bad.root == "w-tpyo"
+    assert "neither a job of its workflow nor a submitted job" in bad.reason
+    follow = got["w-y"]
+    assert isinstance(follow, Fail) and not follow.rejected and follow.root == "w-tpyo"
+
+
 def test_a_cycle_fails_its_members_and_their_dependents() -> None:
     index = DependencyIndex()
     index.put(Node("a", "waiting", edges_for(["c"], Rule.ALL_SUCCESS)))

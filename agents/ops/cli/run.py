@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.table import Table
-
-if TYPE_CHECKING:
-    pass
 
 from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, out, settings_of
 

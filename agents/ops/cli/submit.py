@@ -6,21 +6,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 import typer
 
+from agents.core.command import missing_args
 from agents.errors import ConfigError
-from agents.settings import Settings
-from streams.errors import InvalidEvent
-from streams.events import JobId, JobSpec
-
-if TYPE_CHECKING:
-    pass
-
 from agents.ops.cli.common import (
+    SERVICE_PROBE_S,
     STATE_STYLE,
     ConfigOpt,
     JsonOpt,
@@ -34,6 +30,9 @@ from agents.ops.cli.common import (
     settings_of,
     wf_app,
 )
+from agents.settings import Settings
+from streams.errors import InvalidEvent
+from streams.events import JobId, JobSpec
 
 
 @app.command(rich_help_panel="Submit")
@@ -100,6 +99,7 @@ def submit(
         raise InvalidEvent(f"invalid job: {exc}") from None
     if job.kind not in s.kinds:
         raise ConfigError(f"unknown kind {job.kind!r}; known: {', '.join(sorted(s.kinds))}")
+    _check_args(s, [job])
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
     with JobPublisher(kafka(s), registry=registry, extra=s.kafka_config) as pub:
         pub.submit(job)
@@ -189,6 +189,46 @@ def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
     return wid, jobs
 
 
+def _check_args(s: Settings, jobs: Sequence[JobSpec]) -> None:
+    """Each job has the arguments its kind's command names (else it would fail on the
+    worker): a usage error naming them."""
+    for job in jobs:
+        missing = missing_args(s.kinds[job.kind].command, job.args)
+        if missing:
+            given = " ".join(f"--arg {n}=…" for n in missing)
+            raise ConfigError(
+                f"job {job.id}: kind {job.kind!r} needs the argument(s) {', '.join(missing)} "
+                f"({given})"
+            )
+
+
+def _check_outside_dependencies(s: Settings, wid: str, jobs: Sequence[JobSpec]) -> None:
+    """A dependency a workflow names outside itself must be a submitted job (checked when a
+    database is configured; the scheduler rejects the job otherwise)."""
+    own = {j.id for j in jobs}
+    outside = sorted({d for j in jobs for d in j.depends_on} - own)
+    if not outside or not s.database_url:
+        return
+    known: dict[str, str] = asyncio.run(_states(s.database_url, outside))
+    unknown = [d for d in outside if d not in known]
+    if unknown:
+        raise ConfigError(
+            f"workflow {wid}: {', '.join(unknown)} is neither a job of the workflow nor a "
+            "submitted job (a typo?)"
+        )
+
+
+async def _states(dsn: str, ids: list[str]) -> dict[str, str]:
+    from agents.store import PostgresJobStore
+
+    store = PostgresJobStore(dsn, max_size=1)
+    await store.open(timeout_s=SERVICE_PROBE_S)
+    try:
+        return await store.job_states(ids)
+    finally:
+        await store.close()
+
+
 def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> list[str]:
     from streams.publisher import JobPublisher
     from streams.topics import load_topics
@@ -197,6 +237,8 @@ def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> lis
     unknown = sorted({j.kind for j in jobs} - set(s.kinds))
     if unknown:
         raise ConfigError(f"unknown kinds {unknown}; known: {', '.join(sorted(s.kinds))}")
+    _check_args(s, jobs)
+    _check_outside_dependencies(s, wid, jobs)
     registry = load_topics(s.topics_file, prefix=s.topic_prefix)
     with JobPublisher(
         kafka(s),
