@@ -157,7 +157,7 @@ def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float
 
 
 def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
-    """``{id, tenant?, jobs: [{id, kind, args?, depends_on?, ...}]}`` from YAML or JSON."""
+    """A workflow file (YAML or JSON; its format: docs/concepts.md, "The workflow file")."""
     import yaml
 
     try:
