@@ -128,6 +128,7 @@ class JobStarted(_Event, tag="job.started", frozen=True):
     attempt: int
     worker: str
     at: Epoch
+    log_path: str | None = None  # where the attempt's output goes (absolute, on the worker)
 
 
 class JobSucceeded(_Event, tag="job.succeeded", frozen=True):

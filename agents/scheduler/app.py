@@ -224,6 +224,11 @@ async def reconcile_once(ctx: Context) -> tuple[int, int]:
 
 
 class _Worker(faust.Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.stdout.isatty():  # its end writes a cursor escape code into a log file
+            self.spinner = None
+
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         """mode filters at the handler and leaves the root logger at NOTSET, so every
         disabled ``log.debug`` in aiokafka's fetch loop still built a record (~5 % of the

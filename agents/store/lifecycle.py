@@ -118,15 +118,24 @@ def _write(change: Change, events: Sequence[JobEvent]) -> dict[str, Any]:
         "start_known": start is not None,
         "outcome": None,
         "worker": last.worker or None,
+        # the attempt's log file, named by its start (so a running or cancelled job has it)
+        "log": start.log_path if start is not None else None,
     }
     if isinstance(last, JobSucceeded):
         if start is None:
             row["started"] = last.at - last.duration_s
-        row.update(outcome="succeeded", finished=last.at, rc=last.exit_code, log=last.log_path)
+        row.update(
+            outcome="succeeded",
+            finished=last.at,
+            rc=last.exit_code,
+            log=last.log_path or row["log"],
+        )
         row.update(error=None, gate=None, progress=1.0)
     elif isinstance(last, JobFailed):
         retry = change.after.state is State.READY
-        row.update(outcome="failed", finished=last.at, rc=last.exit_code, log=last.log_path)
+        row.update(
+            outcome="failed", finished=last.at, rc=last.exit_code, log=last.log_path or row["log"]
+        )
         row.update(error=last.error[:4000], gate="retry" if retry else None, progress=None)
         row["run_after"] = change.run_after
     return row
@@ -218,7 +227,7 @@ UPDATE jobs j SET
     finished_at = CASE WHEN v.outcome IS NULL THEN j.finished_at
                        ELSE to_timestamp(v.finished) END,
     exit_code = CASE WHEN v.outcome IS NULL THEN j.exit_code ELSE v.rc END,
-    log_path = CASE WHEN v.outcome IS NULL THEN j.log_path ELSE v.log END,
+    log_path = coalesce(v.log, j.log_path),
     error = CASE WHEN v.outcome IS NULL THEN j.error ELSE v.error END,
     gate = CASE WHEN v.outcome IS NULL THEN j.gate ELSE v.gate END,
     progress = CASE WHEN v.outcome IS NULL THEN j.progress ELSE v.progress END,

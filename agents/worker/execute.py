@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -81,6 +82,8 @@ class Executor:
         s = ctx.settings
         self.ctx, self.id, self.progress_dir, self.finish = ctx, worker_id, progress_dir, finish
         self.pool = PyPool(size, s.worker_pool_max_jobs, s.worker_pool_max_rss_mb)
+        # absolute: the stored path must name the file for a reader elsewhere (``jobstream job``)
+        self.log_dir = os.path.abspath(s.log_dir)
         self._timed: set[Run] = set()
         self._ticker: asyncio.TimerHandle | None = None
         self._warming: asyncio.Task[None] | None = None
@@ -105,7 +108,7 @@ class Executor:
             self.finish(run, Outcome(False, None, h.reason or "cancelled", 0.0, None, True))
             return
         s = self.ctx.settings
-        p = prepare(d, s.kinds.get(d.kind), s.log_dir, self.progress_dir)
+        p = prepare(d, s.kinds.get(d.kind), self.log_dir, self.progress_dir)
         if isinstance(p, Outcome):
             self.finish(run, p)
             return
@@ -216,7 +219,7 @@ class Executor:
             outcome = await run_attempt(
                 d,
                 s.kinds.get(d.kind),
-                log_dir=s.log_dir,
+                log_dir=self.log_dir,
                 kill_grace_s=s.kill_grace_s,
                 handle=run.handle,
                 progress_dir=self.progress_dir,

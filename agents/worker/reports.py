@@ -47,9 +47,12 @@ class Reports:
     def record(self, d: Dispatch, event: Any) -> Record:
         return Record(self.topic, encode(event), (d.group or d.job_id).encode())
 
-    def start(self, d: Dispatch, done: Done) -> JobStarted:
-        """Send ``d``'s start; ``done(error)`` once the broker has it (or it was given up)."""
-        started = JobStarted(job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time())
+    def start(self, d: Dispatch, done: Done, log_path: str | None = None) -> JobStarted:
+        """Send ``d``'s start (naming its log file); ``done(error)`` once the broker has it
+        (or it was given up)."""
+        started = JobStarted(
+            job_id=d.job_id, attempt=d.attempt, worker=self.id, at=time.time(), log_path=log_path
+        )
         self.starts.put(self.record(d, started), "publish started", done)
         return started
 

@@ -36,7 +36,7 @@ from agents.worker.consumer import DispatchConsumer
 from agents.worker.execute import Attempt, Executor, Run
 from agents.worker.handle import AttemptHandle
 from agents.worker.reports import Reports
-from agents.worker.runner import Outcome
+from agents.worker.runner import Outcome, log_path
 from streams.events import Dispatch
 
 log = logging.getLogger("jobstream.worker")
@@ -169,7 +169,9 @@ class Slots:
         if d.job_id in self.paused_jobs:
             run.handle.pause()  # paused before it got here: its process starts stopped
         self.attempt_of[d.job_id] = d.attempt
-        started = self.reports.start(d, partial(self._started, run))
+        started = self.reports.start(
+            d, partial(self._started, run), log_path(self.executor.log_dir, d)
+        )
         if self._tracing:
             self.ctx.tracer.mark("started", d.job_id, at=started.at)
         m = self._metrics

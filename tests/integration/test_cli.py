@@ -109,6 +109,25 @@ def test_status_jobs_wait_and_deadletter_replay(
         dl = rows[0]  # type: ignore[index]
         shown = cli("deadletter", "show", str(dl["id"]), env=env)
         assert "unknown kind 'later'" in shown.stdout and '"id":"late"' in shown.stdout
+        as_json = j(cli("deadletter", "show", str(dl["id"]), "--json", env=env).stdout)
+        assert as_json["key"] == "late" and as_json["key_encoding"] == "text"  # type: ignore[index]
+        assert as_json["value"].startswith('{"type":"job.submitted"')  # type: ignore[index]
+        # a cancelled job keeps the log its start named (absolute: readable from here)
+        r = cli("submit", "sleep", "--arg", "seconds=30", "--id", "w3", env=env)
+        assert r.returncode == 0, r.stderr
+        eventually(
+            lambda: j(cli("job", "w3", "--json", env=env).stdout)["state"] == "running",  # type: ignore[index]
+            60,
+            what="w3 running",
+        )
+        assert cli("cancel", "w3", env=env).returncode == 0
+        eventually(
+            lambda: j(cli("job", "w3", "--json", env=env).stdout)["state"] == "cancelled",  # type: ignore[index]
+            60,
+            what="w3 cancelled",
+        )
+        log = j(cli("job", "w3", "--json", env=env).stdout)["log_path"]  # type: ignore[index]
+        assert log and Path(log).is_absolute() and Path(log).exists(), log
     fixed = load_settings(
         settings_env(settings), kinds={"later": {"command": ["true"], "max_attempts": 1}}
     )
@@ -119,6 +138,8 @@ def test_status_jobs_wait_and_deadletter_replay(
         assert r.returncode == 0 and j(r.stdout) == {"replayed": [dl["id"]]}
         again = cli("deadletter", "replay", str(dl["id"]), "--json", env=env2)
         assert j(again.stdout) == {"replayed": []}  # idempotent
+        said = cli("deadletter", "replay", str(dl["id"]), env=env2)
+        assert "nothing to replay" in said.stdout and "--force" in said.stdout
 
         def late_state() -> object:
             r = cli("job", "late", "--json", env=env2)  # exit 1 until intake has stored it

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from agents.settings import Settings, load_settings
 
@@ -101,6 +102,18 @@ def missing_or_json(row: Any, missing: str, as_json: bool) -> bool:
     if as_json:
         emit(row, True)
     return as_json
+
+
+def table(*headers: str, whole: tuple[str, ...] = ("id",), title: str | None = None) -> Table:
+    """A table whose ``whole`` columns (ids, names) wrap on a narrow terminal instead of
+    being cut: an id is only useful complete; other columns give way first."""
+    t = Table(title=title)
+    for h in headers:
+        if h in whole:
+            t.add_column(h, overflow="fold", min_width=8)
+        else:
+            t.add_column(h, overflow="ellipsis")
+    return t
 
 
 def emit(data: Any, as_json: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -28,6 +29,7 @@ from agents.ops.cli.common import (
     out,
     query,
     settings_of,
+    table,
 )
 
 
@@ -110,11 +112,20 @@ def workers(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         emit(rows, True)
         return
-    table = Table("worker", "state", "slots used", "load", "labels", "running", "last heartbeat")
+    shown = table(
+        "worker",
+        "state",
+        "slots used",
+        "load",
+        "labels",
+        "running",
+        "last heartbeat",
+        whole=("worker", "running"),
+    )
     colour = {"running": "green", "draining": "yellow", "lost": "red", "stopped": "dim"}
     for r in rows:
         used = r["slots_total"] - r["slots_free"]
-        table.add_row(
+        shown.add_row(
             r["id"],
             f"[{colour.get(r['state'], 'white')}]{r['state']}[/]",
             f"{used}/{r['slots_total']}",
@@ -123,7 +134,7 @@ def workers(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             str(len(r["running"])),
             f"{r['silent_s']:.0f} s ago",
         )
-    out.print(table)
+    out.print(shown)
 
 
 @app.command(rich_help_panel="Look")
@@ -194,7 +205,16 @@ def status(
         f"p99 {data['start_latency_ms']['p99']} ms"
     )
     if data["queues"]:
-        q = Table("tenant", "kind", "waiting", "ready", "dispatched", "running", title="queues")
+        q = table(
+            "tenant",
+            "kind",
+            "waiting",
+            "ready",
+            "dispatched",
+            "running",
+            whole=("tenant", "kind"),
+            title="queues",
+        )
         for r in data["queues"]:
             q.add_row(
                 r["tenant"],
@@ -249,9 +269,9 @@ def jobs(
     if as_json:
         emit(rows, True)
         return
-    table = Table("id", "tenant", "kind", "state", "attempt", "accepted", "gate / error")
+    shown = table("id", "tenant", "kind", "state", "attempt", "accepted", "gate / error")
     for r in rows:
-        table.add_row(
+        shown.add_row(
             r["id"],
             r["tenant"],
             r["kind"],
@@ -260,7 +280,7 @@ def jobs(
             f"{r['accepted_at']:%Y-%m-%d %H:%M:%S}",
             (r["error"] or r["gate"] or "")[:60],
         )
-    out.print(table)
+    out.print(shown)
     if len(rows) == limit:
         out.print(f"[dim]next page: --after {rows[-1]['id']}[/]")
 
@@ -284,6 +304,8 @@ def deadletter_show(dl_id: int, config: ConfigOpt = None, as_json: JsonOpt = Fal
     """One dead letter: origin, reason, and the original bytes (as text where possible)."""
 
     row: dict[str, Any] | None = query(config, lambda store: store.dead_letter(dl_id))
+    if row is not None and as_json:
+        row = {**row, **_bytes_field("key", row["key"]), **_bytes_field("value", row["value"])}
     if missing_or_json(row, f"no dead letter {dl_id}", as_json) or row is None:
         return
     for k in ("id", "topic", "partition", "offset", "at", "replayed_at", "reason"):
@@ -291,6 +313,16 @@ def deadletter_show(dl_id: int, config: ConfigOpt = None, as_json: JsonOpt = Fal
     value = row["value"] or b""
     out.print(f"[bold]value[/] ({len(value)} bytes):")
     out.print(value[:4000].decode("utf-8", "replace"), markup=False, highlight=False)
+
+
+def _bytes_field(name: str, raw: bytes | None) -> dict[str, Any]:
+    """Bytes for JSON: the text when they are UTF-8, else base64, and which one it is."""
+    if raw is None:
+        return {name: None, f"{name}_encoding": None}
+    try:
+        return {name: raw.decode("utf-8"), f"{name}_encoding": "text"}
+    except UnicodeDecodeError:
+        return {name: base64.b64encode(raw).decode(), f"{name}_encoding": "base64"}
 
 
 @dl_app.command("replay")
@@ -321,7 +353,13 @@ def deadletter_replay(
         done = [r["id"] for r in rows]
         query(config, lambda store: store.mark_replayed(done))
     data = {"replayed": [r["id"] for r in rows]}
-    emit(data, True) if as_json else out.print(f"replayed {len(rows)} dead letters")
+    if as_json:
+        emit(data, True)
+    elif rows:
+        out.print(f"replayed {len(rows)} dead letters")
+    else:
+        which = "the ones named were" if ids else "every dead letter was"
+        out.print(f"nothing to replay: {which} replayed already (--force replays again)")
 
 
 @dl_app.command("list")
@@ -331,13 +369,13 @@ def deadletter_list(limit: int = 50, config: ConfigOpt = None, as_json: JsonOpt 
     if as_json:
         emit(rows, True)
         return
-    table = Table("id", "origin", "bytes", "reason", "at")
+    shown = table("id", "origin", "bytes", "reason", "at", whole=("id", "origin"))
     for r in rows:
-        table.add_row(
+        shown.add_row(
             str(r["id"]),
             f"{r['topic']}[{r['partition']}]@{r['offset']}",
             str(r["bytes"]),
             r["reason"],
             f"{r['at']:%Y-%m-%d %H:%M:%S}",
         )
-    out.print(table)
+    out.print(shown)
