@@ -64,11 +64,14 @@ def read_png(path: Path) -> tuple[int, int, list[bytes]]:
     return width, height, rows
 
 
-def count_colour(path: Path, rgb: tuple[int, int, int], tolerance: int = 40) -> int:
-    """Pixels close to ``rgb`` (antialiasing blends the edges of lines)."""
+def count_colour(
+    path: Path, rgb: tuple[int, int, int], tolerance: int = 40, top: int | None = None
+) -> int:
+    """Pixels close to ``rgb`` (antialiasing blends the edges of lines); ``top``: in the
+    first rows only (what shows without scrolling)."""
     _, _, rows = read_png(path)
     n = 0
-    for row in rows:
+    for row in rows[:top]:
         for x in range(0, len(row), 4):
             r, g, b = row[x], row[x + 1], row[x + 2]
             if abs(r - rgb[0]) + abs(g - rgb[1]) + abs(b - rgb[2]) <= tolerance:

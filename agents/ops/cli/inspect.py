@@ -199,9 +199,9 @@ def status(
     t = data["totals"]
     out.print(
         f"[bold]jobs[/]: {t['waiting']} waiting, {t['ready']} ready, "
-        f"{t['dispatched'] + t['running']} running · last {window:g} s: "
+        f"{t['dispatched']} dispatched, {t['running']} running · last {window:g} s: "
         f"{data['finished']['succeeded']} succeeded, {data['finished']['failed']} failed, "
-        f"{data['jobs_per_s']} jobs/s, start latency p50 {data['start_latency_ms']['p50']} ms "
+        f"{data['jobs_per_s']} jobs/s, ready→start p50 {data['start_latency_ms']['p50']} ms "
         f"p99 {data['start_latency_ms']['p99']} ms"
     )
     if data["queues"]:
