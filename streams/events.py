@@ -218,6 +218,28 @@ class Control(_Event, tag="control", frozen=True):
     attempt: Annotated[int, Meta(ge=1)] | None = None
 
 
+def control_problem(c: Control) -> str | None:
+    """Why a control command is invalid (checked by the command line before sending, and
+    by the scheduler, which dead-letters it), or None."""
+    if c.action in ("pause", "resume"):
+        if c.scope not in ("tenant", "kind", "job"):
+            return f"{c.action} applies to a tenant, a kind or a job, not {c.scope!r}"
+        if not c.name:
+            return f"{c.action} needs the name of the {c.scope}"
+    elif c.action in ("cancel", "retry"):
+        if c.scope != "job" or not c.name:
+            return f"{c.action} needs scope 'job' and the job id"
+    elif c.action == "priority":
+        if c.scope != "job" or not c.name or c.priority is None:
+            return "priority needs scope 'job', the job id and a priority (-20..20)"
+    elif c.action == "limit":
+        if c.scope not in ("tenant", "kind", "tenant_kind", "global"):
+            return f"a rate limit applies to tenant, kind, tenant_kind or global, not {c.scope!r}"
+        if (c.limit is None) != (c.window_s is None):
+            return "a rate limit needs both limit and window_s (or neither, to remove it)"
+    return None
+
+
 class AdmissionDecision(_Event, tag="admission.decision", frozen=True):
     """Published on ``scheduler.decisions`` for every admission, with its inputs."""
 

@@ -257,8 +257,11 @@ class ConfirmedProducer:
     several threads, and ``aproduce`` from an asyncio loop without blocking it.
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], poll_s: float = 0.05) -> None:
+        """``poll_s``: the callback thread's wait per turn, and so what ``close`` may wait
+        for it (a one-shot command's producer takes a short one)."""
         self._producer = Producer(dict(config))
+        self._poll_s = poll_s
         # with linger.ms 0 librdkafka sends at once; otherwise its sender is woken once per
         # loop turn (``_flush_now``), so that a confirmed send does not wait for the linger
         linger = config.get("linger.ms", config.get("queue.buffering.max.ms", 5))
@@ -274,7 +277,7 @@ class ConfirmedProducer:
 
     def _poll(self) -> None:
         while not self._closed.is_set():
-            self._producer.poll(0.05)
+            self._producer.poll(self._poll_s)
 
     def produce_confirmed(self, records: Sequence[Record], timeout_s: float = 30.0) -> None:
         """Produce and block until the broker confirmed every record."""
@@ -469,6 +472,19 @@ class ConfirmedProducer:
                 time.sleep(0.005)  # local queue full: the poll thread drains it
             except KafkaException as exc:
                 raise DeliveryFailed(f"cannot produce to {rec.topic}: {exc}") from None
+
+    def ready(self, bootstrap: str, timeout_s: float) -> None:
+        """Wait until the cluster answers this producer's metadata request (its connection
+        is then open for the first send), or raise ``KafkaUnavailable``."""
+        try:
+            if self._producer.list_topics(timeout=timeout_s).brokers:
+                return
+            why: object = "no broker in the metadata"
+        except KafkaException as exc:
+            why = exc.args[0].str() if isinstance(exc.args[0], KafkaError) else exc
+        raise KafkaUnavailable(
+            f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s ({why})"
+        )
 
     def close(self, timeout_s: float = 10.0) -> None:
         if not self._closed.is_set():

@@ -52,10 +52,19 @@ class JobPublisher:
         extra: Mapping[str, Any] | None = None,
         linger_ms: int = 0,
         max_workflow_bytes: int = DEFAULT_MAX_WORKFLOW_BYTES,
+        one_shot: bool = False,
     ) -> None:
+        """``one_shot``: a publisher for a few records (a command line): without the
+        idempotent producer, whose producer-id handshake holds the first send ~0.5 s. A
+        retried send may then arrive twice; intake accepts a job id once and control
+        commands repeat harmlessly (a second cancel, retry or pause changes nothing)."""
         self.registry = registry or load_topics()
         self.max_workflow_bytes = max_workflow_bytes
-        self._producer = ConfirmedProducer(producer_config(bootstrap, extra, linger_ms=linger_ms))
+        cfg = producer_config(bootstrap, extra, linger_ms=linger_ms)
+        if one_shot and "enable.idempotence" not in (extra or {}):
+            cfg["enable.idempotence"] = False
+        self._producer = ConfirmedProducer(cfg, poll_s=0.005 if one_shot else 0.05)
+        self.bootstrap = bootstrap
 
     def record(self, job: JobSpec, submitted_at: float | None = None) -> Record:
         logical, key = route(job)
@@ -99,6 +108,12 @@ class JobPublisher:
     def send_raw(self, logical_topic: str, value: bytes, key: bytes | None = None) -> None:
         """Publish bytes as they are (tests and replay of dead letters use this)."""
         self._producer.produce_confirmed([Record(self.registry.name(logical_topic), value, key)])
+
+    def ready(self, timeout_s: float) -> JobPublisher:
+        """This publisher once the cluster answers (``KafkaUnavailable`` within
+        ``timeout_s`` otherwise): a command says at once that Kafka is down."""
+        self._producer.ready(self.bootstrap, timeout_s)
+        return self
 
     def close(self) -> None:
         self._producer.close()

@@ -19,29 +19,8 @@ from agents.deadletter import Rejected, dead_letter
 from agents.scheduler.intake import forward_ready
 from agents.store.commands import JobCommand
 from streams.errors import InvalidEvent
-from streams.events import Control, JobCancelled, decode, encode
+from streams.events import Control, JobCancelled, control_problem, decode, encode
 from streams.kafka import Record
-
-
-def check(c: Control) -> str | None:
-    """Why a control command is invalid, or None."""
-    if c.action in ("pause", "resume"):
-        if c.scope not in ("tenant", "kind", "job"):
-            return f"{c.action} applies to a tenant, a kind or a job, not {c.scope!r}"
-        if not c.name:
-            return f"{c.action} needs the name of the {c.scope}"
-    elif c.action in ("cancel", "retry"):
-        if c.scope != "job" or not c.name:
-            return f"{c.action} needs scope 'job' and the job id"
-    elif c.action == "priority":
-        if c.scope != "job" or not c.name or c.priority is None:
-            return "priority needs scope 'job', the job id and a priority (-20..20)"
-    elif c.action == "limit":
-        if c.scope not in ("tenant", "kind", "tenant_kind", "global"):
-            return f"a rate limit applies to tenant, kind, tenant_kind or global, not {c.scope!r}"
-        if (c.limit is None) != (c.window_s is None):
-            return "a rate limit needs both limit and window_s (or neither, to remove it)"
-    return None
 
 
 async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
@@ -54,7 +33,7 @@ async def handle_control(ctx: Context, messages: Sequence[RawMessage]) -> int:
         except InvalidEvent as exc:
             bad.append((msg, str(exc)))
             continue
-        reason = check(cmd)
+        reason = control_problem(cmd)
         if reason is not None:
             bad.append((msg, f"invalid control command: {reason}"))
         elif cmd.action in ("cancel", "retry"):

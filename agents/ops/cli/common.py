@@ -18,6 +18,7 @@ from agents.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from agents.store import PostgresJobStore
+    from streams.publisher import JobPublisher
 
 T = TypeVar("T")
 
@@ -60,6 +61,27 @@ def settings_of(config: Path | None, **overrides: Any) -> Settings:
 
 # how long a command waits for Kafka or PostgreSQL to answer before it says so (exit 3)
 SERVICE_PROBE_S = 5.0
+
+
+def publisher(s: Settings) -> JobPublisher:
+    """A one-shot publisher for the command's records, once Kafka answers (exit 3 within
+    seconds when it does not)."""
+    from streams.publisher import JobPublisher
+    from streams.topics import load_topics
+
+    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
+    pub = JobPublisher(
+        s.require_kafka(),
+        registry=registry,
+        extra=s.kafka_config,
+        max_workflow_bytes=s.max_workflow_bytes,
+        one_shot=True,
+    )
+    try:
+        return pub.ready(SERVICE_PROBE_S)
+    except BaseException:
+        pub.close()
+        raise
 
 
 def kafka(s: Settings) -> str:

@@ -12,23 +12,18 @@ import msgspec
 import typer
 
 from agents.errors import ConfigError, JobstreamError
-from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, kafka, out, query, settings_of
-from agents.scheduler.control import check as check_control
-from streams.events import Control, encode
+from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, out, publisher, query, settings_of
+from streams.events import Control, control_problem, encode
 
 
 def _control(config: Path | None, cmd: Control, as_json: bool, done: str) -> None:
-    from streams.publisher import JobPublisher
-    from streams.topics import load_topics
-
     s = settings_of(config)
     if cmd.scope == "job" and cmd.name and s.database_url:
         states: dict[str, str] = query(config, lambda store: store.job_states([cmd.name or ""]))
         reason = impossible(cmd, states.get(cmd.name))
         if reason is not None:
             raise JobstreamError(reason)
-    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
-    with JobPublisher(kafka(s), registry=registry, extra=s.kafka_config) as pub:
+    with publisher(s) as pub:
         pub.send_raw("jobs.control", encode(cmd), (cmd.name or cmd.scope).encode())
     emit(msgspec.to_builtins(cmd), True) if as_json else out.print(done)
 
@@ -157,7 +152,7 @@ def _cmd(**fields: Any) -> Control:
         cmd = msgspec.convert(fields, Control)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid command: {exc}") from None
-    reason = check_control(cmd)
+    reason = control_problem(cmd)
     if reason:
         raise ConfigError(reason)
     return cmd

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -23,9 +25,9 @@ from agents.ops.cli.common import (
     app,
     emit,
     err,
-    kafka,
     missing_or_json,
     out,
+    publisher,
     query,
     settings_of,
     wf_app,
@@ -62,10 +64,11 @@ def submit(
     once it (all of it) finished."""
     import uuid
 
-    from streams.publisher import JobPublisher
-    from streams.topics import load_topics
-
     s = settings_of(config)
+    if wait:  # the store's modules load while Kafka is waited for
+        threading.Thread(
+            target=importlib.import_module, args=("agents.store",), daemon=True
+        ).start()
     if workflow is not None:
         ids = _submit_workflow(s, workflow, tenant, as_json and not wait)
         if wait:
@@ -100,8 +103,7 @@ def submit(
     if job.kind not in s.kinds:
         raise ConfigError(f"unknown kind {job.kind!r}; known: {', '.join(sorted(s.kinds))}")
     _check_args(s, [job])
-    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
-    with JobPublisher(kafka(s), registry=registry, extra=s.kafka_config) as pub:
+    with publisher(s) as pub:
         pub.submit(job)
     if wait:
         _wait_for(config, [job.id], as_json)
@@ -132,6 +134,7 @@ def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float
                 disable=as_json or not err.is_terminal,
             ) as progress:
                 task = progress.add_task("", total=len(ids))
+                pause = 0.005
                 while True:
                     states = await store.job_states(ids)
                     done = sum(1 for st in states.values() if st in terminal)
@@ -141,7 +144,9 @@ def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float
                     progress.update(task, completed=done, description=counts)
                     if done == len(ids) or time.monotonic() > deadline:
                         return states
-                    await asyncio.sleep(0.2)
+                    # a short job ends within milliseconds: look soon, then less often
+                    pause = min(0.2, pause * 1.5)
+                    await asyncio.sleep(pause)
 
     states = asyncio.run(poll())
     failed = sorted(j for j, st in states.items() if st in ("failed", "cancelled"))
@@ -230,22 +235,13 @@ async def _states(dsn: str, ids: list[str]) -> dict[str, str]:
 
 
 def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> list[str]:
-    from streams.publisher import JobPublisher
-    from streams.topics import load_topics
-
     wid, jobs = load_workflow(path, tenant)
     unknown = sorted({j.kind for j in jobs} - set(s.kinds))
     if unknown:
         raise ConfigError(f"unknown kinds {unknown}; known: {', '.join(sorted(s.kinds))}")
     _check_args(s, jobs)
     _check_outside_dependencies(s, wid, jobs)
-    registry = load_topics(s.topics_file, prefix=s.topic_prefix)
-    with JobPublisher(
-        kafka(s),
-        registry=registry,
-        extra=s.kafka_config,
-        max_workflow_bytes=s.max_workflow_bytes,
-    ) as pub:
+    with publisher(s) as pub:
         pub.submit_workflow(wid, jobs)
     if as_json:
         emit({"workflow": wid, "jobs": len(jobs), "submitted": True}, True)
