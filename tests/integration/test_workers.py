@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from agents.settings import Settings, load_settings
-from streams.events import JobSpec
+from streams.events import Control, JobSpec, encode
 from streams.publisher import JobPublisher
 from tests.conftest import KINDS, settings_env
 from tests.helpers import Proc, cli, eventually
@@ -264,7 +264,10 @@ def test_cancel_stops_the_process_and_dependents_follow_their_trigger_rule(
         eventually(lambda: job(ws, "c").get("state") == "succeeded", 60, what="all_done ran")
         eventually(lambda: job(ws, "b").get("state") == "failed", 30, what="b failed")
         bad = cli("cancel", "no-such-job", env=env)
-        assert bad.returncode == 0  # accepted by the CLI; the agent dead-letters it with a reason
+        assert bad.returncode == 1 and "no job 'no-such-job'" in bad.stderr  # refused, not sent
+        # sent by another publisher anyway: the control agent dead-letters it with a reason
+        cmd = Control(action="cancel", scope="job", name="no-such-job", by="test", at=time.time())
+        publisher.send_raw("jobs.control", encode(cmd), b"no-such-job")
         eventually(
             lambda: db(ws, "SELECT count(*) FROM dead_letters WHERE reason LIKE %s", "%no job%")[0][
                 0
