@@ -37,7 +37,7 @@ def test_status_jobs_wait_and_deadletter_replay(
         assert r.returncode == 1 and "failed: w2" in r.stdout
         # a command on one job that cannot do anything is refused before it is sent
         r = cli("retry", "w1", env=env)
-        assert r.returncode == 1 and "job 'w1' is succeeded: retry applies" in r.stderr
+        assert r.returncode == 1 and "job 'w1' already succeeded: retry" in r.stderr
         r = cli("priority", "nosuch", "5", env=env)
         assert r.returncode == 1 and "no job 'nosuch'" in r.stderr and "sent" not in r.stdout
         r = cli("cancel", "nosuch", "--json", env=env)

@@ -28,25 +28,14 @@ def _control(config: Path | None, cmd: Control, as_json: bool, done: str) -> Non
     emit(msgspec.to_builtins(cmd), True) if as_json else out.print(done)
 
 
-# what each command on one job can change, by the job's state (``agents.core.lifecycle``)
-_APPLIES = {
-    "cancel": ("waiting", "ready", "dispatched", "running"),
-    "retry": ("failed", "cancelled"),
-    "priority": ("waiting", "ready"),
-}
-
-
 def impossible(cmd: Control, state: str | None) -> str | None:
-    """Why a command on one job cannot do anything (no such job, or a state it does not
-    apply in), checked before it is sent; None when it can."""
+    """Why a command on one job can never do anything, checked before it is sent: the job
+    does not exist, or it succeeded (no command changes a success). A command that may apply
+    once another one lands (a retry sent right after a cancel) is sent."""
     if state is None:
         return f"no job {cmd.name!r}"
-    allowed = _APPLIES.get(cmd.action)
-    if allowed is not None and state not in allowed:
-        return (
-            f"job {cmd.name!r} is {state}: {cmd.action} applies to a job that is "
-            f"{' or '.join(allowed)}"
-        )
+    if state == "succeeded" and cmd.action in ("cancel", "retry", "priority"):
+        return f"job {cmd.name!r} already succeeded: {cmd.action} changes nothing"
     return None
 
 
