@@ -35,8 +35,8 @@ from agents.core.ratelimit import Limit
 from agents.core.semaphores import SLOTS, needs_for
 from agents.deadletter import dead_letter, decode_all
 from agents.errors import StoreUnavailable
+from agents.scheduler.admission_sync import Sync
 from agents.scheduler.dispatching import Dispatcher
-from agents.scheduler.intake import ready_records
 from agents.store import admission as admstore
 from agents.store.admission import AdmitResult, Candidate, CyclePlan
 from agents.store.rows import QueuedRow, ReadyJob
@@ -73,6 +73,7 @@ class Admission:
         self.wake = asyncio.Event()
         self.owned: set[int] | None = None
         self.next_resync = 0.0
+        self.sync = Sync(self)
         self.wake_at: float | None = None
         self.controls_dirty = True
         self.reprioritize: set[str] = set()
@@ -262,9 +263,9 @@ class Admission:
         store = await self.ctx.store()
         self.rounds += 1
         now = time.time()
-        await self._sync_ownership(now)
+        await self.sync.ownership(now)
         if self.controls_dirty or self.reprioritize:
-            await self._load_controls()
+            await self.sync.controls()
         next_delayed = self._release_delayed(now)
         if not len(self.core):
             self.wake_at = next_delayed
@@ -366,7 +367,7 @@ class Admission:
             d.gates[job_id] = gate
             stale_keys.update(adm.rate_keys)
         if stale_keys:
-            await self._reload_rate_log(sorted(stale_keys), now)
+            await self.sync.reload_rate_log(sorted(stale_keys), now)
         if res.dispatched:
             due = {c.id: (c, by_id[c.id].job.due) for c in candidates}
             await self.dispatcher.dispatch(res.dispatched, res.send, due, now, free_slots)
@@ -434,91 +435,3 @@ class Admission:
                 await admstore.write_gates(conn, changed)
 
         await retrying("admission gates", tx)
-
-    # -- ownership, controls, window logs --------------------------------------------------
-
-    async def _sync_ownership(self, now: float) -> None:
-        assigned = self.assigned()
-        if assigned is None:
-            return
-        changed = assigned != self.owned
-        taken, self.taken_locally = self.taken_locally, {}
-        if not changed and now < self.next_resync:
-            return
-        if changed:
-            keep = [
-                t
-                for t in self.core.queues
-                if partition_for(t.encode(), self.partitions) in assigned
-            ]
-            dropped = self.core.drop_tenants(keep)
-            lost = [taken[i] for i in dropped if i in taken]
-            if lost:
-                await retrying(
-                    "hand over", lambda: self.ctx.producer.aproduce(ready_records(self.ctx, lost))
-                )
-            if dropped or self.owned is not None:
-                log.info(
-                    "admission: partitions %s (was %s); handed over %d queued jobs",
-                    sorted(assigned),
-                    sorted(self.owned or ()),
-                    len(dropped),
-                )
-            self.gates_written.clear()
-            self.owned = set(assigned)
-            await self._reload_rate_log(None, now)
-        await self._resync(now)
-        self.next_resync = now + self.ctx.settings.admission_resync_s
-
-    async def _resync(self, now: float) -> None:
-        """Queue every ready job of the tenants owned here (idempotent)."""
-        store = await self.ctx.store()
-
-        async def load() -> list[QueuedRow]:
-            async with store.tx() as conn:
-                tenants = [t for t in await admstore.ready_tenants(conn) if self.owns(t)]
-                return await admstore.load_ready_of(conn, tenants)
-
-        rows = await retrying("admission resync", load)
-        added = self.enqueue(rows, now)
-        if added:
-            log.info("admission: queued %d ready jobs from PostgreSQL", added)
-
-    async def _reload_rate_log(self, keys: Sequence[str] | None, now: float) -> None:
-        """Rebuild window logs from the durable log: all of them (ownership changed) or the
-        given keys (another process admitted against them)."""
-        rates = self.core.rates
-        horizon = rates.horizon()
-        if not horizon:
-            return
-        store = await self.ctx.store()
-
-        async def load() -> dict[str, list[float]]:
-            async with store.tx() as conn:
-                return await admstore.rate_log_since(conn, now - horizon, keys)
-
-        logs = await retrying("rate log", load)
-        for key in keys if keys is not None else list(logs):
-            lim = rates.limit_of(key)
-            if lim is not None:
-                rates.load(key, logs.get(key, []), lim.limit)
-
-    async def _load_controls(self) -> None:
-        store = await self.ctx.store()
-        ids = sorted(self.reprioritize)
-        self.reprioritize.clear()
-        self.controls_dirty = False
-
-        async def load() -> tuple[set[str], list[Limit], list[QueuedRow]]:
-            async with store.tx() as conn:
-                paused, limits = await admstore.controls(conn)
-                rows = await admstore.load_ready(conn, ids) if ids else []
-                return paused, limits, rows
-
-        paused, runtime, rows = await retrying("admission controls", load)
-        self.core.paused = paused
-        merged = {(x.scope, x.match): x for x in self.config_limits}
-        merged.update({(x.scope, x.match): x for x in runtime})
-        self.core.rates.set_limits(merged.values())
-        for row in rows:
-            self.core.reprioritize(row.id, self.queued(row).due)
