@@ -473,11 +473,12 @@ class ConfirmedProducer:
             except KafkaException as exc:
                 raise DeliveryFailed(f"cannot produce to {rec.topic}: {exc}") from None
 
-    def ready(self, bootstrap: str, timeout_s: float) -> None:
+    def ready(self, bootstrap: str, timeout_s: float, topic: str | None = None) -> None:
         """Wait until the cluster answers this producer's metadata request (its connection
-        is then open for the first send), or raise ``KafkaUnavailable``."""
+        is then open for the first send), or raise ``KafkaUnavailable``. ``topic``: ask for
+        that one topic's metadata, not every topic's (a large cluster's answer is large)."""
         try:
-            if self._producer.list_topics(timeout=timeout_s).brokers:
+            if self._producer.list_topics(topic, timeout=timeout_s).brokers:
                 return
             why: object = "no broker in the metadata"
         except KafkaException as exc:

@@ -112,7 +112,7 @@ class JobPublisher:
     def ready(self, timeout_s: float) -> JobPublisher:
         """This publisher once the cluster answers (``KafkaUnavailable`` within
         ``timeout_s`` otherwise): a command says at once that Kafka is down."""
-        self._producer.ready(self.bootstrap, timeout_s)
+        self._producer.ready(self.bootstrap, timeout_s, self.registry.name("jobs.independent"))
         return self
 
     def close(self) -> None:
