@@ -47,6 +47,26 @@ def test_config_check_reports_bad_settings_with_exit_code_2() -> None:
     assert "worker_slots" in r.stderr
 
 
+def test_a_bad_setting_names_its_variable_and_a_typo_is_warned_of() -> None:
+    env = dict(os.environ, JOBSTREAM_HEARTBEAT_INTERVAL_S="soon")
+    r = cli("config", "check", "--json", env=env)
+    assert r.returncode == 2
+    err = json.loads(r.stdout)
+    assert "JOBSTREAM_HEARTBEAT_INTERVAL_S='soon'" in err["error"] and err["code"] == 2
+    env = dict(os.environ, JOBSTREAM_WROKER_SLOTS="3")
+    r = cli("config", "check", env=env)
+    assert r.returncode == 0
+    assert "JOBSTREAM_WROKER_SLOTS is not a setting" in r.stderr
+    assert "did you mean JOBSTREAM_WORKER_SLOTS" in r.stderr
+
+
+def test_the_configuration_reference_is_the_one_the_command_prints() -> None:
+    r = cli("config", "doc")
+    assert r.returncode == 0 and "`JOBSTREAM_STATUS_TOKEN`" in r.stdout
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert r.stdout in doc
+
+
 def test_config_check_never_prints_secrets() -> None:
     env = dict(os.environ, JOBSTREAM_DATABASE_URL="postgresql://app:topsecret@db/x")
     r = cli("config", "check", "--json", env=env)
