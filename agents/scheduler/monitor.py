@@ -232,5 +232,9 @@ class Monitor:
             retryable=True,
             backoff=False,
             lost_worker=True,  # fenced: started again on a live worker, it runs on there
+            # a shared resource stays held until no live worker runs or holds the attempt:
+            # its redelivered dispatch may start on the partition's next owner before this
+            # failure is known there (the monitor's sweep gives it back)
+            keeps_holds=o.shared,
         )
         return Record(self.ctx.topic("jobs.events"), encode(event), (o.group or o.id).encode())

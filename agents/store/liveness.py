@@ -38,6 +38,10 @@ class Orphan:
     worker: str
     why: str  # lost | restarted | unowned (no live worker runs or holds it)
     silent_s: float
+    # it holds more than a slot and its global share (a licence, an exclusive scope): its
+    # retry keeps them until no live worker runs or holds the attempt (its dispatch,
+    # redelivered to the partition's next owner, may start there before the retry lands)
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +188,11 @@ class LivenessStore(Connections):
                           CASE WHEN w.state = 'lost' THEN 'lost'
                                WHEN j.started_at < w.since THEN 'restarted'
                                ELSE 'unowned' END,
-                          extract(epoch from now() - w.last_seen)::float8
+                          extract(epoch from now() - w.last_seen)::float8,
+                          EXISTS (SELECT 1 FROM job_holds h
+                                  LEFT JOIN semaphores s ON s.name = h.name
+                                  WHERE h.job_id = j.id AND h.attempt = j.attempt
+                                    AND (h.name NOT IN (%s, %s) OR h.amount >= s.capacity))
                    FROM jobs j JOIN workers w ON w.id = j.worker
                    WHERE j.state = 'running'
                      AND (w.state = 'lost' OR j.started_at < w.since
@@ -197,7 +205,7 @@ class LivenessStore(Connections):
                                   WHERE x.state IN ('running', 'draining')
                                     AND (j.id = ANY(x.running) OR j.id = ANY(x.buffered)))))
                    ORDER BY j.started_at LIMIT 10000""",
-                (lost_after_s,),
+                (SLOTS, GLOBAL, lost_after_s),
             )
             orphans = [Orphan(*r) for r in await cur.fetchall()]
             # holds of attempts no longer in flight whose end was never reported (a cancelled
