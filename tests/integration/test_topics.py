@@ -28,6 +28,8 @@ def test_delete_topics_takes_its_prefix_and_nothing_else(kafka_bootstrap: str) -
     names = [f"{mine}.jobs.events", f"{mine}-table-changelog", f"{other}.jobs.events"]
     _create(kafka_bootstrap, names)
     try:
+        # a created topic reaches the broker's metadata a moment after the create returns
+        eventually(lambda: set(names) <= _existing(kafka_bootstrap), timeout=30)
         assert delete_topics(kafka_bootstrap, mine) == sorted(names[:2])
         eventually(lambda: not (_existing(kafka_bootstrap) & set(names[:2])), timeout=30)
         assert names[2] in _existing(kafka_bootstrap)
