@@ -94,8 +94,14 @@ def wait_for_broker(
         except KafkaException as exc:
             last = exc
         time.sleep(0.2)
-    why = last.args[0].str() if last is not None and isinstance(last.args[0], KafkaError) else last
-    raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s ({why})")
+    raise _unanswered(bootstrap, timeout_s, last)
+
+
+def _unanswered(bootstrap: str, timeout_s: float, why: object) -> KafkaUnavailable:
+    """The error of a metadata request nobody answered (the driver's own words for why)."""
+    if isinstance(why, KafkaException) and isinstance(why.args[0], KafkaError):
+        why = why.args[0].str()
+    return KafkaUnavailable(f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s ({why})")
 
 
 def delete_topics(
@@ -482,10 +488,8 @@ class ConfirmedProducer:
                 return
             why: object = "no broker in the metadata"
         except KafkaException as exc:
-            why = exc.args[0].str() if isinstance(exc.args[0], KafkaError) else exc
-        raise KafkaUnavailable(
-            f"Kafka at {bootstrap} did not answer within {timeout_s:.0f} s ({why})"
-        )
+            why = exc
+        raise _unanswered(bootstrap, timeout_s, why)
 
     def close(self, timeout_s: float = 10.0) -> None:
         if not self._closed.is_set():

@@ -98,18 +98,23 @@ async def semaphore_snapshot(conn: Conn) -> dict[str, tuple[int, int]]:
     return {name: (cap, used) for name, cap, used in await cur.fetchall()}
 
 
-async def refresh_capacity(conn: Conn, factor: float, lost_after_s: float) -> tuple[int, int]:
-    """Set the ``slots`` semaphore from live workers' heartbeats: ``factor`` × their slots,
-    at most the brake's target (both in whole slots) when it holds, in units of expected work
-    (``UNITS`` per slot). Returns (old, new); a rise is announced so
-    admission wakes."""
+async def live_slots(conn: Conn, lost_after_s: float) -> int:
+    """The slots of the workers heard from within ``lost_after_s``."""
     cur = await conn.execute(
         "SELECT coalesce(sum(slots_total), 0) FROM workers WHERE state = 'running' "
         "AND last_seen > now() - make_interval(secs => %s)",
         (lost_after_s,),
     )
     row = await cur.fetchone()
-    new = int((row[0] if row else 0) * factor)
+    return int(row[0]) if row else 0
+
+
+async def refresh_capacity(conn: Conn, factor: float, lost_after_s: float) -> tuple[int, int]:
+    """Set the ``slots`` semaphore from live workers' heartbeats: ``factor`` × their slots,
+    at most the brake's target (both in whole slots) when it holds, in units of expected work
+    (``UNITS`` per slot). Returns (old, new); a rise is announced so
+    admission wakes."""
+    new = int(await live_slots(conn, lost_after_s) * factor)
     cur = await conn.execute("SELECT target FROM brake WHERE name = 'slots'")
     brake = await cur.fetchone()
     if brake is not None and brake[0] is not None:

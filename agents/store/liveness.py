@@ -13,6 +13,7 @@ from agents.core import brake as brake_core
 from agents.core.brake import HostSample, Thresholds
 from agents.core.semaphores import GLOBAL, SLOTS
 from agents.store.admission import (
+    live_slots,
     refresh_capacity,
     release_attempt_holds,
 )
@@ -296,13 +297,7 @@ class LivenessStore(Connections):
             if row is None or row[1] < interval_s:
                 return None
             target, _, now = row
-            cur = await conn.execute(
-                "SELECT coalesce(sum(slots_total), 0) FROM workers WHERE state = 'running' "
-                "AND last_seen > now() - make_interval(secs => %s)",
-                (lost_after_s,),
-            )
-            live = await cur.fetchone()
-            static = int((live[0] if live else 0) * capacity_factor)
+            static = int(await live_slots(conn, lost_after_s) * capacity_factor)
             cur = await conn.execute(
                 "SELECT host, extract(epoch from at)::float8, cpu_busy_pct, load_per_cpu, "
                 "mem_used_pct FROM host_load"

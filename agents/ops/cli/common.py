@@ -97,9 +97,12 @@ def kafka(s: Settings) -> str:
 
 def query(config: Path | None, fn: Callable[[PostgresJobStore], Awaitable[T]]) -> T:
     """Open the store, run one query, close it."""
-    from agents.store import PostgresJobStore
+    return query_with(settings_of(config), fn)
 
-    s = settings_of(config)
+
+def query_with(s: Settings, fn: Callable[[PostgresJobStore], Awaitable[T]]) -> T:
+    """:func:`query` with the settings already loaded."""
+    from agents.store import PostgresJobStore
 
     async def run() -> T:
         store = PostgresJobStore(s.require_database())

@@ -18,7 +18,6 @@ import typer
 from agents.core.command import missing_args
 from agents.errors import ConfigError
 from agents.ops.cli.common import (
-    SERVICE_PROBE_S,
     STATE_STYLE,
     ConfigOpt,
     JsonOpt,
@@ -29,6 +28,7 @@ from agents.ops.cli.common import (
     out,
     publisher,
     query,
+    query_with,
     settings_of,
     wf_app,
 )
@@ -214,24 +214,13 @@ def _check_outside_dependencies(s: Settings, wid: str, jobs: Sequence[JobSpec]) 
     outside = sorted({d for j in jobs for d in j.depends_on} - own)
     if not outside or not s.database_url:
         return
-    known: dict[str, str] = asyncio.run(_states(s.database_url, outside))
+    known: dict[str, str] = query_with(s, lambda store: store.job_states(outside))
     unknown = [d for d in outside if d not in known]
     if unknown:
         raise ConfigError(
             f"workflow {wid}: {', '.join(unknown)} is neither a job of the workflow nor a "
             "submitted job (a typo?)"
         )
-
-
-async def _states(dsn: str, ids: list[str]) -> dict[str, str]:
-    from agents.store import PostgresJobStore
-
-    store = PostgresJobStore(dsn, max_size=1)
-    await store.open(timeout_s=SERVICE_PROBE_S)
-    try:
-        return await store.job_states(ids)
-    finally:
-        await store.close()
 
 
 def _submit_workflow(s: Settings, path: Path, tenant: str, as_json: bool) -> list[str]:
