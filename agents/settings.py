@@ -75,6 +75,23 @@ class LimitConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True)
     match: str = "*"
 
 
+class ScheduleConfig(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A periodic schedule (``agents.core.schedules``): at each tick of ``cron`` in the time
+    zone ``tz``, one job of ``kind`` with ``args`` for ``tenant``, its id
+    ``schedule:NAME:<tick>``. Missed ticks (older than ``grace_s`` when seen) follow
+    ``catch_up``; ``overlap = "skip"`` runs one at a time."""
+
+    cron: str
+    kind: str
+    tz: str = "UTC"
+    tenant: str = "default"
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    priority: Annotated[int, Meta(ge=-20, le=20)] = 0
+    catch_up: Literal["all", "latest", "none"] = "latest"
+    overlap: Literal["skip", "allow"] = "allow"
+    grace_s: Annotated[float, Meta(gt=0, le=30 * 86400)] = 60.0
+
+
 DEFAULT_KINDS: dict[str, KindConfig] = {
     "noop": KindConfig(command=["true"], timeout_s=60, max_attempts=1),
     "echo": KindConfig(command=["echo", "{message}"], timeout_s=60),
@@ -118,6 +135,8 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     log_dir: str = "var/logs"
     # admission control (docs/admission.md): limits, priority, fair share, semaphores, capacity
     rate_limits: list[LimitConfig] = msgspec.field(default_factory=list)
+    # periodic schedules by name (also added at run time: ``jobstream schedule add``)
+    schedules: dict[str, ScheduleConfig] = msgspec.field(default_factory=dict)
     resources: dict[str, Annotated[int, Meta(ge=1)]] = msgspec.field(default_factory=dict)
     tenant_weights: dict[str, Annotated[float, Meta(gt=0, le=1000)]] = msgspec.field(
         default_factory=dict
@@ -220,6 +239,7 @@ _STRUCTURED = {
     "kinds",
     "rate_limits",
     "resources",
+    "schedules",
     "tenant_weights",
     "worker_labels",
 }
@@ -292,6 +312,8 @@ def load_settings(
                     f"kind {name!r} uses the resource {r!r}, which is not in resources "
                     f"(configured: {', '.join(sorted(settings.resources)) or 'none'})"
                 )
+    if settings.schedules:
+        check_schedules(settings)
     for name in settings.resources:
         if name in ("*", "slots") or name.startswith("kind:"):
             raise ConfigError(f"resource name {name!r} is reserved")
@@ -307,6 +329,30 @@ def load_settings(
     if settings.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError(f"invalid log_level {settings.log_level!r}")
     return settings
+
+
+def check_schedules(settings: Settings) -> None:
+    """Every schedule's name, expression, zone, kind and arguments, or a ConfigError."""
+    from agents.core.command import missing_args
+    from agents.core.schedules import Cron, ScheduleError, check_name
+
+    for name, sched in settings.schedules.items():
+        try:
+            check_name(name)
+            Cron(sched.cron, sched.tz)
+        except ScheduleError as exc:
+            raise ConfigError(f"schedule {name!r}: {exc}") from None
+        kind = settings.kinds.get(sched.kind)
+        if kind is None:
+            raise ConfigError(
+                f"schedule {name!r}: unknown kind {sched.kind!r}; known: "
+                f"{', '.join(sorted(settings.kinds))}"
+            )
+        missing = missing_args(kind.command, sched.args)
+        if missing:
+            raise ConfigError(
+                f"schedule {name!r}: kind {sched.kind!r} needs the argument(s) {', '.join(missing)}"
+            )
 
 
 # variables of the prefix that are not settings: a job's environment, the scripts', the tests'

@@ -41,6 +41,7 @@ Size = Annotated[int, Meta(ge=0, le=2**62)]
 Timeout = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
 Attempts = Annotated[int, Meta(ge=1, le=100)]
 Epoch = Annotated[float, Meta(ge=0)]
+Delay = Annotated[float, Meta(ge=0, le=366 * 24 * 3600)]
 
 
 class JobSpec(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -62,6 +63,14 @@ class JobSpec(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     trigger: Literal["all_success", "all_done"] = "all_success"
     order_key: Label | None = None
     exclusive: Label | Literal["*"] | None = None  # a resource name, or "*": the whole system
+    # not before this instant (``run_at``) or this long after acceptance (``delay_s``): the
+    # job waits in PostgreSQL, holding nothing, and is admitted then under every other rule
+    run_at: Epoch | None = None
+    delay_s: Delay | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_at is not None and self.delay_s is not None:
+            raise ValueError("give run_at or delay_s, not both")
 
 
 class _Event(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, tag_field="type"):

@@ -66,7 +66,14 @@ class Gate:
     """Why a job is not admitted now. ``until``: when it may next be admitted (rate limits)."""
 
     kind: Literal[
-        "rate_limit", "semaphore", "reserved", "exclusive", "paused", "capacity", "backoff"
+        "rate_limit",
+        "semaphore",
+        "reserved",
+        "exclusive",
+        "paused",
+        "capacity",
+        "backoff",
+        "scheduled",
     ]
     detail: str
     until: float | None = None

@@ -47,6 +47,16 @@ log = logging.getLogger("jobstream.admission")
 IDLE_POLL_S = 1.0
 
 
+def waiting_gate(row: QueuedRow) -> Gate:
+    """The gate of a job held until ``run_after`` (its text stays the same while it waits:
+    gates are written only when their text changes)."""
+    until = row.run_after or 0.0
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    if row.scheduled:
+        return Gate("scheduled", f"until {at}", until)
+    return Gate("backoff", f"retry at {at}", until)
+
+
 def semaphore_capacities(ctx: Context) -> dict[str, int]:
     s = ctx.settings
     caps = dict(s.resources)
@@ -80,9 +90,10 @@ class Admission:
         self.gates_written: dict[str, str] = {}
         self.rounds = 0
         self.admitted = 0
-        # retried jobs waiting out their backoff: (run_after, id, row), not in the core yet
-        self.delayed: list[tuple[float, str, QueuedRow]] = []
-        self.delayed_ids: set[str] = set()
+        # jobs not admitted before ``run_after`` (a retry's backoff, a submission's
+        # ``run_at``): a heap of (run_after, id) and the latest row of each, not in the core
+        self.delayed: list[tuple[float, str]] = []
+        self.delayed_rows: dict[str, QueuedRow] = {}
         self._depth_at = 0.0
         self.dispatcher = Dispatcher(ctx)
         self.origin = uuid.uuid4().hex[:12]  # this process's releases (``CyclePlanner``)
@@ -118,29 +129,39 @@ class Admission:
                 self.wake.set()
 
     def enqueue(self, rows: Sequence[QueuedRow], now: float) -> int:
-        """Queue rows in the core, or hold them until their backoff ends (``run_after``)."""
+        """Queue rows in the core, or hold them until ``run_after`` (a retry's backoff, a
+        submission's ``run_at``). A row read again while it waits replaces the one held
+        (its priority may have changed)."""
         added = 0
+        delayed = self.delayed_rows
         for r in rows:
             if r.run_after is not None and r.run_after > now:
-                if r.id not in self.delayed_ids and r.id not in self.core.jobs:
-                    heapq.heappush(self.delayed, (r.run_after, r.id, r))
-                    self.delayed_ids.add(r.id)
-                    added += 1
-            elif r.id not in self.delayed_ids:
+                if r.id in self.core.jobs:
+                    continue
+                held = delayed.get(r.id)
+                if held is None or held.run_after != r.run_after:
+                    heapq.heappush(self.delayed, (r.run_after, r.id))
+                    added += held is None
+                delayed[r.id] = r
+            elif r.id not in delayed:
                 added += self.core.enqueue(self.queued(r))
         return added
 
     def _release_delayed(self, now: float, d: Decisions | None = None) -> float | None:
-        """Move rows whose backoff ended into the core; gate the rest; the next end."""
-        while self.delayed and self.delayed[0][0] <= now:
-            _, job_id, row = heapq.heappop(self.delayed)
-            self.delayed_ids.discard(job_id)
+        """Move rows whose ``run_after`` came into the core; gate the rest; the next one."""
+        heap, rows = self.delayed, self.delayed_rows
+        while heap and heap[0][0] <= now:
+            at, job_id = heapq.heappop(heap)
+            row = rows.get(job_id)
+            if row is None or row.run_after != at:
+                continue  # an older entry of a row read again
+            del rows[job_id]
             if self.owns(row.tenant):
                 self.core.enqueue(self.queued(row))
         if d is not None:
-            for until, job_id, _ in self.delayed:
-                d.gates[job_id] = Gate("backoff", f"retry after {until - now:.1f} s", until)
-        return self.delayed[0][0] if self.delayed else None
+            for row in rows.values():
+                d.gates[row.id] = waiting_gate(row)
+        return heap[0][0] if heap else None
 
     async def handle_ready(self, ctx: Context, messages: Sequence[RawMessage]) -> int:
         """``jobs.ready`` batch: queue the jobs that are still ready, wake the rounds."""
@@ -269,7 +290,7 @@ class Admission:
         next_delayed = self._release_delayed(now)
         if not len(self.core):
             self.wake_at = next_delayed
-            if self.delayed:
+            if self.delayed_rows:
                 await self._write_gates(self._delayed_gates(now))
             return False
         self.ctx.tracer.mark("round")
@@ -308,7 +329,7 @@ class Admission:
         for tenant, kind in self._depth_seen - depth.keys():
             m.gauge("queue_depth", {"tenant": tenant, "kind": kind}, ready=0)
         self._depth_seen = set(depth)
-        m.gauge("admission", queued=len(self.core), delayed=len(self.delayed))
+        m.gauge("admission", queued=len(self.core), delayed=len(self.delayed_rows))
 
     def _delayed_gates(self, now: float) -> Decisions:
         d = Decisions()

@@ -14,6 +14,7 @@ faust agents (consumer group ``settings.app_id``), for the low-rate topics:
 - ``control``      jobs.control → PostgreSQL (pauses, limits, priorities, cancel, retry)
 - ``telemetry``    telemetry.hosts (Telegraf) → PostgreSQL host_load → the brake
 - the liveness monitor (``agents.scheduler.monitor``): silent workers → lost, their jobs retried
+- the ticker (``agents.scheduler.ticker``): periodic schedules' due ticks → jobs.independent
 - a reconciliation timer, the safety net: re-settles old waiting jobs (expiry, races) and
   re-forwards jobs left ready or unconfirmed.
 
@@ -52,6 +53,7 @@ from agents.scheduler.heartbeats import handle_heartbeats
 from agents.scheduler.intake import forward_ready
 from agents.scheduler.monitor import Monitor
 from agents.scheduler.telemetry import handle_telemetry
+from agents.scheduler.ticker import Ticker
 
 log = logging.getLogger("jobstream.app")
 STOP_WAIT_S = 10.0
@@ -156,6 +158,11 @@ def build_app(ctx: Context) -> faust.App:
 
     monitor = Monitor(ctx)
     page = StatusPage(ctx)
+    ticker = Ticker(ctx)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def schedules() -> None:
+        await ticker.run()
 
     @app.task  # type: ignore[untyped-decorator]
     async def status_page() -> None:

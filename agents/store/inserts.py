@@ -23,16 +23,18 @@ WITH v AS (
         ord int, id text, tenant text, kind text, grp text, args jsonb, priority smallint,
         size bigint, deps text[], labels text[], resources text[], timeout float8,
         max_attempts int, waits bool, submitted float8, topic text, part int, off bigint,
-        trigger text, order_key text, workflow text, exclusive text, needs text)),
+        trigger text, order_key text, workflow text, exclusive text, needs text,
+        run_at float8)),
 ins AS (
     INSERT INTO jobs (id, tenant, kind, group_key, args, priority, size, depends_on, labels,
         resources, timeout_s, max_attempts, state, gate, submitted_at, ready_at, origin_topic,
-        origin_partition, origin_offset, trigger, order_key, workflow_id, exclusive)
+        origin_partition, origin_offset, trigger, order_key, workflow_id, exclusive, run_at,
+        run_after)
     SELECT id, tenant, kind, grp, args, priority, size, deps, labels, resources, timeout,
         max_attempts, CASE WHEN waits THEN 'waiting' ELSE 'ready' END,
         CASE WHEN waits THEN 'dependency' END, to_timestamp(submitted),
         CASE WHEN waits THEN NULL ELSE now() END, topic, part, off, trigger, order_key,
-        workflow, exclusive
+        workflow, exclusive, to_timestamp(run_at), to_timestamp(run_at)
     FROM v ORDER BY ord  -- seq in batch order: strict order follows it
     ON CONFLICT (id) DO NOTHING
     RETURNING id, state),
@@ -88,6 +90,7 @@ def _insert_row(ord_: int, a: Accepted) -> dict[str, Any]:
         "workflow": a.workflow_id,
         "exclusive": j.exclusive,
         "needs": str(Needs.DONE if j.trigger == "all_done" else Needs.SUCCESS),
+        "run_at": a.run_at,
     }
 
 

@@ -44,10 +44,13 @@ class ReadStore(Connections):
                           percentile_cont(0.99) WITHIN GROUP (ORDER BY
                             extract(epoch from started_at - could_run_at) * 1000) AS start_p99_ms
                    FROM jobs, LATERAL (
-                       -- when it could run: submitted, or released by its dependencies
-                       SELECT CASE WHEN cardinality(depends_on) = 0 AND order_key IS NULL
-                                   THEN submitted_at ELSE coalesce(ready_at, submitted_at)
-                              END AS could_run_at) c
+                       -- when it could run: submitted, or released by its dependencies,
+                       -- and not before its run_at
+                       SELECT greatest(CASE WHEN cardinality(depends_on) = 0
+                                                 AND order_key IS NULL
+                                            THEN submitted_at
+                                            ELSE coalesce(ready_at, submitted_at) END,
+                                       run_at) AS could_run_at) c
                    WHERE finished_at > now() - make_interval(secs => %s)
                      AND state IN ('succeeded', 'failed', 'cancelled')
                    GROUP BY state""",
@@ -109,10 +112,13 @@ class ReadStore(Connections):
                           percentile_cont(0.99) WITHIN GROUP (ORDER BY
                             extract(epoch from started_at - could_run_at) * 1000)
                    FROM jobs, LATERAL (
-                       -- when it could run: submitted, or released by its dependencies
-                       SELECT CASE WHEN cardinality(depends_on) = 0 AND order_key IS NULL
-                                   THEN submitted_at ELSE coalesce(ready_at, submitted_at)
-                              END AS could_run_at) c
+                       -- when it could run: submitted, or released by its dependencies,
+                       -- and not before its run_at
+                       SELECT greatest(CASE WHEN cardinality(depends_on) = 0
+                                                 AND order_key IS NULL
+                                            THEN submitted_at
+                                            ELSE coalesce(ready_at, submitted_at) END,
+                                       run_at) AS could_run_at) c
                    WHERE finished_at > now() - make_interval(secs => %s)""",
                 (window_s,),
             )
@@ -247,7 +253,8 @@ class ReadStore(Connections):
             await cur.execute(
                 "SELECT j.id, j.tenant, j.kind, j.state, j.gate, j.gate_until, j.priority, j.size, "
                 "j.error, j.root_cause, j.attempt, j.max_attempts, j.trigger, j.accepted_at, "
-                "j.ready_at, extract(epoch from j.run_after)::float8 AS run_after, j.worker, "
+                "j.ready_at, extract(epoch from j.run_after)::float8 AS run_after, "
+                "extract(epoch from j.run_at)::float8 AS run_at, j.worker, "
                 "j.progress, w.state AS worker_state, "
                 "extract(epoch from now() - w.last_seen)::float8 AS worker_silent_s "
                 "FROM jobs j LEFT JOIN workers w ON w.id = j.worker WHERE j.id = %s",

@@ -38,7 +38,7 @@ def states(values: Sequence[str]) -> list[str]:
 # what admission queues a job by (``QueuedRow`` after id, tenant, kind)
 _QUEUE_FIELDS = (
     "priority, size, extract(epoch from ready_at)::float8, resources, exclusive, "
-    "extract(epoch from run_after)::float8"
+    "extract(epoch from run_after)::float8, extract(epoch from run_at)::float8"
 )
 QUEUED_COLS = sql.SQL("id, tenant, kind, " + _QUEUE_FIELDS)
 READY_COLS = sql.SQL(
@@ -66,6 +66,7 @@ class Accepted:
     max_attempts: int
     origin: tuple[str, int, int]
     workflow_id: str | None = None
+    run_at: float | None = None  # not admitted before (``run_at`` or ``delay_s``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,13 @@ class QueuedRow:
     ready_at: float
     resources: list[str]
     exclusive: str | None
-    run_after: float | None = None  # a retry's backoff ends then
+    run_after: float | None = None  # not admitted before: a retry's backoff or ``run_at``
+    run_at: float | None = None  # the submission asked to run then (``run_at``/``delay_s``)
+
+    @property
+    def scheduled(self) -> bool:
+        """Waiting for its ``run_at`` (not a retry's backoff)."""
+        return self.run_at is not None and self.run_after == self.run_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,7 @@ class ReadyJob:
     resources: list[str] | None = None
     exclusive: str | None = None
     run_after: float | None = None
+    run_at: float | None = None
 
     def queued_row(self) -> QueuedRow | None:
         """The row admission queues, if this was read with ``READY_COLS``."""
@@ -113,6 +121,7 @@ class ReadyJob:
             self.resources or [],
             self.exclusive,
             self.run_after,
+            self.run_at,
         )
 
 

@@ -15,14 +15,24 @@ from agents.errors import ConfigError, JobstreamError, StoreUnavailable
 
 # isort: off
 # the commands register in this order, the order of ``jobstream --help``
-from agents.ops.cli import setup, submit, inspect, control, run
+from agents.ops.cli import setup, submit, inspect, control, schedule, run
 
 # isort: on
 from agents.ops.cli.common import app, err
 from agents.ops.cli.submit import load_workflow
 from streams.errors import KafkaUnavailable, StreamsError
 
-__all__ = ["app", "control", "inspect", "load_workflow", "main", "run", "setup", "submit"]
+__all__ = [
+    "app",
+    "control",
+    "inspect",
+    "load_workflow",
+    "main",
+    "run",
+    "schedule",
+    "setup",
+    "submit",
+]
 
 
 def main() -> None:

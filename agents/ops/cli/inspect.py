@@ -61,7 +61,8 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
     )
     if row["gate_until"]:
         wait = row["gate_until"] - time.time()
-        out.print(f"  may next be admitted in {max(0.0, wait):.2f} s (rate limit)")
+        why = (row["gate"] or "").split(":", 1)[0] or "gate"
+        out.print(f"  may next be admitted in {max(0.0, wait):.2f} s ({why.replace('_', ' ')})")
     for p in row["paused_by"]:
         out.print(
             f"  paused: {p['scope']} {p['name']}" + (f" ({p['reason']})" if p["reason"] else "")
@@ -72,7 +73,11 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
             f"{row['tenant']} became ready before it "
             f"(priority {row['priority']}, size {row['size']})"
         )
-    if row["state"] == "ready" and row["run_after"] and row["run_after"] > time.time():
+    waits = row["state"] in ("ready", "waiting") and (row["run_after"] or 0) > time.time()
+    if waits and row["run_after"] == row["run_at"]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row["run_at"]))
+        out.print(f"  scheduled: not before {at}, in {row['run_at'] - time.time():.1f} s")
+    elif waits:
         out.print(f"  retry backoff: may run in {row['run_after'] - time.time():.1f} s")
     if row["state"] in ("running", "dispatched") and row["worker"]:
         w = f"  on worker {row['worker']} ({row['worker_state'] or 'unknown'}"
@@ -152,6 +157,7 @@ def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
         "kind",
         "state",
         "gate",
+        "run_at",
         "attempt",
         "max_attempts",
         "worker",

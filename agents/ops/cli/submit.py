@@ -54,6 +54,18 @@ def submit(
     group: Annotated[str | None, typer.Option(help="Dependency group key")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds")] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1, max=100)] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            help="not before this time: ISO 8601 (2026-12-24T02:00+01:00; no offset: "
+            "this machine's zone) or epoch seconds",
+        ),
+    ] = None,
+    in_: Annotated[
+        str | None,
+        typer.Option("--in", help="not before this long after acceptance: 90, 90s, 5m, 2h, 1d"),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="wait until done (progress bar); exit 1 if any failed")
     ] = False,
@@ -76,6 +88,8 @@ def submit(
         return
     if kind is None:
         raise ConfigError("give a KIND, or --workflow FILE")
+    if at is not None and in_ is not None:
+        raise ConfigError("give --at or --in, not both")
     args: dict[str, str] = {}
     for item in arg or []:
         name, sep, value = item.partition("=")
@@ -95,6 +109,8 @@ def submit(
                 "depends_on": depends_on or [],
                 "timeout_s": timeout,
                 "max_attempts": max_attempts,
+                "run_at": parse_at(at) if at is not None else None,
+                "delay_s": parse_duration(in_) if in_ is not None else None,
             },
             JobSpec,
         )
@@ -111,6 +127,38 @@ def submit(
     emit({"id": job.id, "submitted": True}, as_json) if as_json else out.print(
         f"submitted [bold]{job.id}[/]"
     )
+
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``1.5m``, ``2h``, ``1d`` as seconds."""
+    t = text.strip().lower()
+    unit = t[-1:] if t[-1:] in "smhd" else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise ConfigError(f"--in {text!r}: expected a number with s, m, h or d") from None
+    if value < 0:
+        raise ConfigError(f"--in {text!r}: a duration is not negative")
+    return value * _UNITS[unit]
+
+
+def parse_at(text: str) -> float:
+    """An ISO 8601 time (without an offset: this machine's zone) or epoch seconds."""
+    from datetime import datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ConfigError(
+            f"--at {text!r}: expected an ISO 8601 time (2026-12-24T02:00:00+01:00) or epoch seconds"
+        ) from None
 
 
 def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float = 86_400) -> None:
