@@ -77,6 +77,10 @@ MEANINGS: dict[str, tuple[str | None, str]] = {
         None,
         'list of `{scope: tenant\\|kind\\|tenant_kind\\|global, match: name or "*", limit: N, window_s: W}`; run-time limits (`jobstream limit`) override the same scope and match',
     ),
+    "schedules": (
+        None,
+        "periodic schedules by name: `{cron, kind, tz, tenant, args, priority, catch_up: all\\|latest\\|none, overlap: allow\\|skip, grace_s}` ([concepts.md](concepts.md#time-delayed-jobs-and-schedules)); run-time ones: `jobstream schedule`",
+    ),
     "resources": (
         None,
         'named resources and their capacity, e.g. `{"scancode-api": 2}`; jobs and kinds name them',

@@ -2,7 +2,7 @@
 
 Side by side with Celery and procrastinate (``bench/compare.py``; ``--small`` for the CI-sized
 form, ``--systems`` to pick): ``throughput``, ``latency``, ``dag``, ``fairness``,
-``ratelimit``, ``scale``. jobstream alone: ``unlock`` (dependency-unlock latency with the
+``ratelimit``, ``delayed``, ``scale``. jobstream alone: ``unlock`` (dependency-unlock latency with the
 time per stage), ``admission``, ``workers``, ``metrics``, ``queries``, ``chaos``, ``soak``.
 ``floor``: the least the unlock path and a worker's job cost with the design's building
 blocks and none of jobstream's logic, side by side with jobstream (``bench/floor.py``).
@@ -143,7 +143,7 @@ def dag(
     return out
 
 
-COMPARED = ["throughput", "latency", "dag", "fairness", "ratelimit", "scale"]
+COMPARED = ["throughput", "latency", "dag", "fairness", "ratelimit", "delayed", "scale"]
 ALONE = [
     "unlock",
     "admission",
@@ -174,6 +174,10 @@ SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ratelimit": (
         {"limit": 20, "window": 1.0, "seconds": 10.0, "tenants": 4, "slots": 8},
         {"limit": 5, "window": 1.0, "seconds": 2.0, "tenants": 2, "slots": 8},
+    ),
+    "delayed": (
+        {"jobs": 1000, "lead_s": 5.0, "slots": 8},
+        {"jobs": 50, "lead_s": 3.0, "slots": 8},
     ),
     "scale": (
         {"jobs": 1_000_000, "tenants": 10_000, "peer_jobs": 100_000},

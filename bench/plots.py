@@ -126,6 +126,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
             "admitted ÷ allowed",
             "utilisation at 10× demand",
         )
+    elif scenario == "delayed":
+        systems = result["systems"]
+        for ax, key, what in (
+            (left, "lateness_p50_ms", "p50"),
+            (right, "lateness_p99_ms", "p99"),
+        ):
+            _bars(
+                ax,
+                {n: v[key] for n, v in systems.items()},
+                "ms after the due instant",
+                f"start lateness {what}, {result['jobs']} jobs due at once",
+            )
     elif scenario == "scale":
         systems = result["systems"]
         _bars(

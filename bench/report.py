@@ -148,6 +148,19 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
                 f"{_fmt(v.get('utilisation_at_admission'))} |"
             )
         out += ["", f"{r['note']}.", "", "![ratelimit](bench/ratelimit.png)", ""]
+    if r := results.get("delayed"):
+        out += [
+            f"### delayed — {r['jobs']:,} no-op jobs due at the same instant, {r['slots']} slots",
+            "",
+            "| system | start lateness p50 ms | p99 ms | max ms | started early |",
+            "|---|---|---|---|---|",
+        ]
+        for n, v in r["systems"].items():
+            out.append(
+                f"| {n} | {_fmt(v['lateness_p50_ms'])} | {_fmt(v['lateness_p99_ms'])} | "
+                f"{_fmt(v['lateness_max_ms'])} | {_fmt(v['early'])} |"
+            )
+        out += ["", f"{r['note']}.", "", "![delayed](bench/delayed.png)", ""]
     if r := results.get("scale"):
         out += [
             f"### scale — {r['tenants']:,} tenants",

@@ -75,6 +75,10 @@ class System:
     def submit_workflows(self, uploads: Sequence[str]) -> None:
         raise NotImplementedError
 
+    def submit_at(self, jobs: Sequence[Job], at: float) -> None:
+        """No-op jobs that are not to start before ``at`` (epoch seconds)."""
+        raise NotImplementedError
+
     def completed(self) -> int:
         return self._counter.count()
 
@@ -177,6 +181,9 @@ class Jobstream(System):
             )
             for j in jobs
         )
+
+    def submit_at(self, jobs: Sequence[Job], at: float) -> None:
+        self.pub.submit_many(JobSpec(id=j.k, tenant=j.t, kind="pynoop", run_at=at) for j in jobs)
 
     def submit_workflows(self, uploads: Sequence[str]) -> None:
         for n, u in enumerate(uploads):
@@ -293,6 +300,13 @@ class CeleryPeer(System):
             else:
                 self.mod.noop.apply_async((j.k, s, j.t))
 
+    def submit_at(self, jobs: Sequence[Job], at: float) -> None:
+        from datetime import UTC, datetime
+
+        eta = datetime.fromtimestamp(at, UTC)
+        for j in jobs:
+            self.mod.noop.apply_async((j.k, time.time(), j.t), eta=eta)
+
     def submit_workflows(self, uploads: Sequence[str]) -> None:
         from celery import chain, group
 
@@ -344,6 +358,15 @@ class ProcrastinatePeer(System):
             self._defer("noop", noops)
         if works:
             self._defer("work", works)
+
+    def submit_at(self, jobs: Sequence[Job], at: float) -> None:
+        from datetime import UTC, datetime
+
+        s = time.time()
+        task = self.app.configure_task("noop", schedule_at=datetime.fromtimestamp(at, UTC))
+        batch = [{"k": j.k, "s": s, "t": j.t} for j in jobs]
+        for i in range(0, len(batch), 1000):
+            task.batch_defer(*batch[i : i + 1000])
 
     def submit_workflows(self, uploads: Sequence[str]) -> None:
         s = time.time()

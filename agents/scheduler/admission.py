@@ -142,6 +142,9 @@ class Admission:
                 if held is None or held.run_after != r.run_after:
                     heapq.heappush(self.delayed, (r.run_after, r.id))
                     added += held is None
+                    if self.wake_at is None or r.run_after < self.wake_at:
+                        self.wake_at = r.run_after
+                        self.wake.set()  # the rounds' loop looks again when to wake
                 delayed[r.id] = r
             elif r.id not in delayed:
                 added += self.core.enqueue(self.queued(r))
