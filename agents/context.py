@@ -83,6 +83,7 @@ class Context:
     _tracer: Tracer | None = None
     # the admission owner in this process, when there is one (``LocalAdmission``)
     admission: LocalAdmission | None = None
+    status_url: str | None = None  # the status page's address once it serves
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:

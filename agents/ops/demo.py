@@ -1,8 +1,12 @@
-"""``jobstream demo``: the whole path in one process, with a sample workload.
+"""``jobstream demo``: the whole system in one process, telling what it does in a minute.
 
-Submits ``jobs`` valid jobs plus a few malformed events (to show dead-lettering), runs the
-scheduler agents and a worker in this process, waits until every accepted job is terminal,
-and returns a summary. ``lost`` counts accepted jobs without a terminal state at the end.
+Starts the embedded services unless configured (librdkafka's mock cluster, embedded
+PostgreSQL), the scheduler's agents and a worker in this process, then runs the story's
+parts one after another (``agents.ops.story``: a burst, FOSSology workflows with a broken
+upload, a flooding tenant beside small ones, a rate-limited tenant, a delayed job and a
+schedule, malformed events) and returns what each did. ``lost`` counts the story's jobs
+without a terminal state at the end. ``keep``: the scheduler, its status page and the worker
+run on after the story until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,9 +15,7 @@ import asyncio
 import logging
 import os
 import signal
-import statistics
 import sys
-import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -21,49 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agents.context import Context
+from agents.ops import story
+from agents.ops.demojobs import DEMO_KINDS
 from agents.scheduler.app import build_app
-from agents.settings import Settings
+from agents.settings import KindConfig, LimitConfig, Settings
 from agents.store import PostgresJobStore
 from agents.store.embedded import with_services
 from agents.worker import Worker
-from streams.events import JobSpec
 from streams.publisher import JobPublisher
 
 log = logging.getLogger("jobstream.demo")
-TERMINAL = ("succeeded", "failed", "cancelled")
-BAD_EVENTS: list[bytes] = [
-    b"{not json",
-    b'{"type":"job.submitted","v":1,"job":{"id":"bad-type","tenant":"t","kind":"noop",'
-    b'"priority":"high"},"submitted_at":1}',
-    b'{"type":"job.submitted","v":1,"job":{"id":"bad-kind","tenant":"t",'
-    b'"kind":"no-such-kind"},"submitted_at":1}',
-]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return round(values[0], 2)
-    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 2)
-
-
-def sample_jobs(run: str, n: int, kind: str) -> list[JobSpec]:
-    tenants = ["acme", "globex", "initech", "umbrella"]
-    args: dict[str, Any] = {"message": "hello", "seconds": "0.01"}
-    return [
-        JobSpec(
-            id=f"demo-{run}-{i}",
-            tenant=tenants[i % len(tenants)],
-            kind=kind,
-            args=args,
-            size=(i * 7919) % 10_000,
-        )
-        for i in range(n)
-    ]
+TERMINAL = story.TERMINAL
 
 
 async def wait_until_assigned(app: faust.App, worker: Worker, timeout_s: float) -> None:
@@ -78,81 +52,67 @@ async def wait_until_assigned(app: faust.App, worker: Worker, timeout_s: float) 
 
 
 async def drive(
-    app: faust.App,
-    ctx: Context,
-    *,
-    jobs: int,
-    slots: int,
-    kind: str,
-    bad: int,
-    show_progress: bool,
-    timeout_s: float,
+    app: faust.App, ctx: Context, *, jobs: int, slots: int, show_progress: bool, keep: bool
 ) -> dict[str, Any]:
-    run = uuid.uuid4().hex[:8]
-    specs = sample_jobs(run, jobs, kind)
-    ids = [j.id for j in specs]
+    """Run the story's parts; what each did, and the jobs none of them lost."""
     worker = Worker(ctx, slots=slots)
     worker_task = asyncio.create_task(worker.run())
     store = await ctx.store()
     await wait_until_assigned(app, worker, 120.0)
     dead_before = await store.dead_letter_count()
-    started = time.monotonic()
-
-    def publish() -> None:
-        with JobPublisher(
-            ctx.settings.require_kafka(), registry=ctx.registry, extra=ctx.settings.kafka_config
-        ) as pub:
-            for i in range(0, len(specs), 1000):
-                pub.submit_many(specs[i : i + 1000])
-            for raw in BAD_EVENTS[:bad]:
-                pub.send_raw("jobs.independent", raw, b"bad")
-
-    publisher = threading.Thread(target=publish, name="demo-publisher")
-    publisher.start()
-    counts: dict[str, int] = {}
     progress = Progress(
-        TextColumn("[bold]jobs"),
+        TextColumn("[bold]{task.description:<12}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[states]}"),
         TimeElapsedColumn(),
+        console=Console(stderr=True),
         disable=not show_progress,
-        transient=False,
     )
-    with progress:
-        task = progress.add_task("run", total=jobs, states="")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            counts = await store.state_counts(ids)
-            done = sum(counts.get(s, 0) for s in TERMINAL)
-            progress.update(
-                task, completed=done, states=" ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    parts: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+    s = ctx.settings
+    with JobPublisher(s.require_kafka(), registry=ctx.registry, extra=s.kafka_config) as pub:
+        st = story.Stage(pub, store, progress, uuid.uuid4().hex[:8])
+        with progress:
+            parts["burst"] = await story.burst(st, jobs)
+            parts["workflows"] = await story.workflows(st)
+            parts["fairness"] = await story.fairness(st)
+            parts["rate_limit"], parts["time"] = await asyncio.gather(
+                story.rate_limit(st), story.timed(st)
             )
-            dead = await store.dead_letter_count() - dead_before
-            if done >= jobs and not publisher.is_alive() and dead >= bad:
-                break
-            await asyncio.sleep(0.1)
+            parts["dead_letters"] = await story.dead_letters(st, dead_before)
     elapsed = time.monotonic() - started
-    publisher.join()
-    worker.request_stop()
-    await worker_task
-    to_start, to_finish = await store.latencies_ms(ids)
-    counts = await store.state_counts(ids)
-    accepted = sum(counts.values())
-    terminal = sum(counts.get(s, 0) for s in TERMINAL)
+    counts = await store.state_counts(st.ids)
+    if not keep:
+        worker.request_stop()
+        await worker_task
     return {
-        "submitted": jobs + bad,
-        "accepted": accepted,
+        "parts": parts,
+        "story": dict(story.told(parts)),
+        "jobs": len(st.ids),
         "succeeded": counts.get("succeeded", 0),
         "failed": counts.get("failed", 0),
-        "cancelled": counts.get("cancelled", 0),
-        "dead_lettered": await store.dead_letter_count() - dead_before,
-        "lost": accepted - terminal,
-        "elapsed_s": round(elapsed, 3),
-        "jobs_per_s": round(terminal / elapsed, 1) if elapsed > 0 else None,
-        "submit_to_start_ms": {"p50": percentile(to_start, 50), "p99": percentile(to_start, 99)},
-        "submit_to_finish_ms": {"p50": percentile(to_finish, 50), "p99": percentile(to_finish, 99)},
+        "lost": len(set(st.ids)) - sum(counts.get(x, 0) for x in TERMINAL),
+        "dead_lettered": parts["dead_letters"]["dead_lettered"],
+        "jobs_per_s": parts["burst"]["jobs_per_s"],
+        "story_s": round(elapsed, 2),
     }
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """The story's kinds (Python jobs in the warm pool) and its rate-limited tenant."""
+    import msgspec
+
+    kinds = dict(settings.kinds)
+    for name, cfg in DEMO_KINDS.items():
+        kinds.setdefault(name, msgspec.convert(cfg, KindConfig))
+    limit = LimitConfig(
+        scope="tenant",
+        limit=story.METERED_LIMIT,
+        window_s=story.METERED_WINDOW_S,
+        match=story.METERED_TENANT,
+    )
+    return settings.replace(kinds=kinds, rate_limits=[*settings.rate_limits, limit])
 
 
 def run_demo(
@@ -160,16 +120,17 @@ def run_demo(
     *,
     jobs: int,
     slots: int,
-    kind: str,
-    bad: int = 3,
     show_progress: bool = True,
-    timeout_s: float = 600.0,
+    keep: bool = False,
     state_dir: Path | None = None,
+    announce: Any = None,
 ) -> dict[str, Any]:
+    """Run the story (``drive``) with the services it needs; ``announce(url)`` is told the
+    status page's address once the scheduler is up."""
     state_dir = state_dir or Path(os.environ.get("JOBSTREAM_STATE_DIR", "var/demo"))
     result: dict[str, Any] = {}
     with ExitStack() as stack:
-        settings, used = with_services(settings, stack, state_dir)
+        settings, used = with_services(demo_settings(settings), stack, state_dir)
         if settings.log_dir == "var/logs":
             settings = settings.replace(log_dir=str(state_dir / "logs"))
 
@@ -183,31 +144,34 @@ def run_demo(
 
         @app.task  # type: ignore[untyped-decorator]
         async def driver() -> None:
+            for _ in range(50):  # the page binds at start-up: its address (port 0: chosen)
+                if ctx.status_url or not settings.status_bind:
+                    break
+                await asyncio.sleep(0.1)
+            if announce is not None and ctx.status_url:
+                announce(ctx.status_url)
             try:
                 result.update(
                     await drive(
-                        app,
-                        ctx,
-                        jobs=jobs,
-                        slots=slots,
-                        kind=kind,
-                        bad=bad,
-                        show_progress=show_progress,
-                        timeout_s=timeout_s,
+                        app, ctx, jobs=jobs, slots=slots, show_progress=show_progress, keep=keep
                     )
                 )
             except Exception as exc:
                 log.exception("demo failed")
                 result["error"] = repr(exc)
-            finally:
-                os.kill(os.getpid(), signal.SIGTERM)  # faust's graceful shutdown path
+            if keep and "error" not in result and announce is not None:
+                announce(None)  # the story is told: the caller says how to stop
+                return
+            os.kill(os.getpid(), signal.SIGTERM)  # faust's graceful shutdown path
 
         worker = faust.Worker(
             app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
         )
+        worker.spinner = None  # the story shows its own progress
         try:
             worker.execute_from_commandline()
         except SystemExit:
             pass
         result["services"] = used
+        result["status_page"] = ctx.status_url
     return result

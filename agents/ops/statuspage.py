@@ -127,7 +127,8 @@ class StatusPage:
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else int(port)
-        log.warning("status page on http://%s:%s/", host or "127.0.0.1", self.port)
+        self.ctx.status_url = f"http://{host or '127.0.0.1'}:{self.port}/"
+        log.info("status page on %s", self.ctx.status_url)
         try:
             while True:
                 try:

@@ -15,7 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import msgspec
@@ -82,15 +81,6 @@ def _check_kind(ctx: Context, job: JobSpec) -> None:
         )
 
 
-def not_before(job: JobSpec, accepted_at: float) -> float | None:
-    """When a job may first be admitted: its ``run_at``, or ``delay_s`` after acceptance."""
-    if job.run_at is not None:
-        return job.run_at
-    if job.delay_s is not None:
-        return accepted_at + job.delay_s
-    return None
-
-
 def _check_member_sizes(ctx: Context, flow: WorkflowSubmitted) -> None:
     """Each job of a workflow within the per-job limit, as if submitted alone: its dispatch
     must be runnable by a worker (who rejects dispatches over the limit)."""
@@ -111,7 +101,6 @@ def accept_submissions(
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
     origin: dict[str, RawMessage] = {}
-    now = time.time()  # acceptance: what a ``delay_s`` counts from
     for msg in messages:
         try:
             limit = ctx.settings.max_workflow_bytes if dependent else ctx.settings.max_payload_bytes
@@ -148,7 +137,6 @@ def accept_submissions(
                     job.max_attempts or kind.max_attempts,
                     (msg.topic, msg.partition, msg.offset),
                     workflow,
-                    not_before(job, now),
                 )
             )
             origin[job.id] = msg

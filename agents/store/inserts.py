@@ -24,7 +24,7 @@ WITH v AS (
         size bigint, deps text[], labels text[], resources text[], timeout float8,
         max_attempts int, waits bool, submitted float8, topic text, part int, off bigint,
         trigger text, order_key text, workflow text, exclusive text, needs text,
-        run_at float8)),
+        run_at float8, delay float8)),
 ins AS (
     INSERT INTO jobs (id, tenant, kind, group_key, args, priority, size, depends_on, labels,
         resources, timeout_s, max_attempts, state, gate, submitted_at, ready_at, origin_topic,
@@ -34,8 +34,10 @@ ins AS (
         max_attempts, CASE WHEN waits THEN 'waiting' ELSE 'ready' END,
         CASE WHEN waits THEN 'dependency' END, to_timestamp(submitted),
         CASE WHEN waits THEN NULL ELSE now() END, topic, part, off, trigger, order_key,
-        workflow, exclusive, to_timestamp(run_at), to_timestamp(run_at)
-    FROM v ORDER BY ord  -- seq in batch order: strict order follows it
+        workflow, exclusive, r.at, r.at
+    FROM v, LATERAL (SELECT coalesce(to_timestamp(v.run_at),
+                                     now() + make_interval(secs => v.delay)) AS at) r
+    ORDER BY ord  -- seq in batch order: strict order follows it
     ON CONFLICT (id) DO NOTHING
     RETURNING id, state),
 deps AS (
@@ -90,7 +92,8 @@ def _insert_row(ord_: int, a: Accepted) -> dict[str, Any]:
         "workflow": a.workflow_id,
         "exclusive": j.exclusive,
         "needs": str(Needs.DONE if j.trigger == "all_done" else Needs.SUCCESS),
-        "run_at": a.run_at,
+        "run_at": j.run_at,
+        "delay": j.delay_s,  # after acceptance: the insert's now(), as accepted_at
     }
 
 

@@ -329,6 +329,30 @@ class ReadStore(Connections):
             rows = await cur.fetchall()
         return [float(r[0]) for r in rows], [float(r[1]) for r in rows]
 
+    async def job_times(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Each job of ``ids``: tenant, state, root cause and its times (epoch seconds)."""
+        async with self.reading() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                """SELECT id, tenant, kind, state, root_cause,
+                          extract(epoch from submitted_at)::float8 AS submitted,
+                          extract(epoch from accepted_at)::float8 AS accepted,
+                          extract(epoch from run_at)::float8 AS run_at,
+                          extract(epoch from started_at)::float8 AS started,
+                          extract(epoch from finished_at)::float8 AS finished
+                   FROM jobs WHERE id = ANY(%s)""",
+                (list(ids),),
+            )
+            return await cur.fetchall()
+
+    async def admissions(self, key: str, since: float) -> list[float]:
+        """Admission times a rate-limit key counted since an instant (its window log)."""
+        async with self.reading() as conn:
+            cur = await conn.execute(
+                "SELECT at FROM rate_log WHERE key = %s AND at >= %s ORDER BY at", (key, since)
+            )
+            return [float(r[0]) for r in await cur.fetchall()]
+
     async def dead_letter_count(self) -> int:
         async with self.reading() as conn:
             cur = await conn.execute("SELECT count(*) FROM dead_letters")

@@ -66,7 +66,6 @@ class Accepted:
     max_attempts: int
     origin: tuple[str, int, int]
     workflow_id: str | None = None
-    run_at: float | None = None  # not admitted before (``run_at`` or ``delay_s``)
 
 
 @dataclass(frozen=True, slots=True)

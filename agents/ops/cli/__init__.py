@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 
 from agents.errors import ConfigError, JobstreamError, StoreUnavailable
 
@@ -36,6 +37,8 @@ __all__ = [
 
 
 def main() -> None:
+    # faust's mode asks platformdirs for a runtime directory it never uses in jobstream
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     # a connection the pool retries is reported once, as the command's error, not per try
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:

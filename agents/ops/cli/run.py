@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, out, settings_of
+from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, err, out, settings_of
 
 
 @app.command(rich_help_panel="Run")
@@ -57,26 +57,48 @@ def worker(
 
 @app.command(rich_help_panel="Run")
 def demo(
-    jobs: Annotated[int, typer.Option(min=1, max=1_000_000, help="Jobs to run")] = 200,
+    jobs: Annotated[int, typer.Option(min=1, max=1_000_000, help="Jobs in the burst")] = 2000,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Worker slots")] = 8,
-    kind: Annotated[str, typer.Option(help="Kind of the sample jobs")] = "noop",
+    keep: Annotated[
+        bool, typer.Option("--keep", help="leave the scheduler and its status page running")
+    ] = False,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Run everything in one process (embedded broker and PostgreSQL unless configured),
-    submit a sample workload, run it to completion and print a summary."""
+    """Run everything in one process (embedded broker and PostgreSQL unless configured) and
+    show what jobstream does: a burst, workflows with a failure, fairness, a rate limit,
+    time, dead letters; a summary of each part."""
     from agents.ops.demo import run_demo
 
     s = settings_of(config)
     started = time.monotonic()
-    summary = run_demo(s, jobs=jobs, slots=workers, kind=kind, show_progress=not as_json)
+
+    def announce(url: str | None) -> None:
+        if as_json:
+            return
+        if url:
+            err.print(f"[bold]status page[/]: {url}  (live while the demo runs)")
+        else:
+            err.print("the demo is done; the status page stays up until Ctrl-C")
+
+    summary = run_demo(
+        s, jobs=jobs, slots=workers, show_progress=not as_json, keep=keep, announce=announce
+    )
     summary.setdefault("wall_s", round(time.monotonic() - started, 3))
     if as_json:
         emit(summary, True)
     else:
-        table = Table("metric", "value", title="jobstream demo")
-        for k, v in summary.items():
-            table.add_row(k, str(v))
+        table = Table("part", "what happened", title="jobstream demo", show_lines=True)
+        for part, sentence in summary.get("story", {}).items():
+            table.add_row(part, sentence)
+        services = ", ".join(f"{k}: {v}" for k, v in summary.get("services", {}).items())
+        table.add_row(
+            "in all",
+            f"{summary.get('jobs', 0):,} jobs, {summary.get('lost', '?')} lost; the story took "
+            f"{summary.get('story_s', '?')} s ({services})",
+        )
+        if summary.get("error"):
+            table.add_row("error", str(summary["error"]))
         out.print(table)
-    if summary.get("lost", 0) or summary.get("failed", 0):
+    if summary.get("lost", 0) or summary.get("error"):
         raise typer.Exit(1)
