@@ -11,9 +11,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from agents.store.connection import Connections
+from agents.store.rows import q
+
+# when a job could first run: submitted, or released by its dependencies, and not before its
+# run_at (the start latency the status views report counts from it)
+COULD_RUN_AT = sql.SQL(
+    "SELECT greatest(CASE WHEN cardinality(depends_on) = 0 AND order_key IS NULL "
+    "THEN submitted_at ELSE coalesce(ready_at, submitted_at) END, run_at) AS could_run_at"
+)
 
 ACTIVE_STATES = ("waiting", "ready", "dispatched", "running")
 
@@ -38,22 +47,18 @@ class ReadStore(Connections):
             for r in await cur.fetchall():
                 queues.setdefault((r["tenant"], r["kind"]), {})[r["state"]] = r["n"]
             await cur.execute(
-                """SELECT state, count(*)::int AS n,
+                q(
+                    """SELECT state, count(*)::int AS n,
                           percentile_cont(0.5) WITHIN GROUP (ORDER BY
                             extract(epoch from started_at - could_run_at) * 1000) AS start_p50_ms,
                           percentile_cont(0.99) WITHIN GROUP (ORDER BY
                             extract(epoch from started_at - could_run_at) * 1000) AS start_p99_ms
-                   FROM jobs, LATERAL (
-                       -- when it could run: submitted, or released by its dependencies,
-                       -- and not before its run_at
-                       SELECT greatest(CASE WHEN cardinality(depends_on) = 0
-                                                 AND order_key IS NULL
-                                            THEN submitted_at
-                                            ELSE coalesce(ready_at, submitted_at) END,
-                                       run_at) AS could_run_at) c
+                   FROM jobs, LATERAL ({could_run_at}) c
                    WHERE finished_at > now() - make_interval(secs => %s)
                      AND state IN ('succeeded', 'failed', 'cancelled')
                    GROUP BY state""",
+                    could_run_at=COULD_RUN_AT,
+                ),
                 (window_s,),
             )
             finished = {r["state"]: r for r in await cur.fetchall()}
@@ -105,21 +110,17 @@ class ReadStore(Connections):
         submit→start p50 and p99 (ms, None without any), the ready and the running jobs."""
         async with self.reading() as conn:
             cur = await conn.execute(
-                """SELECT count(*) FILTER (WHERE state = 'succeeded'),
+                q(
+                    """SELECT count(*) FILTER (WHERE state = 'succeeded'),
                           count(*) FILTER (WHERE state IN ('failed', 'cancelled')),
                           percentile_cont(0.5) WITHIN GROUP (ORDER BY
                             extract(epoch from started_at - could_run_at) * 1000),
                           percentile_cont(0.99) WITHIN GROUP (ORDER BY
                             extract(epoch from started_at - could_run_at) * 1000)
-                   FROM jobs, LATERAL (
-                       -- when it could run: submitted, or released by its dependencies,
-                       -- and not before its run_at
-                       SELECT greatest(CASE WHEN cardinality(depends_on) = 0
-                                                 AND order_key IS NULL
-                                            THEN submitted_at
-                                            ELSE coalesce(ready_at, submitted_at) END,
-                                       run_at) AS could_run_at) c
+                   FROM jobs, LATERAL ({could_run_at}) c
                    WHERE finished_at > now() - make_interval(secs => %s)""",
+                    could_run_at=COULD_RUN_AT,
+                ),
                 (window_s,),
             )
             ok, bad, p50, p99 = await cur.fetchone() or (0, 0, None, None)

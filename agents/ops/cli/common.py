@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agents.errors import ConfigError
 from agents.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -139,6 +140,17 @@ def table(*headers: str, whole: tuple[str, ...] = ("id",), title: str | None = N
         else:
             t.add_column(h, overflow="ellipsis")
     return t
+
+
+def name_values(items: list[str] | None, option: str = "--arg") -> dict[str, str]:
+    """``NAME=VALUE`` options as a mapping (a ConfigError names one without ``=``)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{option} {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
 
 
 def emit(data: Any, as_json: bool) -> None:

@@ -12,21 +12,21 @@ from typing import Annotated, Any
 import typer
 
 from agents.errors import ConfigError, JobstreamError
-from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, out, query, settings_of, table
+from agents.ops.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    app,
+    emit,
+    name_values,
+    out,
+    query,
+    settings_of,
+    table,
+)
 from agents.settings import ScheduleConfig, Settings, check_schedules
 
 schedule_app = typer.Typer(help="Periodic schedules: a job at each tick of a cron expression.")
 app.add_typer(schedule_app, name="schedule", rich_help_panel="Control")
-
-
-def _args(items: list[str] | None) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--arg {item!r}: expected NAME=VALUE")
-        args[name] = value
-    return args
 
 
 @schedule_app.command("add")
@@ -69,7 +69,7 @@ def add(
         kind=kind,
         tz=tz,
         tenant=tenant,
-        args=_args(arg),
+        args=name_values(arg),
         priority=priority,
         catch_up=catch_up,  # type: ignore[arg-type]
         overlap=overlap,  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from agents.ops.cli.common import (
     emit,
     err,
     missing_or_json,
+    name_values,
     out,
     publisher,
     query,
@@ -90,12 +91,7 @@ def submit(
         raise ConfigError("give a KIND, or --workflow FILE")
     if at is not None and in_ is not None:
         raise ConfigError("give --at or --in, not both")
-    args: dict[str, str] = {}
-    for item in arg or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--arg {item!r}: expected NAME=VALUE")
-        args[name] = value
+    args = name_values(arg)
     try:
         job = msgspec.convert(
             {
