@@ -94,6 +94,7 @@ class Admission:
         # ``run_at``): a heap of (run_after, id) and the latest row of each, not in the core
         self.delayed: list[tuple[float, str]] = []
         self.delayed_rows: dict[str, QueuedRow] = {}
+        self.ungated: set[str] = set()  # held rows whose gate is not written yet
         self._depth_at = 0.0
         self.dispatcher = Dispatcher(ctx)
         self.origin = uuid.uuid4().hex[:12]  # this process's releases (``CyclePlanner``)
@@ -145,6 +146,8 @@ class Admission:
                     if self.wake_at is None or r.run_after < self.wake_at:
                         self.wake_at = r.run_after
                         self.wake.set()  # the rounds' loop looks again when to wake
+                if held is None or held.run_after != r.run_after:
+                    self.ungated.add(r.id)
                 delayed[r.id] = r
             elif r.id not in delayed:
                 added += self.core.enqueue(self.queued(r))
@@ -161,10 +164,17 @@ class Admission:
             del rows[job_id]
             if self.owns(row.tenant):
                 self.core.enqueue(self.queued(row))
-        if d is not None:
-            for row in rows.values():
-                d.gates[row.id] = waiting_gate(row)
+        if d is not None and self.ungated:  # a held row's gate is written once
+            for job_id in self.ungated:
+                if (row := rows.get(job_id)) is not None:
+                    d.gates[job_id] = waiting_gate(row)
+            self.ungated.clear()
         return heap[0][0] if heap else None
+
+    def forget_gates(self) -> None:
+        """The gates written are no longer known (ownership changed): write them again."""
+        self.gates_written.clear()
+        self.ungated.update(self.delayed_rows)
 
     async def handle_ready(self, ctx: Context, messages: Sequence[RawMessage]) -> int:
         """``jobs.ready`` batch: queue the jobs that are still ready, wake the rounds."""

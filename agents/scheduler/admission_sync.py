@@ -54,7 +54,7 @@ class Sync:
                     sorted(a.owned or ()),
                     len(dropped),
                 )
-            a.gates_written.clear()
+            a.forget_gates()
             a.owned = set(assigned)
             await self.reload_rate_log(None, now)
         await self.resync(now)

@@ -39,6 +39,16 @@ def test_a_delayed_job_waits_scheduled_then_starts_at_its_time(
         publisher.submit(JobSpec(id="later", tenant="t", kind="noop", delay_s=2.0))
         publisher.submit(JobSpec(id="never", tenant="t", kind="noop", delay_s=60.0))
         publisher.submit(JobSpec(id="now", tenant="t", kind="noop"))
+        # a dependent's own time is a further condition: released by "now", it still waits
+        publisher.submit(
+            JobSpec(
+                id="after-now",
+                tenant="t",
+                kind="noop",
+                depends_on=["now"],
+                run_at=time.time() + 3.0,
+            )
+        )
         waiting = eventually(lambda: job(env, "never").get("gate"), 60, what="gate written")
         assert waiting.startswith("scheduled: until "), waiting
         why = cli("why", "never", env=env).stdout
@@ -56,6 +66,11 @@ def test_a_delayed_job_waits_scheduled_then_starts_at_its_time(
         assert started - run_at < 1.0  # and within admission's latency after it
         assert epoch(now_done["started_at"]) < run_at  # the others did not wait for it
         eventually(lambda: job(env, "never").get("state") == "cancelled", 30, what="cancelled")
+        dep = eventually(
+            lambda: (r := job(env, "after-now")).get("state") == "succeeded" and r, 60, what="dep"
+        )
+        assert epoch(dep["started_at"]) >= epoch(dep["run_at"])  # not when "now" released it
+        assert epoch(dep["run_at"]) > epoch(now_done["finished_at"])
     assert job(env, "never").get("started_at") is None
 
 
