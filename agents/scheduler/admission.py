@@ -22,14 +22,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 from agents.context import Context, RawMessage, retrying
-from agents.core.admission import AdmissionCore, Decisions, Gate, Policy, QueuedJob, due_time
+from agents.core.admission import AdmissionCore, Decisions, Policy, QueuedJob, due_time
 from agents.core.depth import UNITS, WorkEstimates
 from agents.core.ratelimit import Limit
 from agents.core.semaphores import SLOTS, needs_for
@@ -37,6 +36,7 @@ from agents.deadletter import dead_letter, decode_all
 from agents.errors import StoreUnavailable
 from agents.scheduler.admission_sync import Sync
 from agents.scheduler.dispatching import Dispatcher
+from agents.scheduler.held import Held
 from agents.store import admission as admstore
 from agents.store.admission import AdmitResult, Candidate, CyclePlan
 from agents.store.rows import QueuedRow, ReadyJob
@@ -45,16 +45,6 @@ from streams.kafka import partition_for
 
 log = logging.getLogger("jobstream.admission")
 IDLE_POLL_S = 1.0
-
-
-def waiting_gate(row: QueuedRow) -> Gate:
-    """The gate of a job held until ``run_after`` (its text stays the same while it waits:
-    gates are written only when their text changes)."""
-    until = row.run_after or 0.0
-    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
-    if row.scheduled:
-        return Gate("scheduled", f"until {at}", until)
-    return Gate("backoff", f"retry at {at}", until)
 
 
 def semaphore_capacities(ctx: Context) -> dict[str, int]:
@@ -91,10 +81,8 @@ class Admission:
         self.rounds = 0
         self.admitted = 0
         # jobs not admitted before ``run_after`` (a retry's backoff, a submission's
-        # ``run_at``): a heap of (run_after, id) and the latest row of each, not in the core
-        self.delayed: list[tuple[float, str]] = []
-        self.delayed_rows: dict[str, QueuedRow] = {}
-        self.ungated: set[str] = set()  # held rows whose gate is not written yet
+        # ``run_at``), not in the core until then
+        self.held = Held()
         self._depth_at = 0.0
         self.dispatcher = Dispatcher(ctx)
         self.origin = uuid.uuid4().hex[:12]  # this process's releases (``CyclePlanner``)
@@ -130,51 +118,37 @@ class Admission:
                 self.wake.set()
 
     def enqueue(self, rows: Sequence[QueuedRow], now: float) -> int:
-        """Queue rows in the core, or hold them until ``run_after`` (a retry's backoff, a
-        submission's ``run_at``). A row read again while it waits replaces the one held
-        (its priority may have changed)."""
+        """Queue rows in the core, or hold them until ``run_after`` (``agents.scheduler.held``)."""
         added = 0
-        delayed = self.delayed_rows
+        held = self.held
         for r in rows:
             if r.run_after is not None and r.run_after > now:
                 if r.id in self.core.jobs:
                     continue
-                held = delayed.get(r.id)
-                if held is None or held.run_after != r.run_after:
-                    heapq.heappush(self.delayed, (r.run_after, r.id))
-                    added += held is None
+                new = r.id not in held
+                if held.hold(r):
+                    added += new
                     if self.wake_at is None or r.run_after < self.wake_at:
                         self.wake_at = r.run_after
                         self.wake.set()  # the rounds' loop looks again when to wake
-                if held is None or held.run_after != r.run_after:
-                    self.ungated.add(r.id)
-                delayed[r.id] = r
-            elif r.id not in delayed:
+            elif r.id not in held:
                 added += self.core.enqueue(self.queued(r))
         return added
 
     def _release_delayed(self, now: float, d: Decisions | None = None) -> float | None:
-        """Move rows whose ``run_after`` came into the core; gate the rest; the next one."""
-        heap, rows = self.delayed, self.delayed_rows
-        while heap and heap[0][0] <= now:
-            at, job_id = heapq.heappop(heap)
-            row = rows.get(job_id)
-            if row is None or row.run_after != at:
-                continue  # an older entry of a row read again
-            del rows[job_id]
+        """Move held rows whose ``run_after`` came into the core; gate the others (once);
+        the next ``run_after``."""
+        for row in self.held.due(now):
             if self.owns(row.tenant):
                 self.core.enqueue(self.queued(row))
-        if d is not None and self.ungated:  # a held row's gate is written once
-            for job_id in self.ungated:
-                if (row := rows.get(job_id)) is not None:
-                    d.gates[job_id] = waiting_gate(row)
-            self.ungated.clear()
-        return heap[0][0] if heap else None
+        if d is not None and self.held.ungated:
+            d.gates.update(self.held.new_gates())
+        return self.held.next_at()
 
     def forget_gates(self) -> None:
         """The gates written are no longer known (ownership changed): write them again."""
         self.gates_written.clear()
-        self.ungated.update(self.delayed_rows)
+        self.held.regate()
 
     async def handle_ready(self, ctx: Context, messages: Sequence[RawMessage]) -> int:
         """``jobs.ready`` batch: queue the jobs that are still ready, wake the rounds."""
@@ -303,7 +277,7 @@ class Admission:
         next_delayed = self._release_delayed(now)
         if not len(self.core):
             self.wake_at = next_delayed
-            if self.delayed_rows:
+            if self.held:
                 await self._write_gates(self._delayed_gates(now))
             return False
         self.ctx.tracer.mark("round")
@@ -342,7 +316,7 @@ class Admission:
         for tenant, kind in self._depth_seen - depth.keys():
             m.gauge("queue_depth", {"tenant": tenant, "kind": kind}, ready=0)
         self._depth_seen = set(depth)
-        m.gauge("admission", queued=len(self.core), delayed=len(self.delayed_rows))
+        m.gauge("admission", queued=len(self.core), delayed=len(self.held))
 
     def _delayed_gates(self, now: float) -> Decisions:
         d = Decisions()
