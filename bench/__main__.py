@@ -2,8 +2,9 @@
 
 Side by side with Celery and procrastinate (``bench/compare.py``; ``--small`` for the CI-sized
 form, ``--systems`` to pick): ``throughput``, ``latency``, ``dag``, ``fairness``,
-``ratelimit``, ``delayed``, ``scale``. jobstream alone: ``unlock`` (dependency-unlock latency with the
-time per stage), ``admission``, ``workers``, ``metrics``, ``queries``, ``chaos``, ``soak``.
+``ratelimit``, ``delayed``, ``scale``. jobstream alone: ``unlock`` (dependency-unlock
+latency with the time per stage), ``admission``, ``workers``, ``metrics``, ``queries``,
+``chaos``, ``soak``.
 ``floor``: the least the unlock path and a worker's job cost with the design's building
 blocks and none of jobstream's logic, side by side with jobstream (``bench/floor.py``).
 
