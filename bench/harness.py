@@ -70,6 +70,37 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def _procs() -> list[tuple[int, int, str, float]]:
+    """Every process: (pid, parent pid, command line, CPU seconds of its own)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        out.append((int(d.name), int(stat[1]), cmd, (int(stat[11]) + int(stat[12])) / CLK_TCK))
+    return out
+
+
+def cpu_by_role(children_of: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the services and of the live children of ``children_of`` (the
+    workers' warm interpreter pool members): ``postgres`` (every PostgreSQL process),
+    ``kafka`` (the broker's JVM), ``pool``."""
+    roles = {"postgres": 0.0, "kafka": 0.0, "pool": 0.0}
+    parents = set(children_of)
+    for _pid, ppid, cmd, cpu in _procs():
+        if ppid in parents:
+            roles["pool"] += cpu
+        elif cmd.startswith("postgres") or "/postgres " in cmd or "bin/postgres" in cmd:
+            roles["postgres"] += cpu
+        elif "kafka.Kafka" in cmd:
+            roles["kafka"] += cpu
+    return roles
+
+
 def machine_busy_s() -> float:
     """CPU seconds the whole machine spent not idle (all cores), from ``/proc/stat``."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

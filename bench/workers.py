@@ -22,7 +22,7 @@ from typing import Any
 from confluent_kafka import Consumer
 from rich.progress import Progress
 
-from bench.harness import Run, cpu_s, machine_busy_s
+from bench.harness import Run, cpu_by_role, cpu_s, machine_busy_s
 from streams.events import Control, Dispatch, JobSpec, encode
 from streams.kafka import ConfirmedProducer, Record, producer_config
 from streams.publisher import JobPublisher
@@ -89,6 +89,7 @@ def throughput(
         idle_per_s = idle_cpu_per_s(procs)
         cpu0 = sum(cpu_s(p.pid) for p in procs)
         sched0 = cpu_s(scheduler.pid)
+        roles0 = cpu_by_role([p.pid for p in procs])
         machine0 = machine_busy_s()
         assert run.registry is not None
         with JobPublisher(run.bootstrap, registry=run.registry) as pub:
@@ -99,10 +100,18 @@ def throughput(
         cpu = sum(cpu_s(p.pid) for p in procs) - cpu0
         sched = cpu_s(scheduler.pid) - sched0
         machine = machine_busy_s() - machine0
+        roles = cpu_by_role([p.pid for p in procs])
         (ok,) = run.query("SELECT count(*) FROM jobs WHERE state = 'succeeded'")[0]
     out = result(kind, workers, slots, jobs, int(ok), elapsed, cpu, idle_per_s)
     out["scheduler_cpu_us_per_job"] = round(sched / jobs * 1e6, 1)
     out["machine_cpu_us_per_job"] = round(machine / jobs * 1e6, 1)
+    # the rest of the machine by role (pool members: those alive at the end; one replaced
+    # during the run takes its CPU with it)
+    out["cpu_us_per_job_by_role"] = {
+        "worker": round(cpu / jobs * 1e6, 1),
+        "scheduler": round(sched / jobs * 1e6, 1),
+        **{k: round((roles[k] - roles0.get(k, 0.0)) / jobs * 1e6, 1) for k in roles},
+    }
     return out
 
 
