@@ -83,6 +83,7 @@ class Admission:
         # jobs not admitted before ``run_after`` (a retry's backoff, a submission's
         # ``run_at``), not in the core until then
         self.held = Held()
+        self.gate_after_commit: set[str] = set()  # held by a cycle not committed yet
         self._depth_at = 0.0
         self.dispatcher = Dispatcher(ctx)
         self.origin = uuid.uuid4().hex[:12]  # this process's releases (``CyclePlanner``)
@@ -117,8 +118,10 @@ class Admission:
             if self.core.recost(kind, SLOTS, self.work.units(kind)):
                 self.wake.set()
 
-    def enqueue(self, rows: Sequence[QueuedRow], now: float) -> int:
-        """Queue rows in the core, or hold them until ``run_after`` (``agents.scheduler.held``)."""
+    def enqueue(self, rows: Sequence[QueuedRow], now: float, *, committed: bool = True) -> int:
+        """Queue rows in the core, or hold them until ``run_after`` (``agents.scheduler.held``).
+        ``committed`` False: the rows' transaction is not committed yet, so their gate (a
+        write a concurrent round could make before the rows exist) waits for ``carry_out``."""
         added = 0
         held = self.held
         for r in rows:
@@ -126,7 +129,9 @@ class Admission:
                 if r.id in self.core.jobs:
                     continue
                 new = r.id not in held
-                if held.hold(r):
+                if not committed:
+                    self.gate_after_commit.add(r.id)
+                if held.hold(r, gate=committed):
                     added += new
                     if self.wake_at is None or r.run_after < self.wake_at:
                         self.wake_at = r.run_after
@@ -394,7 +399,7 @@ class Admission:
         mine, forward = self._split_local(ready)
         rows = [r for j in mine if (r := j.queued_row()) is not None]
         forward += [j for j in mine if j.ready_at is None]  # not read as queued: the topic
-        self.enqueue(rows, now)
+        self.enqueue(rows, now, committed=False)
         self.taken_locally.update((j.id, j) for j in mine if j.ready_at is not None)
         if mine:
             self.ctx.metrics.count("ready_handoffs", {"path": "local"}, n=len(rows))
@@ -411,9 +416,19 @@ class Admission:
         if plan.note is not None:
             for a in plan.note[0].admitted:
                 self.core.enqueue(a.job)
+        self._gate_committed()
+
+    def _gate_committed(self) -> None:
+        """The rows held inside a cycle exist (or its replay will hold them again): their
+        gates may be written now, by the next round."""
+        if self.gate_after_commit:
+            self.held.regate(self.gate_after_commit)
+            self.gate_after_commit.clear()
+            self.wake.set()
 
     async def carry_out(self, plan: CyclePlan, res: AdmitResult | None) -> None:
         """After the cycle's COMMIT: send what it dispatched, note the gates."""
+        self._gate_committed()
         if plan.note is None:
             return
         d, free_slots, now = plan.note
@@ -438,8 +453,11 @@ class Admission:
             return
         store = await self.ctx.store()
 
-        async def tx() -> None:
+        async def tx() -> set[str]:
             async with store.tx() as conn:
-                await admstore.write_gates(conn, changed)
+                return await admstore.write_gates(conn, changed)
 
-        await retrying("admission gates", tx)
+        took = await retrying("admission gates", tx)
+        for job_id, _, _ in changed:  # not ready (any more, or yet): written when next given
+            if job_id not in took:
+                self.gates_written.pop(job_id, None)

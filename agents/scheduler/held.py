@@ -9,14 +9,16 @@ Invariants:
   older heap entry of a replaced row is skipped when it comes up.
 - A held job's gate (``scheduled`` or ``backoff``) is handed out once, with a text that does
   not change while it waits (gates are written only when their text changes), and again
-  after ``regate`` (the gates written are no longer known).
+  after ``regate`` (the gates written are no longer known). A row held by a transaction not
+  committed yet gets its gate only once ``regate`` says it exists: a gate written before its
+  row would be lost.
 """
 
 from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from agents.core.admission import Gate
 from agents.store.rows import QueuedRow
@@ -45,16 +47,18 @@ class Held:
     def __contains__(self, job_id: str) -> bool:
         return job_id in self.rows
 
-    def hold(self, row: QueuedRow) -> bool:
+    def hold(self, row: QueuedRow, *, gate: bool = True) -> bool:
         """Hold ``row`` until its ``run_after``; True when its time is new (a new job, or a
-        new time): the caller's wake-up may have to come earlier."""
+        new time): the caller's wake-up may have to come earlier. ``gate`` False: its gate
+        is handed out only after ``regate``."""
         assert row.run_after is not None
         held = self.rows.get(row.id)
         self.rows[row.id] = row
         if held is not None and held.run_after == row.run_after:
             return False
         heapq.heappush(self.heap, (row.run_after, row.id))
-        self.ungated.add(row.id)
+        if gate:
+            self.ungated.add(row.id)
         return True
 
     def due(self, now: float) -> Iterator[QueuedRow]:
@@ -78,5 +82,6 @@ class Held:
         self.ungated.clear()
         return out
 
-    def regate(self) -> None:
-        self.ungated.update(self.rows)
+    def regate(self, ids: Iterable[str] | None = None) -> None:
+        """Hand out again the gates of ``ids`` still held (all held jobs: None)."""
+        self.ungated.update(self.rows if ids is None else (i for i in ids if i in self.rows))

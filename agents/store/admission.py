@@ -233,14 +233,19 @@ async def prune_rate_log(conn: Conn, before: float) -> int:
     return cur.rowcount
 
 
-async def write_gates(conn: Conn, gates: Iterable[tuple[str, str, float | None]]) -> None:
-    rows = [(text, until, job_id) for job_id, text, until in gates]
+async def write_gates(conn: Conn, gates: Iterable[tuple[str, str, float | None]]) -> set[str]:
+    """Store the gates of jobs still ready; the ids whose row took its gate."""
+    rows = list(gates)
     if not rows:
-        return
-    async with conn.cursor() as cur:
-        await cur.executemany(
-            "UPDATE jobs SET gate = %s, gate_until = %s WHERE id = %s AND state = 'ready'", rows
-        )
+        return set()
+    cur = await conn.execute(
+        """UPDATE jobs j SET gate = v.gate, gate_until = v.until
+           FROM unnest(%s::text[], %s::text[], %s::float8[]) AS v(id, gate, until)
+           WHERE j.id = v.id AND (j.state = 'ready') IS TRUE
+           RETURNING j.id""",
+        ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+    )
+    return {r[0] for r in await cur.fetchall()}
 
 
 @dataclass(frozen=True, slots=True)
