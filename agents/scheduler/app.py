@@ -91,6 +91,9 @@ def faust_app(app_id: str, bootstrap: str, **conf: Any) -> faust.App:
 
 def build_app(ctx: Context) -> faust.App:
     s = ctx.settings
+    # mode warns when a timer's run took longer than its interval (e.g. faust's 0.5 s commit
+    # timer on a busy machine): noise for an operator; the scheduler's own metrics show load
+    logging.getLogger("mode.timers").setLevel(logging.ERROR)
     app = faust_app(
         s.app_id,
         s.require_kafka(),
