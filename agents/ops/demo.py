@@ -164,8 +164,11 @@ def run_demo(
                 return
             os.kill(os.getpid(), signal.SIGTERM)  # faust's graceful shutdown path
 
+        # the story is the output: library warnings (a busy machine's late timers, a broker
+        # reconnecting) stay out of it unless a level was asked for; errors still show
+        level = "ERROR" if settings.log_level.upper() == "WARNING" else settings.log_level
         worker = faust.Worker(
-            app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
+            app, loglevel=level, quiet=True, redirect_stdouts=False, stdout=sys.stderr
         )
         worker.spinner = None  # the story shows its own progress
         try:
