@@ -52,7 +52,7 @@ WARMUP = 5  # workflows shown apart in the unlock figures
 
 
 def pct(values: list[float], q: int) -> float | None:
-    from bench.compare import pct as nearest_rank
+    from agents.core.stats import pct as nearest_rank
 
     p = nearest_rank(values, q)
     return None if p is None else round(p, 2)

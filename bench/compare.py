@@ -17,22 +17,11 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from agents.core.stats import ms, pct
 from bench.systems import SYSTEMS, Job, Jobstream, System
 from bench.workflow import SCANNERS
 
 Result = dict[str, Any]
-
-
-def pct(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0–100), nearest rank; None without values."""
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))]
-
-
-def ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000, 2)
 
 
 def rotations(names: Sequence[str], rounds: int) -> list[list[str]]:
@@ -480,4 +469,4 @@ SCENARIOS: dict[str, Callable[..., Result]] = {
     "scale": scale,
 }
 
-__all__ = ["SCENARIOS", "Jobstream", "pct", "window_stats"]
+__all__ = ["SCENARIOS", "Jobstream", "window_stats"]

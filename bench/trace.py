@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.compare import pct
+from agents.core.stats import pct
 
 STAGES = [
     ("outcome_confirmed", "finished", "outcome_confirmed"),

@@ -25,6 +25,7 @@ from typing import Any
 from rich.progress import Progress, TaskID
 
 from agents.core.schedules import Cron, tick_job_id
+from agents.core.stats import ms, pct
 from agents.store import PostgresJobStore
 from agents.store.schedules import ScheduleSpec
 from streams.events import JobSpec
@@ -39,18 +40,6 @@ BAD_EVENTS: list[bytes] = [
     b'{"type":"job.submitted","v":1,"job":{"id":"bad-kind","tenant":"t",'
     b'"kind":"no-such-kind"},"submitted_at":1}',
 ]
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """The q-th percentile (nearest rank), None without values."""
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, round(q / 100 * len(v) + 0.5) - 1))]
-
-
-def ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000, 1)
 
 
 @dataclass

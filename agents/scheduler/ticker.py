@@ -51,8 +51,6 @@ class Ticker:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._crons: dict[tuple[str, str], Cron] = {}
-        self.passes = 0
-        self.submitted = 0
 
     def cron(self, row: ScheduleRow) -> Cron:
         key = (row.cron, row.tz)
@@ -83,7 +81,6 @@ class Ticker:
     async def pass_once(self, now: float) -> float | None:
         """Submit every schedule's due ticks; return the next tick of any of them."""
         store = await self.ctx.store()
-        self.passes += 1
         async with store.schedule_pass() as p:
             if not p.rows:
                 return None
@@ -113,7 +110,6 @@ class Ticker:
             ]
             if jobs:
                 await self.ctx.producer.aproduce(jobs)
-                self.submitted += len(jobs)
                 log.info("ticker: submitted %d tick(s)", len(jobs))
             for r in records:
                 if r.skipped:
