@@ -8,7 +8,7 @@ export PG_PORT ?= 15432
 export JOBSTREAM_KAFKA_BOOTSTRAP_TEST ?= 127.0.0.1:$(KAFKA_PORT)
 export JOBSTREAM_TEST_PG ?= postgresql://postgres@127.0.0.1:$(PG_PORT)/postgres
 
-.PHONY: venv demo services stop-services lint typecheck test unit schema clean chaos bench-report audit
+.PHONY: venv bytecode demo services stop-services lint typecheck test unit schema clean chaos bench-report audit
 
 venv: $(VENV)/.installed
 
@@ -18,8 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
+## Bytecode of the project's modules, written ahead: with PYTHONDONTWRITEBYTECODE set (as on
+## this machine) or a read-only tree, Python would otherwise compile every module at each
+## process start (~60 ms of a short command). Incremental: only changed files are compiled.
+bytecode: venv
+	@$(BIN)/python -m compileall -q agents streams bench >/dev/null
+
 ## The main job: everything in one process (embedded broker and PostgreSQL), a sample workload.
-demo: venv
+demo: venv bytecode
 	$(BIN)/jobstream demo
 
 ## Real services on loopback: Apache Kafka (KRaft, jars from Maven Central), PostgreSQL and
@@ -49,16 +55,16 @@ unit: venv
 	$(BIN)/pytest -q tests/unit
 
 ## The whole suite: lint, types, unit, integration and end-to-end tests against real services.
-test: venv services lint typecheck
+test: venv bytecode services lint typecheck
 	$(BIN)/pytest -q -ra
 
 ## Faults injected into a running system (100 by default), then the invariant checker's verdict.
-chaos: venv services
+chaos: venv bytecode services
 	$(BIN)/python -m bench chaos --faults $${FAULTS:-100} --jobs-per-run $${JOBS:-1200}
 
 ## Side by side with Celery and procrastinate, full size (~40 min): docs/bench/ and the
 ## tables in docs/performance.md. SMALL=1 for the CI-sized form.
-bench-report: venv services
+bench-report: venv bytecode services
 	$(BIN)/python -m bench.report $${SMALL:+--small}
 
 ## Known vulnerabilities in the installed dependencies (pip-audit; needs the advisory service).

@@ -20,14 +20,16 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 import yaml
 from msgspec import Meta, Struct
 
-from agents.core.lifecycle import Backoff
 from agents.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agents.core.lifecycle import Backoff
 
 PREFIX = "JOBSTREAM_"
 ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
@@ -190,6 +192,8 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
     @property
     def backoff_by_kind(self) -> dict[str, Backoff]:
+        from agents.core.lifecycle import Backoff
+
         return {k: Backoff(c.retry_backoff_s, c.retry_backoff_max_s) for k, c in self.kinds.items()}
 
     def replace(self, **changes: Any) -> Settings:

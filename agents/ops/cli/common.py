@@ -3,7 +3,6 @@ opening the store for one query."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -12,13 +11,15 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from agents.errors import ConfigError
 from agents.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from agents.store import PostgresJobStore
+    from agents.store.watch import JobWatch
     from streams.publisher import JobPublisher
 
 T = TypeVar("T")
@@ -103,6 +104,8 @@ def query(config: Path | None, fn: Callable[[PostgresJobStore], Awaitable[T]]) -
 
 def query_with(s: Settings, fn: Callable[[PostgresJobStore], Awaitable[T]]) -> T:
     """:func:`query` with the settings already loaded."""
+    import asyncio
+
     from agents.store import PostgresJobStore
 
     async def run() -> T:
@@ -114,6 +117,20 @@ def query_with(s: Settings, fn: Callable[[PostgresJobStore], Awaitable[T]]) -> T
             await store.close()
 
     return asyncio.run(run())
+
+
+def watch(s: Settings) -> JobWatch:
+    """A plain connection for reading jobs' states (checks before sending, waiting): the
+    store's façade and pool stay unloaded."""
+    from agents.store.watch import JobWatch
+
+    return JobWatch(s.require_database(), timeout_s=SERVICE_PROBE_S)
+
+
+def job_states(s: Settings, ids: list[str]) -> dict[str, str]:
+    """The known jobs' states, in one read."""
+    with watch(s) as w:
+        return w.states(ids)
 
 
 def missing_or_json(row: Any, missing: str, as_json: bool) -> bool:
@@ -133,6 +150,8 @@ def missing_or_json(row: Any, missing: str, as_json: bool) -> bool:
 def table(*headers: str, whole: tuple[str, ...] = ("id",), title: str | None = None) -> Table:
     """A table whose ``whole`` columns (ids, names) wrap on a narrow terminal instead of
     being cut: an id is only useful complete; other columns give way first."""
+    from rich.table import Table
+
     t = Table(title=title)
     for h in headers:
         if h in whole:

@@ -12,15 +12,23 @@ import msgspec
 import typer
 
 from agents.errors import ConfigError, JobstreamError
-from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, out, publisher, query, settings_of
+from agents.ops.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    app,
+    emit,
+    job_states,
+    out,
+    publisher,
+    settings_of,
+)
 from streams.events import Control, control_problem, encode
 
 
 def _control(config: Path | None, cmd: Control, as_json: bool, done: str) -> None:
     s = settings_of(config)
     if cmd.scope == "job" and cmd.name and s.database_url:
-        states: dict[str, str] = query(config, lambda store: store.job_states([cmd.name or ""]))
-        reason = impossible(cmd, states.get(cmd.name))
+        reason = impossible(cmd, job_states(s, [cmd.name]).get(cmd.name))
         if reason is not None:
             raise JobstreamError(reason)
     with publisher(s) as pub:

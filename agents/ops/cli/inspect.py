@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from agents.errors import ConfigError
 
@@ -150,6 +149,8 @@ def job(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
         row["log_tail"] = _log_tail(row.get("log_path"))
     if missing_or_json(row, f"no job {job_id!r}", as_json) or row is None:
         return
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     for k in (
         "id",

@@ -8,7 +8,6 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from agents.ops.cli.common import ConfigOpt, JsonOpt, app, emit, err, out, settings_of
 
@@ -88,6 +87,8 @@ def demo(
     if as_json:
         emit(summary, True)
     else:
+        from rich.table import Table
+
         table = Table("part", "what happened", title="jobstream demo", show_lines=True)
         for part, sentence in summary.get("story", {}).items():
             table.add_row(part, sentence)

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import typer
@@ -24,18 +24,22 @@ from agents.ops.cli.common import (
     app,
     emit,
     err,
+    job_states,
     missing_or_json,
     name_values,
     out,
     publisher,
     query,
-    query_with,
     settings_of,
+    watch,
     wf_app,
 )
 from agents.settings import Settings
 from streams.errors import InvalidEvent
 from streams.events import JobId, JobSpec
+
+if TYPE_CHECKING:
+    from agents.store.watch import JobWatch
 
 
 @app.command(rich_help_panel="Submit")
@@ -77,15 +81,13 @@ def submit(
     once it (all of it) finished."""
     import uuid
 
+    if wait:
+        _load_watch_meanwhile()
     s = settings_of(config)
-    if wait:  # the store's modules load while Kafka is waited for
-        threading.Thread(
-            target=importlib.import_module, args=("agents.store",), daemon=True
-        ).start()
     if workflow is not None:
         ids = _submit_workflow(s, workflow, tenant, as_json and not wait)
         if wait:
-            _wait_for(config, ids, as_json)
+            _wait_for(s, ids, as_json)
         return
     if kind is None:
         raise ConfigError("give a KIND, or --workflow FILE")
@@ -118,7 +120,7 @@ def submit(
     with publisher(s) as pub:
         pub.submit(job)
     if wait:
-        _wait_for(config, [job.id], as_json)
+        _wait_for(s, [job.id], as_json)
         return
     emit({"id": job.id, "submitted": True}, as_json) if as_json else out.print(
         f"submitted [bold]{job.id}[/]"
@@ -157,42 +159,29 @@ def parse_at(text: str) -> float:
         ) from None
 
 
-def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float = 86_400) -> None:
+def _load_watch_meanwhile() -> None:
+    """Load PostgreSQL's client while the job is published (the thread runs whenever the main
+    one waits on the network): ~75 ms of imports that would otherwise follow the send."""
+    threading.Thread(
+        target=importlib.import_module, args=("agents.store.watch",), daemon=True
+    ).start()
+
+
+def _wait_for(s: Settings, ids: list[str], as_json: bool, limit_s: float = 86_400) -> None:
     """Poll until every job is terminal; a progress bar on a terminal; exit 1 on failures."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    terminal = ("succeeded", "failed", "cancelled")
     deadline = time.monotonic() + limit_s
-
-    async def poll() -> dict[str, str]:
-        from agents.store import PostgresJobStore
-
-        s = settings_of(config)
-        async with PostgresJobStore(s.require_database(), max_size=1) as store:
-            with Progress(
-                TextColumn("[bold]waiting[/]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.description}"),
-                console=err,
-                disable=as_json or not err.is_terminal,
-            ) as progress:
-                task = progress.add_task("", total=len(ids))
-                pause = 0.005
-                while True:
-                    states = await store.job_states(ids)
-                    done = sum(1 for st in states.values() if st in terminal)
-                    counts = ", ".join(
-                        f"{n} {st}" for st, n in sorted(Counter(states.values()).items())
-                    )
-                    progress.update(task, completed=done, description=counts)
-                    if done == len(ids) or time.monotonic() > deadline:
-                        return states
-                    # a short job ends within milliseconds: look soon, then less often
-                    pause = min(0.2, pause * 1.5)
-                    await asyncio.sleep(pause)
-
-    states = asyncio.run(poll())
+    with watch(s) as w, _progress(w, len(ids), as_json) as show:
+        pause = 0.005
+        while True:
+            states = w.states(ids)
+            show(states)
+            if w.ended(states) == len(ids):
+                break
+            if time.monotonic() > deadline:
+                break
+            # a short job ends within milliseconds: look soon, then less often
+            time.sleep(pause)
+            pause = min(0.2, pause * 1.5)
     failed = sorted(j for j, st in states.items() if st in ("failed", "cancelled"))
     if as_json:
         emit({"states": states, "failed": failed}, True)
@@ -201,8 +190,33 @@ def _wait_for(config: Path | None, ids: list[str], as_json: bool, limit_s: float
             f"{len(ids) - len(failed)} of {len(ids)} succeeded"
             + (f"; [red]failed: {', '.join(failed[:10])}[/]" if failed else "")
         )
-    if failed or len(states) < len(ids) or any(st not in terminal for st in states.values()):
+    if failed or w.ended(states) < len(ids):
         raise typer.Exit(1)
+
+
+@contextmanager
+def _progress(w: JobWatch, total: int, as_json: bool) -> Iterator[Callable[[dict[str, str]], None]]:
+    """A progress bar of the jobs that ended, on a terminal only (rich's progress module is
+    loaded only then)."""
+    if as_json or not err.is_terminal:
+        yield lambda states: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("[bold]waiting[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        console=err,
+    ) as progress:
+        task = progress.add_task("", total=total)
+
+        def show(states: dict[str, str]) -> None:
+            counts = ", ".join(f"{n} {st}" for st, n in sorted(Counter(states.values()).items()))
+            progress.update(task, completed=w.ended(states), description=counts)
+
+        yield show
 
 
 def load_workflow(path: Path, default_tenant: str) -> tuple[str, list[JobSpec]]:
@@ -258,7 +272,7 @@ def _check_outside_dependencies(s: Settings, wid: str, jobs: Sequence[JobSpec]) 
     outside = sorted({d for j in jobs for d in j.depends_on} - own)
     if not outside or not s.database_url:
         return
-    known: dict[str, str] = query_with(s, lambda store: store.job_states(outside))
+    known = job_states(s, outside)
     unknown = [d for d in outside if d not in known]
     if unknown:
         raise ConfigError(
