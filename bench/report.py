@@ -27,6 +27,13 @@ BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 SYSTEMS = ["jobstream", "celery", "procrastinate"]
 
 
+def kafka_default() -> str:
+    """The broker version ``scripts/kafka.sh`` starts when ``KAFKA_VERSION`` is not set."""
+    script = (Path(__file__).resolve().parent.parent / "scripts/kafka.sh").read_text()
+    found = re.search(r'KAFKA_VERSION="\$\{KAFKA_VERSION:-([0-9.]+)\}"', script)
+    return found.group(1) if found else "unknown"
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -38,7 +45,7 @@ def machine() -> str:
         f"{p} {metadata.version(p)}"
         for p in ("confluent-kafka", "faust-streaming", "psycopg", "celery", "procrastinate")
     )
-    kafka = os.environ.get("KAFKA_VERSION", "4.1.1")
+    kafka = os.environ.get("KAFKA_VERSION") or kafka_default()
     pg = subprocess.run(["psql", "--version"], capture_output=True, text=True).stdout.strip()
     return (
         f"{os.cpu_count()} cores ({cpu}), {mem_kb / 2**20:.0f} GiB, Python "

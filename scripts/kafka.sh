@@ -6,7 +6,7 @@
 #   scripts/kafka.sh status   exit 0 when the broker answers
 #
 # Environment:
-#   KAFKA_VERSION     broker version (default 4.1.1; 3.9.1 is the fallback with every protocol version)
+#   KAFKA_VERSION     broker version (default 4.4.0; 3.9.1 is the fallback with every protocol version)
 #   KAFKA_PORT        client port on 127.0.0.1 (default 19092); the controller uses KAFKA_PORT+1
 #   JOBSTREAM_CACHE   where jars are kept between runs (default ~/.cache/jobstream)
 #   JOBSTREAM_RUN     where data, logs and the pid file live (default .services/ in the repo)
@@ -15,7 +15,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
-KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
 KAFKA_PORT="${KAFKA_PORT:-19092}"
 CONTROLLER_PORT=$((KAFKA_PORT + 1))
 CACHE="${JOBSTREAM_CACHE:-$HOME/.cache/jobstream}"
