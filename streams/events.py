@@ -130,6 +130,9 @@ class Dispatch(_Event, tag="job.dispatch", frozen=True):
     # only once its dispatch's offset is committed, so a rebalance cannot hand the same
     # attempt to a second worker after it ran (that run would hold nothing)
     shared: bool = False
+    # not before this instant (epoch seconds): the worker holds the dispatch until then (a
+    # rate limit held at the start, ``agents.core.startlimit``; a job due at a set time)
+    not_before: Epoch | None = None
 
 
 class JobStarted(_Event, tag="job.started", frozen=True):

@@ -1,5 +1,6 @@
 """Dispatches fetched and not started yet: decoded once on arrival, started earliest-due
-first (``agents.core.offsets.start_order``: offset order within a partition)."""
+first (``agents.core.offsets.start_order``: offset order within a partition), none before
+its not-before instant (a held dispatch does not hold up the others of its partition)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Buffered:
         "error",
         "named",
         "due",
+        "not_before",
     )
 
     def __init__(
@@ -70,6 +72,7 @@ class Buffered:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 pass
         self.due = float("inf") if self.dispatch is None else self.dispatch.due or float("inf")
+        self.not_before = 0.0 if self.dispatch is None else self.dispatch.not_before or 0.0
 
     def raw(self) -> RawMessage:
         return RawMessage(self.topic, self.partition, self.offset, self.key, self.value)
@@ -87,6 +90,7 @@ class Backlog:
         # slots: it is remembered as cancelled, so it is dropped when its turn comes)
         self.on_superseding: Callable[[Dispatch], None] = lambda _d: None
         self.on_fetched: Callable[[Buffered], None] | None = None
+        self.timed = 0  # buffered dispatches with a not-before (none: the common case)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -103,13 +107,18 @@ class Backlog:
             if d is not None and d.attempt > 1:  # rare: a retry, or a handed-back dispatch
                 self.on_superseding(d)
             self.items.append(b)
+            if b.not_before:
+                self.timed += 1
             if self.on_fetched is not None:
                 self.on_fetched(b)
 
-    def pop_upto(self, n: int) -> list[Buffered]:
-        """The next ``n`` buffered dispatches to start, in order (fewer when fewer are
-        buffered): per partition in offset order, earliest due first across partitions
-        (``agents.core.offsets.start_order``)."""
+    def pop_upto(self, n: int, now: float) -> list[Buffered]:
+        """The next ``n`` buffered dispatches to start at ``now``, in order (fewer when fewer
+        are buffered or due): per partition in offset order, earliest due first across
+        partitions (``agents.core.offsets.start_order``); one whose not-before is later
+        stays, and the partition's later ones may go first."""
+        if self.timed:
+            return self._pop_timed(n, now)
         items = self.items
         if n >= 1 and len(items) == 1:
             return [items.popleft()]
@@ -125,9 +134,29 @@ class Backlog:
             self.items = deque(m for i, m in enumerate(items) if i not in gone)
         return out
 
+    def _pop_timed(self, n: int, now: float) -> list[Buffered]:
+        items = self.items
+        free = [i for i, m in enumerate(items) if m.not_before <= now]
+        picked = [free[j] for j in start_order([(items[i].tp, items[i].due) for i in free], n)]
+        out = [items[i] for i in picked]
+        gone = set(picked)
+        self.items = deque(m for i, m in enumerate(items) if i not in gone)
+        self.timed -= sum(1 for m in out if m.not_before)
+        return out
+
+    def next_not_before(self) -> float | None:
+        """The earliest not-before of a held dispatch (None: none is held)."""
+        if not self.timed:
+            return None
+        return min(m.not_before for m in self.items if m.not_before)
+
     def drop_partitions(self, gone: set[TP]) -> None:
         """Unstarted dispatches of partitions that moved belong to their next owner."""
         self.items = deque(m for m in self.items if m.tp not in gone)
+        self._count_timed()
+
+    def _count_timed(self) -> None:
+        self.timed = sum(1 for m in self.items if m.not_before)
 
     def remove(self, job_id: str, attempt: int) -> list[Dispatch]:
         """Take the buffered dispatches of one attempt out (finished in the tracker)."""
@@ -141,6 +170,7 @@ class Backlog:
             else:
                 kept.append(m)
         self.items = kept
+        self._count_timed()
         return gone
 
     def older_attempts(self, d: Dispatch) -> list[Dispatch]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from functools import partial
@@ -68,6 +69,8 @@ class Slots:
         self.completed = 0
         self.handed_back = 0
         self.stopping = False  # draining: nothing new starts
+        self._release: asyncio.TimerHandle | None = None  # the next held dispatch's instant
+        self._release_at = math.inf
         self.aborting = False  # a stop now hands the job back
         self._changed: list[asyncio.Future[bool]] = []
         self._room: tuple[int, asyncio.Future[bool]] | None = None  # (room wanted, waiter)
@@ -128,8 +131,29 @@ class Slots:
         if self.stopping:
             return  # draining: the buffered dispatches go to the next owner
         while self.backlog.items and (free := self.free) > 0:
-            for msg in self.backlog.pop_upto(free):
+            batch = self.backlog.pop_upto(free, time.time())
+            if not batch:
+                break  # what is buffered is held until its not-before
+            for msg in batch:
                 self.take(msg)
+        if self.backlog.timed and self.free > 0:
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """Wake at the earliest not-before of a held dispatch (one timer for all of them;
+        none while every slot is taken: a freed slot looks at the backlog anyway)."""
+        at = self.backlog.next_not_before()
+        if at is None or at >= self._release_at:
+            return
+        if self._release is not None:
+            self._release.cancel()
+        self._release_at = at
+        loop = asyncio.get_running_loop()
+        self._release = loop.call_at(loop.time() + max(0.001, at - time.time()), self._released)
+
+    def _released(self) -> None:
+        self._release, self._release_at = None, math.inf
+        self.start_backlog()
 
     def take(self, msg: Buffered) -> None:
         d = msg.dispatch
@@ -155,7 +179,7 @@ class Slots:
         self.seen[key] = None
         while len(self.seen) > SEEN_MEMORY:
             self.seen.popitem(last=False)
-        waited = time.time() - d.dispatched_at
+        waited = time.time() - max(d.dispatched_at, d.not_before or 0.0)
         if waited > 1.0:
             log.info(
                 "job %s attempt %d reached this worker %.1f s after dispatch (%s[%d]@%d)",

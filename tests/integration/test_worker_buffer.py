@@ -6,17 +6,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
 from agents.context import Context
 from agents.settings import Settings
 from agents.worker import Worker
-from streams.events import Dispatch, encode
+from streams.events import Dispatch, JobStarted, decode, encode
 from streams.topics import TopicRegistry
 
 
-def _dispatches(bootstrap: str, topic: str, n: int) -> list[object]:
+def _dispatches(
+    bootstrap: str,
+    topic: str,
+    n: int,
+    kind: str = "no-such-kind",  # ends at once: the worker reports it cannot run it
+    not_before: dict[int, float] | None = None,
+) -> list[object]:
     """``n`` dispatches on the broker, consumed back as the worker's consumer gets them."""
     now = time.time()
     producer = Producer({"bootstrap.servers": bootstrap})
@@ -25,14 +32,19 @@ def _dispatches(bootstrap: str, topic: str, n: int) -> list[object]:
             job_id=f"b{i}",
             attempt=1,
             tenant="acme",
-            kind="no-such-kind",  # ends at once: the worker reports it cannot run it
+            kind=kind,
             args={},
             timeout_s=None,
             submitted_at=now,
             dispatched_at=now,
+            not_before=(not_before or {}).get(i),
         )
-        producer.produce(topic, encode(d), key=d.job_id.encode())
+        producer.produce(topic, encode(d), key=b"one-partition")
     assert producer.flush(10) == 0
+    return _read(bootstrap, topic, n)
+
+
+def _read(bootstrap: str, topic: str, n: int) -> list[Any]:
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -41,13 +53,20 @@ def _dispatches(bootstrap: str, topic: str, n: int) -> list[object]:
         }
     )
     consumer.subscribe([topic])
-    got: list[object] = []
+    got: list[Any] = []
     deadline = time.monotonic() + 30
     while len(got) < n and time.monotonic() < deadline:
         got += [m for m in consumer.consume(n, 0.5) if not m.error()]
     consumer.close()
     assert len(got) == n
     return got
+
+
+async def _run_until_idle(worker: Worker, msgs: list[Any]) -> None:
+    worker._buffer(msgs)
+    deadline = time.monotonic() + 30
+    while (worker.slots.running or worker.backlog) and time.monotonic() < deadline:
+        await worker.slots.changed_within(0.5)
 
 
 def test_what_a_fetch_buffers_while_slots_are_free_starts_at_once(
@@ -76,3 +95,39 @@ def test_what_a_fetch_buffers_while_slots_are_free_starts_at_once(
     running, buffered, completed, left = asyncio.run(scenario())
     assert (running, buffered) == (2, 1)  # two slots took two at once; one waits for a slot
     assert (completed, left) == (3, 0)  # the third started as soon as a slot freed
+
+
+def test_a_dispatch_starts_no_earlier_than_its_not_before_and_holds_up_nothing(
+    settings: Settings, registry: TopicRegistry, kafka_bootstrap: str
+) -> None:
+    """The first of three dispatches of one partition is not to start before 2 s from now
+    (a rate limit held at the start): the two behind it start at once, it starts at its
+    instant, not before, while its slot was free all along."""
+    hold_until = time.time() + 2.0
+    msgs = _dispatches(kafka_bootstrap, registry.name("jobs.dispatch"), 3, "noop", {0: hold_until})
+
+    async def scenario() -> None:
+        ctx = Context(settings, registry)
+        worker = Worker(ctx, slots=3)
+        try:
+            await _run_until_idle(worker, msgs)
+            assert worker.slots.completed == 3 and not worker.backlog
+            await worker.reports.close()  # every start and outcome on the broker
+        finally:
+            await worker.slots.close()
+            await worker.reports.close()
+            await worker.dispatches.close()
+            await worker.control.close()
+            await ctx.close()
+
+    asyncio.run(scenario())
+    events = [m.value() for m in _read(kafka_bootstrap, registry.name("jobs.events"), 6)]
+    started = {
+        e.job_id: e.at
+        for raw in events
+        if b"job.started" in raw and isinstance(e := decode(raw), JobStarted)
+    }
+    assert set(started) == {"b0", "b1", "b2"}
+    assert started["b0"] >= hold_until
+    assert started["b1"] < hold_until and started["b2"] < hold_until
+    assert started["b0"] - hold_until < 5.0  # released at its instant, not left behind

@@ -1,0 +1,147 @@
+"""Rate limits held where they matter: at the moment jobs *start*.
+
+A limit of N per window W means no half-open window ``(t − W, t]`` holds more than N
+starts of the key's jobs. Admission alone cannot promise that: a dispatch starts after a
+delay that varies (the broker, a busy worker, a slot still taken), so admissions spread
+evenly can start in a bunch. The rule here gives each admission a *not-before* instant that
+the worker honours (it starts the job no earlier), computed from the starts already known:
+
+- number a key's admissions 1, 2, … in the order they are made, and let ``s_j`` be the start
+  of admission ``j`` (an attempt that ends without starting has none);
+- admission ``i`` may be made only once every admission ``j ≤ i − N`` is *resolved* (started,
+  or ended unstarted): at most N − 1 of a key's admissions are unresolved at any time;
+- its not-before is ``W + max(s_j : j ≤ i − N)`` (no bound when none started), rounded up
+  so that ``not_before − W ≥ s_j`` holds in floating point too.
+
+Why no window ever holds N + 1 starts: take any N + 1 starts, of admissions
+``a_0 < … < a_N``. Then ``a_0 ≤ a_N − N``, so ``s_{a_N} ≥ W + s_{a_0}``: the first and the
+last are W or more apart and cannot share a half-open window of length W. Starts in any
+order, after any delay, on any number of workers: only "no start before its not-before" is
+assumed (the workers' clocks agree; a skew between them adds to the bound).
+
+Utilisation: in a steady flow ``s_i = s_{i−N} + W``, N starts per window, as long as a start
+is reported and the next admission dispatched within W.
+
+Pure: no I/O, no clock (times are arguments), stdlib only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable, Iterable, Sequence
+
+from agents.core.ratelimit import window_end
+
+Ref = Hashable  # one attempt: (job id, attempt)
+
+UNSTARTED = math.nan  # an attempt that ended without starting
+
+
+class StartLog:
+    """One key's admissions in order, with their starts once known.
+
+    ``entries`` holds every admission that still matters: the latest N − 1 (they do not bind
+    the next admission yet) and any unresolved older one; resolved older ones are folded
+    into ``floor``, the latest start among them."""
+
+    __slots__ = ("entries", "floor")
+
+    def __init__(self) -> None:
+        self.entries: deque[list[object]] = deque()  # [ref, start | None | UNSTARTED]
+        self.floor = -math.inf
+
+    def _fold(self, limit: int) -> None:
+        e = self.entries
+        while len(e) > limit - 1 and e[0][1] is not None:
+            start = e[0][1]
+            assert isinstance(start, float)
+            if not math.isnan(start) and start > self.floor:
+                self.floor = start
+            e.popleft()
+
+    def not_before(self, limit: int, window_s: float) -> float | None:
+        """The not-before of one more admission, ``-inf`` when nothing binds it, or
+        ``None`` while an admission it depends on has not started or ended."""
+        self._fold(limit)
+        if len(self.entries) > limit - 1:
+            return None
+        return self.floor if self.floor == -math.inf else window_end(self.floor, window_s)
+
+    def admit(self, ref: Ref) -> None:
+        self.entries.append([ref, None])
+
+    def resolve(self, ref: Ref, start: float) -> bool:
+        """Record an admission's start (``UNSTARTED``: it ended without one). False when the
+        admission is not (or no longer) in the log: it was folded, or never made here."""
+        for entry in self.entries:
+            if entry[0] == ref:
+                if entry[1] is None:  # the first word on an attempt stands
+                    entry[1] = start
+                return True
+        return False
+
+    def unresolved(self) -> list[Ref]:
+        return [ref for ref, start in self.entries if start is None]
+
+
+Keys = Sequence[tuple[str, int, float]]  # (key, limit, window_s), as ``RateLimiter.keys``
+
+
+class StartLimiter:
+    """The start logs of every limited key, and which keys each admitted attempt counts
+    against (so a start, reported with only its attempt, reaches its logs)."""
+
+    def __init__(self) -> None:
+        self.logs: dict[str, StartLog] = {}
+        self.keys_of: dict[Ref, tuple[str, ...]] = {}
+
+    def not_before(self, keys: Keys) -> tuple[float | None, str]:
+        """The not-before of one more admission against all ``keys`` (``-inf``: unbound),
+        and the binding key; ``(None, key)`` while ``key`` waits for a start."""
+        best, which = -math.inf, ""
+        for key, limit, window in keys:
+            log = self.logs.get(key)
+            if log is None:
+                continue
+            nb = log.not_before(limit, window)
+            if nb is None:
+                return None, key
+            if nb > best:
+                best, which = nb, key
+        return best, which
+
+    def admit(self, ref: Ref, keys: Keys) -> None:
+        names = tuple(k for k, _, _ in keys)
+        if not names:
+            return
+        self.keys_of[ref] = names
+        for key in names:
+            log = self.logs.get(key)
+            if log is None:
+                log = self.logs[key] = StartLog()
+            log.admit(ref)
+
+    def started(self, ref: Ref, at: float) -> None:
+        self._resolve(ref, at)
+
+    def ended_unstarted(self, ref: Ref) -> None:
+        self._resolve(ref, UNSTARTED)
+
+    def _resolve(self, ref: Ref, start: float) -> None:
+        for key in self.keys_of.pop(ref, ()):
+            log = self.logs.get(key)
+            if log is not None:
+                log.resolve(ref, start)
+
+    def load(self, key: str, rows: Iterable[tuple[Ref, float | None]], limit: int) -> None:
+        """Rebuild a key's log from the durable one: its admissions in order, each with its
+        start (``None``: not known yet, ``UNSTARTED``: ended without one)."""
+        log = self.logs[key] = StartLog()
+        for ref, start in rows:
+            log.admit(ref)
+            if start is not None:
+                log.resolve(ref, start)
+            else:
+                self.keys_of[ref] = (*self.keys_of.get(ref, ()), key)
+        log._fold(limit)

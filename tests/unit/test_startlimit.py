@@ -1,0 +1,154 @@
+"""The start-time limiter (``agents.core.startlimit``): whatever the delay between admission
+and start, the order starts happen in, the delay before a start is reported, the number of
+workers and the attempts lost before they start, no window of a key holds more than its
+limit of starts; and in a steady flow the limit is used in full."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agents.core.startlimit import StartLimiter, StartLog
+
+
+def max_in_window(starts: list[float], window_s: float) -> int:
+    """The most starts any half-open window ``(t − W, t]`` holds."""
+    s = sorted(starts)
+    best, lo = 0, 0
+    for hi, t in enumerate(s):
+        while t - window_s >= s[lo]:  # the convention of agents.core.ratelimit
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def simulate(
+    seed: int,
+    keys: dict[str, tuple[int, float]],
+    jobs: int,
+    workers: int,
+    jitter_s: float,
+    report_s: float,
+    lost: float,
+    step_s: float = 0.01,
+) -> dict[str, list[float]]:
+    """Admission every ``step_s`` of whatever the limiter allows (demand: ``jobs`` waiting,
+    each counted against a random non-empty subset of ``keys``); each admitted attempt is
+    taken by one of ``workers`` workers after a random delay, started no earlier than its
+    not-before, or lost before it starts; its start or loss reaches the limiter after
+    another random delay. Returns the starts of each key."""
+    rnd = random.Random(seed)
+    lim = StartLimiter()
+    names = sorted(keys)
+    waiting = [
+        tuple((k, *keys[k]) for k in names if rnd.random() < 0.7) or ((names[0], *keys[names[0]]),)
+        for _ in range(jobs)
+    ]
+    reports: list[tuple[float, int, str, float]] = []  # (when known, ref, what, start)
+    starts: dict[str, list[float]] = {k: [] for k in names}
+    free_at = [0.0] * workers
+    now, ref = 0.0, 0
+    while (waiting or reports) and now < 3_600:
+        while reports and reports[0][0] <= now:
+            _, r, what, at = heapq.heappop(reports)
+            lim.started(r, at) if what == "started" else lim.ended_unstarted(r)
+        while waiting:
+            job_keys = waiting[0]
+            nb, _ = lim.not_before(job_keys)
+            if nb is None:
+                break
+            waiting.pop(0)
+            ref += 1
+            lim.admit(ref, job_keys)
+            if rnd.random() < lost:
+                heapq.heappush(reports, (now + rnd.uniform(0, 5 * report_s), ref, "lost", 0.0))
+                continue
+            w = rnd.randrange(workers)
+            arrives = now + rnd.expovariate(1 / jitter_s) if jitter_s else now
+            start = max(nb, arrives, free_at[w])
+            free_at[w] = start + rnd.uniform(0, jitter_s)
+            for k, _, _ in job_keys:
+                starts[k].append(start)
+            heapq.heappush(reports, (start + rnd.uniform(0, report_s), ref, "started", start))
+        now += step_s
+    return starts
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    limit=st.integers(1, 12),
+    window_s=st.sampled_from([0.05, 0.1, 0.3, 1.0]),
+    workers=st.integers(1, 5),
+    jitter_s=st.sampled_from([0.0, 0.005, 0.05, 0.4]),
+    report_s=st.sampled_from([0.0, 0.01, 0.2]),
+    lost=st.sampled_from([0.0, 0.1, 0.5]),
+)
+def test_no_window_holds_more_starts_than_the_limit(
+    seed: int,
+    limit: int,
+    window_s: float,
+    workers: int,
+    jitter_s: float,
+    report_s: float,
+    lost: float,
+) -> None:
+    keys = {"tenant:a": (limit, window_s), "global": (limit + 3, window_s * 1.5)}
+    starts = simulate(seed, keys, 120, workers, jitter_s, report_s, lost)
+    for key, (n, w) in keys.items():
+        assert max_in_window(starts[key], w) <= n, key
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32), limit=st.integers(1, 20))
+def test_a_steady_flow_uses_the_whole_limit(seed: int, limit: int) -> None:
+    """Prompt reports (10 ms, window 1 s): every window of the flow holds N starts, within
+    the admission loop's step."""
+    window_s = 1.0
+    starts = simulate(seed, {"k": (limit, window_s)}, limit * 20, 4, 0.002, 0.01, 0.0)["k"]
+    s = sorted(starts)
+    assert max_in_window(s, window_s) == limit
+    span = s[-1] - s[0]
+    # N starts per W: the first N at once, then N per window (each a step or two late)
+    assert span <= (len(s) / limit - 1) * (window_s + 0.03) + 0.05
+
+
+def test_the_next_admission_waits_for_the_start_it_depends_on() -> None:
+    log = StartLog()
+    assert log.not_before(2, 1.0) == -math.inf
+    log.admit("a")
+    assert log.not_before(2, 1.0) == -math.inf  # one unresolved: fine for N = 2
+    log.admit("b")
+    assert log.not_before(2, 1.0) is None  # "a" binds the third: its start is not known
+    log.resolve("a", 10.0)
+    assert log.not_before(2, 1.0) == 11.0
+    log.admit("c")
+    assert log.not_before(2, 1.0) is None  # "b" binds the fourth
+    log.resolve("b", math.nan)  # ended without starting: binds nothing
+    assert log.not_before(2, 1.0) == 11.0
+
+
+def test_a_start_only_ever_counts_once_and_the_log_stays_small() -> None:
+    lim = StartLimiter()
+    keys = (("k", 3, 1.0),)
+    for i in range(1_000):
+        nb, _ = lim.not_before(keys)
+        assert nb is not None
+        lim.admit(i, keys)
+        lim.started(i, max(nb, float(i)))
+        lim.started(i, 0.0)  # a repeated report changes nothing
+    assert len(lim.logs["k"].entries) <= 3  # the latest N, folded on the next question
+    assert not lim.keys_of
+
+
+def test_rebuilt_from_the_durable_log() -> None:
+    lim = StartLimiter()
+    lim.load("k", [(1, 5.0), (2, None), (3, 6.0)], limit=2)
+    assert lim.not_before((("k", 2, 1.0),)) == (None, "k")  # 2 unresolved binds the next
+    lim.started(2, 5.5)
+    nb, key = lim.not_before((("k", 2, 1.0),))
+    assert (nb, key) == (6.5, "k")
