@@ -69,6 +69,11 @@ class LocalAdmission(CyclePlanner, Protocol):
         this one a round trip later)."""
         ...
 
+    def starts_reported(self, starts: Sequence[tuple[str, float]]) -> None:
+        """Starts of admitted jobs (job id, when): rate limits held at the start wait on
+        them."""
+        ...
+
 
 @dataclass
 class Context:

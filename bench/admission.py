@@ -89,6 +89,8 @@ def utilisation(limit: int = 50, window_s: float = 1.0, windows: int = 20) -> di
     while now < horizon:
         d = core.decide(now)
         times += [now] * len(d.admitted)
+        for a in d.admitted:  # each starts when admitted
+            core.rates.starts.started(a.job.id, now)
         now = d.wake_at if d.wake_at is not None else horizon
     times = [t for t in times if t < horizon]
     violations = 0

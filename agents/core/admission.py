@@ -61,6 +61,10 @@ class Policy:
     scan_limit: int = 32  # jobs looked at per tenant turn past blocked ones
 
 
+# a rate-limit gate's words while the key's next admission waits for an earlier start
+START_WAIT = "waiting for a start"
+
+
 @dataclass(frozen=True, slots=True)
 class Gate:
     """Why a job is not admitted now. ``until``: when it may next be admitted (rate limits)."""
@@ -267,7 +271,7 @@ class AdmissionCore:
                 if fits:
                     heapq.heappop(q)
                     if keys:
-                        rates.record(keys, now)
+                        rates.record(keys, now, job.id)
                     for name, amount in needs:
                         used[name] = used.get(name, 0) + amount
                     room -= 1
@@ -381,7 +385,7 @@ class AdmissionCore:
             if fits:
                 heapq.heappop(q)
                 if keys:
-                    rates.record(keys, now)
+                    rates.record(keys, now, job.id)
                 exclusive = _HAS_ALL.get(needs)
                 if exclusive is None:
                     exclusive = _HAS_ALL[needs] = any(a == ALL for _, a in needs)
@@ -431,6 +435,8 @@ class AdmissionCore:
             until, key = self.rates.next_allowed(keys, now)
             if until > now:
                 lim = next(k for k in keys if k[0] == key)
+                if until == math.inf:  # held at the start: the next start is not known yet
+                    return Gate("rate_limit", f"{key} {lim[1]}/{lim[2]:g}s: {START_WAIT}")
                 return Gate("rate_limit", f"{key} {lim[1]}/{lim[2]:g}s", until)
         name = self.sem.blocking(job.needs)
         if name == SLOTS:

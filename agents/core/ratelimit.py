@@ -1,11 +1,15 @@
 """Rate limits: a sliding-window log.
 
-A limit of N admissions per window W applies to a key:
+A limit of N per window W applies to a key:
 ``tenant:T``, ``kind:K``, ``tenant_kind:T/K`` or ``global``. A job may be admitted at time x
 only if fewer than N admissions of each of its keys lie in (x − W, x]; hence no half-open
 window (s, s + W] ever holds more than N. The log of a key keeps its latest N admission times
 only (older ones can never matter again): memory is O(N) per key. A denied job is told the time
 it may next run (the N-th latest admission + W); it holds nothing meanwhile.
+
+The same limit holds at the jobs' *starts* too (``agents.core.startlimit``): ``next_allowed``
+is infinite while the key's next admission waits for an earlier one's start, and each
+admission gets a not-before instant for its worker.
 
 Pure: no I/O, no clock (``now`` is an argument), stdlib only.
 """
@@ -17,6 +21,8 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from agents.core.startlimit import StartLimiter, window_end
 
 Scope = Literal["tenant", "kind", "tenant_kind", "global"]
 
@@ -30,15 +36,6 @@ class Limit:
     limit: int
     window_s: float
     match: str = "*"
-
-
-def window_end(t: float, window_s: float) -> float:
-    """The first float x with x - window_s >= t: when an admission at t leaves the window.
-    (t + window_s alone can round down by one ulp; the check is ``x - W >= t`` everywhere.)"""
-    x = t + window_s
-    while x - window_s < t:
-        x = math.nextafter(x, math.inf)
-    return x
 
 
 class WindowLog:
@@ -65,6 +62,7 @@ class WindowLog:
 class RateLimiter:
     def __init__(self, limits: Iterable[Limit] = ()) -> None:
         self.logs: dict[str, WindowLog] = {}
+        self.starts = StartLimiter()
         self.set_limits(limits)
 
     def set_limits(self, limits: Iterable[Limit]) -> None:
@@ -120,7 +118,11 @@ class RateLimiter:
         return max((x.window_s for x in (*self.exact.values(), *self.any.values())), default=0.0)
 
     def next_allowed(self, keys: Sequence[tuple[str, int, float]], now: float) -> tuple[float, str]:
-        """The earliest time all ``keys`` allow one more admission, and the binding key."""
+        """The earliest time all ``keys`` allow one more admission, and the binding key
+        (``inf``: not before a start reported, or a log read again)."""
+        nb, key = self.starts.not_before(keys)
+        if nb is None:
+            return math.inf, key
         best, which = now, ""
         logs = self.logs
         for key, limit, window in keys:
@@ -132,12 +134,15 @@ class RateLimiter:
                 best, which = t, key
         return best, which
 
-    def record(self, keys: Sequence[tuple[str, int, float]], at: float) -> None:
+    def record(self, keys: Sequence[tuple[str, int, float]], at: float, ref: object = None) -> None:
+        """An admission at ``at`` (``ref``: its job, whose start is reported by id)."""
         for key, limit, _ in keys:
             log = self.logs.get(key)
             if log is None:
                 log = self.logs[key] = WindowLog()
             log.record(at, limit)
+        if ref is not None:
+            self.starts.admit(ref, keys)
 
     def load(self, key: str, times: Iterable[float], keep: int) -> None:
         """Replace a key's log (rebuilt from the durable admission log)."""

@@ -31,11 +31,19 @@ import math
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 
-from agents.core.ratelimit import window_end
-
 Ref = Hashable  # one attempt: (job id, attempt)
 
 UNSTARTED = math.nan  # an attempt that ended without starting
+_OLDER = object()  # stands for older unresolved entries of a log read from PostgreSQL
+
+
+def window_end(t: float, window_s: float) -> float:
+    """The first float x with x - window_s >= t: when an admission at t leaves the window.
+    (t + window_s alone can round down by one ulp; the check is ``x - W >= t`` everywhere.)"""
+    x = t + window_s
+    while x - window_s < t:
+        x = math.nextafter(x, math.inf)
+    return x
 
 
 class StartLog:
@@ -83,6 +91,53 @@ class StartLog:
 
     def unresolved(self) -> list[Ref]:
         return [ref for ref, start in self.entries if start is None]
+
+    @classmethod
+    def of(
+        cls,
+        recent: Sequence[tuple[Ref, float | None]],
+        older_floor: float,
+        older_resolved: bool,
+    ) -> StartLog:
+        """A log as the durable one holds it: the latest entries newest first, the latest
+        start of the older ones, and whether they are all resolved (if not, one unresolved
+        entry stands for them until the log is read again)."""
+        log = cls()
+        log.floor = older_floor
+        if not older_resolved:
+            log.entries.append([_OLDER, None])
+        for ref, start in reversed(recent):
+            log.entries.append([ref, start])
+        return log
+
+
+def batch_not_before(
+    recent: Sequence[float | None],
+    older_floor: float,
+    older_resolved: bool,
+    limit: int,
+    window_s: float,
+) -> list[float]:
+    """The not-befores of the next admissions of one key made together (one transaction),
+    from what the durable log holds: ``recent``, its latest entries newest first (at most
+    ``limit``; each a start, ``UNSTARTED`` or ``None`` while unresolved), and of the older
+    ones the latest start (``older_floor``) and whether all are resolved. Entry ``m`` of
+    the result is the not-before of the ``m``-th admission (``-inf``: unbound); the list
+    stops at the first admission that must wait for a start (the same answers as a
+    :class:`StartLog` holding the same entries, asked before each admission)."""
+    out: list[float] = []
+    full = len(recent) >= limit
+    for m in range(limit):
+        bound = recent[limit - m - 1 :]
+        if any(s is None for s in bound) or (full and not older_resolved):
+            break
+        floor = older_floor if full else -math.inf
+        for s in bound:
+            assert s is not None
+            if s > floor:  # False for UNSTARTED (NaN)
+                floor = s
+        out.append(floor if floor == -math.inf else window_end(floor, window_s))
+    return out
 
 
 Keys = Sequence[tuple[str, int, float]]  # (key, limit, window_s), as ``RateLimiter.keys``
@@ -133,6 +188,21 @@ class StartLimiter:
             log = self.logs.get(key)
             if log is not None:
                 log.resolve(ref, start)
+
+    def replace(self, key: str, log: StartLog) -> None:
+        """Put a log read from the durable one in place of the key's (its unresolved
+        admissions are then the ones a reported start resolves)."""
+        old = self.logs.get(key)
+        for ref in old.unresolved() if old is not None else ():
+            names = tuple(k for k in self.keys_of.get(ref, ()) if k != key)
+            if names:
+                self.keys_of[ref] = names
+            else:
+                self.keys_of.pop(ref, None)
+        self.logs[key] = log
+        for ref in log.unresolved():
+            if ref is not _OLDER:
+                self.keys_of[ref] = (*self.keys_of.get(ref, ()), key)
 
     def load(self, key: str, rows: Iterable[tuple[Ref, float | None]], limit: int) -> None:
         """Rebuild a key's log from the durable one: its admissions in order, each with its

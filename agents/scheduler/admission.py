@@ -34,7 +34,7 @@ from agents.core.ratelimit import Limit
 from agents.core.semaphores import SLOTS, needs_for
 from agents.deadletter import dead_letter, decode_all
 from agents.errors import StoreUnavailable
-from agents.scheduler.admission_sync import Sync
+from agents.scheduler.admission_sync import Sync, start_waits
 from agents.scheduler.dispatching import Dispatcher
 from agents.scheduler.held import Held
 from agents.store import admission as admstore
@@ -92,6 +92,9 @@ class Admission:
         # the tenant's ready jobs before they were committed)
         self.taken_locally: dict[str, ReadyJob] = {}
         self._depth_seen: set[tuple[str, str]] = set()
+        # rate-limit keys whose next admission waits for a start, and when to read them again
+        self.start_waits: set[str] = set()
+        self.starts_read_at = 0.0
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -110,6 +113,15 @@ class Admission:
 
     def capacity_freed(self) -> None:
         self.wake.set()
+
+    def starts_reported(self, starts: Sequence[tuple[str, float]]) -> None:
+        """Starts of admitted jobs (job id, when): what rate limits held at the start wait
+        for (``agents.core.startlimit``); a key that waited may admit again."""
+        limiter = self.core.rates.starts
+        for job_id, at in starts:
+            limiter.started(job_id, at)
+        if starts and self.start_waits:
+            self.wake.set()
 
     def observe_work(self, durations: Sequence[tuple[str, float]]) -> None:
         """Successes' run times (kind, seconds): a kind whose expected work changed takes
@@ -279,6 +291,7 @@ class Admission:
         await self.sync.ownership(now)
         if self.controls_dirty or self.reprioritize:
             await self.sync.controls()
+        await self.sync.starts(now)
         next_delayed = self._release_delayed(now)
         if not len(self.core):
             self.wake_at = next_delayed
@@ -292,7 +305,10 @@ class Admission:
         now = time.time()
         d, free_slots = self._decide(snap, now)
         next_delayed = self._release_delayed(now, d)
-        self.wake_at = min((t for t in (d.wake_at, next_delayed) if t is not None), default=None)
+        read_again = self.starts_read_at if self.start_waits else None
+        self.wake_at = min(
+            (t for t in (d.wake_at, next_delayed, read_again) if t is not None), default=None
+        )
         dispatched = await self._carry_out(d, now, free_slots) if d.admitted else 0
         await self._write_gates(d)
         self._record_metrics(d, now)
@@ -338,6 +354,7 @@ class Admission:
         sem.used = {name: used for name, (_, used) in semaphores.items()}
         free = sem.capacity.get(SLOTS, 0) - sem.used.get(SLOTS, 0)
         d = self.core.decide(now, max_admits=self.ctx.settings.admission_batch)
+        self.start_waits = start_waits(d)
         return d, max(0, free // UNITS)
 
     def _candidates(self, d: Decisions) -> list[Candidate]:
@@ -408,7 +425,9 @@ class Admission:
             return CyclePlan([], forward)
         d, free_slots = self._decide(semaphores, now)
         self._release_delayed(now, d)
-        if d.wake_at is not None and (self.wake_at is None or d.wake_at < self.wake_at):
+        if self.start_waits or (
+            d.wake_at is not None and (self.wake_at is None or d.wake_at < self.wake_at)
+        ):
             self.wake.set()  # the round recomputes when to look again
         return CyclePlan(self._candidates(d), forward, (d, free_slots, now))
 

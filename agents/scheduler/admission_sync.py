@@ -1,7 +1,9 @@
 """What an admission owner keeps in step with its partitions and with PostgreSQL: which
 tenants it owns (queued jobs of tenants it lost are handed over), the ready jobs of its
 tenants (re-read every ``admission_resync_s``), the rate limits' window logs (rebuilt from the
-durable log), and the operator's controls (pauses, limits, priorities)."""
+durable log; a key waiting for a start is read again every ``START_READ_S``: the start may
+have been recorded by another scheduler, or the attempt ended unstarted), and the operator's
+controls (pauses, limits, priorities)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from agents.context import retrying
+from agents.core.admission import START_WAIT, Decisions
 from agents.core.ratelimit import Limit
+from agents.core.startlimit import StartLog
 from agents.scheduler.intake import ready_records
 from agents.store import admission as admstore
 from agents.store.rows import QueuedRow
@@ -20,6 +24,18 @@ if TYPE_CHECKING:
     from agents.scheduler.admission import Admission
 
 log = logging.getLogger("jobstream.admission")
+
+# how often a key whose next admission waits for a start is read again from PostgreSQL
+START_READ_S = 0.2
+
+
+def start_waits(d: Decisions) -> set[str]:
+    """The rate-limit keys a decision found waiting for a start."""
+    return {
+        g.detail.split(" ", 1)[0]
+        for g in d.gates.values()
+        if g.kind == "rate_limit" and g.detail.endswith(START_WAIT)
+    }
 
 
 class Sync:
@@ -94,6 +110,32 @@ class Sync:
             lim = rates.limit_of(key)
             if lim is not None:
                 rates.load(key, logs.get(key, []), lim.limit)
+        await self.reload_starts(keys if keys is not None else list(logs), now)
+
+    async def starts(self, now: float) -> None:
+        """Read again the keys a decision found waiting for a start, at most every
+        ``START_READ_S``."""
+        a = self.adm
+        if a.start_waits and now >= a.starts_read_at:
+            a.starts_read_at = now + START_READ_S
+            await self.reload_starts(sorted(a.start_waits), now)
+
+    async def reload_starts(self, keys: Sequence[str], now: float) -> None:
+        """The start-time limiter's logs of ``keys`` as PostgreSQL holds them."""
+        rates = self.adm.core.rates
+        limits = {
+            k: (lim.limit, lim.window_s) for k in keys if (lim := rates.limit_of(k)) is not None
+        }
+        if not limits:
+            return
+        store = await self.adm.ctx.store()
+
+        async def load() -> dict[str, admstore.KeyLog]:
+            async with store.tx() as conn:
+                return await admstore.key_logs(conn, limits, now)
+
+        for key, kl in (await retrying("rate log starts", load)).items():
+            rates.starts.replace(key, StartLog.of(kl.recent, kl.older_floor, kl.older_resolved))
 
     async def controls(self) -> None:
         """Reload pauses and run-time limits, and re-queue jobs whose priority changed."""

@@ -70,6 +70,9 @@ async def settle_cycle(ctx: Context, messages: Sequence[RawMessage]) -> int:
     if ctx.tracer.on:
         ctx.tracer.mark("event_in", *(e.job_id for e in events if not isinstance(e, JobStarted)))
     await dead_letter(ctx, [*rejected, *bad])
+    if ctx.admission is not None:  # facts already: the limiter may count them at once
+        starts = [(e.job_id, e.at) for e in events if isinstance(e, JobStarted)]
+        ctx.admission.starts_reported(starts)
     store = await ctx.store()
     settled = await retrying(
         "dependency batch",

@@ -52,6 +52,7 @@ async def dispatch_records(
                     group=j.group,
                     due=(due or {}).get(j.id),
                     shared=shared is None or j.id in shared,
+                    not_before=j.not_before,
                 )
             ),
             j.id.encode(),

@@ -22,17 +22,20 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import psycopg
+from psycopg import sql
 
 from agents.core.admission import Gate
 from agents.core.depth import UNITS
 from agents.core.ratelimit import Limit
 from agents.core.semaphores import GLOBAL, GLOBAL_CAPACITY, SLOTS, Need
+from agents.core.startlimit import UNSTARTED, batch_not_before
 from agents.store.rows import (
     DISPATCH_COLS,
     QUEUED_COLS,
@@ -337,38 +340,131 @@ async def read_semaphores(cur: Cursor) -> dict[str, tuple[int, int]]:
     return {name: (cap, used) for name, cap, used in await cur.fetchall()}
 
 
-async def rate_counts(conn: Conn, candidates: Sequence[Candidate], now: float) -> dict[str, int]:
-    """Lock the candidates' window keys (in key order) and count each key's admissions in
-    ``(now - W, now]`` (one round trip; none when no candidate counts against a limit)."""
-    windows = {k: w for c in candidates for k, _, w in c.rate_keys}
-    keys = sorted(windows)
+class RateState(NamedTuple):
+    """What the locked window keys allow: each key's admissions in ``(now - W, now]``, and
+    the not-befores of its next admissions (``agents.core.startlimit.batch_not_before``:
+    the list ends where an admission must wait for a start)."""
+
+    counts: dict[str, int]
+    not_before: dict[str, list[float]]
+
+
+NO_RATES = RateState({}, {})
+
+# an entry of the window log is resolved once its start is known, or when its attempt is no
+# longer dispatched or running (it ended unstarted); entries of older versions have a start
+_RESOLVED = """(r.started_at IS NOT NULL OR r.job_id IS NULL OR NOT EXISTS (
+    SELECT 1 FROM jobs j WHERE j.id = r.job_id AND j.attempt = r.attempt
+    AND j.state IN ('dispatched', 'running')))"""
+
+_RATE_STATE = """
+WITH k AS (SELECT * FROM unnest(%(keys)s::text[], %(n)s::int[], %(w)s::float8[]) AS k(key, n, w)),
+recent AS (
+    SELECT k.key, r.seq, r.job_id, r.started_at, {resolved} AS resolved
+    FROM k CROSS JOIN LATERAL (
+        SELECT seq, job_id, attempt, started_at FROM rate_log r
+        WHERE r.key = k.key ORDER BY seq DESC LIMIT k.n) r),
+edge AS (SELECT key, min(seq) AS first, count(*) AS have FROM recent GROUP BY key)
+SELECT k.key, 'count', 0::bigint, NULL::text,
+       (SELECT count(*) FROM rate_log r WHERE r.key = k.key AND r.at > %(now)s - k.w)::float8,
+       true
+FROM k
+UNION ALL
+SELECT key, 'recent', seq, job_id, started_at, resolved FROM recent
+UNION ALL
+SELECT e.key, 'older', 0::bigint, NULL::text,
+       (SELECT max(r.started_at) FROM rate_log r
+        WHERE r.key = e.key AND r.seq < e.first AND r.started_at > %(now)s - k.w),
+       NOT EXISTS (SELECT 1 FROM rate_log r WHERE r.key = e.key AND r.seq < e.first
+                   AND r.started_at IS NULL AND NOT {resolved})
+FROM edge e JOIN k ON k.key = e.key WHERE e.have >= k.n
+"""
+
+
+class KeyLog(NamedTuple):
+    """One key's window log as the start-time limiter needs it: admissions in the window,
+    the latest entries newest first (job id, start: a time, ``UNSTARTED``, or None while
+    unresolved), and of the older ones the latest start and whether all are resolved."""
+
+    admitted: int
+    recent: list[tuple[str | None, float | None]]
+    older_floor: float
+    older_resolved: bool
+
+
+async def rate_state(conn: Conn, candidates: Sequence[Candidate], now: float) -> RateState:
+    """Lock the candidates' window keys (in key order), then read what each allows: its
+    admissions in the window, and the not-befores of its next admissions (one round trip
+    for the reads; none when no candidate counts against a limit)."""
+    limits = {k: (n, w) for c in candidates for k, n, w in c.rate_keys}
+    keys = sorted(limits)
     if not keys:
-        return {}
+        return NO_RATES
     await conn.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended(k, 7041)) "
         "FROM unnest(%s::text[]) AS k ORDER BY k",
         (keys,),
     )
-    cur = await conn.execute(
-        "SELECT k.key, count(r.at) FROM unnest(%s::text[], %s::float8[]) AS k(key, w) "
-        "LEFT JOIN rate_log r ON r.key = k.key AND r.at > %s - k.w GROUP BY k.key",
-        (keys, [windows[k] for k in keys], now),
+    logs = await key_logs(conn, limits, now)
+    return RateState(
+        {k: log.admitted for k, log in logs.items()},
+        {
+            k: batch_not_before(
+                [s for _, s in log.recent], log.older_floor, log.older_resolved, *limits[k]
+            )
+            for k, log in logs.items()
+        },
     )
-    return {k: n for k, n in await cur.fetchall()}
+
+
+async def key_logs(
+    conn: Conn, limits: Mapping[str, tuple[int, float]], now: float
+) -> dict[str, KeyLog]:
+    """Each key's log (``limits``: key → its limit and window), in one statement."""
+    keys = sorted(limits)
+    cur = await conn.execute(
+        q(_RATE_STATE, resolved=sql.SQL(_RESOLVED)),
+        {
+            "keys": keys,
+            "n": [limits[k][0] for k in keys],
+            "w": [limits[k][1] for k in keys],
+            "now": now,
+        },
+    )
+    counts: dict[str, int] = {}
+    recent: dict[str, list[tuple[int, str | None, float | None]]] = defaultdict(list)
+    older: dict[str, tuple[float, bool]] = {}
+    for key, part, seq, job_id, value, resolved in await cur.fetchall():
+        if part == "count":
+            counts[key] = int(value)
+        elif part == "recent":
+            start = value if value is not None else (UNSTARTED if resolved else None)
+            recent[key].append((seq, job_id, start))
+        else:
+            older[key] = (-math.inf if value is None else value, resolved)
+    out = {}
+    for key in keys:
+        latest = [(j, s) for _, j, s in sorted(recent.get(key, []), reverse=True)]
+        floor, resolved = older.get(key, (-math.inf, True))
+        out[key] = KeyLog(counts.get(key, 0), latest, floor, resolved)
+    return out
 
 
 def check(
     candidates: Sequence[Candidate],
     semaphores: Mapping[str, tuple[int, int]],
-    counts: Mapping[str, int],
-) -> tuple[list[Candidate], dict[str, Gate]]:
-    """The candidates that fit the locked semaphores and window counts, in order, and the
-    others with their gate. Every candidate is counted as if still ready (conservative: one
-    that is not is simply not dispatched)."""
+    rates: RateState,
+) -> tuple[list[Candidate], dict[str, Gate], dict[str, float]]:
+    """The candidates that fit the locked semaphores and window keys, in order, the others
+    with their gate, and the not-before of each accepted one a limit holds at its start
+    (``agents.core.startlimit``). Every candidate is counted as if still ready
+    (conservative: one that is not is simply not dispatched)."""
     free = {name: cap - used for name, (cap, used) in semaphores.items()}
-    count = dict(counts)
+    count = dict(rates.counts)
+    taken: dict[str, int] = {}
     accepted: list[Candidate] = []
     refused: dict[str, Gate] = {}
+    not_before: dict[str, float] = {}
     for c in candidates:
         short = next((n for n, a in c.holds if free.get(n, -1) < a), None)
         if short is not None:
@@ -378,12 +474,25 @@ def check(
         if over is not None:
             refused[c.id] = Gate("rate_limit", f"{over} reached (another process admitted)")
             continue
+        nb = -math.inf
+        for k, lim, win in c.rate_keys:
+            allowed = rates.not_before.get(k, ())
+            m = taken.get(k, 0)
+            if m >= len(allowed):
+                refused[c.id] = Gate("rate_limit", f"{k} {lim}/{win:g}s: waiting for a start")
+                break
+            nb = max(nb, allowed[m])
+        if c.id in refused:
+            continue
         for n, a in c.holds:
             free[n] -= a
         for k, _, _ in c.rate_keys:
             count[k] = count.get(k, 0) + 1
+            taken[k] = taken.get(k, 0) + 1
+        if nb > -math.inf:
+            not_before[c.id] = nb
         accepted.append(c)
-    return accepted, refused
+    return accepted, refused, not_before
 
 
 async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> PendingAdmit:
@@ -393,20 +502,20 @@ async def admit(conn: Conn, candidates: Sequence[Candidate], now: float) -> Pend
     recorded in the window log, the same value the core decided with."""
     names = sorted({n for c in candidates for n, _ in c.holds})
     sem_cur = await lock_semaphores(conn, names)
-    counts = await rate_counts(conn, candidates, now)
-    return await admit_locked(conn, candidates, await read_semaphores(sem_cur), counts, now)
+    rates = await rate_state(conn, candidates, now)
+    return await admit_locked(conn, candidates, await read_semaphores(sem_cur), rates, now)
 
 
 async def admit_locked(
     conn: Conn,
     candidates: Sequence[Candidate],
     semaphores: Mapping[str, tuple[int, int]],
-    counts: Mapping[str, int],
+    rates: RateState,
     now: float,
 ) -> PendingAdmit:
     """Check the candidates against what this transaction has locked and queue the writes
     of those that fit (their rows guarded by ``state = 'ready'``)."""
-    accepted, refused = check(candidates, semaphores, counts)
+    accepted, refused, not_before = check(candidates, semaphores, rates)
     if not accepted:
         return PendingAdmit(None, refused)
     holds = [(c.id, n, a) for c in accepted for n, a in c.holds]
@@ -419,7 +528,8 @@ async def admit_locked(
         WITH d AS (
             UPDATE jobs SET state = 'dispatched', attempt = attempt + 1, gate = NULL,
                 gate_until = NULL, dispatched_at = now(), dispatch_confirmed = false,
-                dispatch_send = (SELECT nextval('dispatch_send_seq')), updated_at = now()
+                dispatch_send = (SELECT nextval('dispatch_send_seq')), updated_at = now(),
+                not_before = (%s::jsonb ->> id)::float8
             WHERE id = ANY(%s) AND (state = 'ready') IS TRUE
             RETURNING *),
         -- the send, unconfirmed until the broker has all of it (``confirm_send``)
@@ -436,15 +546,17 @@ async def admit_locked(
         used AS (UPDATE semaphores s SET used = s.used + t.amount
                  FROM (SELECT name, sum(amount)::int AS amount FROM v GROUP BY name) AS t
                  WHERE s.name = t.name),
-        logged AS (INSERT INTO rate_log (key, at)
-                   SELECT r.key, %s FROM unnest(%s::text[], %s::text[]) AS r(id, key)
-                   JOIN d ON d.id = r.id)
+        logged AS (INSERT INTO rate_log (key, at, job_id, attempt)
+                   SELECT r.key, %s, d.id, d.attempt
+                   FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS r(id, key, i)
+                   JOIN d ON d.id = r.id ORDER BY r.i)
         SELECT {cols}, priority, size, extract(epoch from ready_at)::float8, dispatch_send
         FROM d
         """,
             cols=DISPATCH_COLS,
         ),
         (
+            json_rows(not_before),
             [c.id for c in accepted],
             json_rows(holds),
             now,

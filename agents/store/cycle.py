@@ -15,7 +15,7 @@ from agents.store.admission import (
     PendingAdmit,
     admit_locked,
     lock_semaphores,
-    rate_counts,
+    rate_state,
     read_semaphores,
 )
 from agents.store.commands import Applied, JobCommand, apply_commands, apply_controls
@@ -133,9 +133,9 @@ class CycleStore(Connections):
                         ready = _merge_ready(ended.retry, found)
                         plan = deciding.plan(ready, semaphores, now)
                         if plan.candidates:
-                            counts = await rate_counts(conn, plan.candidates, now)
+                            rates = await rate_state(conn, plan.candidates, now)
                             pending = await admit_locked(
-                                conn, plan.candidates, semaphores, counts, now
+                                conn, plan.candidates, semaphores, rates, now
                             )
                 # COMMIT went out with the statements above: their results come in one trip
                 if plan is None:

@@ -215,7 +215,12 @@ WITH v AS (
     SELECT * FROM jsonb_to_recordset(%s::jsonb) AS v(
         id text, was text, attempt int, state text, max_attempts int, started float8,
         start_known bool, outcome text, worker text, finished float8, rc int, log text,
-        error text, gate text, progress float8, run_after float8))
+        error text, gate text, progress float8, run_after float8)),
+-- the start of an attempt a rate limit counted: the window log holds it at its start
+started AS (
+    UPDATE rate_log r SET started_at = v.started FROM v
+    WHERE v.started IS NOT NULL AND r.job_id = v.id AND r.attempt = v.attempt
+      AND r.started_at IS NULL)
 UPDATE jobs j SET
     state = v.state,
     max_attempts = v.max_attempts,

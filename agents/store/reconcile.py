@@ -13,6 +13,11 @@ from agents.store.rows import (
     q,
 )
 
+# window-log entries are kept this long beyond the longest window: the latest entries of a
+# key bind its next admissions by their order (``agents.core.startlimit``), so an old entry
+# goes only once nothing admitted around it can still start
+RATE_LOG_KEEP_S = 600.0
+
 
 class ReconcileStore(Connections):
     """Dispatch confirmation and the reconciler's statements."""
@@ -74,12 +79,18 @@ class ReconcileStore(Connections):
             return cur.rowcount
 
     async def prune_rate_log(self, now: float, config_horizon_s: float) -> int:
-        """Delete window-log entries older than the longest window of any limit."""
+        """Delete window-log entries admitted and started (or ended unstarted) longer ago
+        than the longest window of any limit plus ``RATE_LOG_KEEP_S``: an attempt that has
+        not started yet stays, whatever its age (a later start still counts)."""
         async with self.tx() as conn:
             cur = await conn.execute(
-                "DELETE FROM rate_log WHERE at <= %s - greatest(%s, "
-                "coalesce((SELECT max(window_s) FROM rate_limits), 0))",
-                (now, config_horizon_s),
+                "WITH h AS (SELECT %s - %s - greatest(%s, "
+                "coalesce((SELECT max(window_s) FROM rate_limits), 0)) AS before) "
+                "DELETE FROM rate_log r USING h WHERE r.at <= h.before "
+                "AND coalesce(r.started_at, r.at) <= h.before AND (r.started_at IS NOT NULL "
+                "OR r.job_id IS NULL OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = r.job_id "
+                "AND j.attempt = r.attempt AND j.state IN ('dispatched', 'running')))",
+                (now, RATE_LOG_KEEP_S, config_horizon_s),
             )
             return cur.rowcount
 

@@ -6,7 +6,7 @@ travel as parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, LiteralString
 
@@ -24,7 +24,7 @@ def q(text: LiteralString, **fragments: sql.Composable) -> sql.Composed:
 _encode_json = msgspec.json.Encoder().encode
 
 
-def json_rows(rows: Sequence[Any]) -> str:
+def json_rows(rows: Sequence[Any] | Mapping[str, Any]) -> str:
     """A batch of rows (tuples or lists) as one JSON document, for a hot statement to read
     with ``jsonb_array_elements(%s::jsonb)``: encoded at C speed, where psycopg's array
     dumper quotes every element of every array parameter in Python."""
@@ -46,7 +46,7 @@ READY_COLS = sql.SQL(
 )
 DISPATCH_COLS = sql.SQL(
     "id, attempt, tenant, kind, args, timeout_s, extract(epoch from submitted_at)::float8, "
-    "extract(epoch from dispatched_at)::float8, group_key"
+    "extract(epoch from dispatched_at)::float8, group_key, not_before"
 )
 # whether the broker has a dispatched job's dispatch (``jobs j``): its start was recorded or
 # it was re-sent (``dispatch_confirmed``), or its send's row is gone (``dispatch_sends``)
@@ -135,6 +135,7 @@ class DispatchJob:
     submitted_at: float
     dispatched_at: float
     group: str | None
+    not_before: float | None = None  # a rate limit held at the start
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ def windows_ok(times: list[float], limit: int, window: float) -> bool:
     return all(sum(1 for t in times if x - window < t <= x) <= limit for x in times)
 
 
-def test_per_tenant_limit_holds_exactly_across_two_schedulers_and_a_kill(
+def test_per_tenant_limit_holds_exactly_at_admission_and_start_across_two_schedulers_and_a_kill(
     settings: Settings, publisher: JobPublisher, tmp_path: Path
 ) -> None:
     s = settings.replace(
@@ -63,6 +63,8 @@ def test_per_tenant_limit_holds_exactly_across_two_schedulers_and_a_kill(
         assert procs["scheduler"].p.poll() is None
     with psycopg.connect(dsn) as conn:
         log = conn.execute("SELECT key, at FROM rate_log ORDER BY key, at").fetchall()
+        # the workers' starts, recorded with the entries (epoch seconds, unrounded)
+        started = conn.execute("SELECT key, started_at FROM rate_log ORDER BY key").fetchall()
         attempts = conn.execute(
             "SELECT max(attempt) FROM jobs WHERE id = ANY(%s)", (ids,)
         ).fetchone()
@@ -76,6 +78,13 @@ def test_per_tenant_limit_holds_exactly_across_two_schedulers_and_a_kill(
         # utilisation: 30 admissions at 5/s cannot take less than 5 windows
         assert max(times) - min(times) >= 5.0 - 1e-6
     assert attempts is not None and attempts[0] == 1
+    # held at the start too: no window of any tenant holds more than 5 starts
+    starts: dict[str, list[float]] = {}
+    for key, at in started:
+        assert at is not None, key  # every admitted job's start is in the log
+        starts.setdefault(key, []).append(at)
+    for key, times in starts.items():
+        assert windows_ok(times, 5, 1.0), (key, sorted(times))
 
 
 def test_semaphore_pause_resume_priority_and_why(

@@ -12,7 +12,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.core.startlimit import StartLimiter, StartLog
+from agents.core.startlimit import StartLimiter, StartLog, batch_not_before
 
 
 def max_in_window(starts: list[float], window_s: float) -> int:
@@ -152,3 +152,70 @@ def test_rebuilt_from_the_durable_log() -> None:
     lim.started(2, 5.5)
     nb, key = lim.not_before((("k", 2, 1.0),))
     assert (nb, key) == (6.5, "k")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(1, 8),
+    entries=st.lists(
+        st.one_of(st.none(), st.just(math.nan), st.floats(0, 100, allow_nan=False)),
+        max_size=20,
+    ),
+    window_s=st.sampled_from([0.1, 1.0, 7.5]),
+)
+def test_a_batch_gets_the_answers_of_one_admission_at_a_time(
+    limit: int, entries: list[float | None], window_s: float
+) -> None:
+    """What the admission transaction computes from the durable log (latest entries, the
+    older ones summarised) equals the in-memory log asked before each admission."""
+    log = StartLog()
+    for i, start in enumerate(entries):
+        log.admit(i)
+        if start is not None:
+            log.resolve(i, start)
+    recent = list(reversed(entries))[:limit]
+    older = entries[: max(0, len(entries) - limit)]
+    starts = [s for s in older if s is not None and not math.isnan(s)]
+    got = batch_not_before(
+        recent,
+        max(starts, default=-math.inf),
+        all(s is not None for s in older),
+        limit,
+        window_s,
+    )
+    want: list[float] = []
+    for m in range(limit):
+        nb = log.not_before(limit, window_s)
+        if nb is None:
+            break
+        want.append(nb)
+        log.admit(("new", m))
+    assert got == want
+    # the same log rebuilt from that summary answers the same
+    rebuilt = StartLog.of(
+        [(i, s) for i, s in zip(range(len(entries) - 1, -1, -1), recent, strict=False)],
+        max(starts, default=-math.inf),
+        all(s is not None for s in older),
+    )
+    assert rebuilt.not_before(limit, window_s) == (want[0] if want else None)
+
+
+def test_a_log_read_again_replaces_what_this_process_knew() -> None:
+    """Starts another scheduler recorded (or attempts that ended unstarted) reach this one
+    when it reads the key's log again: the read replaces its log, and the attempts it had
+    waited on are forgotten unless still unresolved."""
+    lim = StartLimiter()
+    keys = (("k", 1, 1.0),)
+    lim.admit("x", keys)
+    assert lim.not_before(keys) == (None, "k")
+    lim.replace("k", StartLog.of([("x", 4.0)], -math.inf, True))
+    assert lim.not_before(keys) == (5.0, "k")
+    assert "x" not in lim.keys_of
+    lim.admit("y", keys)
+    lim.replace("k", StartLog.of([("y", None)], 4.0, True))
+    assert lim.keys_of == {"y": ("k",)}
+    lim.started("y", 6.0)
+    assert lim.not_before(keys) == (7.0, "k")
+    # an older admission not resolved yet binds until the log is read again
+    lim.replace("k", StartLog.of([("y", 6.0)], 4.0, False))
+    assert lim.not_before(keys) == (None, "k")
