@@ -8,8 +8,9 @@ only (older ones can never matter again): memory is O(N) per key. A denied job i
 it may next run (the N-th latest admission + W); it holds nothing meanwhile.
 
 The same limit holds at the jobs' *starts* too (``agents.core.startlimit``): ``next_allowed``
-is infinite while the key's next admission waits for an earlier one's start, and each
-admission gets a not-before instant for its worker.
+is infinite while the key's next admission waits for an earlier one's start, and no earlier
+than ``START_LEAD_S`` before the not-before instant its worker will hold it to: a dispatch
+waits at admission, where it holds nothing, rather than in a worker's buffer.
 
 Pure: no I/O, no clock (``now`` is an argument), stdlib only.
 """
@@ -57,6 +58,11 @@ class WindowLog:
         t.append(at)
         while len(t) > keep:
             t.popleft()
+
+
+# how long before its not-before instant a dispatch is admitted: enough for it to reach its
+# worker (admission → broker → worker is ~5–50 ms here), little of a worker's buffer held
+START_LEAD_S = 0.1
 
 
 class RateLimiter:
@@ -124,6 +130,8 @@ class RateLimiter:
         if nb is None:
             return math.inf, key
         best, which = now, ""
+        if nb - START_LEAD_S > now:
+            best, which = nb - START_LEAD_S, key
         logs = self.logs
         for key, limit, window in keys:
             log = logs.get(key)
