@@ -17,6 +17,7 @@ from agents.core.ratelimit import Limit
 from agents.core.startlimit import StartLog
 from agents.scheduler.intake import ready_records
 from agents.store import admission as admstore
+from agents.store import ratelog
 from agents.store.rows import QueuedRow
 from streams.kafka import partition_for
 
@@ -103,7 +104,7 @@ class Sync:
 
         async def load() -> dict[str, list[float]]:
             async with store.tx() as conn:
-                return await admstore.rate_log_since(conn, now - horizon, keys)
+                return await ratelog.rate_log_since(conn, now - horizon, keys)
 
         logs = await retrying("rate log", load)
         for key in keys if keys is not None else list(logs):
@@ -130,9 +131,9 @@ class Sync:
             return
         store = await self.adm.ctx.store()
 
-        async def load() -> dict[str, admstore.KeyLog]:
+        async def load() -> dict[str, ratelog.KeyLog]:
             async with store.tx() as conn:
-                return await admstore.key_logs(conn, limits, now)
+                return await ratelog.key_logs(conn, limits, now)
 
         for key, kl in (await retrying("rate log starts", load)).items():
             rates.starts.replace(key, StartLog.of(kl.recent, kl.older_floor, kl.older_resolved))

@@ -15,7 +15,7 @@ from agents.store.admission import (
     PendingAdmit,
     admit_locked,
     lock_semaphores,
-    rate_state,
+    rate_limits_of,
     read_semaphores,
 )
 from agents.store.commands import Applied, JobCommand, apply_commands, apply_controls
@@ -30,6 +30,7 @@ from agents.store.dependencies import (
 )
 from agents.store.inserts import queue_inserts, read_inserted
 from agents.store.lifecycle import decide_lifecycle, queue_ended, queue_lifecycle
+from agents.store.ratelog import rate_state
 from agents.store.rows import (
     Accepted,
     DeadLetterRow,
@@ -133,7 +134,7 @@ class CycleStore(Connections):
                         ready = _merge_ready(ended.retry, found)
                         plan = deciding.plan(ready, semaphores, now)
                         if plan.candidates:
-                            rates = await rate_state(conn, plan.candidates, now)
+                            rates = await rate_state(conn, rate_limits_of(plan.candidates), now)
                             pending = await admit_locked(
                                 conn, plan.candidates, semaphores, rates, now
                             )

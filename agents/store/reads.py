@@ -256,7 +256,7 @@ class ReadStore(Connections):
                 "j.error, j.root_cause, j.attempt, j.max_attempts, j.trigger, j.accepted_at, "
                 "j.ready_at, extract(epoch from j.run_after)::float8 AS run_after, "
                 "extract(epoch from j.run_at)::float8 AS run_at, j.worker, "
-                "j.progress, w.state AS worker_state, "
+                "j.progress, j.not_before, w.state AS worker_state, "
                 "extract(epoch from now() - w.last_seen)::float8 AS worker_silent_s "
                 "FROM jobs j LEFT JOIN workers w ON w.id = j.worker WHERE j.id = %s",
                 (job_id,),

@@ -78,6 +78,12 @@ def why(job_id: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None
         out.print(f"  scheduled: not before {at}, in {row['run_at'] - time.time():.1f} s")
     elif waits:
         out.print(f"  retry backoff: may run in {row['run_after'] - time.time():.1f} s")
+    if row["state"] == "dispatched" and (row["not_before"] or 0) > time.time():
+        at = time.strftime("%H:%M:%S", time.gmtime(row["not_before"]))
+        out.print(
+            f"  rate limit held at the start: its worker starts it at {at} UTC, "
+            f"in {row['not_before'] - time.time():.2f} s"
+        )
     if row["state"] in ("running", "dispatched") and row["worker"]:
         w = f"  on worker {row['worker']} ({row['worker_state'] or 'unknown'}"
         if row["worker_silent_s"] is not None:
