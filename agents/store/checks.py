@@ -90,14 +90,23 @@ def check(
             out.append(f"job {jid} started although {dep} ({needs}) was {dep_state}")
         if limits:
             times: dict[str, list[float]] = defaultdict(list)
-            for key, at in conn.execute(
-                "SELECT key, at FROM rate_log WHERE key = ANY(%s)", (list(limits),)
+            starts: dict[str, list[float]] = defaultdict(list)
+            for key, at, started in conn.execute(
+                "SELECT key, at, started_at FROM rate_log WHERE key = ANY(%s)", (list(limits),)
             ):
                 times[key].append(float(at))
+                if started is not None:
+                    starts[key].append(float(started))
             for key, (limit, window_s) in limits.items():
                 bad = window_violations(times.get(key, []), limit, window_s)
                 if bad:
                     out.append(f"rate limit {key} ({limit}/{window_s:g}s) exceeded {bad} times")
+                bad = window_violations(starts.get(key, []), limit, window_s)
+                if bad:
+                    out.append(
+                        f"rate limit {key} ({limit}/{window_s:g}s) exceeded {bad} times "
+                        "at the start"
+                    )
         for name, cap, used, held in conn.execute(
             """SELECT s.name, s.capacity, s.used, coalesce(sum(h.amount), 0)
                FROM semaphores s LEFT JOIN job_holds h ON h.name = s.name

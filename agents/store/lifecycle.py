@@ -216,9 +216,11 @@ WITH v AS (
         id text, was text, attempt int, state text, max_attempts int, started float8,
         start_known bool, outcome text, worker text, finished float8, rc int, log text,
         error text, gate text, progress float8, run_after float8)),
--- the start of an attempt a rate limit counted: the window log holds it at its start
+-- the start of an attempt a rate limit counted: the window log holds it at its start (as the
+-- worker's clock says, but never later than now: a clock ahead would hold the next ones back)
 started AS (
-    UPDATE rate_log r SET started_at = v.started FROM v
+    UPDATE rate_log r SET started_at = least(v.started, extract(epoch from clock_timestamp()))
+    FROM v
     WHERE v.started IS NOT NULL AND r.job_id = v.id AND r.attempt = v.attempt
       AND r.started_at IS NULL)
 UPDATE jobs j SET

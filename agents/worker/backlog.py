@@ -1,9 +1,17 @@
 """Dispatches fetched and not started yet: decoded once on arrival, started earliest-due
 first (``agents.core.offsets.start_order``: offset order within a partition), none before
-its not-before instant (a held dispatch does not hold up the others of its partition)."""
+its not-before instant (a held dispatch does not hold up the others of its partition).
+
+A not-before is an instant of the scheduler's clock (the database's, as ``dispatched_at``);
+the worker holds a dispatch on its own monotonic clock, shifted by the least
+``arrival − dispatched_at`` it has seen (``lag``: its clock's offset plus the shortest trip,
+and no trip is shorter), so the start is never early by the scheduler's clock, whatever the
+worker's wall clock says, and late by about the shortest trip only."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any
@@ -72,7 +80,7 @@ class Buffered:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 pass
         self.due = float("inf") if self.dispatch is None else self.dispatch.due or float("inf")
-        self.not_before = 0.0 if self.dispatch is None else self.dispatch.not_before or 0.0
+        self.not_before = 0.0  # on the worker's monotonic clock (``Backlog.add``); 0: none
 
     def raw(self) -> RawMessage:
         return RawMessage(self.topic, self.partition, self.offset, self.key, self.value)
@@ -91,12 +99,14 @@ class Backlog:
         self.on_superseding: Callable[[Dispatch], None] = lambda _d: None
         self.on_fetched: Callable[[Buffered], None] | None = None
         self.timed = 0  # buffered dispatches with a not-before (none: the common case)
+        self.lag = math.inf  # least (arrival on the monotonic clock − dispatched_at) seen
 
     def __len__(self) -> int:
         return len(self.items)
 
     def add(self, msgs: Iterable[Any], on_error: Callable[[Any], None]) -> None:
         """Decode and buffer consumed messages (``on_error``: a consumer error instead)."""
+        arrived = time.monotonic()
         for m in msgs:
             if m.error():
                 on_error(m.error())
@@ -104,6 +114,10 @@ class Backlog:
             b = Buffered(m.topic(), m.partition(), m.offset(), m.key(), m.value(), self.max_bytes)
             self.tracker.started(b.tp, b.offset)
             d = b.dispatch
+            if d is not None:
+                self.lag = min(self.lag, arrived - d.dispatched_at)
+                if d.not_before:
+                    b.not_before = d.not_before + self.lag
             if d is not None and d.attempt > 1:  # rare: a retry, or a handed-back dispatch
                 self.on_superseding(d)
             self.items.append(b)

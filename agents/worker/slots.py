@@ -131,7 +131,7 @@ class Slots:
         if self.stopping:
             return  # draining: the buffered dispatches go to the next owner
         while self.backlog.items and (free := self.free) > 0:
-            batch = self.backlog.pop_upto(free, time.time())
+            batch = self.backlog.pop_upto(free, time.monotonic())
             if not batch:
                 break  # what is buffered is held until its not-before
             for msg in batch:
@@ -149,7 +149,7 @@ class Slots:
             self._release.cancel()
         self._release_at = at
         loop = asyncio.get_running_loop()
-        self._release = loop.call_at(loop.time() + max(0.001, at - time.time()), self._released)
+        self._release = loop.call_at(max(at, loop.time() + 0.001), self._released)
 
     def _released(self) -> None:
         self._release, self._release_at = None, math.inf

@@ -1,6 +1,7 @@
 """The invariant checker can fail: it reports a dependent that started before its
-dependency's success was recorded and a double success, and it does not mistake a stepped
-worker clock (timestamps out of order, causal order intact) for a violation."""
+dependency's success was recorded, a double success and starts over a rate limit, and it
+does not mistake a stepped worker clock (timestamps out of order, causal order intact) for
+a violation."""
 
 from __future__ import annotations
 
@@ -77,3 +78,19 @@ def test_a_double_success_is_reported(database_url: str) -> None:
         started_at="2026-01-01 00:00:02+00",
     )
     assert "job upload-unpack succeeded 2 times" in check(database_url, settled=True)
+
+
+def test_starts_over_a_rate_limit_are_reported_though_admissions_kept_it(
+    database_url: str,
+) -> None:
+    """Three admissions a second apart (within 2 per second) whose attempts all started in
+    the same half second: the limit held at admission, not at the start."""
+    with psycopg.connect(database_url) as conn:
+        for i, (at, started) in enumerate([(100.0, 102.0), (101.0, 102.2), (102.0, 102.4)]):
+            conn.execute(
+                "INSERT INTO rate_log (key, at, job_id, attempt, started_at) "
+                "VALUES ('tenant:t', %s, %s, 1, %s)",
+                (at, f"j{i}", started),
+            )
+    out = check(database_url, settled=True, limits={"tenant:t": (2, 1.0)})
+    assert out == ["rate limit tenant:t (2/1s) exceeded 1 times at the start"], out
