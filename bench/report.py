@@ -205,7 +205,12 @@ def main() -> None:
             plot(results[scenario], OUT / f"{scenario}.png")
     text = DOC.read_text()
     ran_on = next((r["machine"] for r in results.values() if "machine" in r), machine())
-    section = f"{BEGIN}\nMachine: {ran_on}.\n\n{tables(results)}\n{END}"
+    apart = "".join(
+        f"`{name}` was run on its own, later: {r['machine']}.\n\n"
+        for name, r in results.items()
+        if r.get("machine", ran_on) != ran_on
+    )
+    section = f"{BEGIN}\nMachine: {ran_on}.\n\n{apart}{tables(results)}\n{END}"
     if BEGIN in text:
         marked = re.escape(BEGIN) + ".*?" + re.escape(END)
         text = re.sub(marked, lambda _: section, text, flags=re.S)
