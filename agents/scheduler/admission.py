@@ -34,6 +34,7 @@ from agents.core.ratelimit import Limit
 from agents.core.semaphores import SLOTS, needs_for
 from agents.deadletter import dead_letter, decode_all
 from agents.errors import StoreUnavailable
+from agents.scheduler.admission_metrics import AdmissionMetrics
 from agents.scheduler.admission_sync import Sync, start_waits
 from agents.scheduler.dispatching import Dispatcher
 from agents.scheduler.held import Held
@@ -84,14 +85,13 @@ class Admission:
         # ``run_at``), not in the core until then
         self.held = Held()
         self.gate_after_commit: set[str] = set()  # held by a cycle not committed yet
-        self._depth_at = 0.0
+        self.report = AdmissionMetrics(ctx.metrics)
         self.dispatcher = Dispatcher(ctx)
         self.origin = uuid.uuid4().hex[:12]  # this process's releases (``CyclePlanner``)
         # jobs taken without the topic since ownership was last confirmed unchanged: if it
         # changed meanwhile, they are published after all (their new owner may have loaded
         # the tenant's ready jobs before they were committed)
         self.taken_locally: dict[str, ReadyJob] = {}
-        self._depth_seen: set[tuple[str, str]] = set()
         # rate-limit keys whose next admission waits for a start, and when to read them again
         self.start_waits: set[str] = set()
         self.starts_read_at = 0.0
@@ -311,33 +311,8 @@ class Admission:
         )
         dispatched = await self._carry_out(d, now, free_slots) if d.admitted else 0
         await self._write_gates(d)
-        self._record_metrics(d, now)
+        self.report.record(self.core, len(self.held), d, now)
         return dispatched > 0
-
-    def _record_metrics(self, d: Decisions, now: float) -> None:
-        """Denials by gate (every round), queue depth per tenant and kind (at most once a
-        second: it walks the queues)."""
-        m = self.ctx.metrics
-        if not m.enabled:
-            return
-        by_gate: dict[str, int] = {}
-        for gate in d.gates.values():
-            by_gate[gate.kind] = by_gate.get(gate.kind, 0) + 1
-        for name, n in by_gate.items():
-            m.count("admission_denials", {"gate": name}, n=n)
-        if now - self._depth_at < 1.0:
-            return
-        self._depth_at = now
-        depth: dict[tuple[str, str], int] = {}
-        for q in self.core.queues.values():
-            for job in q:
-                depth[(job.tenant, job.kind)] = depth.get((job.tenant, job.kind), 0) + 1
-        for (tenant, kind), n in depth.items():
-            m.gauge("queue_depth", {"tenant": tenant, "kind": kind}, ready=n)
-        for tenant, kind in self._depth_seen - depth.keys():
-            m.gauge("queue_depth", {"tenant": tenant, "kind": kind}, ready=0)
-        self._depth_seen = set(depth)
-        m.gauge("admission", queued=len(self.core), delayed=len(self.held))
 
     def _delayed_gates(self, now: float) -> Decisions:
         d = Decisions()
@@ -459,7 +434,7 @@ class Admission:
         if admitted >= self.ctx.settings.admission_batch:
             self.wake.set()  # as many as one decision takes: more may fit
         await self._write_gates(d)
-        self._record_metrics(d, now)
+        self.report.record(self.core, len(self.held), d, now)
 
     async def _write_gates(self, d: Decisions) -> None:
         changed = []
