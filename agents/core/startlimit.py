@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 
 Ref = Hashable  # one attempt: (job id, attempt)
 
@@ -203,15 +203,3 @@ class StartLimiter:
         for ref in log.unresolved():
             if ref is not _OLDER:
                 self.keys_of[ref] = (*self.keys_of.get(ref, ()), key)
-
-    def load(self, key: str, rows: Iterable[tuple[Ref, float | None]], limit: int) -> None:
-        """Rebuild a key's log from the durable one: its admissions in order, each with its
-        start (``None``: not known yet, ``UNSTARTED``: ended without one)."""
-        log = self.logs[key] = StartLog()
-        for ref, start in rows:
-            log.admit(ref)
-            if start is not None:
-                log.resolve(ref, start)
-            else:
-                self.keys_of[ref] = (*self.keys_of.get(ref, ()), key)
-        log._fold(limit)

@@ -300,12 +300,6 @@ class ReadStore(Connections):
                     row["ready_ahead"] = ahead["n"] if ahead else 0
             return row
 
-    async def job_states(self, ids: Sequence[str]) -> dict[str, str]:
-        async with self.reading() as conn:
-            cur = await conn.execute("SELECT id, state FROM jobs WHERE id = ANY(%s)", (list(ids),))
-            rows = {r[0]: r[1] for r in await cur.fetchall()}
-            return rows
-
     async def state_counts(self, ids: Sequence[str] | None = None) -> dict[str, int]:
         async with self.reading() as conn:
             if ids is None:

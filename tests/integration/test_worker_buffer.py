@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
@@ -62,8 +64,23 @@ def _read(bootstrap: str, topic: str, n: int) -> list[Any]:
     return got
 
 
-async def _run_until_idle(worker: Worker, msgs: list[Any]) -> None:
-    worker._buffer(msgs)
+@asynccontextmanager
+async def _worker(settings: Settings, registry: TopicRegistry, slots: int) -> AsyncIterator[Worker]:
+    """A worker in this process, its parts closed after."""
+    ctx = Context(settings, registry)
+    worker = Worker(ctx, slots=slots)
+    try:
+        yield worker
+    finally:
+        await worker.slots.close()
+        await worker.reports.close()
+        await worker.dispatches.close()
+        await worker.control.close()
+        await ctx.close()
+
+
+async def _until_idle(worker: Worker) -> None:
+    """Until nothing runs or is buffered (30 s at most)."""
     deadline = time.monotonic() + 30
     while (worker.slots.running or worker.backlog) and time.monotonic() < deadline:
         await worker.slots.changed_within(0.5)
@@ -75,22 +92,12 @@ def test_what_a_fetch_buffers_while_slots_are_free_starts_at_once(
     msgs = _dispatches(kafka_bootstrap, registry.name("jobs.dispatch"), 3)
 
     async def scenario() -> tuple[int, int, int, int]:
-        ctx = Context(settings, registry)
-        worker = Worker(ctx, slots=2)
-        try:
+        async with _worker(settings, registry, slots=2) as worker:
             # every slot is free (as when they all freed while a fetch was on its way)
             worker._buffer(msgs)
             running, buffered = len(worker.slots.running), len(worker.backlog)
-            deadline = time.monotonic() + 30
-            while (worker.slots.running or worker.backlog) and time.monotonic() < deadline:
-                await worker.slots.changed_within(0.5)
+            await _until_idle(worker)
             return running, buffered, worker.slots.completed, len(worker.backlog)
-        finally:
-            await worker.slots.close()
-            await worker.reports.close()
-            await worker.dispatches.close()
-            await worker.control.close()
-            await ctx.close()
 
     running, buffered, completed, left = asyncio.run(scenario())
     assert (running, buffered) == (2, 1)  # two slots took two at once; one waits for a slot
@@ -107,18 +114,11 @@ def test_a_dispatch_starts_no_earlier_than_its_not_before_and_holds_up_nothing(
     msgs = _dispatches(kafka_bootstrap, registry.name("jobs.dispatch"), 3, "noop", {0: hold_until})
 
     async def scenario() -> None:
-        ctx = Context(settings, registry)
-        worker = Worker(ctx, slots=3)
-        try:
-            await _run_until_idle(worker, msgs)
+        async with _worker(settings, registry, slots=3) as worker:
+            worker._buffer(msgs)
+            await _until_idle(worker)
             assert worker.slots.completed == 3 and not worker.backlog
             await worker.reports.close()  # every start and outcome on the broker
-        finally:
-            await worker.slots.close()
-            await worker.reports.close()
-            await worker.dispatches.close()
-            await worker.control.close()
-            await ctx.close()
 
     asyncio.run(scenario())
     events = [m.value() for m in _read(kafka_bootstrap, registry.name("jobs.events"), 6)]

@@ -147,7 +147,8 @@ def test_a_start_only_ever_counts_once_and_the_log_stays_small() -> None:
 
 def test_rebuilt_from_the_durable_log() -> None:
     lim = StartLimiter()
-    lim.load("k", [(1, 5.0), (2, None), (3, 6.0)], limit=2)
+    # admissions 1, 2, 3 in order: the latest two newest first, the older one folded
+    lim.replace("k", StartLog.of([(3, 6.0), (2, None)], 5.0, True))
     assert lim.not_before((("k", 2, 1.0),)) == (None, "k")  # 2 unresolved binds the next
     lim.started(2, 5.5)
     nb, key = lim.not_before((("k", 2, 1.0),))
