@@ -81,6 +81,7 @@ class Context:
     registry: TopicRegistry
     _store: PostgresJobStore | None = None
     _producer: ConfirmedProducer | None = None
+    _dispatch_producer: ConfirmedProducer | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _pools_known: set[str] = field(default_factory=set)
     process: str = "scheduler"  # the ``process`` tag of this process's metrics
@@ -119,6 +120,23 @@ class Context:
                 )
             )
         return self._producer
+
+    @property
+    def dispatch_producer(self) -> ConfirmedProducer:
+        """The producer of dispatch commands: ``producer``, except when workers take them
+        through a share group. A share group hands out whole record batches (a batch of 30
+        dispatches went to one worker with 2 free slots while two others stayed idle; giving
+        the surplus back raised their delivery counts towards the broker's limit, past which
+        a record is archived), so there every dispatch is a batch of its own."""
+        if self.settings.worker_dispatch != "share":
+            return self.producer
+        if self._dispatch_producer is None:
+            cfg = producer_config(
+                self.settings.require_kafka(), self.settings.kafka_config, linger_ms=0
+            )
+            cfg["batch.num.messages"] = 1
+            self._dispatch_producer = ConfirmedProducer(cfg)
+        return self._dispatch_producer
 
     @property
     def tracer(self) -> Tracer:
@@ -171,6 +189,9 @@ class Context:
         if self._producer is not None:
             self._producer.close()
             self._producer = None
+        if self._dispatch_producer is not None:
+            self._dispatch_producer.close()
+            self._dispatch_producer = None
 
 
 TRANSIENT = (StoreUnavailable, DeliveryFailed, KafkaUnavailable)

@@ -123,6 +123,10 @@ class Settings(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     reconcile_interval_s: Annotated[float, Meta(gt=0)] = 15.0
     reconcile_after_s: Annotated[float, Meta(gt=0)] = 10.0
     worker_slots: Annotated[int, Meta(ge=1, le=1024)] = 4
+    # how workers take dispatches (docs/workers.md): a consumer group (partitions owned by
+    # one worker each) or a Kafka share group (KIP-932: any number of workers per
+    # partition); schedulers and workers must agree
+    worker_dispatch: Literal["group", "share"] = "group"
     worker_id: str | None = None
     heartbeat_interval_s: Annotated[float, Meta(gt=0)] = 3.0
     # a worker's Kafka sends (job events, offset commits) per second before they batch

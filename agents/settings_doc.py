@@ -46,6 +46,10 @@ MEANINGS: dict[str, tuple[str | None, str]] = {
     "reconcile_interval_s": (None, "the safety net's period"),
     "reconcile_after_s": (None, "the age of what the safety net acts on"),
     "worker_slots": (None, "jobs a worker runs at once"),
+    "worker_dispatch": (
+        None,
+        "`group`: each dispatch partition is read by one worker of a consumer group; `share`: workers take dispatches through a Kafka share group (KIP-932, Kafka ≥ 4.2; its client is a preview), so a pool scales past its partition count. Set the same on schedulers and workers ([workers.md](workers.md#share-groups))",
+    ),
     "worker_id": (
         "host-pid-random",
         "a fixed id is fine: a restarted worker's old running jobs are retried (`since` in its heartbeat)",

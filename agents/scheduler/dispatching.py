@@ -73,7 +73,7 @@ async def resend_unconfirmed(ctx: Context, ids: Sequence[str]) -> int:
     store = await ctx.store()
     rows = await retrying("unconfirmed rows", lambda: store.unconfirmed_rows(ids))
     records = await dispatch_records(ctx, rows)
-    await retrying("dispatch produce", lambda: ctx.producer.aproduce(records))
+    await retrying("dispatch produce", lambda: ctx.dispatch_producer.aproduce(records))
     await retrying("dispatch confirm", lambda: store.confirm_dispatch(rows))
     return len(rows)
 
@@ -137,7 +137,17 @@ class Dispatcher:
             tracer = self.ctx.tracer
             if tracer.on:
                 tracer.mark("send", *(j.id for j in jobs))
-            await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
+            if self.ctx.dispatch_producer is self.ctx.producer:
+                await retrying("dispatch produce", lambda: self.ctx.producer.aproduce(records))
+            else:  # share groups: dispatches one batch each (``Context.dispatch_producer``)
+                head, tail = records[: len(jobs)], records[len(jobs) :]
+                await retrying(
+                    "dispatch produce",
+                    lambda: asyncio.gather(
+                        self.ctx.dispatch_producer.aproduce(head),
+                        self.ctx.producer.aproduce(tail),
+                    ),
+                )
             if tracer.on:
                 tracer.mark("produced", *(j.id for j in jobs))
             if send is not None:

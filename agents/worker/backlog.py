@@ -19,7 +19,8 @@ from typing import Annotated, Any
 import msgspec
 
 from agents.context import RawMessage
-from agents.core.offsets import OffsetTracker, start_order
+from agents.core.offsets import start_order
+from agents.worker.source import Handover
 from streams.errors import InvalidEvent
 from streams.events import Dispatch, decode
 
@@ -90,7 +91,7 @@ class Backlog:
     """The buffer between the consumer and the slots. Every message added is ``started`` in
     the offset tracker (its offset is not committed until it is finished)."""
 
-    def __init__(self, tracker: OffsetTracker[TP], max_payload_bytes: int) -> None:
+    def __init__(self, tracker: Handover, max_payload_bytes: int) -> None:
         self.tracker = tracker
         self.max_bytes = max_payload_bytes + DISPATCH_ALLOWANCE
         self.items: deque[Buffered] = deque()

@@ -9,6 +9,9 @@ Invariants:
 - A wait resolves True once a commit covering its offset is confirmed (a committed position
   is the next offset to read, so it covers every offset below it), False when its partition
   leaves this worker first (its next owner runs the dispatch) or the worker gives up.
+- In a share group there are no positions: a wait resolves with the broker's answer to the
+  acknowledgement of its own record (False: the record's lock had passed, so another worker
+  may hold it now).
 - Loop thread only: the consumer's callbacks hand their results over with
   ``call_soon_threadsafe``.
 """
@@ -16,19 +19,26 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
 
 TP = tuple[str, int]
+ANSWERS_KEPT = 10_000
 
 
 class CommitWaits:
     def __init__(self) -> None:
         self._committed: dict[TP, int] = {}
         self._waiting: dict[TP, list[tuple[int, asyncio.Future[bool]]]] = {}
+        # share groups: answers that came before anyone waited (the latest few)
+        self._answered: OrderedDict[tuple[TP, int], bool] = OrderedDict()
 
     def wait(self, tp: TP, offset: int) -> asyncio.Future[bool]:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self._committed.get(tp, -1) > offset:
+        answer = self._answered.pop((tp, offset), None)
+        if answer is not None:  # a share group's answer came first
+            fut.set_result(answer)
+        elif self._committed.get(tp, -1) > offset:
             fut.set_result(True)
         else:
             self._waiting.setdefault(tp, []).append((offset, fut))
@@ -53,6 +63,27 @@ class CommitWaits:
                 self._waiting[tp] = keep
             else:
                 del self._waiting[tp]
+
+    def acknowledged(self, tp: TP, offsets: Collection[int], ok: bool) -> None:
+        """The broker's answer to acknowledging these records of ``tp`` (share groups)."""
+        answered = self._answered
+        for offset in offsets:
+            answered[(tp, offset)] = ok
+        while len(answered) > ANSWERS_KEPT:
+            answered.popitem(last=False)
+        waiting = self._waiting.get(tp)
+        if not waiting:
+            return
+        keep = []
+        for offset, fut in waiting:
+            if offset in offsets:
+                _settle(fut, ok)
+            else:
+                keep.append((offset, fut))
+        if keep:
+            self._waiting[tp] = keep
+        else:
+            del self._waiting[tp]
 
     def abandon(self, tps: Iterable[TP]) -> None:
         """These partitions left this worker: what still waits is their next owner's."""

@@ -24,9 +24,9 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from agents.context import Context
 from agents.worker.backlog import Backlog
-from agents.worker.consumer import DispatchConsumer
 from agents.worker.reports import Reports
 from agents.worker.slots import CANCELLED_MEMORY, Slots
+from agents.worker.source import DispatchSource
 from streams.errors import InvalidEvent
 from streams.events import Control, decode
 from streams.kafka import client_config
@@ -42,7 +42,7 @@ class ControlReader:
         worker_id: str,
         slots: Slots,
         backlog: Backlog,
-        consumer: DispatchConsumer,
+        consumer: DispatchSource,
         reports: Reports,
     ) -> None:
         self.ctx, self.slots, self.backlog = ctx, slots, backlog

@@ -14,9 +14,9 @@ from typing import Literal
 from agents.context import Context
 from agents.pools import heartbeat_partition
 from agents.worker.backlog import Backlog
-from agents.worker.consumer import DispatchConsumer
 from agents.worker.reports import Reports
 from agents.worker.slots import Slots
+from agents.worker.source import DispatchSource
 from streams.events import WorkerHeartbeat, encode
 from streams.kafka import Record
 
@@ -32,7 +32,7 @@ class Heartbeats:
         labels: frozenset[str],
         slots: Slots,
         backlog: Backlog,
-        consumer: DispatchConsumer,
+        consumer: DispatchSource,
         reports: Reports,
     ) -> None:
         self.ctx, self.id, self.labels = ctx, worker_id, labels

@@ -48,7 +48,9 @@ from agents.worker.control import ControlReader
 from agents.worker.heartbeat import Heartbeats
 from agents.worker.reports import Reports
 from agents.worker.runner import file_safe
+from agents.worker.share import ShareDispatchConsumer
 from agents.worker.slots import Slots
+from agents.worker.source import DispatchSource
 
 log = logging.getLogger("jobstream.worker")
 BUFFER_ROUNDS = 4  # buffered dispatches beyond which a full worker pauses its partitions
@@ -75,7 +77,13 @@ class Worker:
         self.labels = worker_labels(s, labels)
         # running jobs' progress files, swept once per heartbeat
         progress_dir = Path(s.log_dir) / ".progress" / file_safe(self.id)[:120]
-        self.dispatches = DispatchConsumer(ctx, self.id)
+        self._fetch_at = max(1, size // 2)  # room in the buffer that triggers a fetch
+        self.share: ShareDispatchConsumer | None = None
+        self.dispatches: DispatchSource
+        if s.worker_dispatch == "share":
+            self.dispatches = self.share = ShareDispatchConsumer(ctx, self.id, self._fetch_at)
+        else:
+            self.dispatches = DispatchConsumer(ctx, self.id)
         self.backlog = Backlog(self.dispatches.tracker, s.max_payload_bytes)
         self.dispatches.on_drop = self.backlog.drop_partitions
         if ctx.tracer.on:
@@ -92,7 +100,11 @@ class Worker:
         self.heartbeats = Heartbeats(
             ctx, self.id, self.labels, self.slots, self.backlog, self.dispatches, self.reports
         )
-        self._fetch_at = max(1, size // 2)  # room in the buffer that triggers a fetch
+        if self.share is not None:
+            share, slots_ = self.share, self.slots
+            share.full = lambda: slots_.free <= 0
+            share.unstarted = lambda: [(m.tp, m.offset) for m in self.backlog.items]
+            share.tracker.on_settled = slots_.wake
         self.stopping = asyncio.Event()
         self._abort_now = False
 
@@ -120,6 +132,9 @@ class Worker:
         clean = False
         try:
             while not self.stopping.is_set():
+                if self.share is not None:
+                    await self._take_shared(self.share)
+                    continue
                 # prefetch at most one round, and fetch once half a round has room (one
                 # consumer call per several jobs under load, at once when idle)
                 room = self.slots.size - len(self.backlog)
@@ -150,6 +165,15 @@ class Worker:
         way took from the buffer then, and found it empty)."""
         self.backlog.add(msgs, lambda err: log.warning("consumer error: %s", err))
         self.slots.start_backlog()
+
+    async def _take_shared(self, share: ShareDispatchConsumer) -> None:
+        """Share groups: acquire only what free slots start now (a record acquired here is
+        locked to this worker; the group hands the rest to workers with room), once half a
+        round of slots is free and every record of the last poll is finished."""
+        if self.backlog or self.slots.free < self._fetch_at or not share.ready():
+            await self.slots.changed_within(0.05)
+            return
+        self._buffer(await share.fetch(self.slots.free))
 
     async def _when_full(self) -> None:
         """Every slot is busy and (at least half) a round is buffered. Wait a moment for

@@ -33,11 +33,11 @@ from pathlib import Path
 from agents.context import Context
 from agents.deadletter import dead_letter
 from agents.worker.backlog import Backlog, Buffered, DispatchId
-from agents.worker.consumer import DispatchConsumer
 from agents.worker.execute import Attempt, Executor, Run
 from agents.worker.handle import AttemptHandle
 from agents.worker.reports import Reports
 from agents.worker.runner import Outcome, log_path
+from agents.worker.source import DispatchSource
 from streams.events import Dispatch
 
 log = logging.getLogger("jobstream.worker")
@@ -51,7 +51,7 @@ class Slots:
         ctx: Context,
         worker_id: str,
         size: int,
-        consumer: DispatchConsumer,
+        consumer: DispatchSource,
         reports: Reports,
         backlog: Backlog,
         progress_dir: Path,
@@ -113,6 +113,10 @@ class Slots:
             return await _within(fut, timeout_s)
         finally:
             self._room = None
+
+    def wake(self) -> None:
+        """Wake what waits for a change (a share group's last poll is settled)."""
+        self._notify()
 
     def _notify(self) -> None:
         if self._room is not None and self.size - len(self.backlog) >= self._room[0]:
@@ -229,7 +233,9 @@ class Slots:
             tp, offset
         ) and not await self.consumer.committed_past(*tp, offset):
             log.warning(
-                "job %s attempt %d: its partition moved before its commit; not run here", *run.key
+                "job %s attempt %d: its dispatch was not confirmed as taken here (its partition "
+                "moved, or its share lock passed); not run here",
+                *run.key,
             )
             self.seen.pop(run.key, None)  # redelivered here later, it runs
             assert run.d is not None

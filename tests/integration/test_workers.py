@@ -63,6 +63,11 @@ WORKER_KINDS = {
 
 @pytest.fixture
 def ws(settings: Settings) -> Settings:
+    return worker_settings(settings)
+
+
+def worker_settings(settings: Settings) -> Settings:
+    """The test's settings with the workers' kinds and short liveness timers."""
     return load_settings(
         settings_env(
             settings.replace(
