@@ -55,8 +55,13 @@ unit: venv
 	$(BIN)/pytest -q tests/unit
 
 ## The whole suite: lint, types, unit, integration and end-to-end tests against real services.
+# the worker's tests run a second time with workers in a Kafka share group (docs/workers.md)
+WORKER_TESTS = tests/integration/test_workers.py tests/integration/test_attempts.py \
+	tests/integration/test_worker_buffer.py tests/integration/test_redelivered_start.py
+
 test: venv bytecode services lint typecheck
 	$(BIN)/pytest -q -ra
+	JOBSTREAM_TEST_WORKER_DISPATCH=share $(BIN)/pytest -q -ra $(WORKER_TESTS)
 
 ## Faults injected into a running system (100 by default), then the invariant checker's verdict.
 chaos: venv bytecode services

@@ -72,6 +72,11 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# share groups (worker_dispatch = share) may leave a silent member after worker_lost_after_s,
+# like the consumer group's session timeout (the broker's bounds are 45 s and 15 s otherwise)
+group.share.min.session.timeout.ms=6000
+group.share.min.heartbeat.interval.ms=1000
+group.share.min.record.lock.duration.ms=5000
 auto.create.topics.enable=false
 log.retention.hours=24
 PROPS

@@ -8,6 +8,8 @@
 - InfluxDB 1.6 (the Telegraf stand-in): ``JOBSTREAM_TEST_INFLUX`` (``make test`` starts one
   on 127.0.0.1:18086, UDP 18089 into database ``udp``). Each test gets its own database.
 - A missing service fails the run in CI (``CI=true``) and skips the test elsewhere.
+- ``JOBSTREAM_TEST_WORKER_DISPATCH=share`` runs the tests with workers in a Kafka share group
+  (``make test`` runs the worker tests that way too).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ KAFKA = os.environ.get("JOBSTREAM_KAFKA_BOOTSTRAP_TEST", "127.0.0.1:19092")
 INFLUX = os.environ.get("JOBSTREAM_TEST_INFLUX", "http://127.0.0.1:18086")
 PG = os.environ.get("JOBSTREAM_TEST_PG", "postgresql://postgres@127.0.0.1:15432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+WORKER_DISPATCH = os.environ.get("JOBSTREAM_TEST_WORKER_DISPATCH", "group")
 
 
 def _missing(what: str, exc: Exception) -> None:
@@ -159,6 +162,7 @@ def test_settings(
             "reconcile_after_s": 5.0,
             "heartbeat_interval_s": 1.0,
             "max_payload_bytes": 16 * 1024,
+            "worker_dispatch": WORKER_DISPATCH,
             **overrides,
         },
     )

@@ -59,6 +59,18 @@ JOIN_S = 30.0  # a member answers for the pool's partitions until its first reco
 GROUP_CONFIG = {"share.auto.offset.reset": "earliest"}
 
 
+def group_timers(lost_after_s: float) -> dict[str, str]:
+    """A share group's session timeout, heartbeat and record lock for workers declared lost
+    after ``lost_after_s``: a silent member leaves, and a record it acquired is released,
+    about when the monitor retries its running jobs."""
+    session_ms = int(min(60_000, max(6_000, lost_after_s * 1000)))
+    return {
+        "share.session.timeout.ms": str(session_ms),
+        "share.heartbeat.interval.ms": str(max(1_000, session_ms // 4)),
+        "share.record.lock.duration.ms": str(session_ms),
+    }
+
+
 class ShareAcks:
     """Records acquired and not acknowledged yet: ``started`` on arrival, ``finished`` once
     its start is on the broker (or it was skipped): then acknowledged (accepted) with the
@@ -143,21 +155,41 @@ class ShareDispatchConsumer:
         self.assigned.set()
 
     def _configure_group(self) -> None:
+        """The group reads what was produced before it began, and a member that falls
+        silent leaves it (its partitions move, its records are released) when the monitor
+        declares its worker lost, as in the consumer group. A broker whose bounds refuse
+        those timers keeps its own (45 s by default), with a warning."""
         s = self.ctx.settings
         admin = AdminClient(client_config(s.require_kafka(), s.kafka_config))
-        entries = [
-            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
-            for k, v in GROUP_CONFIG.items()
-        ]
-        resource = ConfigResource(ResourceType.GROUP, self.group, incremental_configs=entries)
+        timers = group_timers(s.worker_lost_after_s)
         try:
-            for fut in admin.incremental_alter_configs([resource]).values():
-                fut.result(timeout=30)
+            self._alter(admin, {**GROUP_CONFIG, **timers})
+            return
+        except KafkaException as exc:
+            first = exc
+        try:
+            self._alter(admin, GROUP_CONFIG)
         except KafkaException as exc:
             raise ConfigError(
                 f"worker_dispatch = 'share': could not configure share group {self.group!r} "
                 f"({exc.args[0]}); share groups need Kafka 4.2 or later"
             ) from exc
+        log.warning(
+            "share group %s keeps the broker's session timeout and record lock (%s): a lost "
+            "worker's partitions move later than worker_lost_after_s; lower the broker's "
+            "group.share.min.* bounds (docs/workers.md)",
+            self.group,
+            first.args[0],
+        )
+
+    def _alter(self, admin: AdminClient, config: dict[str, str]) -> None:
+        entries = [
+            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+            for k, v in config.items()
+        ]
+        resource = ConfigResource(ResourceType.GROUP, self.group, incremental_configs=entries)
+        for fut in admin.incremental_alter_configs([resource]).values():
+            fut.result(timeout=30)
 
     # -- fetching ----------------------------------------------------------------------
 
