@@ -226,6 +226,12 @@ def main() -> None:
     parser.add_argument("--jobs-per-run", type=int, default=2000, help="workers: no-op jobs")
     parser.add_argument("--lost-after", type=float, default=6.0, help="workers: silence (s)")
     parser.add_argument("--trials", type=int, default=3, help="workers: recovery trials")
+    parser.add_argument(
+        "--dispatch",
+        choices=("group", "share"),
+        default="group",
+        help="workers: how workers take dispatches (a consumer group or a share group)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (metrics, floor: 3)")
     parser.add_argument("--minutes", type=float, default=5.0, help="soak: duration")
     parser.add_argument("--rate", type=float, default=120.0, help="soak: jobs submitted per s")
@@ -275,7 +281,12 @@ def main() -> None:
         from bench.workers import run as run_workers
 
         result = run_workers(
-            args.jobs_per_run, args.slots, args.lost_after, args.trials, show=not args.json
+            args.jobs_per_run,
+            args.slots,
+            args.lost_after,
+            args.trials,
+            show=not args.json,
+            dispatch=args.dispatch,
         )
     else:
         result = dag(

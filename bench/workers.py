@@ -115,23 +115,39 @@ def throughput(
     return out
 
 
-def worker_only(workers: int, jobs: int, slots: int, kind: str, show: bool) -> dict[str, Any]:
+def worker_only(
+    workers: int, jobs: int, slots: int, kind: str, show: bool, dispatch: str = "group"
+) -> dict[str, Any]:
     """The workers alone: dispatches produced straight to ``jobs.dispatch`` (no scheduler),
     outcomes counted on ``jobs.events``. Isolates the worker's throughput and CPU per job."""
-    with Run(heartbeat_interval_s="1", kinds=json.dumps(KINDS)) as run:
+    with Run(heartbeat_interval_s="1", kinds=json.dumps(KINDS), worker_dispatch=dispatch) as run:
         procs = [run.start("worker", "--slots", str(slots)) for _ in range(workers)]
         done, elapsed, cpu, idle_per_s = flood(
-            run, procs, jobs, kind, f"{kind}, {workers} worker(s), no scheduler", show
+            run,
+            procs,
+            jobs,
+            kind,
+            f"{kind}, {workers} worker(s), no scheduler",
+            show,
+            one_per_batch=dispatch == "share",
         )
     return result(kind, workers, slots, jobs, done, elapsed, cpu, idle_per_s)
 
 
 def flood(
-    run: Run, procs: list[subprocess.Popen[bytes]], jobs: int, kind: str, what: str, show: bool
+    run: Run,
+    procs: list[subprocess.Popen[bytes]],
+    jobs: int,
+    kind: str,
+    what: str,
+    show: bool,
+    one_per_batch: bool = False,
 ) -> tuple[int, float, float, float]:
     """``jobs`` dispatches of ``kind`` produced at once straight to ``jobs.dispatch`` for
     ``procs`` (started, joining their group), outcomes counted on ``jobs.events``: (jobs
-    succeeded, seconds, CPU seconds of ``procs`` meanwhile, their idle CPU per second)."""
+    succeeded, seconds, CPU seconds of ``procs`` meanwhile, their idle CPU per second).
+    ``one_per_batch``: each dispatch a record batch of its own, as schedulers send them to
+    share groups."""
     assert run.registry is not None
     events = Consumer(
         {
@@ -165,7 +181,8 @@ def flood(
         )
         for i in range(jobs)
     ]
-    producer = ConfirmedProducer(producer_config(run.bootstrap, {}, linger_ms=5))
+    extra = {"batch.num.messages": 1} if one_per_batch else {}
+    producer = ConfirmedProducer(producer_config(run.bootstrap, extra, linger_ms=5))
     start = time.monotonic()
     producer.produce_confirmed(records, 60)
     producer.close()
@@ -183,11 +200,16 @@ def flood(
     return done, elapsed, cpu, idle_per_s
 
 
-def recovery(lost_after_s: float, trials: int, show: bool) -> dict[str, Any]:
+def recovery(
+    lost_after_s: float, trials: int, show: bool, dispatch: str = "group"
+) -> dict[str, Any]:
     kinds = {"long": {"command": ["sleep", "20"], "timeout_s": 120, "max_attempts": 5}}
     results = []
     with Run(
-        worker_lost_after_s=str(lost_after_s), heartbeat_interval_s="1", kinds=json.dumps(kinds)
+        worker_lost_after_s=str(lost_after_s),
+        heartbeat_interval_s="1",
+        kinds=json.dumps(kinds),
+        worker_dispatch=dispatch,
     ) as run:
         run.start("scheduler")
         spare = [run.start("worker", "--slots", "1") for _ in range(2)]
@@ -263,18 +285,28 @@ def _running_on(run: Run, job: str, attempt: int, limit_s: float = 120) -> int:
     raise RuntimeError(f"{job} attempt {attempt} did not start within {limit_s:.0f} s")
 
 
-def run(jobs: int, slots: int, lost_after_s: float, trials: int, show: bool) -> dict[str, Any]:
+def run(
+    jobs: int,
+    slots: int,
+    lost_after_s: float,
+    trials: int,
+    show: bool,
+    dispatch: str = "group",
+) -> dict[str, Any]:
+    """``dispatch``: how workers take dispatches (``worker_dispatch``: group or share)."""
     runs, alone = [], []
+    extra = {"worker_dispatch": dispatch}
     for kind in ("pynoop", "noop") if jobs else ():
         for n in (1, 2, 4):
-            runs.append(throughput(n, jobs, slots, kind, show))
-            alone.append(worker_only(n, jobs, slots, kind, show))
+            runs.append(throughput(n, jobs, slots, kind, show, extra))
+            alone.append(worker_only(n, jobs, slots, kind, show, dispatch))
             if show:
                 print(json.dumps(runs[-1]))
                 print(json.dumps(alone[-1]))
     return {
         "scenario": "workers",
+        "dispatch": dispatch,
         "throughput": runs,
         "workers_alone": alone,
-        "recovery": recovery(lost_after_s, trials, show),
+        "recovery": recovery(lost_after_s, trials, show, dispatch),
     }
