@@ -102,7 +102,7 @@ MEANINGS: dict[str, tuple[str | None, str]] = {
     ),
     "inflight_horizon_s": (
         None,
-        "in-flight capacity in expected work: a job whose kind runs shorter than this takes only its share of a slot, at least 1/64 ([admission.md](admission.md#semaphores-exclusivity-capacity--no-deadlock-no-over-commit)); 0: every job a whole slot",
+        "in-flight capacity in expected work: a job takes its kind's run time's share of a slot, 64 units per this many seconds, at least 1, at most the slot's 64 × `capacity_factor` ([admission.md](admission.md#semaphores-exclusivity-capacity--no-deadlock-no-over-commit)); 0: every job 64 units",
     ),
     "worker_lost_after_s": (
         None,

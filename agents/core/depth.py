@@ -1,20 +1,22 @@
 """How deep admission fills the pipeline: in-flight capacity counted in expected work.
 
-A worker slot stands for ``UNITS`` capacity units in the ``slots`` semaphore (times
-``capacity_factor``, as before). A job whose kind runs for ``horizon_s`` or longer, or whose
-kind has not been seen to finish yet, takes all ``UNITS`` of a slot: long work is committed to
-workers no earlier than it used to be (``capacity_factor`` jobs per slot). A shorter job takes
-its share of the horizon, rounded up to a power of two and at least one unit: no-ops get a deep
-pipeline (up to ``UNITS`` × ``capacity_factor`` per slot, enough to cover the round trips
-between a job's end and the next dispatch) and 0.5 s chunks a shallow one. A job admitted
-behind the pipeline waits at most about ``capacity_factor`` × ``horizon_s`` of expected work
-per slot.
+A worker slot stands for ``UNITS`` × ``capacity_factor`` capacity units in the ``slots``
+semaphore: ``capacity_factor`` × ``horizon_s`` seconds of expected work per slot. A job takes
+the units of its kind's expected run time (a share of the horizon, ``UNITS`` per
+``horizon_s``), at most a whole slot's ``most`` (``UNITS`` × ``capacity_factor``), at least
+one unit; a kind not seen finishing yet takes ``UNITS``. So no-ops get a deep pipeline (up to
+``most`` per slot, enough to cover the round trips between a job's end and the next
+dispatch), while work as long as a slot's whole budget is committed one per slot: a worker
+never holds long work buffered behind its running jobs, and a small job admitted when a slot
+frees is the next to start there, not behind chunks already sent (the ``fairness`` bench).
+Below ``UNITS`` shares are powers of two; above, multiples of ``UNITS`` / 8.
 
 Pure: durations come from the callers (reported by workers), no clock, no I/O.
 
 Invariants (property-tested in tests/unit/test_depth.py):
-- ``units`` is a power of two in [1, UNITS]; it never decreases as the expected duration
-  grows; it is ``UNITS`` when the duration is unknown or at least the horizon.
+- ``units`` is in [1, ``most``]; a power of two below ``UNITS``; it never decreases as the
+  expected duration grows; it is ``UNITS`` when the duration is unknown, ``most`` when the
+  duration is at least the slot's budget.
 - An estimate moves toward each observation and stays within the range of what was observed.
 - A kind's units change only when its estimate is ``HYSTERESIS`` past the boundary, and
   then toward the units the estimate alone would give.
@@ -30,27 +32,40 @@ ALPHA = 0.2  # weight of a new observation in a kind's running estimate
 HYSTERESIS = 1.5  # how far past a boundary an estimate moves before a kind's units change
 
 
-def units_for(expected_s: float | None, horizon_s: float) -> int:
-    """The units of a slot a job of ``expected_s`` seconds takes."""
-    if expected_s is None or horizon_s <= 0 or expected_s >= horizon_s:
+def slot_units(capacity_factor: float) -> int:
+    """A worker slot's units: its budget of ``capacity_factor`` × the horizon."""
+    return max(UNITS, int(UNITS * capacity_factor))
+
+
+def units_for(expected_s: float | None, horizon_s: float, most: int = UNITS) -> int:
+    """The units of a slot a job of ``expected_s`` seconds takes (``most``: a whole slot's)."""
+    if expected_s is None or horizon_s <= 0:
         return UNITS
-    share = max(1.0, UNITS * max(0.0, expected_s) / horizon_s)
-    return min(UNITS, 1 << math.ceil(math.log2(share)))
+    share = UNITS * max(0.0, expected_s) / horizon_s
+    if share >= most:
+        return most
+    if share > UNITS:
+        step = UNITS // 8
+        return min(most, step * math.ceil(share / step))
+    return min(UNITS, 1 << math.ceil(math.log2(max(1.0, share))))
 
 
 class WorkEstimates:
     """Each kind's expected run time: an exponentially weighted mean of reported durations
     (a batch's mean counts as one observation per job in it)."""
 
-    __slots__ = ("horizon_s", "_mean", "_units")
+    __slots__ = ("horizon_s", "most", "_mean", "_units")
 
-    def __init__(self, horizon_s: float, seed: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, horizon_s: float, seed: Mapping[str, float] | None = None, most: int = UNITS
+    ) -> None:
         self.horizon_s = horizon_s
+        self.most = max(UNITS, most)  # a whole slot's units (``UNITS`` × capacity_factor)
         self._mean: dict[str, float] = {}
         self._units: dict[str, int] = {}
         for kind, seconds in (seed or {}).items():
             self._mean[kind] = max(0.0, seconds)
-            self._units[kind] = units_for(self._mean[kind], horizon_s)
+            self._units[kind] = units_for(self._mean[kind], horizon_s, self.most)
 
     def expected(self, kind: str) -> float | None:
         return self._mean.get(kind)
@@ -63,12 +78,13 @@ class WorkEstimates:
         clear of the boundary by ``HYSTERESIS`` (a kind near a boundary would otherwise flip
         between two amounts, re-costing its queued jobs each time)."""
         current = self._units.get(kind)
-        u = units_for(mean, self.horizon_s)
+        h, most = self.horizon_s, self.most
+        u = units_for(mean, h, most)
         if current is None or u == current:
             return u
         if u > current:
-            return max(current, units_for(mean / HYSTERESIS, self.horizon_s))
-        return min(current, units_for(mean * HYSTERESIS, self.horizon_s))
+            return max(current, units_for(mean / HYSTERESIS, h, most))
+        return min(current, units_for(mean * HYSTERESIS, h, most))
 
     def observe(self, durations: Iterable[tuple[str, float]]) -> set[str]:
         """Take reported (kind, seconds); the kinds whose units changed."""

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from agents.context import Context, RawMessage, retrying
 from agents.core.admission import AdmissionCore, Decisions, Policy, QueuedJob, due_time
-from agents.core.depth import UNITS, WorkEstimates
+from agents.core.depth import UNITS, WorkEstimates, slot_units
 from agents.core.ratelimit import Limit
 from agents.core.semaphores import SLOTS, needs_for
 from agents.deadletter import dead_letter, decode_all
@@ -69,7 +69,8 @@ class Admission:
         )
         self.config_limits = [Limit(x.scope, x.limit, x.window_s, x.match) for x in s.rate_limits]
         self.core = AdmissionCore(self.policy, self.config_limits, {}, s.tenant_weights)
-        self.work = WorkEstimates(s.inflight_horizon_s)  # seeded from PostgreSQL at start
+        # seeded from PostgreSQL at start
+        self.work = WorkEstimates(s.inflight_horizon_s, most=slot_units(s.capacity_factor))
         self.partitions = ctx.registry["jobs.ready"].partitions
         self.wake = asyncio.Event()
         self.owned: set[int] | None = None
@@ -234,7 +235,8 @@ class Admission:
 
         await retrying("admission setup", setup)
         seed = await retrying("admission durations", store.recent_durations)
-        self.work = WorkEstimates(self.ctx.settings.inflight_horizon_s, seed)
+        s = self.ctx.settings
+        self.work = WorkEstimates(s.inflight_horizon_s, seed, slot_units(s.capacity_factor))
         for kind in seed:  # jobs queued before the seed took a whole slot
             self.core.recost(kind, SLOTS, self.work.units(kind))
         listener = asyncio.create_task(self._listen())

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Protocol
 import psycopg
 
 from agents.core.admission import Gate
-from agents.core.depth import UNITS
+from agents.core.depth import UNITS, slot_units
 from agents.core.ratelimit import Limit
 from agents.core.semaphores import GLOBAL, GLOBAL_CAPACITY, SLOTS, Need
 from agents.store.ratelog import RateState, rate_state
@@ -115,12 +115,14 @@ async def refresh_capacity(conn: Conn, factor: float, lost_after_s: float) -> tu
     at most the brake's target (both in whole slots) when it holds, in units of expected work
     (``UNITS`` per slot). Returns (old, new); a rise is announced so
     admission wakes."""
-    new = int(await live_slots(conn, lost_after_s) * factor)
+    live = await live_slots(conn, lost_after_s)
+    new = int(live * factor) * UNITS  # a slot is UNITS units of expected work (``depth``)
     cur = await conn.execute("SELECT target FROM brake WHERE name = 'slots'")
     brake = await cur.fetchone()
     if brake is not None and brake[0] is not None:
-        new = min(new, brake[0])  # the host-load brake holds capacity down
-    new *= UNITS  # a slot is UNITS units of expected work (``agents.core.depth``)
+        new = min(new, brake[0] * UNITS)  # the host-load brake holds capacity down
+    if live:  # never below a whole slot's budget: the longest job always fits
+        new = max(new, slot_units(factor))
     cur = await conn.execute("SELECT capacity FROM semaphores WHERE name = %s FOR UPDATE", (SLOTS,))
     old_row = await cur.fetchone()
     old = old_row[0] if old_row else -1
