@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
+from functools import partial
 
 TP = tuple[str, int]
 ANSWERS_KEPT = 10_000
@@ -50,19 +51,7 @@ class CommitWaits:
             if position <= self._committed.get(tp, -1):
                 continue
             self._committed[tp] = position
-            waiting = self._waiting.get(tp)
-            if not waiting:
-                continue
-            keep = []
-            for offset, fut in waiting:
-                if offset < position:
-                    _settle(fut, True)
-                else:
-                    keep.append((offset, fut))
-            if keep:
-                self._waiting[tp] = keep
-            else:
-                del self._waiting[tp]
+            self._answer(tp, partial(_below, position))
 
     def acknowledged(self, tp: TP, offsets: Collection[int], ok: bool) -> None:
         """The broker's answer to acknowledging these records of ``tp`` (share groups)."""
@@ -71,15 +60,20 @@ class CommitWaits:
             answered[(tp, offset)] = ok
         while len(answered) > ANSWERS_KEPT:
             answered.popitem(last=False)
+        self._answer(tp, lambda offset: ok if offset in offsets else None)
+
+    def _answer(self, tp: TP, answer: Callable[[int], bool | None]) -> None:
+        """Settle the waits of ``tp`` that ``answer(offset)`` answers (None: not yet)."""
         waiting = self._waiting.get(tp)
         if not waiting:
             return
         keep = []
         for offset, fut in waiting:
-            if offset in offsets:
-                _settle(fut, ok)
-            else:
+            got = answer(offset)
+            if got is None:
                 keep.append((offset, fut))
+            else:
+                _settle(fut, got)
         if keep:
             self._waiting[tp] = keep
         else:
@@ -97,6 +91,11 @@ class CommitWaits:
 
     def __len__(self) -> int:
         return sum(len(w) for w in self._waiting.values())
+
+
+def _below(position: int, offset: int) -> bool | None:
+    """A committed position covers every offset below it (the rest: not yet)."""
+    return True if offset < position else None
 
 
 def _settle(fut: asyncio.Future[bool], value: bool) -> None:

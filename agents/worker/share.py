@@ -219,16 +219,20 @@ class ShareDispatchConsumer:
     def _acknowledge(self) -> bool:
         """Accept what finished (consumer thread); whether anything was."""
         done = self.tracker.take_done()
+        for tp, offsets in self._ack(done, AcknowledgeType.ACCEPT).items():
+            self._on_loop(self.waits.acknowledged, tp, offsets, False)
+        return bool(done)
+
+    def _ack(self, records: list[tuple[TP, int]], how: Any) -> dict[TP, set[int]]:
+        """Acknowledge ``records`` as ``how`` (consumer thread); the refused ones."""
         refused: dict[TP, set[int]] = {}
-        for (topic, partition), offset in done:
+        for (topic, partition), offset in records:
             try:
-                self.consumer.acknowledge_offset(topic, partition, offset)
+                self.consumer.acknowledge_offset(topic, partition, offset, how)
             except Exception as exc:  # no longer in flight here: its lock passed
                 log.warning("%s[%d]@%d: not acknowledged: %s", topic, partition, offset, exc)
                 refused.setdefault((topic, partition), set()).add(offset)
-        for tp, offsets in refused.items():
-            self._on_loop(self.waits.acknowledged, tp, offsets, False)
-        return bool(done)
+        return refused
 
     def _on_acked(self, offsets: dict[Any, set[int]], exc: Any) -> None:
         """The broker's answer to acknowledgements (consumer thread)."""
@@ -244,8 +248,10 @@ class ShareDispatchConsumer:
 
     def _commit(self) -> None:
         """Send what finished and wait for the broker's answer (consumer thread)."""
-        if not self._acknowledge():
-            return
+        if self._acknowledge():
+            self._commit_sync()
+
+    def _commit_sync(self) -> None:
         try:
             self.consumer.commit_sync(5.0)
         except KafkaException as exc:
@@ -286,17 +292,8 @@ class ShareDispatchConsumer:
 
         def release() -> None:
             self._acknowledge()
-            for (topic, partition), offset in gone:
-                try:
-                    self.consumer.acknowledge_offset(
-                        topic, partition, offset, AcknowledgeType.RELEASE
-                    )
-                except Exception as exc:
-                    log.warning("%s[%d]@%d: not released: %s", topic, partition, offset, exc)
-            try:
-                self.consumer.commit_sync(5.0)
-            except KafkaException as exc:
-                log.warning("draining: records not released at once: %s", exc)
+            self._ack(gone, AcknowledgeType.RELEASE)
+            self._commit_sync()
 
         if gone:
             log.info("draining: %d buffered dispatches given back to the share group", len(gone))

@@ -22,6 +22,7 @@ from tests.helpers import eventually
 from tests.integration.test_workers import (
     attempts_file,
     cluster,
+    count_in,
     db,
     job,
     worker_id,
@@ -80,12 +81,7 @@ def test_three_workers_on_a_one_partition_pool_all_run_jobs_at_once(
             for n, i in enumerate(ids)
         )
         eventually(
-            lambda: (
-                db(s, "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND state = 'running'", ids)[0][
-                    0
-                ]
-                == 6
-            ),
+            lambda: count_in(s, ids, "running") == 6,
             60,
             what="six jobs running on three workers of two slots",
         )
@@ -97,16 +93,7 @@ def test_three_workers_on_a_one_partition_pool_all_run_jobs_at_once(
                 ids,
             )
         )
-        eventually(
-            lambda: (
-                db(s, "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND state = 'succeeded'", ids)[
-                    0
-                ][0]
-                == len(ids)
-            ),
-            90,
-            what="all done",
-        )
+        eventually(lambda: count_in(s, ids, "succeeded") == len(ids), 90, what="all done")
     assert running == {w: 2 for w in wids}, running  # every worker, every slot, one partition
     assert set(running_at_once(s, ids)) == set(wids)
     counts = db(

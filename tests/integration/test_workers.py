@@ -94,6 +94,12 @@ def job(s: Settings, job_id: str) -> dict[str, object]:
     return {"state": state, "attempt": attempt, "worker": worker, "error": error, "p": progress}
 
 
+def count_in(s: Settings, ids: list[str], state: str) -> int:
+    """How many of these jobs are in ``state``."""
+    rows = db(s, "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND state = %s", ids, state)
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
 def worker_id(s: Settings, proc: Proc) -> str:
     def find() -> str | None:
         rows = db(s, "SELECT id FROM workers WHERE pid = %s AND state = 'running'", proc.p.pid)
@@ -416,16 +422,7 @@ def test_three_workers_share_the_load(
         publisher.submit_many(
             JobSpec(id=i, tenant="acme", kind="sleep", args={"seconds": "0.3"}) for i in ids
         )
-        eventually(
-            lambda: (
-                db(ws, "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND state = 'succeeded'", ids)[
-                    0
-                ][0]
-                == len(ids)
-            ),
-            120,
-            what="all done",
-        )
+        eventually(lambda: count_in(ws, ids, "succeeded") == len(ids), 120, what="all done")
     per = dict(db(ws, "SELECT worker, count(*) FROM jobs WHERE id = ANY(%s) GROUP BY 1", ids))
     assert set(per) == set(wids), per
     assert all(n >= 3 for n in per.values()), per
